@@ -1,0 +1,303 @@
+//! The command line: flags (each also a `SESSIONIZER_*` environment variable) turned into a
+//! raw configuration overlay, then validated; subcommands dispatched. Exit codes: 0 success,
+//! 1 runtime failure (I/O, state store), 2 unusable arguments or configuration.
+
+use crate::codec::Decoder;
+use crate::config::raw::{RawConfig, RawTimeoutRule};
+use crate::config::{self, Settings};
+use crate::engine::{Engine, StateStore};
+use crate::offline::{self, Sinks};
+use crate::store::{MemStore, RocksOptions, RocksStore};
+use clap::{Args, Parser, Subcommand};
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(name = "sessionizer", version, about = "Event-time sessionization of app and web events")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Sessionize JSON lines (a file or stdin) offline, with the same engine as streaming.
+    Sessionize(SessionizeArgs),
+    /// Validate the configuration and print it with every default filled in.
+    Check(CheckArgs),
+}
+
+/// Session semantics, shared by every mode. Each flag overrides the config file.
+#[derive(Args, Debug, Clone, Default)]
+pub struct SemanticArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "SESSIONIZER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Inactivity timeout, e.g. 30m.
+    #[arg(long, env = "SESSIONIZER_TIMEOUT")]
+    pub timeout: Option<String>,
+    /// Timeout rule FIELD=V1,V2:DURATION (repeatable), e.g. platform=ios,android:5m.
+    #[arg(long = "timeout-rule", env = "SESSIONIZER_TIMEOUT_RULES", value_delimiter = ';')]
+    pub timeout_rules: Vec<String>,
+    /// Comma-separated events that always open a new session.
+    #[arg(long, env = "SESSIONIZER_START_EVENTS", value_delimiter = ',')]
+    pub start_events: Option<Vec<String>>,
+    /// Comma-separated events that close their session.
+    #[arg(long, env = "SESSIONIZER_END_EVENTS", value_delimiter = ',')]
+    pub end_events: Option<Vec<String>>,
+    /// Comma-separated non-engagement events (passed through, never sessionized).
+    #[arg(long, env = "SESSIONIZER_EXCLUDED_EVENTS", value_delimiter = ',')]
+    pub excluded_events: Option<Vec<String>>,
+    /// Maximum session length, e.g. 24h ("none" to disable).
+    #[arg(long, env = "SESSIONIZER_MAX_LENGTH")]
+    pub max_length: Option<String>,
+    /// IANA time zone whose midnights split sessions, e.g. Europe/Berlin ("none" to disable).
+    #[arg(long, env = "SESSIONIZER_DAY_BOUNDARY_TIME_ZONE")]
+    pub day_boundary_time_zone: Option<String>,
+    /// How far the watermark trails the largest event time, e.g. 1m.
+    #[arg(long, env = "SESSIONIZER_ALLOWED_LATENESS")]
+    pub allowed_lateness: Option<String>,
+    /// Events older than this behind the partition time are late, e.g. 72h.
+    #[arg(long, env = "SESSIONIZER_LATENESS_HORIZON")]
+    pub lateness_horizon: Option<String>,
+    /// Wall-clock quiet time before a due session concludes, e.g. 5s.
+    #[arg(long, env = "SESSIONIZER_QUIET_PERIOD")]
+    pub quiet_period: Option<String>,
+    /// Idle time after which a caught-up partition's watermark follows the wall clock.
+    #[arg(long, env = "SESSIONIZER_IDLE_AFTER")]
+    pub idle_after: Option<String>,
+    /// Largest accepted clock skew of event times ahead of now, e.g. 1h.
+    #[arg(long, env = "SESSIONIZER_MAX_FUTURE_SKEW")]
+    pub max_future_skew: Option<String>,
+    /// What to do with events beyond the skew: dead_letter or clamp.
+    #[arg(long, env = "SESSIONIZER_FUTURE_EVENTS")]
+    pub future_events: Option<String>,
+    /// Annotation mode: on_arrival or on_close.
+    #[arg(long, env = "SESSIONIZER_ANNOTATE")]
+    pub annotate: Option<String>,
+    /// Name of the field added to annotated events.
+    #[arg(long, env = "SESSIONIZER_ANNOTATION_FIELD")]
+    pub annotation_field: Option<String>,
+    /// Input field holding the user id (falls back to the record key).
+    #[arg(long, env = "SESSIONIZER_USER_ID_FIELD")]
+    pub user_id_field: Option<String>,
+    /// Input field holding the event time.
+    #[arg(long, env = "SESSIONIZER_TIME_FIELD")]
+    pub time_field: Option<String>,
+    /// Input field holding the event name.
+    #[arg(long, env = "SESSIONIZER_EVENT_FIELD")]
+    pub event_field: Option<String>,
+    /// auto, millis, seconds, rfc3339 or record_timestamp.
+    #[arg(long, env = "SESSIONIZER_TIME_FORMAT")]
+    pub time_format: Option<String>,
+    /// Comma-separated fields that, with the user id, scope sessions (e.g. device_id).
+    #[arg(long, env = "SESSIONIZER_SCOPE_FIELDS", value_delimiter = ',')]
+    pub scope_fields: Option<Vec<String>>,
+    /// Largest accepted record, in bytes.
+    #[arg(long, env = "SESSIONIZER_MAX_RECORD_BYTES")]
+    pub max_record_bytes: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub struct SessionizeArgs {
+    #[command(flatten)]
+    pub semantics: SemanticArgs,
+    /// Input JSON lines (default: stdin).
+    #[arg(long, short)]
+    pub input: Option<PathBuf>,
+    /// Output for concluded sessions, merges and splits (default: stdout).
+    #[arg(long)]
+    pub sessions: Option<PathBuf>,
+    /// Output for annotated events.
+    #[arg(long)]
+    pub annotated: Option<PathBuf>,
+    /// Output for late events.
+    #[arg(long)]
+    pub late: Option<PathBuf>,
+    /// Output for dead letters.
+    #[arg(long)]
+    pub dead_letters: Option<PathBuf>,
+    /// Output for per-user session stats (one record per conclusion).
+    #[arg(long)]
+    pub stats: Option<PathBuf>,
+    /// Keep state in RocksDB in this directory instead of memory (for very large inputs).
+    #[arg(long, env = "SESSIONIZER_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub semantics: SemanticArgs,
+}
+
+/// A failure, with the exit code it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl CliError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) | CliError::Config(_) => 2,
+            CliError::Runtime(_) => 1,
+        }
+    }
+}
+
+fn parse_rule(s: &str) -> Result<RawTimeoutRule, CliError> {
+    let bad = || {
+        CliError::Usage(format!(
+            "--timeout-rule `{s}`: expected FIELD=VALUE[,VALUE...]:DURATION, e.g. platform=ios,android:5m"
+        ))
+    };
+    let (field, rest) = s.split_once('=').ok_or_else(bad)?;
+    let (values, timeout) = rest.rsplit_once(':').ok_or_else(bad)?;
+    Ok(RawTimeoutRule {
+        field: field.trim().to_owned(),
+        values: values.split(',').map(|v| v.trim().to_owned()).collect(),
+        timeout: timeout.trim().to_owned(),
+    })
+}
+
+impl SemanticArgs {
+    /// The flags as a raw configuration overlay.
+    pub fn overlay(&self) -> Result<RawConfig, CliError> {
+        let mut r = RawConfig::default();
+        r.input.user_id_field = self.user_id_field.clone();
+        r.input.time_field = self.time_field.clone();
+        r.input.event_field = self.event_field.clone();
+        r.input.time_format = self.time_format.clone();
+        r.input.scope_fields = self.scope_fields.clone();
+        r.input.max_record_bytes = self.max_record_bytes;
+        r.session.timeout = self.timeout.clone();
+        if !self.timeout_rules.is_empty() {
+            r.session.timeout_rules = Some(
+                self.timeout_rules
+                    .iter()
+                    .filter(|s| !s.trim().is_empty())
+                    .map(|s| parse_rule(s))
+                    .collect::<Result<_, _>>()?,
+            );
+        }
+        r.session.start_events = self.start_events.clone();
+        r.session.end_events = self.end_events.clone();
+        r.session.excluded_events = self.excluded_events.clone();
+        r.session.max_length = self.max_length.clone();
+        r.session.day_boundary_time_zone = self.day_boundary_time_zone.clone();
+        r.time.allowed_lateness = self.allowed_lateness.clone();
+        r.time.lateness_horizon = self.lateness_horizon.clone();
+        r.time.quiet_period = self.quiet_period.clone();
+        r.time.idle_after = self.idle_after.clone();
+        r.time.max_future_skew = self.max_future_skew.clone();
+        r.time.future_events = self.future_events.clone();
+        r.output.annotate = self.annotate.clone();
+        r.output.annotation_field = self.annotation_field.clone();
+        Ok(r)
+    }
+
+    pub fn settings(&self) -> Result<Settings, CliError> {
+        Ok(config::load(self.config.as_deref(), &self.overlay()?)?)
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sessionizer: error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SESSIONIZER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr);
+    if std::env::var("SESSIONIZER_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Check(a) => {
+            let s = a.semantics.settings()?;
+            let text = toml::to_string_pretty(&s.effective)
+                .map_err(|e| CliError::Runtime(format!("rendering the configuration: {e}")))?;
+            print!("{text}");
+            Ok(())
+        }
+        Command::Sessionize(a) => sessionize(a),
+    }
+}
+
+fn create(path: &Path) -> Result<BufWriter<File>, CliError> {
+    File::create(path)
+        .map(|f| BufWriter::with_capacity(1 << 16, f))
+        .map_err(|e| CliError::Runtime(format!("cannot create {}: {e}", path.display())))
+}
+
+fn sessionize(a: SessionizeArgs) -> Result<(), CliError> {
+    let settings = a.semantics.settings()?;
+    let decoder = Decoder::new(settings.decode.clone());
+    let input: Box<dyn io::BufRead> = match &a.input {
+        Some(p) => Box::new(BufReader::with_capacity(
+            1 << 16,
+            File::open(p).map_err(|e| CliError::Runtime(format!("cannot open {}: {e}", p.display())))?,
+        )),
+        None => Box::new(io::stdin().lock()),
+    };
+    let mut sessions: Box<dyn Write> = match &a.sessions {
+        Some(p) => Box::new(create(p)?),
+        None => Box::new(BufWriter::new(io::stdout().lock())),
+    };
+    let open = |p: &Option<PathBuf>| p.as_deref().map(create).transpose();
+    let mut annotated = open(&a.annotated)?;
+    let mut late = open(&a.late)?;
+    let mut dead = open(&a.dead_letters)?;
+    let mut stats = open(&a.stats)?;
+    let mut sinks = Sinks {
+        sessions: Some(&mut *sessions),
+        annotated: annotated.as_mut().map(|w| w as &mut dyn Write),
+        late: late.as_mut().map(|w| w as &mut dyn Write),
+        dead_letters: dead.as_mut().map(|w| w as &mut dyn Write),
+        stats: stats.as_mut().map(|w| w as &mut dyn Write),
+    };
+    let summary = match &a.state_dir {
+        None => drive(&decoder, Engine::open(settings.engine.clone(), MemStore::new()), input, &mut sinks),
+        Some(dir) => {
+            let store = RocksStore::open(dir, RocksOptions::default())
+                .map_err(|e| CliError::Runtime(format!("state dir {}: {e}", dir.display())))?;
+            drive(&decoder, Engine::open(settings.engine.clone(), store), input, &mut sinks)
+        }
+    }?;
+    eprintln!("sessionizer: {summary}");
+    Ok(())
+}
+
+fn drive<S: StateStore>(
+    decoder: &Decoder,
+    engine: Result<Engine<S>, crate::engine::StoreError>,
+    input: Box<dyn io::BufRead>,
+    sinks: &mut Sinks<'_>,
+) -> Result<offline::Summary, CliError> {
+    let mut engine = engine.map_err(|e| CliError::Runtime(e.to_string()))?;
+    offline::sessionize(decoder, &mut engine, input, sinks).map_err(|e| CliError::Runtime(e.to_string()))
+}

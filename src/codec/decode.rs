@@ -1,0 +1,456 @@
+//! Input decoding: bytes of one record -> the fields the engine needs, without touching the
+//! rest. The JSON is parsed once, top level only; wanted fields are borrowed as raw JSON, all
+//! others are skipped. Every failure has a stable reason code for the dead-letter output.
+
+use crate::config::{DecodeSettings, TimeFormat};
+use crate::engine::{EventClass, Millis};
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::fmt;
+
+/// Largest accepted event time: 9999-12-31T23:59:59.999Z.
+pub const MAX_TIME: Millis = 253_402_300_799_999;
+/// Longest accepted user id, in bytes.
+pub const MAX_USER_ID_BYTES: usize = 1024;
+/// Separator between the user id and scope field values in a scope key.
+pub const SCOPE_SEPARATOR: char = '\u{1f}';
+
+/// Why a record could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("empty record")]
+    Empty,
+    #[error("record of {size} bytes exceeds the limit of {max} bytes")]
+    TooLarge { size: usize, max: usize },
+    #[error("record is not valid UTF-8")]
+    InvalidUtf8,
+    #[error("record is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("record is not a JSON object")]
+    NotAnObject,
+    #[error("no user id: field `{0}` is missing or null and the record has no key")]
+    MissingUserId(String),
+    #[error("invalid user id: {0}")]
+    InvalidUserId(String),
+    #[error("no event time: field `{0}` is missing or null")]
+    MissingTime(String),
+    #[error("invalid event time: {0}")]
+    InvalidTime(String),
+    #[error("event time {0} ms is outside 1970-01-01 .. 9999-12-31")]
+    TimeOutOfRange(i128),
+    #[error("invalid event name: {0}")]
+    InvalidEventName(String),
+    #[error("the record already has a field `{0}`, the configured annotation field")]
+    AnnotationFieldPresent(String),
+}
+
+impl DecodeError {
+    /// Stable machine-readable reason code.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Empty => "empty_record",
+            DecodeError::TooLarge { .. } => "record_too_large",
+            DecodeError::InvalidUtf8 => "invalid_utf8",
+            DecodeError::InvalidJson(_) => "invalid_json",
+            DecodeError::NotAnObject => "not_an_object",
+            DecodeError::MissingUserId(_) => "missing_user_id",
+            DecodeError::InvalidUserId(_) => "invalid_user_id",
+            DecodeError::MissingTime(_) => "missing_time",
+            DecodeError::InvalidTime(_) => "invalid_time",
+            DecodeError::TimeOutOfRange(_) => "time_out_of_range",
+            DecodeError::InvalidEventName(_) => "invalid_event_name",
+            DecodeError::AnnotationFieldPresent(_) => "annotation_field_present",
+        }
+    }
+
+    /// Every reason code, for metrics and documentation.
+    pub const REASONS: [&'static str; 12] = [
+        "empty_record",
+        "record_too_large",
+        "invalid_utf8",
+        "invalid_json",
+        "not_an_object",
+        "missing_user_id",
+        "invalid_user_id",
+        "missing_time",
+        "invalid_time",
+        "time_out_of_range",
+        "invalid_event_name",
+        "annotation_field_present",
+    ];
+}
+
+/// A decoded record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decoded<'a> {
+    pub user: Cow<'a, str>,
+    /// The scope key: the user id, followed by each scope field value after a U+001F.
+    pub key: Cow<'a, str>,
+    pub time: Millis,
+    pub class: EventClass,
+    pub timeout: Millis,
+}
+
+/// Precomputed lookup from top-level field name to slot.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    cfg: DecodeSettings,
+    /// Wanted field names; slot = index.
+    names: Vec<String>,
+    slot_user: usize,
+    slot_time: usize,
+    slot_event: usize,
+    slot_annotation: usize,
+    slot_scope: Vec<usize>,
+    slot_rules: Vec<usize>,
+}
+
+impl Decoder {
+    pub fn new(cfg: DecodeSettings) -> Self {
+        let mut names: Vec<String> = Vec::new();
+        let mut slot = |n: &str| match names.iter().position(|x| x == n) {
+            Some(i) => i,
+            None => {
+                names.push(n.to_owned());
+                names.len() - 1
+            }
+        };
+        let slot_user = slot(&cfg.user_id_field);
+        let slot_time = slot(&cfg.time_field);
+        let slot_event = slot(&cfg.event_field);
+        let slot_annotation = slot(&cfg.annotation_field);
+        let slot_scope = cfg.scope_fields.iter().map(|f| slot(f)).collect();
+        let slot_rules = cfg.timeout_rules.iter().map(|r| slot(&r.field)).collect();
+        Decoder {
+            cfg,
+            names,
+            slot_user,
+            slot_time,
+            slot_event,
+            slot_annotation,
+            slot_scope,
+            slot_rules,
+        }
+    }
+
+    pub fn settings(&self) -> &DecodeSettings {
+        &self.cfg
+    }
+
+    /// Decodes one record. `record_key` is the Kafka key (the user id fallback) and
+    /// `record_time` the Kafka record timestamp, when there are such things.
+    pub fn decode<'a>(
+        &self,
+        bytes: &'a [u8],
+        record_key: Option<&'a [u8]>,
+        record_time: Option<Millis>,
+    ) -> Result<Decoded<'a>, DecodeError> {
+        if bytes.len() > self.cfg.max_record_bytes {
+            return Err(DecodeError::TooLarge {
+                size: bytes.len(),
+                max: self.cfg.max_record_bytes,
+            });
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8)?;
+        if text.trim().is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        let mut slots: Vec<Option<&'a RawValue>> = vec![None; self.names.len()];
+        let mut de = serde_json::Deserializer::from_str(text);
+        let seed = TopLevel {
+            names: &self.names,
+            slots: &mut slots,
+        };
+        seed.deserialize(&mut de).map_err(json_error)?;
+        de.end().map_err(json_error)?;
+
+        if slots[self.slot_annotation].is_some() {
+            return Err(DecodeError::AnnotationFieldPresent(
+                self.cfg.annotation_field.clone(),
+            ));
+        }
+        let user = match slots[self.slot_user].filter(|r| r.get() != "null") {
+            Some(raw) => user_id(raw)?,
+            None => match record_key {
+                Some(k) if !k.is_empty() => Cow::Borrowed(std::str::from_utf8(k).map_err(|_| {
+                    DecodeError::InvalidUserId("the record key is not valid UTF-8".into())
+                })?),
+                _ => return Err(DecodeError::MissingUserId(self.cfg.user_id_field.clone())),
+            },
+        };
+        if user.is_empty() {
+            return Err(DecodeError::InvalidUserId("empty".into()));
+        }
+        if user.len() > MAX_USER_ID_BYTES {
+            return Err(DecodeError::InvalidUserId(format!(
+                "longer than {MAX_USER_ID_BYTES} bytes"
+            )));
+        }
+        let time = match self.cfg.time_format {
+            TimeFormat::RecordTimestamp => record_time.ok_or_else(|| {
+                DecodeError::MissingTime("(record timestamp)".into())
+            })?,
+            fmt => match slots[self.slot_time].filter(|r| r.get() != "null") {
+                Some(raw) => parse_time(raw.get(), fmt)?,
+                None => return Err(DecodeError::MissingTime(self.cfg.time_field.clone())),
+            },
+        };
+        if !(0..=MAX_TIME).contains(&time) {
+            return Err(DecodeError::TimeOutOfRange(time as i128));
+        }
+        let class = match slots[self.slot_event].filter(|r| r.get() != "null") {
+            None => EventClass::Engagement,
+            Some(raw) => {
+                let name = json_str(raw).ok_or_else(|| {
+                    DecodeError::InvalidEventName(format!("expected a string, got {}", raw.get()))
+                })?;
+                self.classify(&name)
+            }
+        };
+        let mut timeout = self.cfg.default_timeout;
+        for (rule, &slot) in self.cfg.timeout_rules.iter().zip(&self.slot_rules) {
+            if let Some(v) = slots[slot].map(scalar_text) {
+                if rule.values.iter().any(|x| *x == v) {
+                    timeout = rule.timeout;
+                    break;
+                }
+            }
+        }
+        let key = if self.slot_scope.is_empty() {
+            user.clone()
+        } else {
+            let mut k = user.clone().into_owned();
+            for &slot in &self.slot_scope {
+                k.push(SCOPE_SEPARATOR);
+                if let Some(raw) = slots[slot].filter(|r| r.get() != "null") {
+                    k.push_str(&scalar_text(raw));
+                }
+            }
+            Cow::Owned(k)
+        };
+        Ok(Decoded {
+            user,
+            key,
+            time,
+            class,
+            timeout,
+        })
+    }
+
+    fn classify(&self, name: &str) -> EventClass {
+        if self.cfg.excluded_events.contains(name) {
+            EventClass::Excluded
+        } else if self.cfg.start_events.contains(name) {
+            EventClass::Start
+        } else if self.cfg.end_events.contains(name) {
+            EventClass::End
+        } else {
+            EventClass::Engagement
+        }
+    }
+
+    /// The scope field values of a scope key, paired with their configured names.
+    pub fn scope_of<'k>(&self, key: &'k str) -> Vec<(&str, &'k str)> {
+        let mut parts = key.split(SCOPE_SEPARATOR);
+        parts.next();
+        self.cfg
+            .scope_fields
+            .iter()
+            .map(|f| f.as_str())
+            .zip(parts)
+            .collect()
+    }
+}
+
+fn json_error(e: serde_json::Error) -> DecodeError {
+    if e.classify() == serde_json::error::Category::Data && e.to_string().contains("expected a JSON object") {
+        DecodeError::NotAnObject
+    } else {
+        DecodeError::InvalidJson(e.to_string())
+    }
+}
+
+/// A JSON string's value, unescaped.
+fn json_str(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let s = raw.get();
+    if !s.starts_with('"') {
+        return None;
+    }
+    match serde_json::from_str::<&str>(s) {
+        Ok(b) => Some(Cow::Borrowed(b)),
+        Err(_) => serde_json::from_str::<String>(s).ok().map(Cow::Owned),
+    }
+}
+
+/// A scalar's text: strings unescaped, anything else as written.
+fn scalar_text(raw: &RawValue) -> Cow<'_, str> {
+    json_str(raw).unwrap_or(Cow::Borrowed(raw.get()))
+}
+
+fn user_id(raw: &RawValue) -> Result<Cow<'_, str>, DecodeError> {
+    if let Some(s) = json_str(raw) {
+        return Ok(s);
+    }
+    let t = raw.get();
+    if !t.is_empty() && t.bytes().enumerate().all(|(i, b)| b.is_ascii_digit() || (i == 0 && b == b'-')) {
+        return Ok(Cow::Borrowed(t));
+    }
+    Err(DecodeError::InvalidUserId(format!(
+        "expected a string or an integer, got {}",
+        truncate(t)
+    )))
+}
+
+fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Parses an event time written as a JSON number or string.
+pub fn parse_time(raw: &str, fmt: TimeFormat) -> Result<Millis, DecodeError> {
+    if raw.starts_with('"') {
+        let s: String = serde_json::from_str(raw)
+            .map_err(|_| DecodeError::InvalidTime(format!("bad string {}", truncate(raw))))?;
+        let s = s.trim();
+        let numeric = s.starts_with(|c: char| c.is_ascii_digit() || c == '-') && !s.contains('T') && !s.contains(' ');
+        return match fmt {
+            TimeFormat::Rfc3339 => rfc3339(s),
+            TimeFormat::Auto if !numeric => rfc3339(s),
+            _ => number(s, fmt),
+        };
+    }
+    match fmt {
+        TimeFormat::Rfc3339 => Err(DecodeError::InvalidTime(format!(
+            "expected an RFC 3339 string, got {}",
+            truncate(raw)
+        ))),
+        _ if raw.starts_with(|c: char| c.is_ascii_digit() || c == '-') => number(raw, fmt),
+        _ => Err(DecodeError::InvalidTime(format!(
+            "expected a number or a string, got {}",
+            truncate(raw)
+        ))),
+    }
+}
+
+fn rfc3339(s: &str) -> Result<Millis, DecodeError> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|d| d.timestamp_millis())
+        .map_err(|e| DecodeError::InvalidTime(format!("`{}` is not RFC 3339 ({e})", truncate(s))))
+}
+
+/// Numbers: integers exactly; decimals digit by digit (no float rounding); exponents via f64.
+fn number(s: &str, fmt: TimeFormat) -> Result<Millis, DecodeError> {
+    let bad = || DecodeError::InvalidTime(format!("`{}` is not a valid number", truncate(s)));
+    let (neg, body) = match s.strip_prefix('-') {
+        Some(b) => (true, b),
+        None => (false, s),
+    };
+    let value_ms: i128 = if body.contains(['e', 'E']) {
+        let f: f64 = s.parse().map_err(|_| bad())?;
+        if !f.is_finite() {
+            return Err(bad());
+        }
+        let scale = match fmt {
+            TimeFormat::Millis => 1.0,
+            _ => 1000.0,
+        };
+        let v = (f * scale).floor();
+        if v.abs() > 1e30 {
+            return Err(DecodeError::TimeOutOfRange(i128::MAX));
+        }
+        v as i128
+    } else {
+        let (int, frac) = match body.split_once('.') {
+            Some((i, f)) => (i, Some(f)),
+            None => (body, None),
+        };
+        if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        if frac.is_some_and(|f| f.is_empty() || !f.bytes().all(|b| b.is_ascii_digit())) {
+            return Err(bad());
+        }
+        if int.len() > 30 {
+            return Err(DecodeError::TimeOutOfRange(i128::MAX));
+        }
+        let iv: i128 = int.parse().map_err(|_| bad())?;
+        let seconds = match (fmt, frac) {
+            (TimeFormat::Seconds, _) => true,
+            (TimeFormat::Millis, _) => false,
+            (_, Some(_)) => true,
+            // Auto, integer: below 10^11 it can only sensibly be seconds (10^11 ms is 1973).
+            (_, None) => iv < 100_000_000_000,
+        };
+        let signed = |v: i128| if neg { -v } else { v };
+        if seconds {
+            let mut ms = iv * 1000;
+            if let Some(f) = frac {
+                let digits: String = f.chars().chain("000".chars()).take(3).collect();
+                ms += digits.parse::<i128>().map_err(|_| bad())?;
+            }
+            signed(ms)
+        } else {
+            signed(iv)
+        }
+    };
+    if value_ms < 0 || value_ms > MAX_TIME as i128 {
+        return Err(DecodeError::TimeOutOfRange(value_ms));
+    }
+    Ok(value_ms as Millis)
+}
+
+/// Deserializes the top-level object, borrowing wanted fields and skipping the rest.
+struct TopLevel<'s, 'a> {
+    names: &'s [String],
+    slots: &'s mut [Option<&'a RawValue>],
+}
+
+impl<'de, 's> DeserializeSeed<'de> for TopLevel<'s, 'de> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, 's> Visitor<'de> for TopLevel<'s, 'de> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(slot) = map.next_key_seed(FieldSlot { names: self.names })? {
+            match slot {
+                Some(i) => self.slots[i] = Some(map.next_value::<&'de RawValue>()?),
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Maps a key to its slot without allocating.
+struct FieldSlot<'s> {
+    names: &'s [String],
+}
+
+impl<'de, 's> DeserializeSeed<'de> for FieldSlot<'s> {
+    type Value = Option<usize>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de, 's> Visitor<'de> for FieldSlot<'s> {
+    type Value = Option<usize>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a field name")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<usize>, E> {
+        Ok(self.names.iter().position(|n| n == v))
+    }
+}

@@ -1,0 +1,367 @@
+//! Configuration: the raw form ([`raw::RawConfig`], TOML + overrides) and the validated form
+//! ([`Settings`]) that the rest of the program uses. Every validation error names its key.
+
+pub mod raw;
+
+use crate::engine::{AnnotateMode, EngineConfig, FuturePolicy, Millis};
+use raw::RawConfig;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A configuration problem; the message names the key and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: `{key}`: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        problem: problem.into(),
+    }
+}
+
+/// How the event time is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeFormat {
+    /// Integers are epoch milliseconds (epoch seconds when below 10^11, i.e. before 1973 as
+    /// millis), numbers with a fraction are epoch seconds, strings are RFC 3339 (or numbers).
+    Auto,
+    Millis,
+    Seconds,
+    Rfc3339,
+    /// The Kafka record timestamp (in offline mode: not available, every record is invalid).
+    RecordTimestamp,
+}
+
+/// A timeout chosen by the value of an event field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TimeoutRule {
+    pub field: String,
+    pub values: Vec<String>,
+    pub timeout: Millis,
+}
+
+/// What the codec needs to decode input records.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodeSettings {
+    pub user_id_field: String,
+    pub time_field: String,
+    pub event_field: String,
+    pub time_format: TimeFormat,
+    pub scope_fields: Vec<String>,
+    pub max_record_bytes: usize,
+    pub default_timeout: Millis,
+    pub timeout_rules: Vec<TimeoutRule>,
+    pub start_events: HashSet<String>,
+    pub end_events: HashSet<String>,
+    pub excluded_events: HashSet<String>,
+    /// Name of the field added to annotated events.
+    pub annotation_field: String,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub engine: EngineConfig,
+    pub decode: DecodeSettings,
+    /// The effective raw configuration (defaults filled in), for `sessionizer check`.
+    pub effective: RawConfig,
+}
+
+/// Reads the TOML file at `path` (if any), applies `overrides`, validates.
+pub fn load(path: Option<&Path>, overrides: &RawConfig) -> Result<Settings, ConfigError> {
+    let mut raw = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_owned(),
+                source,
+            })?;
+            toml::from_str::<RawConfig>(&text).map_err(|e| ConfigError::Parse {
+                path: p.to_owned(),
+                message: e.to_string(),
+            })?
+        }
+        None => RawConfig::default(),
+    };
+    raw.overlay(overrides);
+    validate(&raw)
+}
+
+fn duration(key: &str, v: Option<&str>, default: &str) -> Result<Millis, ConfigError> {
+    let text = v.unwrap_or(default);
+    parse_duration(text).map_err(|p| invalid(key, p))
+}
+
+/// Parses a duration such as `30m`, `1h 30m`, `500ms`, `72h`, or `0`.
+pub fn parse_duration(text: &str) -> Result<Millis, String> {
+    let t = text.trim();
+    if t == "0" {
+        return Ok(0);
+    }
+    let d: Duration = humantime::parse_duration(t)
+        .map_err(|e| format!("`{text}` is not a duration ({e}); write e.g. 30m, 90s, 1h 30m"))?;
+    Millis::try_from(d.as_millis()).map_err(|_| format!("`{text}` is too long"))
+}
+
+fn positive(key: &str, v: Millis) -> Result<Millis, ConfigError> {
+    if v <= 0 {
+        Err(invalid(key, "must be greater than zero"))
+    } else {
+        Ok(v)
+    }
+}
+
+fn field_name(key: &str, v: Option<&String>, default: &str) -> Result<String, ConfigError> {
+    let s = v.map_or(default, |s| s.as_str());
+    if s.trim().is_empty() {
+        return Err(invalid(key, "must not be empty"));
+    }
+    Ok(s.to_owned())
+}
+
+/// Validates a raw configuration.
+pub fn validate(raw: &RawConfig) -> Result<Settings, ConfigError> {
+    let i = &raw.input;
+    let s = &raw.session;
+    let t = &raw.time;
+    let o = &raw.output;
+
+    let user_id_field = field_name("input.user_id_field", i.user_id_field.as_ref(), "user_id")?;
+    let time_field = field_name("input.time_field", i.time_field.as_ref(), "timestamp")?;
+    let event_field = field_name("input.event_field", i.event_field.as_ref(), "event")?;
+    let time_format = match i.time_format.as_deref().unwrap_or("auto") {
+        "auto" => TimeFormat::Auto,
+        "millis" => TimeFormat::Millis,
+        "seconds" => TimeFormat::Seconds,
+        "rfc3339" => TimeFormat::Rfc3339,
+        "record_timestamp" => TimeFormat::RecordTimestamp,
+        other => {
+            return Err(invalid(
+                "input.time_format",
+                format!("`{other}` is not one of auto, millis, seconds, rfc3339, record_timestamp"),
+            ))
+        }
+    };
+    let scope_fields = i.scope_fields.clone().unwrap_or_default();
+    for f in &scope_fields {
+        if f.trim().is_empty() {
+            return Err(invalid("input.scope_fields", "field names must not be empty"));
+        }
+        if *f == user_id_field {
+            return Err(invalid(
+                "input.scope_fields",
+                format!("`{f}` is the user id field; sessions are always scoped by user"),
+            ));
+        }
+    }
+    let max_record_bytes = i.max_record_bytes.unwrap_or(1_048_576);
+    if max_record_bytes == 0 {
+        return Err(invalid("input.max_record_bytes", "must be greater than zero"));
+    }
+
+    let default_timeout = positive(
+        "session.timeout",
+        duration("session.timeout", s.timeout.as_deref(), "30m")?,
+    )?;
+    let mut timeout_rules = Vec::new();
+    for (n, r) in s.timeout_rules.iter().flatten().enumerate() {
+        let key = format!("session.timeout_rules[{n}]");
+        if r.field.trim().is_empty() {
+            return Err(invalid(&format!("{key}.field"), "must not be empty"));
+        }
+        if r.values.is_empty() {
+            return Err(invalid(&format!("{key}.values"), "must list at least one value"));
+        }
+        let tk = format!("{key}.timeout");
+        let timeout = positive(&tk, duration(&tk, Some(&r.timeout), "")?)?;
+        timeout_rules.push(TimeoutRule {
+            field: r.field.clone(),
+            values: r.values.clone(),
+            timeout,
+        });
+    }
+    let set = |v: &Option<Vec<String>>| -> HashSet<String> {
+        v.iter().flatten().cloned().collect::<HashSet<_>>()
+    };
+    let start_events = set(&s.start_events);
+    let end_events = set(&s.end_events);
+    let excluded_events = set(&s.excluded_events);
+    for (a, an, b, bn) in [
+        (&start_events, "session.start_events", &end_events, "session.end_events"),
+        (&start_events, "session.start_events", &excluded_events, "session.excluded_events"),
+        (&end_events, "session.end_events", &excluded_events, "session.excluded_events"),
+    ] {
+        if let Some(both) = a.intersection(b).next() {
+            return Err(invalid(an, format!("event `{both}` is also listed in `{bn}`")));
+        }
+    }
+    let max_length = match s.max_length.as_deref() {
+        None | Some("") | Some("none") => None,
+        Some(v) => Some(positive(
+            "session.max_length",
+            duration("session.max_length", Some(v), "")?,
+        )?),
+    };
+    let day_boundary = match s.day_boundary_time_zone.as_deref() {
+        None | Some("") | Some("none") => None,
+        Some(z) => Some(z.parse::<chrono_tz::Tz>().map_err(|_| {
+            invalid(
+                "session.day_boundary_time_zone",
+                format!("`{z}` is not an IANA time zone name (e.g. Europe/Berlin, UTC)"),
+            )
+        })?),
+    };
+
+    let allowed_lateness = duration("time.allowed_lateness", t.allowed_lateness.as_deref(), "1m")?;
+    let lateness_horizon = duration("time.lateness_horizon", t.lateness_horizon.as_deref(), "72h")?;
+    if lateness_horizon < allowed_lateness {
+        return Err(invalid(
+            "time.lateness_horizon",
+            "must be at least time.allowed_lateness (otherwise events within the allowed lateness would be late)",
+        ));
+    }
+    let quiet_period = duration("time.quiet_period", t.quiet_period.as_deref(), "5s")?;
+    let idle_after = positive(
+        "time.idle_after",
+        duration("time.idle_after", t.idle_after.as_deref(), "10s")?,
+    )?;
+    let max_future_skew = duration("time.max_future_skew", t.max_future_skew.as_deref(), "1h")?;
+    let future_policy = match t.future_events.as_deref().unwrap_or("dead_letter") {
+        "dead_letter" => FuturePolicy::DeadLetter,
+        "clamp" => FuturePolicy::Clamp,
+        other => {
+            return Err(invalid(
+                "time.future_events",
+                format!("`{other}` is not one of dead_letter, clamp"),
+            ))
+        }
+    };
+    let annotate = match o.annotate.as_deref().unwrap_or("on_arrival") {
+        "on_arrival" => AnnotateMode::OnArrival,
+        "on_close" => AnnotateMode::OnClose,
+        other => {
+            return Err(invalid(
+                "output.annotate",
+                format!("`{other}` is not one of on_arrival, on_close"),
+            ))
+        }
+    };
+    let annotation_field = field_name("output.annotation_field", o.annotation_field.as_ref(), "session")?;
+
+    let engine = EngineConfig {
+        allowed_lateness,
+        lateness_horizon,
+        quiet_period,
+        idle_after,
+        max_future_skew,
+        future_policy,
+        annotate,
+        max_length,
+        day_boundary,
+    };
+    let decode = DecodeSettings {
+        user_id_field,
+        time_field,
+        event_field,
+        time_format,
+        scope_fields,
+        max_record_bytes: usize::try_from(max_record_bytes).unwrap_or(usize::MAX),
+        default_timeout,
+        timeout_rules,
+        start_events,
+        end_events,
+        excluded_events,
+        annotation_field,
+    };
+    Ok(Settings {
+        engine,
+        decode,
+        effective: effective(raw),
+    })
+}
+
+/// The raw configuration with every default written out.
+fn effective(raw: &RawConfig) -> RawConfig {
+    let mut e = raw.clone();
+    let d = |v: &mut Option<String>, def: &str| {
+        if v.is_none() {
+            *v = Some(def.to_owned());
+        }
+    };
+    d(&mut e.input.user_id_field, "user_id");
+    d(&mut e.input.time_field, "timestamp");
+    d(&mut e.input.event_field, "event");
+    d(&mut e.input.time_format, "auto");
+    e.input.scope_fields.get_or_insert_with(Vec::new);
+    e.input.max_record_bytes.get_or_insert(1_048_576);
+    d(&mut e.session.timeout, "30m");
+    e.session.timeout_rules.get_or_insert_with(Vec::new);
+    e.session.start_events.get_or_insert_with(Vec::new);
+    e.session.end_events.get_or_insert_with(Vec::new);
+    e.session.excluded_events.get_or_insert_with(Vec::new);
+    d(&mut e.session.max_length, "none");
+    d(&mut e.session.day_boundary_time_zone, "none");
+    d(&mut e.time.allowed_lateness, "1m");
+    d(&mut e.time.lateness_horizon, "72h");
+    d(&mut e.time.quiet_period, "5s");
+    d(&mut e.time.idle_after, "10s");
+    d(&mut e.time.max_future_skew, "1h");
+    d(&mut e.time.future_events, "dead_letter");
+    d(&mut e.output.annotate, "on_arrival");
+    d(&mut e.output.annotation_field, "session");
+    e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(raw: RawConfig) -> String {
+        validate(&raw).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = validate(&RawConfig::default()).unwrap();
+        assert_eq!(s.decode.default_timeout, 30 * 60_000);
+        assert_eq!(s.engine.lateness_horizon, 72 * 3_600_000);
+        assert_eq!(s.engine.annotate, AnnotateMode::OnArrival);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let mut r = RawConfig::default();
+        r.session.timeout = Some("soon".into());
+        assert!(err(r).contains("`session.timeout`"));
+        let mut r = RawConfig::default();
+        r.session.day_boundary_time_zone = Some("Mars/Olympus".into());
+        assert!(err(r).contains("`session.day_boundary_time_zone`"));
+        let mut r = RawConfig::default();
+        r.session.start_events = Some(vec!["open".into()]);
+        r.session.excluded_events = Some(vec!["open".into()]);
+        assert!(err(r).contains("`session.start_events`"));
+        let mut r = RawConfig::default();
+        r.time.allowed_lateness = Some("2h".into());
+        r.time.lateness_horizon = Some("1h".into());
+        assert!(err(r).contains("`time.lateness_horizon`"));
+        let mut r = RawConfig::default();
+        r.output.annotate = Some("later".into());
+        assert!(err(r).contains("`output.annotate`"));
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_rejected() {
+        let e = toml::from_str::<RawConfig>("[session]\ntimout = \"5m\"\n").unwrap_err();
+        assert!(e.to_string().contains("timout"), "{e}");
+    }
+}

@@ -1,0 +1,94 @@
+//! The configuration as written: a TOML file, overridden key by key by command-line flags and
+//! `SESSIONIZER_*` environment variables. Everything is optional here; `super::validate` turns
+//! it into [`super::Settings`] or an error naming the key.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub input: RawInput,
+    #[serde(default)]
+    pub session: RawSession,
+    #[serde(default)]
+    pub time: RawTime,
+    #[serde(default)]
+    pub output: RawOutput,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawInput {
+    pub user_id_field: Option<String>,
+    pub time_field: Option<String>,
+    pub event_field: Option<String>,
+    /// auto | millis | seconds | rfc3339 | record_timestamp
+    pub time_format: Option<String>,
+    pub scope_fields: Option<Vec<String>>,
+    pub max_record_bytes: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeoutRule {
+    pub field: String,
+    pub values: Vec<String>,
+    pub timeout: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawSession {
+    pub timeout: Option<String>,
+    pub timeout_rules: Option<Vec<RawTimeoutRule>>,
+    pub start_events: Option<Vec<String>>,
+    pub end_events: Option<Vec<String>>,
+    pub excluded_events: Option<Vec<String>>,
+    pub max_length: Option<String>,
+    pub day_boundary_time_zone: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawTime {
+    pub allowed_lateness: Option<String>,
+    pub lateness_horizon: Option<String>,
+    pub quiet_period: Option<String>,
+    pub idle_after: Option<String>,
+    pub max_future_skew: Option<String>,
+    /// dead_letter | clamp
+    pub future_events: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutput {
+    /// on_arrival | on_close
+    pub annotate: Option<String>,
+    pub annotation_field: Option<String>,
+}
+
+macro_rules! overlay {
+    ($dst:expr, $src:expr, [$($f:ident),* $(,)?]) => {
+        $( if $src.$f.is_some() { $dst.$f = $src.$f.clone(); } )*
+    };
+}
+
+impl RawConfig {
+    /// Overrides every key that `over` sets.
+    pub fn overlay(&mut self, over: &RawConfig) {
+        overlay!(self.input, over.input, [
+            user_id_field, time_field, event_field, time_format, scope_fields, max_record_bytes
+        ]);
+        overlay!(self.session, over.session, [
+            timeout, timeout_rules, start_events, end_events, excluded_events, max_length,
+            day_boundary_time_zone
+        ]);
+        overlay!(self.time, over.time, [
+            allowed_lateness, lateness_horizon, quiet_period, idle_after, max_future_skew,
+            future_events
+        ]);
+        overlay!(self.output, over.output, [annotate, annotation_field]);
+    }
+}

@@ -1,0 +1,135 @@
+//! The state interface the engine is written against, and the records it keeps there.
+//!
+//! A task's state is: one [`KeyState`] per scope key (open events, concluded-session extents
+//! still within the lateness horizon, the key's session counter), [`UserStats`] per user, two
+//! timer indexes (event-time deadlines and wall-clock quiet checks, each keyed by due time so
+//! advancing time only touches what is due), the payloads of held events (`on_close` mode) and
+//! one [`PartitionMeta`]. Writes are buffered by the store and become durable together with the
+//! input offsets in [`StateStore::commit`], atomically.
+
+use super::types::{EndReason, EvKey, Millis, UserStats};
+use super::watermark::Watermark;
+use serde::{Deserialize, Serialize};
+
+/// Errors of a state store backend.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store backend error: {0}")]
+    Backend(String),
+    #[error("corrupt state record in {table}: {detail}")]
+    Corrupt { table: &'static str, detail: String },
+}
+
+/// The two timer indexes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TimerKind {
+    /// Keyed by event-time deadline: due when the watermark passes it.
+    Deadline,
+    /// Keyed by wall-clock time: due when "now" reaches it (quiet-period re-checks).
+    Quiet,
+}
+
+/// An input position: the next offset to read from `topic`/`partition`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SourceOffset {
+    pub topic: String,
+    pub partition: i32,
+    pub next_offset: i64,
+}
+
+/// An event of an open session, as kept in state (the payload is kept apart).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenEvent {
+    pub k: EvKey,
+    /// Session number (within the key) the event currently belongs to.
+    pub sess: u64,
+}
+
+/// An open session of a key. Its events are the contiguous run of `KeyState::events` whose
+/// `sess` is `num`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenSession {
+    pub num: u64,
+    /// Time of the first event (the chain start for the max-length rule).
+    pub first_t: Millis,
+    /// Number of events in the session.
+    pub count: u32,
+    /// Wall-clock time ("now") when an event last joined this session.
+    pub touched: Millis,
+    /// Session numbers merged into this one.
+    pub merged: Vec<u64>,
+}
+
+/// The extent of a concluded session, kept while an event within the lateness horizon could
+/// still touch it, so that nothing published is ever contradicted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Block {
+    pub first: EvKey,
+    pub last: EvKey,
+    pub reason: EndReason,
+}
+
+/// Everything the engine keeps for one scope key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyState {
+    /// The user id (the key without its extra scope fields).
+    pub user: String,
+    /// Number of sessions ever created for the key (ids are `1..=created`).
+    pub created: u64,
+    /// Number of events ever accepted for the key (the arrival tie-break).
+    pub arrivals: u64,
+    /// Open events, sorted by `EvKey`.
+    pub events: Vec<OpenEvent>,
+    /// Open sessions, in event order.
+    pub sessions: Vec<OpenSession>,
+    /// Concluded extents within the horizon, sorted.
+    pub blocks: Vec<Block>,
+    /// Due time of this key's live entry in the deadline index.
+    pub deadline_timer: Option<Millis>,
+    /// Due time of this key's live entry in the quiet index.
+    pub quiet_timer: Option<Millis>,
+}
+
+/// Per-task state that is not per key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionMeta {
+    pub watermark: Watermark,
+    /// Sessions currently open in this task.
+    pub open_sessions: u64,
+}
+
+/// Storage for a task's state. Reads see the task's own uncommitted writes; nothing is durable
+/// until [`StateStore::commit`], which persists all writes since the previous commit together
+/// with `meta` and the input offsets, atomically.
+pub trait StateStore {
+    /// Removes and returns the state of `key` for modification; the engine always puts it back.
+    fn take_key(&mut self, key: &str) -> Result<Option<KeyState>, StoreError>;
+    fn put_key(&mut self, key: &str, state: KeyState) -> Result<(), StoreError>;
+
+    fn get_stats(&mut self, user: &str) -> Result<Option<UserStats>, StoreError>;
+    fn put_stats(&mut self, user: &str, stats: &UserStats) -> Result<(), StoreError>;
+
+    /// Adds `(at, key)` to the index (a no-op if present).
+    fn add_timer(&mut self, kind: TimerKind, at: Millis, key: &str) -> Result<(), StoreError>;
+    /// Removes every entry with due time `< before` and appends them to `out` in
+    /// `(at, key)` order.
+    fn pop_due(
+        &mut self,
+        kind: TimerKind,
+        before: Millis,
+        out: &mut Vec<(Millis, String)>,
+    ) -> Result<(), StoreError>;
+    /// Every entry of the index, in order, without removing anything (for inspection).
+    fn timers(&mut self, kind: TimerKind) -> Result<Vec<(Millis, String)>, StoreError>;
+
+    fn put_payload(&mut self, key: &str, tie: u64, payload: &[u8]) -> Result<(), StoreError>;
+    fn take_payload(&mut self, key: &str, tie: u64) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The meta written by the last commit.
+    fn load_meta(&mut self) -> Result<Option<PartitionMeta>, StoreError>;
+    /// The offsets written by the last commit.
+    fn committed_offsets(&mut self) -> Result<Vec<SourceOffset>, StoreError>;
+    /// Makes every write since the previous commit durable, with `meta` and `offsets`, in one
+    /// atomic step. Offsets not named keep their previous value.
+    fn commit(&mut self, meta: &PartitionMeta, offsets: &[SourceOffset]) -> Result<(), StoreError>;
+}

@@ -1,0 +1,151 @@
+//! Event-time watermark of one task: a small pure value.
+//!
+//! Each input source (topic partition) of the task tracks the largest event time it has seen
+//! and when (wall clock) it last delivered an event. The watermark is the minimum over the
+//! sources that are not idle of (max event time - allowed lateness); it never goes back. When
+//! the task is caught up and every source has been idle for `idle_after`, the watermark moves
+//! up to `now - allowed lateness`, so a quiet partition still concludes its sessions.
+
+use super::types::Millis;
+use serde::{Deserialize, Serialize};
+
+/// Parameters of the watermark, from the validated configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WatermarkParams {
+    pub allowed_lateness: Millis,
+    pub idle_after: Millis,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct SourceClock {
+    source: u32,
+    max_time: Millis,
+    last_arrival: Millis,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Watermark {
+    sources: Vec<SourceClock>,
+    current: Option<Millis>,
+}
+
+impl Watermark {
+    /// The watermark, `i64::MIN` before the first event.
+    pub fn get(&self) -> Millis {
+        self.current.unwrap_or(Millis::MIN)
+    }
+
+    /// The task's notion of "current event time": watermark + allowed lateness.
+    pub fn partition_time(&self, p: &WatermarkParams) -> Option<Millis> {
+        self.current.map(|w| w.saturating_add(p.allowed_lateness))
+    }
+
+    /// The largest event time seen on any source.
+    pub fn max_event_time(&self) -> Option<Millis> {
+        self.sources.iter().map(|s| s.max_time).max()
+    }
+
+    /// Records an event of `source` with event time `t`, arriving at wall-clock `now`.
+    pub fn observe(&mut self, source: u32, t: Millis, now: Millis, p: &WatermarkParams) {
+        match self.sources.iter_mut().find(|s| s.source == source) {
+            Some(s) => {
+                s.max_time = s.max_time.max(t);
+                s.last_arrival = s.last_arrival.max(now);
+            }
+            None => self.sources.push(SourceClock {
+                source,
+                max_time: t,
+                last_arrival: now,
+            }),
+        }
+        self.recompute(now, p);
+    }
+
+    /// Moves the watermark on with wall-clock time: idle sources stop holding it back, and a
+    /// caught-up task whose sources are all idle advances it to `now - allowed lateness`.
+    pub fn advance(&mut self, now: Millis, caught_up: bool, p: &WatermarkParams) {
+        self.recompute(now, p);
+        let all_idle = self
+            .sources
+            .iter()
+            .all(|s| now.saturating_sub(s.last_arrival) >= p.idle_after);
+        if caught_up && all_idle {
+            self.raise(now.saturating_sub(p.allowed_lateness));
+        }
+    }
+
+    fn recompute(&mut self, now: Millis, p: &WatermarkParams) {
+        let active = self
+            .sources
+            .iter()
+            .filter(|s| now.saturating_sub(s.last_arrival) < p.idle_after)
+            .map(|s| s.max_time.saturating_sub(p.allowed_lateness))
+            .min();
+        // With every source idle, the most advanced one speaks for the task.
+        let candidate = active.or_else(|| {
+            self.sources
+                .iter()
+                .map(|s| s.max_time.saturating_sub(p.allowed_lateness))
+                .max()
+        });
+        if let Some(c) = candidate {
+            self.raise(c);
+        }
+    }
+
+    fn raise(&mut self, w: Millis) {
+        self.current = Some(self.current.map_or(w, |c| c.max(w)));
+    }
+
+    /// Forces the watermark to at least `w` (end of input in offline mode).
+    pub fn raise_to(&mut self, w: Millis) {
+        self.raise(w);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: WatermarkParams = WatermarkParams {
+        allowed_lateness: 100,
+        idle_after: 1_000,
+    };
+
+    #[test]
+    fn starts_at_minus_infinity_and_follows_max_time() {
+        let mut w = Watermark::default();
+        assert_eq!(w.get(), i64::MIN);
+        w.observe(0, 5_000, 0, &P);
+        assert_eq!(w.get(), 4_900);
+        w.observe(0, 4_000, 1, &P);
+        assert_eq!(w.get(), 4_900, "never goes back");
+        w.observe(0, 6_000, 2, &P);
+        assert_eq!(w.get(), 5_900);
+    }
+
+    #[test]
+    fn minimum_over_active_sources_ignoring_idle_ones() {
+        let mut w = Watermark::default();
+        w.observe(0, 10_000, 0, &P);
+        w.observe(1, 2_000, 0, &P);
+        assert_eq!(w.get(), 9_900, "first source alone set it before the second arrived");
+        w.observe(0, 12_000, 10, &P);
+        assert_eq!(w.get(), 9_900, "held back by source 1");
+        // Source 1 idle: source 0 alone decides.
+        w.observe(0, 13_000, 2_000, &P);
+        assert_eq!(w.get(), 12_900);
+    }
+
+    #[test]
+    fn idle_caught_up_task_advances_to_now_minus_lateness() {
+        let mut w = Watermark::default();
+        w.observe(0, 10_000, 10_000, &P);
+        w.advance(10_500, true, &P);
+        assert_eq!(w.get(), 9_900, "not idle long enough");
+        w.advance(50_000, false, &P);
+        assert_eq!(w.get(), 9_900, "a lagging task never advances by wall clock");
+        w.advance(50_000, true, &P);
+        assert_eq!(w.get(), 49_900);
+    }
+}

@@ -1,0 +1,12 @@
+//! Sessionizer: event-time sessionization of app/web events.
+//!
+//! `engine` is the pure sessionization core; `store` keeps its state (in memory or RocksDB);
+//! `config` turns raw settings into a validated form; `codec` maps bytes to events and records;
+//! `offline` runs the engine over JSON lines; `cli` is the command line.
+
+pub mod codec;
+pub mod config;
+pub mod engine;
+pub mod store;
+pub mod cli;
+pub mod offline;

@@ -1,0 +1,5 @@
+//! The `sessionizer` binary: everything is in the library; see `sessionizer::cli`.
+
+fn main() -> std::process::ExitCode {
+    sessionizer::cli::main()
+}

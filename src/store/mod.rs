@@ -1,0 +1,1 @@
+//! State store implementations of [`crate::engine::StateStore`].

@@ -1,0 +1,187 @@
+//! Property tests of the engine against the batch oracle (tests/support): random users, gaps
+//! around the timeouts, explicit start/end and excluded events, bounded disorder, with and
+//! without max length and a DST day boundary, in both annotation modes.
+
+mod support;
+
+use proptest::prelude::*;
+use sessionizer::engine::{AnnotateMode, Disposition, EngineConfig, EventClass, Output};
+use sessionizer::store::MemStore;
+use support::{oracle, run_all, Ev};
+
+/// 2024-03-31T22:00:00Z: midnight in Berlin on the day summer time starts.
+const BERLIN_DST_MIDNIGHT: i64 = 1_711_922_400_000;
+
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub cfg: EngineConfig,
+    pub disorder: i64,
+    pub input: Vec<Ev>,
+}
+
+fn class() -> impl Strategy<Value = EventClass> {
+    prop_oneof![
+        80 => Just(EventClass::Engagement),
+        7 => Just(EventClass::Start),
+        7 => Just(EventClass::End),
+        6 => Just(EventClass::Excluded),
+    ]
+}
+
+fn user_events() -> impl Strategy<Value = Vec<(i64, EventClass, bool)>> {
+    let gap = prop_oneof![
+        Just(0i64),
+        Just(1),
+        Just(39),
+        Just(40),
+        Just(41),
+        Just(99),
+        Just(100),
+        Just(101),
+        0i64..60,
+        150i64..400,
+        1_000i64..3_000,
+    ];
+    prop::collection::vec((gap, class(), any::<bool>()), 1..30)
+}
+
+pub fn case() -> impl Strategy<Value = Case> {
+    (
+        prop::collection::vec(user_events(), 1..5),
+        prop_oneof![Just(0i64), Just(50), Just(200)],
+        0i64..300,
+        prop_oneof![Just(0i64), Just(20)],
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<u64>(),
+        prop_oneof![Just(100_000i64), 200i64..2_000],
+    )
+        .prop_map(
+            |(users, lateness, disorder, quiet, max_len, day, on_close, seed, horizon)| {
+                let cfg = EngineConfig {
+                    allowed_lateness: lateness,
+                    lateness_horizon: horizon.max(lateness),
+                    quiet_period: quiet,
+                    idle_after: 1_000_000,
+                    max_future_skew: i64::MAX / 4,
+                    max_length: max_len.then_some(300),
+                    day_boundary: day.then(|| "Europe/Berlin".parse().unwrap()),
+                    annotate: if on_close {
+                        AnnotateMode::OnClose
+                    } else {
+                        AnnotateMode::OnArrival
+                    },
+                    ..EngineConfig::default()
+                };
+                let mut all = Vec::new();
+                for (u, evs) in users.iter().enumerate() {
+                    let mut t = BERLIN_DST_MIDNIGHT - 1_500 + (u as i64) * 37;
+                    for (gap, class, short) in evs {
+                        t += gap;
+                        all.push((t, format!("u{u}"), *class, if *short { 40 } else { 100 }));
+                    }
+                }
+                // Bounded disorder: each event arrives up to `disorder` ms after its time.
+                let mut rng = seed;
+                let mut keyed: Vec<(i64, usize, (i64, String, EventClass, i64))> = all
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, e)| {
+                        rng = rng
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let jitter = if disorder == 0 {
+                            0
+                        } else {
+                            ((rng >> 33) as i64) % (disorder + 1)
+                        };
+                        (e.0 + jitter, i, e)
+                    })
+                    .collect();
+                keyed.sort_by_key(|(arrival, i, _)| (*arrival, *i));
+                let input = keyed
+                    .into_iter()
+                    .enumerate()
+                    .map(|(id, (_, _, (t, key, class, timeout)))| Ev {
+                        key,
+                        t,
+                        class,
+                        timeout,
+                        id,
+                    })
+                    .collect();
+                Case {
+                    cfg,
+                    disorder,
+                    input,
+                }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    /// (1) Concluded sessions equal the batch sessionization of the accepted events.
+    #[test]
+    fn concluded_sessions_equal_the_batch_oracle(c in case()) {
+        let run = run_all(&c.cfg, MemStore::new(), &c.input);
+        let accepted: Vec<Ev> = run.accepted(&c.input);
+        prop_assert_eq!(run.sessions(), oracle(&c.cfg, &accepted));
+    }
+
+    /// (2) Every input ends up exactly once: annotated (at once or released on close), late,
+    /// or dead-lettered; held events are released exactly once with final positions.
+    #[test]
+    fn every_input_exactly_once(c in case()) {
+        let run = run_all(&c.cfg, MemStore::new(), &c.input);
+        prop_assert_eq!(run.dispositions.len(), c.input.len());
+        let mut released: Vec<usize> = Vec::new();
+        let mut per_session: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
+        for o in &run.outputs {
+            if let Output::Released { payload, annotation, .. } = o {
+                released.push(std::str::from_utf8(payload).unwrap().parse().unwrap());
+                per_session.entry(annotation.id.to_string()).or_default().push(annotation.seq);
+            }
+        }
+        released.sort_unstable();
+        let held: Vec<usize> = c.input.iter().zip(&run.dispositions)
+            .filter(|(_, d)| **d == Disposition::Held).map(|(e, _)| e.id).collect();
+        prop_assert_eq!(&released, &held, "held events are released exactly once");
+        if c.cfg.annotate == AnnotateMode::OnArrival {
+            prop_assert!(held.is_empty());
+        }
+        for o in &run.outputs {
+            if let Output::Session(s) = o {
+                if c.cfg.annotate == AnnotateMode::OnClose {
+                    let seqs = per_session.remove(&s.id.to_string()).unwrap_or_default();
+                    prop_assert_eq!(seqs, (1..=s.event_count as u32).collect::<Vec<_>>());
+                }
+            }
+        }
+        prop_assert!(per_session.is_empty(), "released events without a session: {:?}", per_session);
+        for (e, d) in c.input.iter().zip(&run.dispositions) {
+            if e.class == EventClass::Excluded {
+                prop_assert_eq!(d, &Disposition::Annotated(None));
+            }
+        }
+    }
+
+    /// (3) Nothing is late when disorder stays within the allowed lateness.
+    #[test]
+    fn nothing_late_within_allowed_lateness(mut c in case()) {
+        c.cfg.allowed_lateness = c.cfg.allowed_lateness.max(c.disorder);
+        c.cfg.lateness_horizon = c.cfg.lateness_horizon.max(c.cfg.allowed_lateness);
+        let run = run_all(&c.cfg, MemStore::new(), &c.input);
+        prop_assert_eq!(run.late_count(), 0);
+    }
+
+    /// (5) Determinism: the same input gives the same output, record for record.
+    #[test]
+    fn deterministic(c in case()) {
+        let a = run_all(&c.cfg, MemStore::new(), &c.input);
+        let b = run_all(&c.cfg, MemStore::new(), &c.input);
+        prop_assert_eq!(a, b);
+    }
+}
