@@ -1,1 +1,193 @@
-fn main(){}
+//! Criterion benchmarks of the engine alone (no I/O beyond the state store): a realistic mix of
+//! 100k users, a 30 minute timeout and mild disorder, with the in-memory store and with the
+//! RocksDB store. Also prints the memory held per open session (heap bytes counted by a
+//! wrapping allocator, for the in-memory store) and RocksDB bytes per open session.
+//!
+//! Run: `cargo bench --bench engine` (see BENCHMARKS.md).
+
+use criterion::{criterion_group, BatchSize, Criterion, Throughput};
+use sessionizer::engine::{Engine, EngineConfig, EventClass, InputEvent, Millis, SourceOffset};
+use sessionizer::store::{MemStore, RocksOptions, RocksStore};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+struct Counting;
+static ALLOCATED: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCATED.fetch_add(l.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        ALLOCATED.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        ALLOCATED.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
+        unsafe { System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const USERS: u64 = 100_000;
+const EVENTS: usize = 1_000_000;
+const TIMEOUT: Millis = 30 * 60_000;
+const T0: Millis = 1_700_000_000_000;
+
+struct Gen(u64);
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+struct Event {
+    key: String,
+    time: Millis,
+    class: EventClass,
+}
+
+/// `n` events of `users` users at 100 events/s overall (each user ~ every 1000 s on average,
+/// so sessions both continue and time out), 3% excluded, 2% start/end events, and each
+/// event's time up to 2 s before its arrival (mild disorder).
+fn mix(users: u64, n: usize) -> Vec<Event> {
+    let mut g = Gen(0x9E37_79B9_7F4A_7C15);
+    let mut clock = T0;
+    (0..n)
+        .map(|_| {
+            clock += 10;
+            let u = g.next() % users;
+            let r = g.next() % 100;
+            let class = match r {
+                0..=2 => EventClass::Excluded,
+                3 => EventClass::Start,
+                4 => EventClass::End,
+                _ => EventClass::Engagement,
+            };
+            Event {
+                key: format!("user-{u}"),
+                time: clock - (g.next() % 2_000) as Millis,
+                class,
+            }
+        })
+        .collect()
+}
+
+fn cfg() -> EngineConfig {
+    EngineConfig {
+        allowed_lateness: 5_000,
+        quiet_period: 0,
+        ..EngineConfig::default()
+    }
+}
+
+fn run<S: sessionizer::engine::StateStore>(engine: &mut Engine<S>, evs: &[Event], commit_every: usize) -> usize {
+    let mut out = Vec::with_capacity(64);
+    let mut produced = 0;
+    for (i, e) in evs.iter().enumerate() {
+        let ev = InputEvent {
+            key: &e.key,
+            user: &e.key,
+            time: e.time,
+            class: e.class,
+            timeout: TIMEOUT,
+            source: 0,
+            payload: b"",
+        };
+        let now = T0 + 10 * (i as Millis + 1);
+        engine.process(&ev, now, &mut out).expect("process");
+        if i % 64 == 0 {
+            engine.advance(now, false, &mut out).expect("advance");
+        }
+        produced += out.len();
+        out.clear();
+        if commit_every > 0 && (i + 1) % commit_every == 0 {
+            engine
+                .commit(&[SourceOffset { topic: "t".into(), partition: 0, next_offset: i as i64 }])
+                .expect("commit");
+        }
+    }
+    produced
+}
+
+fn bench_engine(c: &mut Criterion) {
+    let evs = mix(USERS, EVENTS);
+    let mut g = c.benchmark_group("engine");
+    g.throughput(Throughput::Elements(EVENTS as u64));
+    g.sample_size(10);
+    g.bench_function("in_memory", |b| {
+        b.iter_batched(
+            || Engine::open(cfg(), MemStore::new()).expect("open"),
+            |mut e| run(&mut e, &evs, 0),
+            BatchSize::LargeInput,
+        )
+    });
+    g.bench_function("rocksdb", |b| {
+        b.iter_batched(
+            || {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let store = RocksStore::open(dir.path(), RocksOptions::default()).expect("open rocksdb");
+                (dir, Engine::open(cfg(), store).expect("open"))
+            },
+            |(dir, mut e)| {
+                let n = run(&mut e, &evs, 10_000);
+                drop(e);
+                drop(dir);
+                n
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+/// Bytes per open session: 1M users with one open session of 3 events each.
+fn memory_report() {
+    const N: u64 = 1_000_000;
+    let evs: Vec<Event> = (0..3)
+        .flat_map(|k| {
+            (0..N).map(move |u| Event {
+                key: format!("user-{u}"),
+                time: T0 + k * 60_000,
+                class: EventClass::Engagement,
+            })
+        })
+        .collect();
+    let before = ALLOCATED.load(Ordering::Relaxed);
+    let mut e = Engine::open(cfg(), MemStore::new()).expect("open");
+    run(&mut e, &evs, 0);
+    let bytes = ALLOCATED.load(Ordering::Relaxed) - before;
+    eprintln!(
+        "memory: in-memory store, {} open sessions (3 events each): {:.0} heap bytes/session",
+        e.open_sessions(),
+        bytes as f64 / e.open_sessions() as f64
+    );
+    drop(e);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = RocksStore::open(dir.path(), RocksOptions { cache_keys: 10_000 }).expect("rocksdb");
+    let mut e = Engine::open(cfg(), store).expect("open");
+    run(&mut e, &evs, 100_000);
+    e.commit(&[]).expect("commit");
+    let open = e.open_sessions();
+    let size = e.store().approx_size_bytes();
+    eprintln!(
+        "memory: rocksdb store, {open} open sessions: {:.0} bytes/session on disk + memtables",
+        size as f64 / open as f64
+    );
+}
+
+criterion_group!(benches, bench_engine);
+
+fn main() {
+    if std::env::args().any(|a| a == "--bench") {
+        memory_report();
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -13,6 +13,8 @@ use std::fmt;
 pub const MAX_TIME: Millis = 253_402_300_799_999;
 /// Longest accepted user id, in bytes.
 pub const MAX_USER_ID_BYTES: usize = 1024;
+/// Deepest accepted nesting of arrays and objects.
+pub const MAX_DEPTH: usize = 64;
 /// Separator between the user id and scope field values in a scope key.
 pub const SCOPE_SEPARATOR: char = '\u{1f}';
 
@@ -29,6 +31,8 @@ pub enum DecodeError {
     InvalidJson(String),
     #[error("record is not a JSON object")]
     NotAnObject,
+    #[error("record nests deeper than {MAX_DEPTH} levels")]
+    TooDeep,
     #[error("no user id: field `{0}` is missing or null and the record has no key")]
     MissingUserId(String),
     #[error("invalid user id: {0}")]
@@ -54,6 +58,7 @@ impl DecodeError {
             DecodeError::InvalidUtf8 => "invalid_utf8",
             DecodeError::InvalidJson(_) => "invalid_json",
             DecodeError::NotAnObject => "not_an_object",
+            DecodeError::TooDeep => "too_deeply_nested",
             DecodeError::MissingUserId(_) => "missing_user_id",
             DecodeError::InvalidUserId(_) => "invalid_user_id",
             DecodeError::MissingTime(_) => "missing_time",
@@ -65,12 +70,13 @@ impl DecodeError {
     }
 
     /// Every reason code, for metrics and documentation.
-    pub const REASONS: [&'static str; 12] = [
+    pub const REASONS: [&'static str; 13] = [
         "empty_record",
         "record_too_large",
         "invalid_utf8",
         "invalid_json",
         "not_an_object",
+        "too_deeply_nested",
         "missing_user_id",
         "invalid_user_id",
         "missing_time",
@@ -155,6 +161,9 @@ impl Decoder {
         let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8)?;
         if text.trim().is_empty() {
             return Err(DecodeError::Empty);
+        }
+        if nesting_depth(bytes) > MAX_DEPTH {
+            return Err(DecodeError::TooDeep);
         }
         let mut slots: Vec<Option<&'a RawValue>> = vec![None; self.names.len()];
         let mut de = serde_json::Deserializer::from_str(text);
@@ -261,6 +270,34 @@ impl Decoder {
             .zip(parts)
             .collect()
     }
+}
+
+/// Deepest nesting of `[`/`{` outside strings (a cheap scan; the parser skips unwanted values
+/// without a depth limit of its own).
+fn nesting_depth(bytes: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_str, mut escaped) = (0usize, 0usize, false, false);
+    for &b in bytes {
+        if in_str {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_str = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
 }
 
 fn json_error(e: serde_json::Error) -> DecodeError {
@@ -452,5 +489,120 @@ impl<'de, 's> Visitor<'de> for FieldSlot<'s> {
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<usize>, E> {
         Ok(self.names.iter().position(|n| n == v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{raw::RawConfig, validate};
+
+    fn decoder(f: impl FnOnce(&mut RawConfig)) -> Decoder {
+        let mut raw = RawConfig::default();
+        f(&mut raw);
+        Decoder::new(validate(&raw).unwrap().decode)
+    }
+
+    fn reason(d: &Decoder, s: &str) -> &'static str {
+        d.decode(s.as_bytes(), None, None).unwrap_err().reason()
+    }
+
+    #[test]
+    fn time_formats() {
+        let d = decoder(|_| {});
+        let t = |s: &str| d.decode(s.as_bytes(), None, None).unwrap().time;
+        assert_eq!(t(r#"{"user_id":"u","timestamp":1700000000123}"#), 1_700_000_000_123);
+        assert_eq!(t(r#"{"user_id":"u","timestamp":1700000000}"#), 1_700_000_000_000);
+        assert_eq!(t(r#"{"user_id":"u","timestamp":1700000000.123}"#), 1_700_000_000_123);
+        assert_eq!(t(r#"{"user_id":"u","timestamp":1700000000.1}"#), 1_700_000_000_100);
+        assert_eq!(t(r#"{"user_id":"u","timestamp":1.7e9}"#), 1_700_000_000_000);
+        assert_eq!(t(r#"{"user_id":"u","timestamp":"2023-11-14T22:13:20.123Z"}"#), 1_700_000_000_123);
+        assert_eq!(t(r#"{"user_id":"u","timestamp":"2023-11-14T23:13:20+01:00"}"#), 1_700_000_000_000);
+        assert_eq!(t(r#"{"user_id":"u","timestamp":"1700000000123"}"#), 1_700_000_000_123);
+        let s = decoder(|r| r.input.time_format = Some("seconds".into()));
+        assert_eq!(s.decode(br#"{"user_id":"u","timestamp":1700000000123}"#, None, None).unwrap_err().reason(), "time_out_of_range");
+        let k = decoder(|r| r.input.time_format = Some("record_timestamp".into()));
+        assert_eq!(k.decode(br#"{"user_id":"u"}"#, None, Some(42)).unwrap().time, 42);
+    }
+
+    #[test]
+    fn bad_times() {
+        let d = decoder(|_| {});
+        assert_eq!(reason(&d, r#"{"user_id":"u"}"#), "missing_time");
+        assert_eq!(reason(&d, r#"{"user_id":"u","timestamp":null}"#), "missing_time");
+        assert_eq!(reason(&d, r#"{"user_id":"u","timestamp":-5}"#), "time_out_of_range");
+        assert_eq!(reason(&d, r#"{"user_id":"u","timestamp":1e300}"#), "time_out_of_range");
+        assert_eq!(reason(&d, r#"{"user_id":"u","timestamp":99999999999999999999999}"#), "time_out_of_range");
+        assert_eq!(reason(&d, r#"{"user_id":"u","timestamp":"NaN"}"#), "invalid_time");
+        assert_eq!(reason(&d, r#"{"user_id":"u","timestamp":"yesterday"}"#), "invalid_time");
+        assert_eq!(reason(&d, r#"{"user_id":"u","timestamp":true}"#), "invalid_time");
+        assert_eq!(reason(&d, r#"{"user_id":"u","timestamp":{"a":1}}"#), "invalid_time");
+    }
+
+    #[test]
+    fn user_ids() {
+        let d = decoder(|_| {});
+        let ok = |s: &str, key: Option<&[u8]>| d.decode(s.as_bytes(), key, None).unwrap().user.into_owned();
+        assert_eq!(ok(r#"{"user_id":"a\u00e9","timestamp":1}"#, None), "aé");
+        assert_eq!(ok(r#"{"user_id":123,"timestamp":1}"#, None), "123");
+        assert_eq!(ok(r#"{"timestamp":1}"#, Some(b"from-key")), "from-key");
+        assert_eq!(ok(r#"{"user_id":null,"timestamp":1}"#, Some(b"k")), "k");
+        assert_eq!(reason(&d, r#"{"timestamp":1}"#), "missing_user_id");
+        assert_eq!(reason(&d, r#"{"user_id":"","timestamp":1}"#), "invalid_user_id");
+        assert_eq!(reason(&d, r#"{"user_id":1.5,"timestamp":1}"#), "invalid_user_id");
+        assert_eq!(reason(&d, r#"{"user_id":["a"],"timestamp":1}"#), "invalid_user_id");
+        let long = format!(r#"{{"user_id":"{}","timestamp":1}}"#, "x".repeat(2000));
+        assert_eq!(reason(&d, &long), "invalid_user_id");
+    }
+
+    #[test]
+    fn bad_records() {
+        let d = decoder(|r| r.input.max_record_bytes = Some(100));
+        assert_eq!(reason(&d, ""), "empty_record");
+        assert_eq!(reason(&d, "  "), "empty_record");
+        assert_eq!(d.decode(b"{\"user_id\":\"\xff\"}", None, None).unwrap_err().reason(), "invalid_utf8");
+        assert_eq!(reason(&d, "nope"), "invalid_json");
+        assert_eq!(reason(&d, r#"{"user_id":"u","timestamp":1} trailing"#), "invalid_json");
+        assert_eq!(reason(&d, "[1,2]"), "not_an_object");
+        assert_eq!(reason(&d, "42"), "not_an_object");
+        assert_eq!(reason(&d, &"x".repeat(101)), "record_too_large");
+        let deep = decoder(|_| {});
+        let nested = format!(r#"{{"user_id":"u","timestamp":1,"a":{}1{}}}"#, "[".repeat(500), "]".repeat(500));
+        assert_eq!(reason(&deep, &nested), "too_deeply_nested");
+        let fine = format!(r#"{{"user_id":"u","timestamp":1,"a":{}1{},"s":"[[[[{{"}}"#, "[".repeat(60), "]".repeat(60));
+        assert!(deep.decode(fine.as_bytes(), None, None).is_ok());
+        assert_eq!(reason(&deep, r#"{"user_id":"u","timestamp":1,"session":1}"#), "annotation_field_present");
+        assert_eq!(reason(&deep, r#"{"user_id":"u","timestamp":1,"event":7}"#), "invalid_event_name");
+    }
+
+    #[test]
+    fn classes_rules_and_scope() {
+        let d = decoder(|r| {
+            r.session.start_events = Some(vec!["open".into()]);
+            r.session.end_events = Some(vec!["close".into()]);
+            r.session.excluded_events = Some(vec!["push".into()]);
+            r.session.timeout_rules = Some(vec![crate::config::raw::RawTimeoutRule {
+                field: "platform".into(),
+                values: vec!["ios".into(), "android".into()],
+                timeout: "5m".into(),
+            }]);
+            r.input.scope_fields = Some(vec!["device".into()]);
+        });
+        fn dec<'a>(d: &Decoder, s: &'a str) -> Decoded<'a> {
+            d.decode(s.as_bytes(), None, None).unwrap()
+        }
+        let dec = |s: &'static str| dec(&d, s);
+        assert_eq!(dec(r#"{"user_id":"u","timestamp":1,"event":"open"}"#).class, EventClass::Start);
+        assert_eq!(dec(r#"{"user_id":"u","timestamp":1,"event":"close"}"#).class, EventClass::End);
+        assert_eq!(dec(r#"{"user_id":"u","timestamp":1,"event":"push"}"#).class, EventClass::Excluded);
+        assert_eq!(dec(r#"{"user_id":"u","timestamp":1,"event":"x"}"#).class, EventClass::Engagement);
+        assert_eq!(dec(r#"{"user_id":"u","timestamp":1}"#).class, EventClass::Engagement);
+        assert_eq!(dec(r#"{"user_id":"u","timestamp":1,"platform":"ios"}"#).timeout, 300_000);
+        assert_eq!(dec(r#"{"user_id":"u","timestamp":1,"platform":"web"}"#).timeout, 1_800_000);
+        let e = dec(r#"{"user_id":"u","timestamp":1,"device":"d1"}"#);
+        assert_eq!(e.key, "u\u{1f}d1");
+        assert_eq!(e.user, "u");
+        assert_eq!(d.scope_of(&e.key), vec![("device", "d1")]);
+        assert_eq!(dec(r#"{"user_id":"u","timestamp":1}"#).key, "u\u{1f}");
     }
 }

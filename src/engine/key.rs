@@ -234,10 +234,7 @@ impl KeyState {
             for &n in nums.iter().filter(|&&n| n != num) {
                 reshaped = true;
                 if used.contains(&n) {
-                    let at = self.events[g.clone()]
-                        .iter()
-                        .find(|e| e.sess == n)
-                        .map_or(k.t, |e| e.k.t);
+                    let at = self.events[g.start].k.t;
                     changes.push(Change::Split { from: n, to: num, at });
                 } else {
                     used.push(n);

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite: format and lint checks, then every test (unit, scenario tables,
+# property tests against the batch oracle, store conformance, restart equivalence, the CLI),
+# and the benchmarks run once each as smoke tests. Everything builds in release mode, once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+. scripts/env.sh
+
+echo "== cargo fmt --check" >&2
+cargo fmt --all -- --check
+echo "== cargo clippy (release, all targets, warnings denied)" >&2
+cargo clippy --release --all-targets --locked -- -D warnings
+echo "== cargo test (release, all targets)" >&2
+cargo test --release --all-targets --locked

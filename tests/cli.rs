@@ -1,0 +1,198 @@
+//! The `sessionizer` binary end to end: offline mode over the example file, outputs and their
+//! schemas, exit codes, configuration errors naming their key, flags and environment variables.
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sessionizer"))
+}
+
+fn lines(p: &Path) -> Vec<Value> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn sessionizes_the_example_file_into_every_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let out = bin()
+        .args(["sessionize", "--config", "examples/sessionizer.toml", "--input", "examples/events.jsonl"])
+        .arg("--sessions")
+        .arg(p("sessions"))
+        .arg("--annotated")
+        .arg(p("annotated"))
+        .arg("--late")
+        .arg(p("late"))
+        .arg("--dead-letters")
+        .arg(p("dead"))
+        .arg("--stats")
+        .arg(p("stats"))
+        .output()
+        .unwrap();
+    ok(&out);
+    let input = std::fs::read_to_string("examples/events.jsonl").unwrap();
+    let n_in = input.lines().count();
+    let annotated = lines(&p("annotated"));
+    let late = lines(&p("late"));
+    let dead = lines(&p("dead"));
+    assert_eq!(annotated.len() + late.len() + dead.len(), n_in, "every line exactly once");
+
+    let reasons: Vec<(u64, &str)> = dead
+        .iter()
+        .map(|d| (d["line"].as_u64().unwrap(), d["reason"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![(11, "invalid_time"), (21, "invalid_json"), (31, "missing_user_id")]
+    );
+    assert_eq!(late.len(), 1);
+    assert_eq!(late[0]["reason"], "concluded_session");
+    assert_eq!(late[0]["event"]["event"], "late_click");
+
+    // Annotated events: the input line, byte for byte, plus the session field.
+    let by_line: std::collections::HashSet<&str> = input.lines().collect();
+    let raw_annotated = std::fs::read_to_string(p("annotated")).unwrap();
+    for (line, v) in raw_annotated.lines().zip(&annotated) {
+        let cut = line.rfind(",\"session\":").expect("session field appended");
+        assert!(by_line.contains(format!("{}}}", &line[..cut]).as_str()), "{line}");
+        if v["event"] == "push_sent" {
+            assert!(v["session"].is_null());
+        } else {
+            assert!(v["session"]["id"].is_string());
+            assert!(v["session"]["seq"].as_u64().unwrap() >= 1);
+        }
+    }
+
+    let sessions = lines(&p("sessions"));
+    let concluded: Vec<&Value> = sessions.iter().filter(|s| s["type"] == "session").collect();
+    assert!(concluded.len() >= 8, "{}", concluded.len());
+    for s in &concluded {
+        for f in ["session_id", "user_id", "start", "end", "start_time", "end_time", "length_s", "event_count", "end_reason", "session_number", "merged_ids"] {
+            assert!(!s[f].is_null(), "field {f} in {s}");
+        }
+    }
+    let total: u64 = concluded.iter().map(|s| s["event_count"].as_u64().unwrap()).sum();
+    let in_session = annotated.iter().filter(|a| !a["session"].is_null()).count() as u64;
+    assert_eq!(total, in_session, "session event counts add up to the sessionized events");
+    let reasons: std::collections::HashSet<&str> =
+        concluded.iter().map(|s| s["end_reason"].as_str().unwrap()).collect();
+    assert!(reasons.contains("explicit_end"), "{reasons:?}");
+
+    let stats = lines(&p("stats"));
+    assert_eq!(stats.len(), concluded.len());
+    assert!(stats.iter().all(|s| s["type"] == "user_stats"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("lines={n_in}")), "{stderr}");
+}
+
+#[test]
+fn on_close_gives_final_positions_and_the_same_sessions() {
+    let run = |mode: &str| {
+        let out = bin()
+            .args(["sessionize", "--config", "examples/sessionizer.toml", "--input", "examples/events.jsonl", "--annotate", mode])
+            .output()
+            .unwrap();
+        ok(&out);
+        let mut v: Vec<Value> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|v| v["type"] == "session")
+            .map(|mut v| {
+                v.as_object_mut().unwrap().remove("merged_ids");
+                v
+            })
+            .collect();
+        v.sort_by_key(|s| (s["user_id"].as_str().unwrap().to_owned(), s["start"].as_i64().unwrap()));
+        v
+    };
+    assert_eq!(run("on_arrival"), run("on_close"));
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_the_key() {
+    let out = bin()
+        .args(["sessionize", "--timeout", "soon", "--input", "examples/events.jsonl"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`session.timeout`") && err.contains("soon"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "[session]\ntimout = \"5m\"\n").unwrap();
+    let out = bin().args(["check", "--config"]).arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("timout"));
+
+    let out = bin()
+        .args(["sessionize", "--input", "/nonexistent/input.jsonl"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn check_prints_the_effective_configuration_with_env_and_flag_overrides() {
+    let out = bin()
+        .args(["check", "--config", "examples/sessionizer.toml", "--allowed-lateness", "7m"])
+        .env("SESSIONIZER_TIMEOUT", "45m")
+        .output()
+        .unwrap();
+    ok(&out);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let v: toml::Value = toml::from_str(&text).unwrap();
+    assert_eq!(v["session"]["timeout"].as_str(), Some("45m"));
+    assert_eq!(v["time"]["allowed_lateness"].as_str(), Some("7m"));
+    assert_eq!(v["time"]["quiet_period"].as_str(), Some("5s"), "file value kept");
+    assert_eq!(v["time"]["idle_after"].as_str(), Some("10s"), "default filled in");
+}
+
+#[test]
+fn reads_stdin_and_writes_sessions_to_stdout() {
+    use std::io::Write;
+    let mut child = bin()
+        .args(["sessionize", "--timeout", "10m", "--allowed-lateness", "0"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            b"{\"user_id\":1,\"timestamp\":\"2024-01-01T00:00:00Z\"}\n\
+              {\"user_id\":1,\"timestamp\":\"2024-01-01T00:10:00Z\"}\n\
+              {\"user_id\":1,\"timestamp\":1704068400.5}\n",
+        )
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    ok(&out);
+    let v: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(v.len(), 2);
+    assert_eq!(v[0]["event_count"], 2, "a gap of exactly the timeout stays");
+    assert_eq!(v[0]["length_s"], 600.0);
+    assert_eq!(v[1]["start"], 1_704_068_400_500_i64);
+}
