@@ -6,8 +6,9 @@ mod support;
 
 use proptest::prelude::*;
 use sessionizer::engine::{AnnotateMode, Disposition, EngineConfig, EventClass, Output};
-use sessionizer::store::MemStore;
-use support::{oracle, run_all, Ev};
+use sessionizer::engine::{Engine, StateStore};
+use sessionizer::store::{MemStore, RocksOptions, RocksStore};
+use support::{feed, finish, offsets, oracle, run_all, Ev, RunOut};
 
 /// 2024-03-31T22:00:00Z: midnight in Berlin on the day summer time starts.
 const BERLIN_DST_MIDNIGHT: i64 = 1_711_922_400_000;
@@ -183,5 +184,38 @@ proptest! {
         let a = run_all(&c.cfg, MemStore::new(), &c.input);
         let b = run_all(&c.cfg, MemStore::new(), &c.input);
         prop_assert_eq!(a, b);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 120, ..ProptestConfig::default() })]
+
+    /// (4) Restart equivalence: cut the input anywhere, commit to RocksDB, process a little
+    /// more without committing, "crash" (drop), reopen, replay from the committed offset: the
+    /// output is identical to an uninterrupted run (the uncommitted work is redone the same).
+    #[test]
+    fn restart_equivalence(c in case(), cut in 0.0f64..1.0, extra in 0usize..20) {
+        let full = run_all(&c.cfg, MemStore::new(), &c.input);
+        let n = c.input.len();
+        let cut = ((n as f64) * cut) as usize;
+        let dir = tempfile::tempdir().unwrap();
+        let open = || RocksStore::open(dir.path(), RocksOptions { cache_keys: 3 }).unwrap();
+        let mut run = RunOut::default();
+        let mut now = None;
+        {
+            let mut e = Engine::open(c.cfg.clone(), open()).unwrap();
+            feed(&mut e, &c.input, 0..cut, &mut now, &mut run);
+            e.commit(&offsets(cut)).unwrap();
+            // Work after the commit is lost in the crash.
+            let mut lost = RunOut::default();
+            let mut lost_now = now;
+            feed(&mut e, &c.input, cut..(cut + extra).min(n), &mut lost_now, &mut lost);
+        }
+        let mut store = open();
+        prop_assert_eq!(store.committed_offsets().unwrap(), offsets(cut));
+        let mut e = Engine::open(c.cfg.clone(), store).unwrap();
+        feed(&mut e, &c.input, cut..n, &mut now, &mut run);
+        finish(&mut e, &mut run);
+        prop_assert_eq!(run, full);
     }
 }

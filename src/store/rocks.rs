@@ -1,0 +1,470 @@
+//! [`RocksStore`]: the durable [`StateStore`], one RocksDB database per task directory.
+//!
+//! Column families: `keys` (scope key -> `KeyState`), `stats` (user -> `UserStats`),
+//! `deadline_timers` / `quiet_timers` (encoded `(at, key)` -> empty), `payloads` (encoded
+//! `(key, tie)` -> bytes) and `meta` (`b"meta"` -> `PartitionMeta`, encoded `(topic,
+//! partition)` -> next offset). Layouts are in [`super::encoding`]; values are `postcard`.
+//!
+//! **Durability invariant.** Nothing reaches the database except in [`StateStore::commit`],
+//! which writes every change since the previous commit *together with* the meta and the input
+//! offsets in one `WriteBatch` (one atomic `DB::write`). So after a restart the state is
+//! exactly that of the last successful commit, and it always matches the committed offsets:
+//! replaying the input from those offsets reproduces what was lost. Writes go through the WAL
+//! without `fsync`, so a committed batch survives a process crash; an OS crash may lose the
+//! last commits, but never tears one.
+//!
+//! Uncommitted writes live in memory and reads see them: a write-back cache of decoded
+//! `KeyState`s / `UserStats` (dirty entries are written at commit; clean ones not used in the
+//! last commit interval are evicted once the cache exceeds [`RocksOptions::cache_keys`]), an
+//! overlay of payload puts/deletes, and both timer indexes mirrored entirely in memory (loaded
+//! at open) with the pending difference to the database.
+
+use super::encoding::{
+    decode_offset_key, decode_timer_key, decode_value, encode_value, offset_key, payload_key,
+    timer_key,
+};
+use super::memory::pop_due_from;
+use crate::engine::{
+    KeyState, Millis, PartitionMeta, SourceOffset, StateStore, StoreError, TimerKind, UserStats,
+};
+use rocksdb::properties::{SIZE_ALL_MEM_TABLES, TOTAL_SST_FILES_SIZE};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
+    IteratorMode, Options, WriteBatch, DB,
+};
+use rustc_hash::FxHashMap;
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+const CF_KEYS: &str = "keys";
+const CF_STATS: &str = "stats";
+const CF_DEADLINE: &str = "deadline_timers";
+const CF_QUIET: &str = "quiet_timers";
+const CF_PAYLOADS: &str = "payloads";
+const CF_META: &str = "meta";
+const COLUMN_FAMILIES: [&str; 6] = [
+    CF_KEYS,
+    CF_STATS,
+    CF_DEADLINE,
+    CF_QUIET,
+    CF_PAYLOADS,
+    CF_META,
+];
+const META_KEY: &[u8] = b"meta";
+const BLOCK_CACHE_BYTES: usize = 32 << 20;
+
+/// Tuning of a [`RocksStore`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RocksOptions {
+    /// Maximum number of decoded `KeyState`s (and, separately, `UserStats`) kept in memory
+    /// between commits; entries used since the last commit are kept regardless.
+    pub cache_keys: usize,
+}
+
+impl Default for RocksOptions {
+    fn default() -> Self {
+        Self {
+            cache_keys: 100_000,
+        }
+    }
+}
+
+fn backend(e: rocksdb::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a ColumnFamily, StoreError> {
+    db.cf_handle(name)
+        .ok_or_else(|| StoreError::Backend(format!("column family {name} is missing")))
+}
+
+/// A cached decoded record.
+#[derive(Debug)]
+struct Cached<T> {
+    value: T,
+    /// Changed since the last commit.
+    dirty: bool,
+    /// Commit generation in which it was last used.
+    gen: u64,
+}
+
+/// One timer index: the full set in memory, plus the difference to the database
+/// (`true`: the entry must be put, `false`: deleted). Invariant: the database content with
+/// `pending` applied equals `set`.
+#[derive(Debug)]
+struct TimerIndex {
+    cf: &'static str,
+    set: BTreeSet<(Millis, String)>,
+    pending: FxHashMap<(Millis, String), bool>,
+}
+
+impl TimerIndex {
+    fn load(db: &DB, name: &'static str) -> Result<Self, StoreError> {
+        let mut set = BTreeSet::new();
+        for item in db.iterator_cf(cf(db, name)?, IteratorMode::Start) {
+            let (k, _) = item.map_err(backend)?;
+            set.insert(decode_timer_key(name, &k)?);
+        }
+        Ok(Self {
+            cf: name,
+            set,
+            pending: FxHashMap::default(),
+        })
+    }
+
+    fn add(&mut self, at: Millis, key: &str) {
+        let entry = (at, key.to_owned());
+        if self.set.contains(&entry) {
+            return;
+        }
+        // A pending delete means the database has the entry: cancelling the delete suffices.
+        if self.pending.remove(&entry) != Some(false) {
+            self.pending.insert(entry.clone(), true);
+        }
+        self.set.insert(entry);
+    }
+
+    fn pop_due(&mut self, before: Millis, out: &mut Vec<(Millis, String)>) {
+        let start = out.len();
+        pop_due_from(&mut self.set, before, out);
+        for entry in &out[start..] {
+            // A pending put means the entry never reached the database: dropping it suffices.
+            if self.pending.remove(entry) != Some(true) {
+                self.pending.insert(entry.clone(), false);
+            }
+        }
+    }
+}
+
+/// The RocksDB state store. See the module documentation.
+pub struct RocksStore {
+    db: DB,
+    path: PathBuf,
+    opts: RocksOptions,
+    keys: FxHashMap<String, Cached<KeyState>>,
+    stats: FxHashMap<String, Cached<UserStats>>,
+    /// Uncommitted payload writes by encoded payload key: `Some` put, `None` delete.
+    payloads: FxHashMap<Vec<u8>, Option<Vec<u8>>>,
+    deadline: TimerIndex,
+    quiet: TimerIndex,
+    /// Commit generation, bumped at each commit.
+    gen: u64,
+}
+
+impl fmt::Debug for RocksStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RocksStore")
+            .field("path", &self.path)
+            .field("opts", &self.opts)
+            .field("cached_keys", &self.keys.len())
+            .field("cached_stats", &self.stats.len())
+            .field("gen", &self.gen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RocksStore {
+    /// Opens (creating if needed) the database in directory `path`, with its column families,
+    /// and loads the timer indexes.
+    pub fn open(path: &Path, opts: RocksOptions) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(path).map_err(|e| {
+            StoreError::Backend(format!("cannot create directory {}: {e}", path.display()))
+        })?;
+        let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        table.set_bloom_filter(10.0, false);
+        let mut cf_opts = Options::default();
+        cf_opts.set_compression_type(DBCompressionType::Lz4);
+        cf_opts.set_block_based_table_factory(&table);
+
+        let mut db_opts = cf_opts.clone();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        // State and offsets span column families; keep their flushes consistent too.
+        db_opts.set_atomic_flush(true);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_db_write_buffer_size(64 << 20);
+        db_opts.set_keep_log_file_num(4);
+
+        // RocksDB insists on opening every existing column family.
+        let mut names: Vec<String> = COLUMN_FAMILIES.iter().map(|s| s.to_string()).collect();
+        if let Ok(existing) = DB::list_cf(&db_opts, path) {
+            for name in existing {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        let descriptors = names
+            .into_iter()
+            .map(|name| ColumnFamilyDescriptor::new(name, cf_opts.clone()));
+        let db = DB::open_cf_descriptors(&db_opts, path, descriptors).map_err(backend)?;
+        let deadline = TimerIndex::load(&db, CF_DEADLINE)?;
+        let quiet = TimerIndex::load(&db, CF_QUIET)?;
+        Ok(Self {
+            db,
+            path: path.to_path_buf(),
+            opts,
+            keys: FxHashMap::default(),
+            stats: FxHashMap::default(),
+            payloads: FxHashMap::default(),
+            deadline,
+            quiet,
+            gen: 0,
+        })
+    }
+
+    /// The database directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Number of decoded `KeyState`s currently cached.
+    pub fn cached_keys(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Approximate size of the database: SST files plus memtables, over all column families.
+    pub fn approx_size_bytes(&self) -> u64 {
+        COLUMN_FAMILIES
+            .iter()
+            .filter_map(|name| self.db.cf_handle(name))
+            .flat_map(|h| {
+                [TOTAL_SST_FILES_SIZE, SIZE_ALL_MEM_TABLES].map(|p| {
+                    self.db
+                        .property_int_value_cf(h, p)
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0)
+                })
+            })
+            .sum()
+    }
+
+    fn index(&mut self, kind: TimerKind) -> &mut TimerIndex {
+        match kind {
+            TimerKind::Deadline => &mut self.deadline,
+            TimerKind::Quiet => &mut self.quiet,
+        }
+    }
+
+    fn db_get<T: serde::de::DeserializeOwned>(
+        &self,
+        table: &'static str,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        match self
+            .db
+            .get_pinned_cf(cf(&self.db, table)?, key)
+            .map_err(backend)?
+        {
+            Some(bytes) => decode_value(table, &bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Builds the batch of everything uncommitted plus `meta` and `offsets`.
+    fn build_batch(
+        &self,
+        meta: &PartitionMeta,
+        offsets: &[SourceOffset],
+    ) -> Result<WriteBatch, StoreError> {
+        let mut batch = WriteBatch::default();
+        let keys_cf = cf(&self.db, CF_KEYS)?;
+        for (key, c) in self.keys.iter().filter(|(_, c)| c.dirty) {
+            batch.put_cf(keys_cf, key, encode_value(CF_KEYS, &c.value)?);
+        }
+        let stats_cf = cf(&self.db, CF_STATS)?;
+        for (user, c) in self.stats.iter().filter(|(_, c)| c.dirty) {
+            batch.put_cf(stats_cf, user, encode_value(CF_STATS, &c.value)?);
+        }
+        let payloads_cf = cf(&self.db, CF_PAYLOADS)?;
+        for (key, value) in &self.payloads {
+            match value {
+                Some(v) => batch.put_cf(payloads_cf, key, v),
+                None => batch.delete_cf(payloads_cf, key),
+            }
+        }
+        for index in [&self.deadline, &self.quiet] {
+            let timers_cf = cf(&self.db, index.cf)?;
+            for ((at, key), &put) in &index.pending {
+                let k = timer_key(*at, key);
+                if put {
+                    batch.put_cf(timers_cf, k, []);
+                } else {
+                    batch.delete_cf(timers_cf, k);
+                }
+            }
+        }
+        let meta_cf = cf(&self.db, CF_META)?;
+        batch.put_cf(meta_cf, META_KEY, encode_value(CF_META, meta)?);
+        for o in offsets {
+            batch.put_cf(
+                meta_cf,
+                offset_key(&o.topic, o.partition),
+                encode_value(CF_META, &o.next_offset)?,
+            );
+        }
+        Ok(batch)
+    }
+}
+
+/// After a successful commit: marks everything clean and, if the cache is over `limit`, drops
+/// the entries not used in generation `gen`.
+fn settle<T>(cache: &mut FxHashMap<String, Cached<T>>, limit: usize, gen: u64) {
+    cache.values_mut().for_each(|c| c.dirty = false);
+    if cache.len() > limit {
+        cache.retain(|_, c| c.gen == gen);
+    }
+}
+
+impl StateStore for RocksStore {
+    /// From the cache, the state is moved out and a default placeholder left in its slot (never
+    /// observable: the engine always puts the state back before reading the key again).
+    fn take_key(&mut self, key: &str) -> Result<Option<KeyState>, StoreError> {
+        if let Some(c) = self.keys.get_mut(key) {
+            c.gen = self.gen;
+            return Ok(Some(std::mem::take(&mut c.value)));
+        }
+        self.db_get(CF_KEYS, key.as_bytes())
+    }
+
+    fn put_key(&mut self, key: &str, state: KeyState) -> Result<(), StoreError> {
+        let gen = self.gen;
+        match self.keys.get_mut(key) {
+            Some(c) => {
+                c.value = state;
+                c.dirty = true;
+                c.gen = gen;
+            }
+            None => {
+                let c = Cached {
+                    value: state,
+                    dirty: true,
+                    gen,
+                };
+                self.keys.insert(key.to_owned(), c);
+            }
+        }
+        Ok(())
+    }
+
+    fn get_stats(&mut self, user: &str) -> Result<Option<UserStats>, StoreError> {
+        if let Some(c) = self.stats.get_mut(user) {
+            c.gen = self.gen;
+            return Ok(Some(c.value.clone()));
+        }
+        let found: Option<UserStats> = self.db_get(CF_STATS, user.as_bytes())?;
+        if let Some(stats) = &found {
+            let c = Cached {
+                value: stats.clone(),
+                dirty: false,
+                gen: self.gen,
+            };
+            self.stats.insert(user.to_owned(), c);
+        }
+        Ok(found)
+    }
+
+    fn put_stats(&mut self, user: &str, stats: &UserStats) -> Result<(), StoreError> {
+        let gen = self.gen;
+        match self.stats.get_mut(user) {
+            Some(c) => {
+                c.value.clone_from(stats);
+                c.dirty = true;
+                c.gen = gen;
+            }
+            None => {
+                let c = Cached {
+                    value: stats.clone(),
+                    dirty: true,
+                    gen,
+                };
+                self.stats.insert(user.to_owned(), c);
+            }
+        }
+        Ok(())
+    }
+
+    fn add_timer(&mut self, kind: TimerKind, at: Millis, key: &str) -> Result<(), StoreError> {
+        self.index(kind).add(at, key);
+        Ok(())
+    }
+
+    fn pop_due(
+        &mut self,
+        kind: TimerKind,
+        before: Millis,
+        out: &mut Vec<(Millis, String)>,
+    ) -> Result<(), StoreError> {
+        self.index(kind).pop_due(before, out);
+        Ok(())
+    }
+
+    fn timers(&mut self, kind: TimerKind) -> Result<Vec<(Millis, String)>, StoreError> {
+        Ok(self.index(kind).set.iter().cloned().collect())
+    }
+
+    fn put_payload(&mut self, key: &str, tie: u64, payload: &[u8]) -> Result<(), StoreError> {
+        self.payloads
+            .insert(payload_key(key, tie)?, Some(payload.to_vec()));
+        Ok(())
+    }
+
+    fn take_payload(&mut self, key: &str, tie: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let k = payload_key(key, tie)?;
+        if let Some(slot) = self.payloads.get_mut(&k) {
+            // A put or delete since the last commit decides; either way it is now deleted.
+            return Ok(slot.take());
+        }
+        let found = self
+            .db
+            .get_cf(cf(&self.db, CF_PAYLOADS)?, &k)
+            .map_err(backend)?;
+        if found.is_some() {
+            self.payloads.insert(k, None);
+        }
+        Ok(found)
+    }
+
+    fn load_meta(&mut self) -> Result<Option<PartitionMeta>, StoreError> {
+        self.db_get(CF_META, META_KEY)
+    }
+
+    /// In encoded key order: by topic, then partition.
+    fn committed_offsets(&mut self) -> Result<Vec<SourceOffset>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(cf(&self.db, CF_META)?, IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(backend)?;
+            if &*k == META_KEY {
+                continue;
+            }
+            let (topic, partition) = decode_offset_key(CF_META, &k)?;
+            out.push(SourceOffset {
+                topic,
+                partition,
+                next_offset: decode_value(CF_META, &v)?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn commit(&mut self, meta: &PartitionMeta, offsets: &[SourceOffset]) -> Result<(), StoreError> {
+        let batch = self.build_batch(meta, offsets)?;
+        self.db.write(batch).map_err(backend)?;
+        // Durable: the in-memory state now equals the database's.
+        let limit = self.opts.cache_keys;
+        settle(&mut self.keys, limit, self.gen);
+        settle(&mut self.stats, limit, self.gen);
+        self.payloads.clear();
+        self.deadline.pending.clear();
+        self.quiet.pending.clear();
+        self.gen += 1;
+        Ok(())
+    }
+}
