@@ -87,7 +87,11 @@ fn cfg() -> EngineConfig {
     }
 }
 
-fn run<S: sessionizer::engine::StateStore>(engine: &mut Engine<S>, evs: &[Event], commit_every: usize) -> usize {
+fn run<S: sessionizer::engine::StateStore>(
+    engine: &mut Engine<S>,
+    evs: &[Event],
+    commit_every: usize,
+) -> usize {
     let mut out = Vec::with_capacity(64);
     let mut produced = 0;
     for (i, e) in evs.iter().enumerate() {
@@ -109,7 +113,11 @@ fn run<S: sessionizer::engine::StateStore>(engine: &mut Engine<S>, evs: &[Event]
         out.clear();
         if commit_every > 0 && (i + 1) % commit_every == 0 {
             engine
-                .commit(&[SourceOffset { topic: "t".into(), partition: 0, next_offset: i as i64 }])
+                .commit(&[SourceOffset {
+                    topic: "t".into(),
+                    partition: 0,
+                    next_offset: i as i64,
+                }])
                 .expect("commit");
         }
     }
@@ -132,7 +140,8 @@ fn bench_engine(c: &mut Criterion) {
         b.iter_batched(
             || {
                 let dir = tempfile::tempdir().expect("tempdir");
-                let store = RocksStore::open(dir.path(), RocksOptions::default()).expect("open rocksdb");
+                let store =
+                    RocksStore::open(dir.path(), RocksOptions::default()).expect("open rocksdb");
                 (dir, Engine::open(cfg(), store).expect("open"))
             },
             |(dir, mut e)| {

@@ -15,7 +15,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(name = "sessionizer", version, about = "Event-time sessionization of app and web events")]
+#[command(
+    name = "sessionizer",
+    version,
+    about = "Event-time sessionization of app and web events"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -39,7 +43,11 @@ pub struct SemanticArgs {
     #[arg(long, env = "SESSIONIZER_TIMEOUT")]
     pub timeout: Option<String>,
     /// Timeout rule FIELD=V1,V2:DURATION (repeatable), e.g. platform=ios,android:5m.
-    #[arg(long = "timeout-rule", env = "SESSIONIZER_TIMEOUT_RULES", value_delimiter = ';')]
+    #[arg(
+        long = "timeout-rule",
+        env = "SESSIONIZER_TIMEOUT_RULES",
+        value_delimiter = ';'
+    )]
     pub timeout_rules: Vec<String>,
     /// Comma-separated events that always open a new session.
     #[arg(long, env = "SESSIONIZER_START_EVENTS", value_delimiter = ',')]
@@ -260,7 +268,8 @@ fn sessionize(a: SessionizeArgs) -> Result<(), CliError> {
     let input: Box<dyn io::BufRead> = match &a.input {
         Some(p) => Box::new(BufReader::with_capacity(
             1 << 16,
-            File::open(p).map_err(|e| CliError::Runtime(format!("cannot open {}: {e}", p.display())))?,
+            File::open(p)
+                .map_err(|e| CliError::Runtime(format!("cannot open {}: {e}", p.display())))?,
         )),
         None => Box::new(io::stdin().lock()),
     };
@@ -281,11 +290,21 @@ fn sessionize(a: SessionizeArgs) -> Result<(), CliError> {
         stats: stats.as_mut().map(|w| w as &mut dyn Write),
     };
     let summary = match &a.state_dir {
-        None => drive(&decoder, Engine::open(settings.engine.clone(), MemStore::new()), input, &mut sinks),
+        None => drive(
+            &decoder,
+            Engine::open(settings.engine.clone(), MemStore::new()),
+            input,
+            &mut sinks,
+        ),
         Some(dir) => {
             let store = RocksStore::open(dir, RocksOptions::default())
                 .map_err(|e| CliError::Runtime(format!("state dir {}: {e}", dir.display())))?;
-            drive(&decoder, Engine::open(settings.engine.clone(), store), input, &mut sinks)
+            drive(
+                &decoder,
+                Engine::open(settings.engine.clone(), store),
+                input,
+                &mut sinks,
+            )
         }
     }?;
     eprintln!("sessionizer: {summary}");
@@ -299,5 +318,6 @@ fn drive<S: StateStore>(
     sinks: &mut Sinks<'_>,
 ) -> Result<offline::Summary, CliError> {
     let mut engine = engine.map_err(|e| CliError::Runtime(e.to_string()))?;
-    offline::sessionize(decoder, &mut engine, input, sinks).map_err(|e| CliError::Runtime(e.to_string()))
+    offline::sessionize(decoder, &mut engine, input, sinks)
+        .map_err(|e| CliError::Runtime(e.to_string()))
 }

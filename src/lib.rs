@@ -4,9 +4,9 @@
 //! `config` turns raw settings into a validated form; `codec` maps bytes to events and records;
 //! `offline` runs the engine over JSON lines; `cli` is the command line.
 
+pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod engine;
-pub mod store;
-pub mod cli;
 pub mod offline;
+pub mod store;

@@ -116,7 +116,10 @@ fn dead_letter(
             .is_none()
             .then(|| base64::engine::general_purpose::STANDARD.encode(raw)),
     };
-    write_line(&mut sinks.dead_letters, &serde_json::to_vec(&rec).unwrap_or_default())
+    write_line(
+        &mut sinks.dead_letters,
+        &serde_json::to_vec(&rec).unwrap_or_default(),
+    )
 }
 
 /// Runs `engine` over the JSON lines of `input`, writing to `sinks`.
@@ -134,7 +137,9 @@ pub fn sessionize<S: StateStore>(
     let mut now: Option<Millis> = None;
     loop {
         buf.clear();
-        let n = input.read_until(b'\n', &mut buf).map_err(OfflineError::Read)?;
+        let n = input
+            .read_until(b'\n', &mut buf)
+            .map_err(OfflineError::Read)?;
         if n == 0 {
             break;
         }
@@ -195,7 +200,10 @@ pub fn sessionize<S: StateStore>(
                         watermark: engine.watermark(),
                         event,
                     };
-                    write_line(&mut sinks.late, &serde_json::to_vec(&rec).unwrap_or_default())?;
+                    write_line(
+                        &mut sinks.late,
+                        &serde_json::to_vec(&rec).unwrap_or_default(),
+                    )?;
                 }
             }
             Disposition::FutureTime => {

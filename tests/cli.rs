@@ -31,7 +31,13 @@ fn sessionizes_the_example_file_into_every_output() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
     let out = bin()
-        .args(["sessionize", "--config", "examples/sessionizer.toml", "--input", "examples/events.jsonl"])
+        .args([
+            "sessionize",
+            "--config",
+            "examples/sessionizer.toml",
+            "--input",
+            "examples/events.jsonl",
+        ])
         .arg("--sessions")
         .arg(p("sessions"))
         .arg("--annotated")
@@ -50,7 +56,11 @@ fn sessionizes_the_example_file_into_every_output() {
     let annotated = lines(&p("annotated"));
     let late = lines(&p("late"));
     let dead = lines(&p("dead"));
-    assert_eq!(annotated.len() + late.len() + dead.len(), n_in, "every line exactly once");
+    assert_eq!(
+        annotated.len() + late.len() + dead.len(),
+        n_in,
+        "every line exactly once"
+    );
 
     let reasons: Vec<(u64, &str)> = dead
         .iter()
@@ -58,7 +68,11 @@ fn sessionizes_the_example_file_into_every_output() {
         .collect();
     assert_eq!(
         reasons,
-        vec![(11, "invalid_time"), (21, "invalid_json"), (31, "missing_user_id")]
+        vec![
+            (11, "invalid_time"),
+            (21, "invalid_json"),
+            (31, "missing_user_id")
+        ]
     );
     assert_eq!(late.len(), 1);
     assert_eq!(late[0]["reason"], "concluded_session");
@@ -69,7 +83,10 @@ fn sessionizes_the_example_file_into_every_output() {
     let raw_annotated = std::fs::read_to_string(p("annotated")).unwrap();
     for (line, v) in raw_annotated.lines().zip(&annotated) {
         let cut = line.rfind(",\"session\":").expect("session field appended");
-        assert!(by_line.contains(format!("{}}}", &line[..cut]).as_str()), "{line}");
+        assert!(
+            by_line.contains(format!("{}}}", &line[..cut]).as_str()),
+            "{line}"
+        );
         if v["event"] == "push_sent" {
             assert!(v["session"].is_null());
         } else {
@@ -82,15 +99,35 @@ fn sessionizes_the_example_file_into_every_output() {
     let concluded: Vec<&Value> = sessions.iter().filter(|s| s["type"] == "session").collect();
     assert!(concluded.len() >= 8, "{}", concluded.len());
     for s in &concluded {
-        for f in ["session_id", "user_id", "start", "end", "start_time", "end_time", "length_s", "event_count", "end_reason", "session_number", "merged_ids"] {
+        for f in [
+            "session_id",
+            "user_id",
+            "start",
+            "end",
+            "start_time",
+            "end_time",
+            "length_s",
+            "event_count",
+            "end_reason",
+            "session_number",
+            "merged_ids",
+        ] {
             assert!(!s[f].is_null(), "field {f} in {s}");
         }
     }
-    let total: u64 = concluded.iter().map(|s| s["event_count"].as_u64().unwrap()).sum();
+    let total: u64 = concluded
+        .iter()
+        .map(|s| s["event_count"].as_u64().unwrap())
+        .sum();
     let in_session = annotated.iter().filter(|a| !a["session"].is_null()).count() as u64;
-    assert_eq!(total, in_session, "session event counts add up to the sessionized events");
-    let reasons: std::collections::HashSet<&str> =
-        concluded.iter().map(|s| s["end_reason"].as_str().unwrap()).collect();
+    assert_eq!(
+        total, in_session,
+        "session event counts add up to the sessionized events"
+    );
+    let reasons: std::collections::HashSet<&str> = concluded
+        .iter()
+        .map(|s| s["end_reason"].as_str().unwrap())
+        .collect();
     assert!(reasons.contains("explicit_end"), "{reasons:?}");
 
     let stats = lines(&p("stats"));
@@ -104,7 +141,15 @@ fn sessionizes_the_example_file_into_every_output() {
 fn on_close_gives_final_positions_and_the_same_sessions() {
     let run = |mode: &str| {
         let out = bin()
-            .args(["sessionize", "--config", "examples/sessionizer.toml", "--input", "examples/events.jsonl", "--annotate", mode])
+            .args([
+                "sessionize",
+                "--config",
+                "examples/sessionizer.toml",
+                "--input",
+                "examples/events.jsonl",
+                "--annotate",
+                mode,
+            ])
             .output()
             .unwrap();
         ok(&out);
@@ -118,7 +163,12 @@ fn on_close_gives_final_positions_and_the_same_sessions() {
                 v
             })
             .collect();
-        v.sort_by_key(|s| (s["user_id"].as_str().unwrap().to_owned(), s["start"].as_i64().unwrap()));
+        v.sort_by_key(|s| {
+            (
+                s["user_id"].as_str().unwrap().to_owned(),
+                s["start"].as_i64().unwrap(),
+            )
+        });
         v
     };
     assert_eq!(run("on_arrival"), run("on_close"));
@@ -127,17 +177,30 @@ fn on_close_gives_final_positions_and_the_same_sessions() {
 #[test]
 fn bad_configuration_exits_2_naming_the_key() {
     let out = bin()
-        .args(["sessionize", "--timeout", "soon", "--input", "examples/events.jsonl"])
+        .args([
+            "sessionize",
+            "--timeout",
+            "soon",
+            "--input",
+            "examples/events.jsonl",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("`session.timeout`") && err.contains("soon"), "{err}");
+    assert!(
+        err.contains("`session.timeout`") && err.contains("soon"),
+        "{err}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.toml");
     std::fs::write(&cfg, "[session]\ntimout = \"5m\"\n").unwrap();
-    let out = bin().args(["check", "--config"]).arg(&cfg).output().unwrap();
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("timout"));
 
@@ -151,7 +214,13 @@ fn bad_configuration_exits_2_naming_the_key() {
 #[test]
 fn check_prints_the_effective_configuration_with_env_and_flag_overrides() {
     let out = bin()
-        .args(["check", "--config", "examples/sessionizer.toml", "--allowed-lateness", "7m"])
+        .args([
+            "check",
+            "--config",
+            "examples/sessionizer.toml",
+            "--allowed-lateness",
+            "7m",
+        ])
         .env("SESSIONIZER_TIMEOUT", "45m")
         .output()
         .unwrap();
@@ -160,8 +229,16 @@ fn check_prints_the_effective_configuration_with_env_and_flag_overrides() {
     let v: toml::Value = toml::from_str(&text).unwrap();
     assert_eq!(v["session"]["timeout"].as_str(), Some("45m"));
     assert_eq!(v["time"]["allowed_lateness"].as_str(), Some("7m"));
-    assert_eq!(v["time"]["quiet_period"].as_str(), Some("5s"), "file value kept");
-    assert_eq!(v["time"]["idle_after"].as_str(), Some("10s"), "default filled in");
+    assert_eq!(
+        v["time"]["quiet_period"].as_str(),
+        Some("5s"),
+        "file value kept"
+    );
+    assert_eq!(
+        v["time"]["idle_after"].as_str(),
+        Some("10s"),
+        "default filled in"
+    );
 }
 
 #[test]

@@ -85,7 +85,8 @@ pub fn case() -> impl Strategy<Value = Case> {
                 }
                 // Bounded disorder: each event arrives up to `disorder` ms after its time.
                 let mut rng = seed;
-                let mut keyed: Vec<(i64, usize, (i64, String, EventClass, i64))> = all
+                type Keyed = (i64, usize, (i64, String, EventClass, i64));
+                let mut keyed: Vec<Keyed> = all
                     .into_iter()
                     .enumerate()
                     .map(|(i, e)| {

@@ -106,7 +106,12 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "excluded events neither start nor extend sessions",
         cfg: |_| {},
-        input: &[("u", 0, "e"), ("u", 20 * MIN, "x"), ("u", 40 * MIN, "e"), ("v", 0, "x")],
+        input: &[
+            ("u", 0, "e"),
+            ("u", 20 * MIN, "x"),
+            ("u", 40 * MIN, "e"),
+            ("v", 0, "x"),
+        ],
         sessions: &[
             ("u", 0, 0, 1, EndReason::Inactivity),
             ("u", 40 * MIN, 40 * MIN, 1, EndReason::Inactivity),
@@ -132,7 +137,12 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "a late start event splits an open session",
         cfg: |c| c.allowed_lateness = 60 * MIN,
-        input: &[("u", 0, "e"), ("u", 10 * MIN, "e"), ("u", 20 * MIN, "e"), ("u", 15 * MIN, "start")],
+        input: &[
+            ("u", 0, "e"),
+            ("u", 10 * MIN, "e"),
+            ("u", 20 * MIN, "e"),
+            ("u", 15 * MIN, "start"),
+        ],
         sessions: &[
             ("u", 0, 10 * MIN, 2, EndReason::ExplicitStart),
             ("u", 15 * MIN, 20 * MIN, 2, EndReason::Inactivity),
@@ -142,7 +152,12 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "timeout rules: a short-timeout event ends its session sooner",
         cfg: |_| {},
-        input: &[("u", 0, "short"), ("u", 6 * MIN, "e"), ("v", 0, "e"), ("v", 6 * MIN, "e")],
+        input: &[
+            ("u", 0, "short"),
+            ("u", 6 * MIN, "e"),
+            ("v", 0, "e"),
+            ("v", 6 * MIN, "e"),
+        ],
         sessions: &[
             ("u", 0, 0, 1, EndReason::Inactivity),
             ("u", 6 * MIN, 6 * MIN, 1, EndReason::Inactivity),
@@ -163,7 +178,12 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "without a quiet period an offline-uploaded burst is split up",
         cfg: |_| {},
-        input: &[("u", 1_000 * MIN, "e"), ("v", 0, "e"), ("v", MIN, "e"), ("v", 2 * MIN, "e")],
+        input: &[
+            ("u", 1_000 * MIN, "e"),
+            ("v", 0, "e"),
+            ("v", MIN, "e"),
+            ("v", 2 * MIN, "e"),
+        ],
         sessions: &[
             ("u", 1_000 * MIN, 1_000 * MIN, 1, EndReason::Inactivity),
             ("v", 0, 0, 1, EndReason::Inactivity),
@@ -173,7 +193,12 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "a quiet period keeps an offline-uploaded burst in one session",
         cfg: |c| c.quiet_period = 10_000,
-        input: &[("u", 1_000 * MIN, "e"), ("v", 0, "e"), ("v", MIN, "e"), ("v", 2 * MIN, "e")],
+        input: &[
+            ("u", 1_000 * MIN, "e"),
+            ("v", 0, "e"),
+            ("v", MIN, "e"),
+            ("v", 2 * MIN, "e"),
+        ],
         sessions: &[
             ("u", 1_000 * MIN, 1_000 * MIN, 1, EndReason::Inactivity),
             ("v", 0, 2 * MIN, 3, EndReason::Inactivity),
@@ -273,10 +298,24 @@ fn ev(key: &str, t: Millis, class: EventClass) -> InputEvent<'_> {
 fn merge_is_published_with_absorbed_and_surviving_ids() {
     let mut e = engine(|c| c.allowed_lateness = 60 * MIN);
     let mut out = Vec::new();
-    let a = e.process(&ev("u", BASE, EventClass::Engagement), BASE, &mut out).unwrap();
-    let b = e.process(&ev("u", BASE + 50 * MIN, EventClass::Engagement), BASE + 50 * MIN, &mut out).unwrap();
+    let a = e
+        .process(&ev("u", BASE, EventClass::Engagement), BASE, &mut out)
+        .unwrap();
+    let b = e
+        .process(
+            &ev("u", BASE + 50 * MIN, EventClass::Engagement),
+            BASE + 50 * MIN,
+            &mut out,
+        )
+        .unwrap();
     assert!(out.is_empty());
-    let c = e.process(&ev("u", BASE + 25 * MIN, EventClass::Engagement), BASE + 50 * MIN, &mut out).unwrap();
+    let c = e
+        .process(
+            &ev("u", BASE + 25 * MIN, EventClass::Engagement),
+            BASE + 50 * MIN,
+            &mut out,
+        )
+        .unwrap();
     let id = |d: &Disposition| match d {
         Disposition::Annotated(Some(a)) => a.id,
         other => panic!("{other:?}"),
@@ -304,10 +343,23 @@ fn split_is_published_in_on_arrival_mode() {
     let mut e = engine(|c| c.allowed_lateness = 60 * MIN);
     let mut out = Vec::new();
     for m in [0, 10, 20] {
-        e.process(&ev("u", BASE + m * MIN, EventClass::Engagement), BASE + m * MIN, &mut out).unwrap();
+        e.process(
+            &ev("u", BASE + m * MIN, EventClass::Engagement),
+            BASE + m * MIN,
+            &mut out,
+        )
+        .unwrap();
     }
-    let d = e.process(&ev("u", BASE + 15 * MIN, EventClass::Start), BASE + 20 * MIN, &mut out).unwrap();
-    let Disposition::Annotated(Some(a)) = d else { panic!("{d:?}") };
+    let d = e
+        .process(
+            &ev("u", BASE + 15 * MIN, EventClass::Start),
+            BASE + 20 * MIN,
+            &mut out,
+        )
+        .unwrap();
+    let Disposition::Annotated(Some(a)) = d else {
+        panic!("{d:?}")
+    };
     assert!(a.start);
     assert_eq!(a.seq, 1);
     match &out[..] {
@@ -324,21 +376,46 @@ fn far_future_events_are_dead_lettered_or_clamped_and_never_move_the_watermark()
     let mut e = engine(|c| c.max_future_skew = 60 * MIN);
     let mut out = Vec::new();
     let now = BASE;
-    e.process(&ev("u", BASE, EventClass::Engagement), now, &mut out).unwrap();
+    e.process(&ev("u", BASE, EventClass::Engagement), now, &mut out)
+        .unwrap();
     let w = e.watermark();
-    let d = e.process(&ev("u", BASE + 61 * MIN, EventClass::Engagement), now, &mut out).unwrap();
+    let d = e
+        .process(
+            &ev("u", BASE + 61 * MIN, EventClass::Engagement),
+            now,
+            &mut out,
+        )
+        .unwrap();
     assert_eq!(d, Disposition::FutureTime);
     assert_eq!(e.watermark(), w);
-    let ok = e.process(&ev("u", BASE + 60 * MIN, EventClass::Engagement), now, &mut out).unwrap();
-    assert!(matches!(ok, Disposition::Annotated(Some(_))), "exactly the skew is accepted");
+    let ok = e
+        .process(
+            &ev("u", BASE + 60 * MIN, EventClass::Engagement),
+            now,
+            &mut out,
+        )
+        .unwrap();
+    assert!(
+        matches!(ok, Disposition::Annotated(Some(_))),
+        "exactly the skew is accepted"
+    );
 
     let mut e = engine(|c| {
         c.max_future_skew = 60 * MIN;
         c.future_policy = FuturePolicy::Clamp;
     });
-    e.process(&ev("u", BASE, EventClass::Engagement), now, &mut out).unwrap();
-    let d = e.process(&ev("u", BASE + 500 * MIN, EventClass::Engagement), now + MIN, &mut out).unwrap();
-    let Disposition::Annotated(Some(a)) = d else { panic!("{d:?}") };
+    e.process(&ev("u", BASE, EventClass::Engagement), now, &mut out)
+        .unwrap();
+    let d = e
+        .process(
+            &ev("u", BASE + 500 * MIN, EventClass::Engagement),
+            now + MIN,
+            &mut out,
+        )
+        .unwrap();
+    let Disposition::Annotated(Some(a)) = d else {
+        panic!("{d:?}")
+    };
     assert_eq!(a.seq, 2, "clamped to arrival time, it joins the session");
     assert_eq!(e.watermark(), now + MIN);
 }
@@ -347,24 +424,46 @@ fn far_future_events_are_dead_lettered_or_clamped_and_never_move_the_watermark()
 fn an_idle_caught_up_partition_concludes_by_wall_clock_and_a_lagging_one_does_not() {
     let mut e = engine(|c| c.idle_after = 10_000);
     let mut out = Vec::new();
-    e.process(&ev("u", BASE, EventClass::Engagement), BASE, &mut out).unwrap();
+    e.process(&ev("u", BASE, EventClass::Engagement), BASE, &mut out)
+        .unwrap();
     let later = BASE + T30 + MIN;
     e.advance(later, false, &mut out).unwrap();
     assert!(out.is_empty(), "lagging: no wall-clock advance");
     e.advance(later, true, &mut out).unwrap();
-    assert!(matches!(&out[..], [Output::Session(_), Output::Stats { .. }]), "{out:?}");
+    assert!(
+        matches!(&out[..], [Output::Session(_), Output::Stats { .. }]),
+        "{out:?}"
+    );
 }
 
 #[test]
 fn late_reasons_are_reported() {
     let mut e = engine(|c| c.lateness_horizon = 120 * MIN);
     let mut out = Vec::new();
-    e.process(&ev("u", BASE, EventClass::Engagement), BASE, &mut out).unwrap();
-    e.process(&ev("u", BASE + 100 * MIN, EventClass::Engagement), BASE + 100 * MIN, &mut out).unwrap();
+    e.process(&ev("u", BASE, EventClass::Engagement), BASE, &mut out)
+        .unwrap();
+    e.process(
+        &ev("u", BASE + 100 * MIN, EventClass::Engagement),
+        BASE + 100 * MIN,
+        &mut out,
+    )
+    .unwrap();
     e.advance(BASE + 100 * MIN, false, &mut out).unwrap();
-    let d = e.process(&ev("u", BASE + 5 * MIN, EventClass::Engagement), BASE + 100 * MIN, &mut out).unwrap();
+    let d = e
+        .process(
+            &ev("u", BASE + 5 * MIN, EventClass::Engagement),
+            BASE + 100 * MIN,
+            &mut out,
+        )
+        .unwrap();
     assert_eq!(d, Disposition::Late(LateReason::ConcludedSession));
-    let d = e.process(&ev("v", BASE - 30 * MIN, EventClass::Engagement), BASE + 100 * MIN, &mut out).unwrap();
+    let d = e
+        .process(
+            &ev("v", BASE - 30 * MIN, EventClass::Engagement),
+            BASE + 100 * MIN,
+            &mut out,
+        )
+        .unwrap();
     assert_eq!(d, Disposition::Late(LateReason::BeyondHorizon));
 }
 
@@ -375,23 +474,40 @@ fn day_boundary_splits_at_local_midnight_across_dst() {
     let mut cfg = EngineConfig::default();
     base_cfg(&mut cfg);
     cfg.day_boundary = Some("Europe/Berlin".parse().unwrap());
-    let evs: Vec<Ev> = [midnight - 10 * MIN, midnight - 1, midnight, midnight + 10 * MIN]
-        .iter()
-        .enumerate()
-        .map(|(id, t)| Ev {
-            key: "u".into(),
-            t: *t,
-            class: EventClass::Engagement,
-            timeout: T30,
-            id,
-        })
-        .collect();
+    let evs: Vec<Ev> = [
+        midnight - 10 * MIN,
+        midnight - 1,
+        midnight,
+        midnight + 10 * MIN,
+    ]
+    .iter()
+    .enumerate()
+    .map(|(id, t)| Ev {
+        key: "u".into(),
+        t: *t,
+        class: EventClass::Engagement,
+        timeout: T30,
+        id,
+    })
+    .collect();
     let run = run_all(&cfg, MemStore::new(), &evs);
     assert_eq!(
         run.sessions(),
         vec![
-            Sess { key: "u".into(), start: midnight - 10 * MIN, end: midnight - 1, count: 2, reason: EndReason::DayBoundary },
-            Sess { key: "u".into(), start: midnight, end: midnight + 10 * MIN, count: 2, reason: EndReason::Inactivity },
+            Sess {
+                key: "u".into(),
+                start: midnight - 10 * MIN,
+                end: midnight - 1,
+                count: 2,
+                reason: EndReason::DayBoundary
+            },
+            Sess {
+                key: "u".into(),
+                start: midnight,
+                end: midnight + 10 * MIN,
+                count: 2,
+                reason: EndReason::Inactivity
+            },
         ]
     );
 }
@@ -407,7 +523,14 @@ fn on_close_releases_events_in_event_time_order_with_final_ids() {
         let t = BASE + m * MIN;
         let p = [b'0' + i];
         let d = e
-            .process(&InputEvent { payload: &p, ..ev("u", t, EventClass::Engagement) }, BASE + 50 * MIN, &mut out)
+            .process(
+                &InputEvent {
+                    payload: &p,
+                    ..ev("u", t, EventClass::Engagement)
+                },
+                BASE + 50 * MIN,
+                &mut out,
+            )
             .unwrap();
         assert_eq!(d, Disposition::Held);
     }
@@ -416,11 +539,18 @@ fn on_close_releases_events_in_event_time_order_with_final_ids() {
     let released: Vec<(u8, u32, bool)> = out
         .iter()
         .filter_map(|o| match o {
-            Output::Released { payload, annotation, .. } => Some((payload[0], annotation.seq, annotation.start)),
+            Output::Released {
+                payload,
+                annotation,
+                ..
+            } => Some((payload[0], annotation.seq, annotation.start)),
             _ => None,
         })
         .collect();
-    assert_eq!(released, vec![(b'0', 1, true), (b'2', 2, false), (b'1', 3, false)]);
+    assert_eq!(
+        released,
+        vec![(b'0', 1, true), (b'2', 2, false), (b'1', 3, false)]
+    );
 }
 
 #[test]
@@ -430,7 +560,12 @@ fn user_stats_follow_conclusions() {
         base_cfg(&mut c);
         c
     };
-    let evs = input(&[("u", 0, "e"), ("u", 10 * MIN, "e"), ("u", 100 * MIN, "e"), ("u", 130 * MIN, "e")]);
+    let evs = input(&[
+        ("u", 0, "e"),
+        ("u", 10 * MIN, "e"),
+        ("u", 100 * MIN, "e"),
+        ("u", 130 * MIN, "e"),
+    ]);
     let run = run_all(&cfg, MemStore::new(), &evs);
     let stats: Vec<_> = run
         .outputs

@@ -182,9 +182,11 @@ impl Decoder {
         let user = match slots[self.slot_user].filter(|r| r.get() != "null") {
             Some(raw) => user_id(raw)?,
             None => match record_key {
-                Some(k) if !k.is_empty() => Cow::Borrowed(std::str::from_utf8(k).map_err(|_| {
-                    DecodeError::InvalidUserId("the record key is not valid UTF-8".into())
-                })?),
+                Some(k) if !k.is_empty() => {
+                    Cow::Borrowed(std::str::from_utf8(k).map_err(|_| {
+                        DecodeError::InvalidUserId("the record key is not valid UTF-8".into())
+                    })?)
+                }
                 _ => return Err(DecodeError::MissingUserId(self.cfg.user_id_field.clone())),
             },
         };
@@ -197,9 +199,9 @@ impl Decoder {
             )));
         }
         let time = match self.cfg.time_format {
-            TimeFormat::RecordTimestamp => record_time.ok_or_else(|| {
-                DecodeError::MissingTime("(record timestamp)".into())
-            })?,
+            TimeFormat::RecordTimestamp => {
+                record_time.ok_or_else(|| DecodeError::MissingTime("(record timestamp)".into()))?
+            }
             fmt => match slots[self.slot_time].filter(|r| r.get() != "null") {
                 Some(raw) => parse_time(raw.get(), fmt)?,
                 None => return Err(DecodeError::MissingTime(self.cfg.time_field.clone())),
@@ -301,7 +303,9 @@ fn nesting_depth(bytes: &[u8]) -> usize {
 }
 
 fn json_error(e: serde_json::Error) -> DecodeError {
-    if e.classify() == serde_json::error::Category::Data && e.to_string().contains("expected a JSON object") {
+    if e.classify() == serde_json::error::Category::Data
+        && e.to_string().contains("expected a JSON object")
+    {
         DecodeError::NotAnObject
     } else {
         DecodeError::InvalidJson(e.to_string())
@@ -330,7 +334,11 @@ fn user_id(raw: &RawValue) -> Result<Cow<'_, str>, DecodeError> {
         return Ok(s);
     }
     let t = raw.get();
-    if !t.is_empty() && t.bytes().enumerate().all(|(i, b)| b.is_ascii_digit() || (i == 0 && b == b'-')) {
+    if !t.is_empty()
+        && t.bytes()
+            .enumerate()
+            .all(|(i, b)| b.is_ascii_digit() || (i == 0 && b == b'-'))
+    {
         return Ok(Cow::Borrowed(t));
     }
     Err(DecodeError::InvalidUserId(format!(
@@ -352,7 +360,9 @@ pub fn parse_time(raw: &str, fmt: TimeFormat) -> Result<Millis, DecodeError> {
         let s: String = serde_json::from_str(raw)
             .map_err(|_| DecodeError::InvalidTime(format!("bad string {}", truncate(raw))))?;
         let s = s.trim();
-        let numeric = s.starts_with(|c: char| c.is_ascii_digit() || c == '-') && !s.contains('T') && !s.contains(' ');
+        let numeric = s.starts_with(|c: char| c.is_ascii_digit() || c == '-')
+            && !s.contains('T')
+            && !s.contains(' ');
         return match fmt {
             TimeFormat::Rfc3339 => rfc3339(s),
             TimeFormat::Auto if !numeric => rfc3339(s),
@@ -511,46 +521,112 @@ mod tests {
     fn time_formats() {
         let d = decoder(|_| {});
         let t = |s: &str| d.decode(s.as_bytes(), None, None).unwrap().time;
-        assert_eq!(t(r#"{"user_id":"u","timestamp":1700000000123}"#), 1_700_000_000_123);
-        assert_eq!(t(r#"{"user_id":"u","timestamp":1700000000}"#), 1_700_000_000_000);
-        assert_eq!(t(r#"{"user_id":"u","timestamp":1700000000.123}"#), 1_700_000_000_123);
-        assert_eq!(t(r#"{"user_id":"u","timestamp":1700000000.1}"#), 1_700_000_000_100);
+        assert_eq!(
+            t(r#"{"user_id":"u","timestamp":1700000000123}"#),
+            1_700_000_000_123
+        );
+        assert_eq!(
+            t(r#"{"user_id":"u","timestamp":1700000000}"#),
+            1_700_000_000_000
+        );
+        assert_eq!(
+            t(r#"{"user_id":"u","timestamp":1700000000.123}"#),
+            1_700_000_000_123
+        );
+        assert_eq!(
+            t(r#"{"user_id":"u","timestamp":1700000000.1}"#),
+            1_700_000_000_100
+        );
         assert_eq!(t(r#"{"user_id":"u","timestamp":1.7e9}"#), 1_700_000_000_000);
-        assert_eq!(t(r#"{"user_id":"u","timestamp":"2023-11-14T22:13:20.123Z"}"#), 1_700_000_000_123);
-        assert_eq!(t(r#"{"user_id":"u","timestamp":"2023-11-14T23:13:20+01:00"}"#), 1_700_000_000_000);
-        assert_eq!(t(r#"{"user_id":"u","timestamp":"1700000000123"}"#), 1_700_000_000_123);
+        assert_eq!(
+            t(r#"{"user_id":"u","timestamp":"2023-11-14T22:13:20.123Z"}"#),
+            1_700_000_000_123
+        );
+        assert_eq!(
+            t(r#"{"user_id":"u","timestamp":"2023-11-14T23:13:20+01:00"}"#),
+            1_700_000_000_000
+        );
+        assert_eq!(
+            t(r#"{"user_id":"u","timestamp":"1700000000123"}"#),
+            1_700_000_000_123
+        );
         let s = decoder(|r| r.input.time_format = Some("seconds".into()));
-        assert_eq!(s.decode(br#"{"user_id":"u","timestamp":1700000000123}"#, None, None).unwrap_err().reason(), "time_out_of_range");
+        assert_eq!(
+            s.decode(br#"{"user_id":"u","timestamp":1700000000123}"#, None, None)
+                .unwrap_err()
+                .reason(),
+            "time_out_of_range"
+        );
         let k = decoder(|r| r.input.time_format = Some("record_timestamp".into()));
-        assert_eq!(k.decode(br#"{"user_id":"u"}"#, None, Some(42)).unwrap().time, 42);
+        assert_eq!(
+            k.decode(br#"{"user_id":"u"}"#, None, Some(42))
+                .unwrap()
+                .time,
+            42
+        );
     }
 
     #[test]
     fn bad_times() {
         let d = decoder(|_| {});
         assert_eq!(reason(&d, r#"{"user_id":"u"}"#), "missing_time");
-        assert_eq!(reason(&d, r#"{"user_id":"u","timestamp":null}"#), "missing_time");
-        assert_eq!(reason(&d, r#"{"user_id":"u","timestamp":-5}"#), "time_out_of_range");
-        assert_eq!(reason(&d, r#"{"user_id":"u","timestamp":1e300}"#), "time_out_of_range");
-        assert_eq!(reason(&d, r#"{"user_id":"u","timestamp":99999999999999999999999}"#), "time_out_of_range");
-        assert_eq!(reason(&d, r#"{"user_id":"u","timestamp":"NaN"}"#), "invalid_time");
-        assert_eq!(reason(&d, r#"{"user_id":"u","timestamp":"yesterday"}"#), "invalid_time");
-        assert_eq!(reason(&d, r#"{"user_id":"u","timestamp":true}"#), "invalid_time");
-        assert_eq!(reason(&d, r#"{"user_id":"u","timestamp":{"a":1}}"#), "invalid_time");
+        assert_eq!(
+            reason(&d, r#"{"user_id":"u","timestamp":null}"#),
+            "missing_time"
+        );
+        assert_eq!(
+            reason(&d, r#"{"user_id":"u","timestamp":-5}"#),
+            "time_out_of_range"
+        );
+        assert_eq!(
+            reason(&d, r#"{"user_id":"u","timestamp":1e300}"#),
+            "time_out_of_range"
+        );
+        assert_eq!(
+            reason(&d, r#"{"user_id":"u","timestamp":99999999999999999999999}"#),
+            "time_out_of_range"
+        );
+        assert_eq!(
+            reason(&d, r#"{"user_id":"u","timestamp":"NaN"}"#),
+            "invalid_time"
+        );
+        assert_eq!(
+            reason(&d, r#"{"user_id":"u","timestamp":"yesterday"}"#),
+            "invalid_time"
+        );
+        assert_eq!(
+            reason(&d, r#"{"user_id":"u","timestamp":true}"#),
+            "invalid_time"
+        );
+        assert_eq!(
+            reason(&d, r#"{"user_id":"u","timestamp":{"a":1}}"#),
+            "invalid_time"
+        );
     }
 
     #[test]
     fn user_ids() {
         let d = decoder(|_| {});
-        let ok = |s: &str, key: Option<&[u8]>| d.decode(s.as_bytes(), key, None).unwrap().user.into_owned();
+        let ok = |s: &str, key: Option<&[u8]>| {
+            d.decode(s.as_bytes(), key, None).unwrap().user.into_owned()
+        };
         assert_eq!(ok(r#"{"user_id":"a\u00e9","timestamp":1}"#, None), "aé");
         assert_eq!(ok(r#"{"user_id":123,"timestamp":1}"#, None), "123");
         assert_eq!(ok(r#"{"timestamp":1}"#, Some(b"from-key")), "from-key");
         assert_eq!(ok(r#"{"user_id":null,"timestamp":1}"#, Some(b"k")), "k");
         assert_eq!(reason(&d, r#"{"timestamp":1}"#), "missing_user_id");
-        assert_eq!(reason(&d, r#"{"user_id":"","timestamp":1}"#), "invalid_user_id");
-        assert_eq!(reason(&d, r#"{"user_id":1.5,"timestamp":1}"#), "invalid_user_id");
-        assert_eq!(reason(&d, r#"{"user_id":["a"],"timestamp":1}"#), "invalid_user_id");
+        assert_eq!(
+            reason(&d, r#"{"user_id":"","timestamp":1}"#),
+            "invalid_user_id"
+        );
+        assert_eq!(
+            reason(&d, r#"{"user_id":1.5,"timestamp":1}"#),
+            "invalid_user_id"
+        );
+        assert_eq!(
+            reason(&d, r#"{"user_id":["a"],"timestamp":1}"#),
+            "invalid_user_id"
+        );
         let long = format!(r#"{{"user_id":"{}","timestamp":1}}"#, "x".repeat(2000));
         assert_eq!(reason(&d, &long), "invalid_user_id");
     }
@@ -560,19 +636,41 @@ mod tests {
         let d = decoder(|r| r.input.max_record_bytes = Some(100));
         assert_eq!(reason(&d, ""), "empty_record");
         assert_eq!(reason(&d, "  "), "empty_record");
-        assert_eq!(d.decode(b"{\"user_id\":\"\xff\"}", None, None).unwrap_err().reason(), "invalid_utf8");
+        assert_eq!(
+            d.decode(b"{\"user_id\":\"\xff\"}", None, None)
+                .unwrap_err()
+                .reason(),
+            "invalid_utf8"
+        );
         assert_eq!(reason(&d, "nope"), "invalid_json");
-        assert_eq!(reason(&d, r#"{"user_id":"u","timestamp":1} trailing"#), "invalid_json");
+        assert_eq!(
+            reason(&d, r#"{"user_id":"u","timestamp":1} trailing"#),
+            "invalid_json"
+        );
         assert_eq!(reason(&d, "[1,2]"), "not_an_object");
         assert_eq!(reason(&d, "42"), "not_an_object");
         assert_eq!(reason(&d, &"x".repeat(101)), "record_too_large");
         let deep = decoder(|_| {});
-        let nested = format!(r#"{{"user_id":"u","timestamp":1,"a":{}1{}}}"#, "[".repeat(500), "]".repeat(500));
+        let nested = format!(
+            r#"{{"user_id":"u","timestamp":1,"a":{}1{}}}"#,
+            "[".repeat(500),
+            "]".repeat(500)
+        );
         assert_eq!(reason(&deep, &nested), "too_deeply_nested");
-        let fine = format!(r#"{{"user_id":"u","timestamp":1,"a":{}1{},"s":"[[[[{{"}}"#, "[".repeat(60), "]".repeat(60));
+        let fine = format!(
+            r#"{{"user_id":"u","timestamp":1,"a":{}1{},"s":"[[[[{{"}}"#,
+            "[".repeat(60),
+            "]".repeat(60)
+        );
         assert!(deep.decode(fine.as_bytes(), None, None).is_ok());
-        assert_eq!(reason(&deep, r#"{"user_id":"u","timestamp":1,"session":1}"#), "annotation_field_present");
-        assert_eq!(reason(&deep, r#"{"user_id":"u","timestamp":1,"event":7}"#), "invalid_event_name");
+        assert_eq!(
+            reason(&deep, r#"{"user_id":"u","timestamp":1,"session":1}"#),
+            "annotation_field_present"
+        );
+        assert_eq!(
+            reason(&deep, r#"{"user_id":"u","timestamp":1,"event":7}"#),
+            "invalid_event_name"
+        );
     }
 
     #[test]
@@ -592,13 +690,34 @@ mod tests {
             d.decode(s.as_bytes(), None, None).unwrap()
         }
         let dec = |s: &'static str| dec(&d, s);
-        assert_eq!(dec(r#"{"user_id":"u","timestamp":1,"event":"open"}"#).class, EventClass::Start);
-        assert_eq!(dec(r#"{"user_id":"u","timestamp":1,"event":"close"}"#).class, EventClass::End);
-        assert_eq!(dec(r#"{"user_id":"u","timestamp":1,"event":"push"}"#).class, EventClass::Excluded);
-        assert_eq!(dec(r#"{"user_id":"u","timestamp":1,"event":"x"}"#).class, EventClass::Engagement);
-        assert_eq!(dec(r#"{"user_id":"u","timestamp":1}"#).class, EventClass::Engagement);
-        assert_eq!(dec(r#"{"user_id":"u","timestamp":1,"platform":"ios"}"#).timeout, 300_000);
-        assert_eq!(dec(r#"{"user_id":"u","timestamp":1,"platform":"web"}"#).timeout, 1_800_000);
+        assert_eq!(
+            dec(r#"{"user_id":"u","timestamp":1,"event":"open"}"#).class,
+            EventClass::Start
+        );
+        assert_eq!(
+            dec(r#"{"user_id":"u","timestamp":1,"event":"close"}"#).class,
+            EventClass::End
+        );
+        assert_eq!(
+            dec(r#"{"user_id":"u","timestamp":1,"event":"push"}"#).class,
+            EventClass::Excluded
+        );
+        assert_eq!(
+            dec(r#"{"user_id":"u","timestamp":1,"event":"x"}"#).class,
+            EventClass::Engagement
+        );
+        assert_eq!(
+            dec(r#"{"user_id":"u","timestamp":1}"#).class,
+            EventClass::Engagement
+        );
+        assert_eq!(
+            dec(r#"{"user_id":"u","timestamp":1,"platform":"ios"}"#).timeout,
+            300_000
+        );
+        assert_eq!(
+            dec(r#"{"user_id":"u","timestamp":1,"platform":"web"}"#).timeout,
+            1_800_000
+        );
         let e = dec(r#"{"user_id":"u","timestamp":1,"device":"d1"}"#);
         assert_eq!(e.key, "u\u{1f}d1");
         assert_eq!(e.user, "u");

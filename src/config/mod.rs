@@ -155,7 +155,10 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, ConfigError> {
     let scope_fields = i.scope_fields.clone().unwrap_or_default();
     for f in &scope_fields {
         if f.trim().is_empty() {
-            return Err(invalid("input.scope_fields", "field names must not be empty"));
+            return Err(invalid(
+                "input.scope_fields",
+                "field names must not be empty",
+            ));
         }
         if *f == user_id_field {
             return Err(invalid(
@@ -166,7 +169,10 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, ConfigError> {
     }
     let max_record_bytes = i.max_record_bytes.unwrap_or(1_048_576);
     if max_record_bytes == 0 {
-        return Err(invalid("input.max_record_bytes", "must be greater than zero"));
+        return Err(invalid(
+            "input.max_record_bytes",
+            "must be greater than zero",
+        ));
     }
 
     let default_timeout = positive(
@@ -180,7 +186,10 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, ConfigError> {
             return Err(invalid(&format!("{key}.field"), "must not be empty"));
         }
         if r.values.is_empty() {
-            return Err(invalid(&format!("{key}.values"), "must list at least one value"));
+            return Err(invalid(
+                &format!("{key}.values"),
+                "must list at least one value",
+            ));
         }
         let tk = format!("{key}.timeout");
         let timeout = positive(&tk, duration(&tk, Some(&r.timeout), "")?)?;
@@ -197,12 +206,30 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, ConfigError> {
     let end_events = set(&s.end_events);
     let excluded_events = set(&s.excluded_events);
     for (a, an, b, bn) in [
-        (&start_events, "session.start_events", &end_events, "session.end_events"),
-        (&start_events, "session.start_events", &excluded_events, "session.excluded_events"),
-        (&end_events, "session.end_events", &excluded_events, "session.excluded_events"),
+        (
+            &start_events,
+            "session.start_events",
+            &end_events,
+            "session.end_events",
+        ),
+        (
+            &start_events,
+            "session.start_events",
+            &excluded_events,
+            "session.excluded_events",
+        ),
+        (
+            &end_events,
+            "session.end_events",
+            &excluded_events,
+            "session.excluded_events",
+        ),
     ] {
         if let Some(both) = a.intersection(b).next() {
-            return Err(invalid(an, format!("event `{both}` is also listed in `{bn}`")));
+            return Err(invalid(
+                an,
+                format!("event `{both}` is also listed in `{bn}`"),
+            ));
         }
     }
     let max_length = match s.max_length.as_deref() {
@@ -223,7 +250,11 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, ConfigError> {
     };
 
     let allowed_lateness = duration("time.allowed_lateness", t.allowed_lateness.as_deref(), "1m")?;
-    let lateness_horizon = duration("time.lateness_horizon", t.lateness_horizon.as_deref(), "72h")?;
+    let lateness_horizon = duration(
+        "time.lateness_horizon",
+        t.lateness_horizon.as_deref(),
+        "72h",
+    )?;
     if lateness_horizon < allowed_lateness {
         return Err(invalid(
             "time.lateness_horizon",
@@ -256,7 +287,11 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, ConfigError> {
             ))
         }
     };
-    let annotation_field = field_name("output.annotation_field", o.annotation_field.as_ref(), "session")?;
+    let annotation_field = field_name(
+        "output.annotation_field",
+        o.annotation_field.as_ref(),
+        "session",
+    )?;
 
     let engine = EngineConfig {
         allowed_lateness,

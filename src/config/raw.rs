@@ -78,17 +78,43 @@ macro_rules! overlay {
 impl RawConfig {
     /// Overrides every key that `over` sets.
     pub fn overlay(&mut self, over: &RawConfig) {
-        overlay!(self.input, over.input, [
-            user_id_field, time_field, event_field, time_format, scope_fields, max_record_bytes
-        ]);
-        overlay!(self.session, over.session, [
-            timeout, timeout_rules, start_events, end_events, excluded_events, max_length,
-            day_boundary_time_zone
-        ]);
-        overlay!(self.time, over.time, [
-            allowed_lateness, lateness_horizon, quiet_period, idle_after, max_future_skew,
-            future_events
-        ]);
+        overlay!(
+            self.input,
+            over.input,
+            [
+                user_id_field,
+                time_field,
+                event_field,
+                time_format,
+                scope_fields,
+                max_record_bytes
+            ]
+        );
+        overlay!(
+            self.session,
+            over.session,
+            [
+                timeout,
+                timeout_rules,
+                start_events,
+                end_events,
+                excluded_events,
+                max_length,
+                day_boundary_time_zone
+            ]
+        );
+        overlay!(
+            self.time,
+            over.time,
+            [
+                allowed_lateness,
+                lateness_horizon,
+                quiet_period,
+                idle_after,
+                max_future_skew,
+                future_events
+            ]
+        );
         overlay!(self.output, over.output, [annotate, annotation_field]);
     }
 }

@@ -143,8 +143,7 @@ impl KeyState {
     ) -> Insert {
         let last_ev = self.events.last().map(|e| e.k);
         let last_block = self.blocks.last().copied();
-        let after_all =
-            last_ev.is_none_or(|l| k > l) && last_block.is_none_or(|bl| k > bl.last);
+        let after_all = last_ev.is_none_or(|l| k > l) && last_block.is_none_or(|bl| k > bl.last);
         if !after_all {
             return self.insert_slow(k, now, b, changes);
         }
@@ -235,7 +234,11 @@ impl KeyState {
                 reshaped = true;
                 if used.contains(&n) {
                     let at = self.events[g.start].k.t;
-                    changes.push(Change::Split { from: n, to: num, at });
+                    changes.push(Change::Split {
+                        from: n,
+                        to: num,
+                        at,
+                    });
                 } else {
                     used.push(n);
                     changes.push(Change::Merged {
@@ -307,7 +310,9 @@ impl KeyState {
                 (e, bl) => e.or(bl),
             };
             let reason = match next {
-                Some(n) => b.between(&last, &n, s.first_t).unwrap_or(EndReason::Inactivity),
+                Some(n) => b
+                    .between(&last, &n, s.first_t)
+                    .unwrap_or(EndReason::Inactivity),
                 None if last.is_end() => EndReason::ExplicitEnd,
                 None => EndReason::Inactivity,
             };

@@ -370,12 +370,15 @@ impl<S: StateStore> Engine<S> {
             if on_close {
                 for (i, ek) in c.events.iter().enumerate() {
                     let tie = ek.tie;
-                    let payload = self.store.take_payload(key, tie)?.ok_or_else(|| {
-                        StoreError::Corrupt {
-                            table: "payloads",
-                            detail: format!("held event {tie} of a session of key {key:?} is missing"),
-                        }
-                    })?;
+                    let payload =
+                        self.store
+                            .take_payload(key, tie)?
+                            .ok_or_else(|| StoreError::Corrupt {
+                                table: "payloads",
+                                detail: format!(
+                                    "held event {tie} of a session of key {key:?} is missing"
+                                ),
+                            })?;
                     out.push(Output::Released {
                         payload,
                         time: ek.t,

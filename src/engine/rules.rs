@@ -189,11 +189,19 @@ mod tests {
         let t_2210z = 1_711_923_000_000; // 2024-03-31T22:10:00Z = 00:10 CEST on April 1st
         let t_2250z = 1_711_925_400_000; // 2024-03-31T22:50:00Z
         assert_eq!(
-            b.between(&ev(t_2150z, 1, 3_600_000), &ev(t_2210z, 1, 3_600_000), t_2150z),
+            b.between(
+                &ev(t_2150z, 1, 3_600_000),
+                &ev(t_2210z, 1, 3_600_000),
+                t_2150z
+            ),
             Some(EndReason::DayBoundary)
         );
         assert_eq!(
-            b.between(&ev(t_2210z, 1, 3_600_000), &ev(t_2250z, 1, 3_600_000), t_2210z),
+            b.between(
+                &ev(t_2210z, 1, 3_600_000),
+                &ev(t_2250z, 1, 3_600_000),
+                t_2210z
+            ),
             None,
             "23:00Z is not the Berlin midnight in summer time"
         );

@@ -129,7 +129,11 @@ mod tests {
         let mut w = Watermark::default();
         w.observe(0, 10_000, 0, &P);
         w.observe(1, 2_000, 0, &P);
-        assert_eq!(w.get(), 9_900, "first source alone set it before the second arrived");
+        assert_eq!(
+            w.get(),
+            9_900,
+            "first source alone set it before the second arrived"
+        );
         w.observe(0, 12_000, 10, &P);
         assert_eq!(w.get(), 9_900, "held back by source 1");
         // Source 1 idle: source 0 alone decides.
@@ -144,7 +148,11 @@ mod tests {
         w.advance(10_500, true, &P);
         assert_eq!(w.get(), 9_900, "not idle long enough");
         w.advance(50_000, false, &P);
-        assert_eq!(w.get(), 9_900, "a lagging task never advances by wall clock");
+        assert_eq!(
+            w.get(),
+            9_900,
+            "a lagging task never advances by wall clock"
+        );
         w.advance(50_000, true, &P);
         assert_eq!(w.get(), 49_900);
     }

@@ -137,7 +137,7 @@ impl RunOut {
         v
     }
 
-    pub fn accepted<'a>(&self, input: &'a [Ev]) -> Vec<Ev> {
+    pub fn accepted(&self, input: &[Ev]) -> Vec<Ev> {
         input
             .iter()
             .zip(&self.dispositions)
