@@ -5,7 +5,7 @@
 //! output depends only on the input. At the end of the input every open session concludes.
 //! Every input line ends up in exactly one of: annotated, late, dead letters.
 
-use crate::codec::records::{annotate, record_json};
+use crate::codec::records::{annotate, record_json, stats_json};
 use crate::codec::Decoder;
 use crate::engine::{
     Disposition, Engine, InputEvent, Millis, Output, SourceOffset, StateStore, StoreError,
@@ -277,11 +277,6 @@ fn emit(
                     write_line(&mut sinks.annotated, scratch)?;
                 }
             }
-            Output::Stats { .. } => {
-                if let Some(j) = record_json(decoder, o) {
-                    write_line(&mut sinks.stats, &j)?;
-                }
-            }
             Output::Session(_) | Output::Merge { .. } | Output::Split { .. } => {
                 match o {
                     Output::Session(_) => sum.sessions += 1,
@@ -290,6 +285,11 @@ fn emit(
                 }
                 if let Some(j) = record_json(decoder, o) {
                     write_line(&mut sinks.sessions, &j)?;
+                }
+                if let Output::Session(s) = o {
+                    if sinks.stats.is_some() {
+                        write_line(&mut sinks.stats, &stats_json(&s.user, &s.stats))?;
+                    }
                 }
             }
         }

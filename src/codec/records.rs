@@ -143,8 +143,8 @@ pub fn stats_json(user: &str, s: &UserStats) -> Vec<u8> {
     })
 }
 
-/// The JSON of a session-level record (session, merge, split or stats); `None` for released
-/// events, which are annotated events.
+/// The JSON of a session-level record (session, merge or split); `None` for released events,
+/// which are annotated events. A session's user stats are written with [`stats_json`].
 pub fn record_json(dec: &Decoder, o: &Output) -> Option<Vec<u8>> {
     Some(match o {
         Output::Session(s) => session_json(dec, s),
@@ -176,7 +176,6 @@ pub fn record_json(dec: &Decoder, o: &Output) -> Option<Vec<u8>> {
             new_session_id: to.to_string(),
             at: *at,
         }),
-        Output::Stats { user, stats } => stats_json(user, stats),
         Output::Released { .. } => return None,
     })
 }

@@ -283,28 +283,31 @@ impl KeyState {
     }
 
     /// Concludes every open session whose deadline is before `watermark` and that has been
-    /// quiet (no event joined) for `quiet` at wall-clock `now`.
+    /// quiet (no event joined) for `quiet` at wall-clock `now`. With `keep_events`, the
+    /// concluded sessions carry their events (to release held payloads).
     pub(crate) fn expire(
         &mut self,
         watermark: Millis,
         now: Millis,
         quiet: Millis,
         b: &Boundaries,
+        keep_events: bool,
     ) -> Vec<Concluded> {
-        let ranges: Vec<Range<usize>> = self.ranges().collect();
-        let mut done: Vec<(usize, Concluded)> = Vec::new();
-        for (si, r) in ranges.iter().enumerate() {
+        let mut done = Vec::new();
+        let (mut si, mut start) = (0usize, 0usize);
+        while si < self.sessions.len() {
             let s = &self.sessions[si];
-            let first = self.events[r.start].k;
-            let last = self.events[r.end - 1].k;
+            let end = start + s.count as usize;
+            let first = self.events[start].k;
+            let last = self.events[end - 1].k;
             if deadline(&last) >= watermark || now.saturating_sub(s.touched) < quiet {
+                si += 1;
+                start = end;
                 continue;
             }
-            let next_event = self.events.get(r.end).map(|e| e.k);
-            let next_block = self
-                .blocks
-                .get(self.blocks.partition_point(|bl| bl.first < last))
-                .map(|bl| bl.first);
+            let next_event = self.events.get(end).map(|e| e.k);
+            let at = self.blocks.partition_point(|bl| bl.first < last);
+            let next_block = self.blocks.get(at).map(|bl| bl.first);
             let next = match (next_event, next_block) {
                 (Some(e), Some(bl)) => Some(e.min(bl)),
                 (e, bl) => e.or(bl),
@@ -316,36 +319,32 @@ impl KeyState {
                 None if last.is_end() => EndReason::ExplicitEnd,
                 None => EndReason::Inactivity,
             };
-            done.push((
-                si,
-                Concluded {
-                    num: s.num,
-                    first,
-                    last,
-                    count: s.count,
-                    reason,
-                    merged: s.merged.clone(),
-                    events: self.events[r.clone()].iter().map(|e| e.k).collect(),
-                },
-            ));
-        }
-        if done.is_empty() {
-            return Vec::new();
-        }
-        for (si, c) in done.iter().rev() {
-            self.events.drain(ranges[*si].clone());
-            self.sessions.remove(*si);
-            let at = self.blocks.partition_point(|bl| bl.first < c.first);
+            let s = self.sessions.remove(si);
+            let events = if keep_events {
+                self.events.drain(start..end).map(|e| e.k).collect()
+            } else {
+                self.events.drain(start..end);
+                Vec::new()
+            };
             self.blocks.insert(
                 at,
                 Block {
-                    first: c.first,
-                    last: c.last,
-                    reason: c.reason,
+                    first,
+                    last,
+                    reason,
                 },
             );
+            done.push(Concluded {
+                num: s.num,
+                first,
+                last,
+                count: s.count,
+                reason,
+                merged: s.merged,
+                events,
+            });
         }
-        done.into_iter().map(|(_, c)| c).collect()
+        done
     }
 
     /// Forgets concluded extents that no event within the horizon can touch any more: those

@@ -155,13 +155,8 @@ impl<S: StateStore> Engine<S> {
             return Ok(Disposition::Late(LateReason::BeyondHorizon));
         }
 
-        let mut st = match self.store.take_key(ev.key)? {
-            Some(st) => st,
-            None => KeyState {
-                user: ev.user.to_owned(),
-                ..KeyState::default()
-            },
-        };
+        let quiet = self.cfg.quiet_period;
+        let st = self.store.key_mut(ev.key, ev.user)?;
         if let Some(c) = cutoff {
             st.trim_blocks(c);
         }
@@ -172,25 +167,25 @@ impl<S: StateStore> Engine<S> {
             tie: st.arrivals + 1,
         };
         self.changes.clear();
-        let inserted = st.insert(k, now, &self.bounds, &mut self.changes);
-        let (num, seq) = match inserted {
+        let (num, seq) = match st.insert(k, now, &self.bounds, &mut self.changes) {
             Insert::Late => {
-                self.store.put_key(ev.key, st)?;
                 self.counters.late_concluded += 1;
                 return Ok(Disposition::Late(LateReason::ConcludedSession));
             }
             Insert::Joined { num, seq } => (num, seq),
         };
         st.arrivals += 1;
-        self.counters.accepted += 1;
         self.meta.watermark.observe(ev.source, t, now, &self.wm);
+        let timers = plan_timers(st, self.meta.watermark.get(), quiet);
+        self.counters.accepted += 1;
+        self.add_timers(ev.key, timers)?;
         let hash = key_hash(ev.key);
-        self.apply_changes(ev.key, &st.user, hash, t, out);
+        if !self.changes.is_empty() {
+            self.apply_changes(ev.key, ev.user, hash, t, out);
+        }
         if self.cfg.annotate == AnnotateMode::OnClose {
             self.store.put_payload(ev.key, k.tie, ev.payload)?;
         }
-        self.schedule(ev.key, &mut st)?;
-        self.store.put_key(ev.key, st)?;
         Ok(match self.cfg.annotate {
             AnnotateMode::OnClose => Disposition::Held,
             AnnotateMode::OnArrival => Disposition::Annotated(Some(Annotation {
@@ -252,32 +247,12 @@ impl<S: StateStore> Engine<S> {
         }
     }
 
-    /// Registers the key in the timer indexes for its earliest pending work: sessions not yet
-    /// expired wait for the watermark, expired ones for the end of their quiet period.
-    fn schedule(&mut self, key: &str, st: &mut KeyState) -> Result<(), StoreError> {
-        let w = self.meta.watermark.get();
-        let quiet = self.cfg.quiet_period;
-        let mut next_deadline: Option<Millis> = None;
-        let mut next_quiet: Option<Millis> = None;
-        for (d, s) in st.deadlines() {
-            if d >= w {
-                next_deadline = Some(next_deadline.map_or(d, |x| x.min(d)));
-            } else {
-                let q = s.touched.saturating_add(quiet);
-                next_quiet = Some(next_quiet.map_or(q, |x| x.min(q)));
-            }
+    fn add_timers(&mut self, key: &str, timers: Timers) -> Result<(), StoreError> {
+        if let Some(d) = timers.deadline {
+            self.store.add_timer(TimerKind::Deadline, d, key)?;
         }
-        if let Some(d) = next_deadline {
-            if st.deadline_timer.is_none_or(|cur| d < cur) {
-                self.store.add_timer(TimerKind::Deadline, d, key)?;
-                st.deadline_timer = Some(d);
-            }
-        }
-        if let Some(q) = next_quiet {
-            if st.quiet_timer.is_none_or(|cur| q < cur) {
-                self.store.add_timer(TimerKind::Quiet, q, key)?;
-                st.quiet_timer = Some(q);
-            }
+        if let Some(q) = timers.quiet {
+            self.store.add_timer(TimerKind::Quiet, q, key)?;
         }
         Ok(())
     }
@@ -340,14 +315,18 @@ impl<S: StateStore> Engine<S> {
                 TimerKind::Quiet => st.quiet_timer = None,
             }
             let quiet = if at_end { 0 } else { self.cfg.quiet_period };
-            let concluded = st.expire(watermark, now, quiet, &self.bounds);
+            let keep = self.cfg.annotate == AnnotateMode::OnClose;
+            let concluded = st.expire(watermark, now, quiet, &self.bounds, keep);
             if !concluded.is_empty() {
                 self.conclude(&key, &st.user, concluded, out)?;
             }
-            if !at_end {
-                self.schedule(&key, &mut st)?;
-            }
+            let timers = if at_end {
+                Timers::default()
+            } else {
+                plan_timers(&mut st, watermark, self.cfg.quiet_period)
+            };
             self.store.put_key(&key, st)?;
+            self.add_timers(&key, timers)?;
         }
         self.due = due;
         Ok(())
@@ -404,6 +383,7 @@ impl<S: StateStore> Engine<S> {
                 event_count: u64::from(c.count),
                 end_reason: c.reason,
                 session_number: stats.session_count,
+                stats,
                 merged_ids: if on_close {
                     Vec::new()
                 } else {
@@ -416,10 +396,6 @@ impl<S: StateStore> Engine<S> {
                         .collect()
                 },
             }));
-            out.push(Output::Stats {
-                user: user.to_owned(),
-                stats,
-            });
         }
         Ok(())
     }
@@ -428,6 +404,44 @@ impl<S: StateStore> Engine<S> {
     pub fn commit(&mut self, offsets: &[SourceOffset]) -> Result<(), StoreError> {
         self.store.commit(&self.meta, offsets)
     }
+}
+
+/// Timer index entries to add for a key.
+#[derive(Default)]
+struct Timers {
+    deadline: Option<Millis>,
+    quiet: Option<Millis>,
+}
+
+/// Decides the key's timer index entries for its earliest pending work: sessions not yet
+/// expired wait for the watermark `w`, expired ones for the end of their quiet period. Entries
+/// are lazy: one already registered earlier than needed fires, finds nothing due and re-arms,
+/// so an event that extends a session costs no index write.
+fn plan_timers(st: &mut KeyState, w: Millis, quiet: Millis) -> Timers {
+    let mut next_deadline: Option<Millis> = None;
+    let mut next_quiet: Option<Millis> = None;
+    for (d, s) in st.deadlines() {
+        if d >= w {
+            next_deadline = Some(next_deadline.map_or(d, |x| x.min(d)));
+        } else {
+            let q = s.touched.saturating_add(quiet);
+            next_quiet = Some(next_quiet.map_or(q, |x| x.min(q)));
+        }
+    }
+    let mut t = Timers::default();
+    if let Some(d) = next_deadline {
+        if st.deadline_timer.is_none_or(|cur| d < cur) {
+            st.deadline_timer = Some(d);
+            t.deadline = Some(d);
+        }
+    }
+    if let Some(q) = next_quiet {
+        if st.quiet_timer.is_none_or(|cur| q < cur) {
+            st.quiet_timer = Some(q);
+            t.quiet = Some(q);
+        }
+    }
+    t
 }
 
 fn update_stats(s: &mut UserStats, start: Millis, end: Millis) {

@@ -105,6 +105,9 @@ pub trait StateStore {
     /// Removes and returns the state of `key` for modification; the engine always puts it back.
     fn take_key(&mut self, key: &str) -> Result<Option<KeyState>, StoreError>;
     fn put_key(&mut self, key: &str, state: KeyState) -> Result<(), StoreError>;
+    /// The state of `key` for modification in place, created (empty, for `user`) if absent.
+    /// The per-event path: one lookup, no copy.
+    fn key_mut(&mut self, key: &str, user: &str) -> Result<&mut KeyState, StoreError>;
 
     fn get_stats(&mut self, user: &str) -> Result<Option<UserStats>, StoreError>;
     fn put_stats(&mut self, user: &str, stats: &UserStats) -> Result<(), StoreError>;

@@ -174,6 +174,8 @@ pub struct ConcludedSession {
     pub session_number: u64,
     /// Ids of sessions that were merged into this one (visible in `on_arrival` annotations).
     pub merged_ids: Vec<SessionId>,
+    /// The user's stats after this conclusion (published on the stats output).
+    pub stats: UserStats,
 }
 
 /// Per-user session statistics, updated at each conclusion.
@@ -230,6 +232,4 @@ pub enum Output {
         time: Millis,
         annotation: Annotation,
     },
-    /// The user's stats after a conclusion.
-    Stats { user: String, stats: UserStats },
 }

@@ -7,13 +7,13 @@
 use crate::engine::{
     KeyState, Millis, PartitionMeta, SourceOffset, StateStore, StoreError, TimerKind, UserStats,
 };
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxBuildHasher, FxHashMap};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// An in-memory state store. See the module documentation.
 #[derive(Clone, Debug, Default)]
 pub struct MemStore {
-    keys: FxHashMap<String, KeyState>,
+    keys: hashbrown::HashMap<String, KeyState, FxBuildHasher>,
     stats: FxHashMap<String, UserStats>,
     deadline_timers: BTreeSet<(Millis, String)>,
     quiet_timers: BTreeSet<(Millis, String)>,
@@ -57,6 +57,13 @@ impl StateStore for MemStore {
             }
         }
         Ok(())
+    }
+
+    fn key_mut(&mut self, key: &str, user: &str) -> Result<&mut KeyState, StoreError> {
+        Ok(self.keys.entry_ref(key).or_insert_with(|| KeyState {
+            user: user.to_owned(),
+            ..KeyState::default()
+        }))
     }
 
     fn get_stats(&mut self, user: &str) -> Result<Option<UserStats>, StoreError> {

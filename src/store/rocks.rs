@@ -351,6 +351,30 @@ impl StateStore for RocksStore {
         Ok(())
     }
 
+    fn key_mut(&mut self, key: &str, user: &str) -> Result<&mut KeyState, StoreError> {
+        let gen = self.gen;
+        if !self.keys.contains_key(key) {
+            let value = self.db_get(CF_KEYS, key.as_bytes())?.unwrap_or_else(|| KeyState {
+                user: user.to_owned(),
+                ..KeyState::default()
+            });
+            self.keys.insert(
+                key.to_owned(),
+                Cached {
+                    value,
+                    dirty: true,
+                    gen,
+                },
+            );
+        }
+        let c = self.keys.get_mut(key).ok_or_else(|| {
+            StoreError::Backend(format!("key {key:?} vanished from the cache"))
+        })?;
+        c.dirty = true;
+        c.gen = gen;
+        Ok(&mut c.value)
+    }
+
     fn get_stats(&mut self, user: &str) -> Result<Option<UserStats>, StoreError> {
         if let Some(c) = self.stats.get_mut(user) {
             c.gen = self.gen;
