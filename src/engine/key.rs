@@ -334,6 +334,7 @@ impl KeyState {
                     reason,
                 },
             );
+            self.refresh_trim_hint();
             done.push(Concluded {
                 num: s.num,
                 first,
@@ -350,6 +351,9 @@ impl KeyState {
     /// Forgets concluded extents that no event within the horizon can touch any more: those
     /// ending (plus their timeout) before `cutoff` with no open event before them.
     pub(crate) fn trim_blocks(&mut self, cutoff: Millis) {
+        if cutoff <= self.trim_hint {
+            return;
+        }
         let first_open = self.events.first().map(|e| e.k);
         let n = self
             .blocks
@@ -362,5 +366,13 @@ impl KeyState {
         if n > 0 {
             self.blocks.drain(..n);
         }
+        self.refresh_trim_hint();
+    }
+
+    fn refresh_trim_hint(&mut self) {
+        self.trim_hint = self
+            .blocks
+            .first()
+            .map_or(Millis::MAX, |bl| bl.last.t.saturating_add(bl.last.timeout));
     }
 }

@@ -84,6 +84,10 @@ pub struct KeyState {
     pub sessions: Vec<OpenSession>,
     /// Concluded extents within the horizon, sorted.
     pub blocks: Vec<Block>,
+    /// No block can be trimmed before the horizon cutoff passes this (saves touching
+    /// `blocks` on every event).
+    #[serde(default)]
+    pub trim_hint: Millis,
     /// Due time of this key's live entry in the deadline index.
     pub deadline_timer: Option<Millis>,
     /// Due time of this key's live entry in the quiet index.

@@ -7,16 +7,19 @@
 use crate::engine::{
     KeyState, Millis, PartitionMeta, SourceOffset, StateStore, StoreError, TimerKind, UserStats,
 };
+use compact_str::CompactString;
 use rustc_hash::{FxBuildHasher, FxHashMap};
+use std::hash::BuildHasher;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// An in-memory state store. See the module documentation.
 #[derive(Clone, Debug, Default)]
 pub struct MemStore {
-    keys: hashbrown::HashMap<String, KeyState, FxBuildHasher>,
+    /// Keys of up to 24 bytes are stored inline (no pointer to chase on the per-event path).
+    keys: hashbrown::HashMap<CompactString, KeyState, FxBuildHasher>,
     stats: FxHashMap<String, UserStats>,
-    deadline_timers: BTreeSet<(Millis, String)>,
-    quiet_timers: BTreeSet<(Millis, String)>,
+    deadline_timers: BTreeSet<(Millis, CompactString)>,
+    quiet_timers: BTreeSet<(Millis, CompactString)>,
     payloads: FxHashMap<(String, u64), Vec<u8>>,
     meta: Option<PartitionMeta>,
     /// Committed offsets by `(topic, partition)`.
@@ -33,7 +36,7 @@ impl MemStore {
         self.keys.len()
     }
 
-    fn index(&mut self, kind: TimerKind) -> &mut BTreeSet<(Millis, String)> {
+    fn index(&mut self, kind: TimerKind) -> &mut BTreeSet<(Millis, CompactString)> {
         match kind {
             TimerKind::Deadline => &mut self.deadline_timers,
             TimerKind::Quiet => &mut self.quiet_timers,
@@ -53,17 +56,28 @@ impl StateStore for MemStore {
         match self.keys.get_mut(key) {
             Some(slot) => *slot = state,
             None => {
-                self.keys.insert(key.to_owned(), state);
+                self.keys.insert(CompactString::from(key), state);
             }
         }
         Ok(())
     }
 
     fn key_mut(&mut self, key: &str, user: &str) -> Result<&mut KeyState, StoreError> {
-        Ok(self.keys.entry_ref(key).or_insert_with(|| KeyState {
-            user: user.to_owned(),
-            ..KeyState::default()
-        }))
+        let hash = self.keys.hasher().hash_one(key);
+        let entry = self
+            .keys
+            .raw_entry_mut()
+            .from_key_hashed_nocheck(hash, key)
+            .or_insert_with(|| {
+                (
+                    CompactString::from(key),
+                    KeyState {
+                        user: user.to_owned(),
+                        ..KeyState::default()
+                    },
+                )
+            });
+        Ok(entry.1)
     }
 
     fn get_stats(&mut self, user: &str) -> Result<Option<UserStats>, StoreError> {
@@ -81,7 +95,7 @@ impl StateStore for MemStore {
     }
 
     fn add_timer(&mut self, kind: TimerKind, at: Millis, key: &str) -> Result<(), StoreError> {
-        self.index(kind).insert((at, key.to_owned()));
+        self.index(kind).insert((at, CompactString::from(key)));
         Ok(())
     }
 
@@ -91,12 +105,21 @@ impl StateStore for MemStore {
         before: Millis,
         out: &mut Vec<(Millis, String)>,
     ) -> Result<(), StoreError> {
-        pop_due_from(self.index(kind), before, out);
+        let set = self.index(kind);
+        while set.first().is_some_and(|(at, _)| *at < before) {
+            if let Some((at, key)) = set.pop_first() {
+                out.push((at, key.into_string()));
+            }
+        }
         Ok(())
     }
 
     fn timers(&mut self, kind: TimerKind) -> Result<Vec<(Millis, String)>, StoreError> {
-        Ok(self.index(kind).iter().cloned().collect())
+        Ok(self
+            .index(kind)
+            .iter()
+            .map(|(at, k)| (*at, k.to_string()))
+            .collect())
     }
 
     fn put_payload(&mut self, key: &str, tie: u64, payload: &[u8]) -> Result<(), StoreError> {
@@ -136,16 +159,3 @@ impl StateStore for MemStore {
     }
 }
 
-/// Moves every entry with `at < before` from `set` to `out`, in order. Touches only the due
-/// entries (each `pop_first` is O(log n)).
-pub(crate) fn pop_due_from(
-    set: &mut BTreeSet<(Millis, String)>,
-    before: Millis,
-    out: &mut Vec<(Millis, String)>,
-) {
-    while set.first().is_some_and(|(at, _)| *at < before) {
-        if let Some(entry) = set.pop_first() {
-            out.push(entry);
-        }
-    }
-}

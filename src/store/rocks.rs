@@ -23,7 +23,6 @@ use super::encoding::{
     decode_offset_key, decode_timer_key, decode_value, encode_value, offset_key, payload_key,
     timer_key,
 };
-use super::memory::pop_due_from;
 use crate::engine::{
     KeyState, Millis, PartitionMeta, SourceOffset, StateStore, StoreError, TimerKind, UserStats,
 };
@@ -490,5 +489,19 @@ impl StateStore for RocksStore {
         self.quiet.pending.clear();
         self.gen += 1;
         Ok(())
+    }
+}
+
+/// Moves every entry with `at < before` from `set` to `out`, in order. Touches only the due
+/// entries (each `pop_first` is O(log n)).
+fn pop_due_from(
+    set: &mut BTreeSet<(Millis, String)>,
+    before: Millis,
+    out: &mut Vec<(Millis, String)>,
+) {
+    while set.first().is_some_and(|(at, _)| *at < before) {
+        if let Some(entry) = set.pop_first() {
+            out.push(entry);
+        }
     }
 }
