@@ -53,27 +53,56 @@ struct Event {
     class: EventClass,
 }
 
-/// `n` events of `users` users at 100 events/s overall (each user ~ every 1000 s on average,
-/// so sessions both continue and time out), 3% excluded, 2% start/end events, and each
-/// event's time up to 2 s before its arrival (mild disorder).
+/// The realistic mix: `users` users who alternate between sessions (on average 10 events with
+/// exponential think times of mean 30 s) and idle periods (exponential, mean 2 h, plus the
+/// timeout), 3% excluded, 2% start and 2% end events; each event arrives up to 2 s after its
+/// event time (mild disorder). At any moment only the users in a session are active, as in
+/// real traffic.
 fn mix(users: u64, n: usize) -> Vec<Event> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
     let mut g = Gen(0x9E37_79B9_7F4A_7C15);
+    let exp = |g: &mut Gen, mean: f64| -> Millis {
+        let u = (g.next() % 1_000_000 + 1) as f64 / 1_000_001.0;
+        (-u.ln() * mean) as Millis
+    };
+    let mut heap: BinaryHeap<Reverse<(Millis, u64)>> = (0..users)
+        .map(|u| Reverse((T0 + exp(&mut g, 7_200_000.0), u)))
+        .collect();
+    let mut evs = Vec::with_capacity(n);
+    while evs.len() < n {
+        let Some(Reverse((t, u))) = heap.pop() else { break };
+        let class = match g.next() % 100 {
+            0..=2 => EventClass::Excluded,
+            3 | 4 => EventClass::Start,
+            5 | 6 => EventClass::End,
+            _ => EventClass::Engagement,
+        };
+        let arrival = t + (g.next() % 2_000) as Millis;
+        evs.push((arrival, Event { key: format!("user-{u}"), time: t, class }));
+        let next = if g.next() % 10 == 0 {
+            t + TIMEOUT + exp(&mut g, 7_200_000.0)
+        } else {
+            t + 1 + exp(&mut g, 30_000.0)
+        };
+        heap.push(Reverse((next, u)));
+    }
+    evs.sort_by_key(|(arrival, _)| *arrival);
+    evs.into_iter().map(|(_, e)| e).collect()
+}
+
+/// The worst case, for comparison: every event from a uniformly random user (no locality at
+/// all: each event touches cold state), 10 ms apart, up to 2 s of disorder.
+fn uniform(users: u64, n: usize) -> Vec<Event> {
+    let mut g = Gen(0x2545_F491_4F6C_DD1D);
     let mut clock = T0;
     (0..n)
         .map(|_| {
             clock += 10;
-            let u = g.next() % users;
-            let r = g.next() % 100;
-            let class = match r {
-                0..=2 => EventClass::Excluded,
-                3 => EventClass::Start,
-                4 => EventClass::End,
-                _ => EventClass::Engagement,
-            };
             Event {
-                key: format!("user-{u}"),
+                key: format!("user-{}", g.next() % users),
                 time: clock - (g.next() % 2_000) as Millis,
-                class,
+                class: EventClass::Engagement,
             }
         })
         .collect()
@@ -94,6 +123,7 @@ fn run<S: sessionizer::engine::StateStore>(
 ) -> usize {
     let mut out = Vec::with_capacity(64);
     let mut produced = 0;
+    let mut max_t = Millis::MIN;
     for (i, e) in evs.iter().enumerate() {
         let ev = InputEvent {
             key: &e.key,
@@ -104,7 +134,9 @@ fn run<S: sessionizer::engine::StateStore>(
             source: 0,
             payload: b"",
         };
-        let now = T0 + 10 * (i as Millis + 1);
+        // Wall clock: the largest event time so far plus 2 s (arrival delay).
+        max_t = max_t.max(e.time);
+        let now = max_t + 2_000;
         engine.process(&ev, now, &mut out).expect("process");
         if i % 64 == 0 {
             engine.advance(now, false, &mut out).expect("advance");
@@ -126,6 +158,10 @@ fn run<S: sessionizer::engine::StateStore>(
 
 fn bench_engine(c: &mut Criterion) {
     let evs = mix(USERS, EVENTS);
+    let users = evs.iter().map(|e| e.key.as_str()).collect::<std::collections::HashSet<_>>().len();
+    let span = evs.last().map_or(0, |e| e.time) - evs.first().map_or(0, |e| e.time);
+    eprintln!("mix: {} events of {users} distinct users over {} s of event time", evs.len(), span / 1000);
+    let worst = uniform(USERS, EVENTS);
     let mut g = c.benchmark_group("engine");
     g.throughput(Throughput::Elements(EVENTS as u64));
     g.sample_size(10);
@@ -134,6 +170,16 @@ fn bench_engine(c: &mut Criterion) {
             || Engine::open(cfg(), MemStore::new()).expect("open"),
             |mut e| {
                 run(&mut e, &evs, 0);
+                e
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.bench_function("in_memory_uniform_users", |b| {
+        b.iter_batched(
+            || Engine::open(cfg(), MemStore::new()).expect("open"),
+            |mut e| {
+                run(&mut e, &worst, 0);
                 e
             },
             BatchSize::LargeInput,
