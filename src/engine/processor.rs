@@ -75,7 +75,7 @@ pub struct Engine<S: StateStore> {
     now: Millis,
     counters: Counters,
     changes: Vec<Change>,
-    due: Vec<(Millis, String)>,
+    due: Vec<(Millis, compact_str::CompactString)>,
 }
 
 impl<S: StateStore> Engine<S> {

@@ -9,6 +9,7 @@
 
 use super::types::{EndReason, EvKey, Millis, UserStats};
 use super::watermark::Watermark;
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 /// Errors of a state store backend.
@@ -124,7 +125,7 @@ pub trait StateStore {
         &mut self,
         kind: TimerKind,
         before: Millis,
-        out: &mut Vec<(Millis, String)>,
+        out: &mut Vec<(Millis, CompactString)>,
     ) -> Result<(), StoreError>;
     /// Every entry of the index, in order, without removing anything (for inspection).
     fn timers(&mut self, kind: TimerKind) -> Result<Vec<(Millis, String)>, StoreError>;

@@ -47,6 +47,16 @@ impl Watermark {
 
     /// Records an event of `source` with event time `t`, arriving at wall-clock `now`.
     pub fn observe(&mut self, source: u32, t: Millis, now: Millis, p: &WatermarkParams) {
+        if let [only] = self.sources.as_mut_slice() {
+            if only.source == source {
+                // One source, which is active since it just delivered: it alone decides.
+                only.max_time = only.max_time.max(t);
+                only.last_arrival = only.last_arrival.max(now);
+                let w = only.max_time.saturating_sub(p.allowed_lateness);
+                self.raise(w);
+                return;
+            }
+        }
         match self.sources.iter_mut().find(|s| s.source == source) {
             Some(s) => {
                 s.max_time = s.max_time.max(t);

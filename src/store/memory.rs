@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 pub struct MemStore {
     /// Keys of up to 24 bytes are stored inline (no pointer to chase on the per-event path).
     keys: hashbrown::HashMap<CompactString, KeyState, FxBuildHasher>,
-    stats: FxHashMap<String, UserStats>,
+    stats: FxHashMap<CompactString, UserStats>,
     deadline_timers: BTreeSet<(Millis, CompactString)>,
     quiet_timers: BTreeSet<(Millis, CompactString)>,
     payloads: FxHashMap<(String, u64), Vec<u8>>,
@@ -88,7 +88,7 @@ impl StateStore for MemStore {
         match self.stats.get_mut(user) {
             Some(slot) => slot.clone_from(stats),
             None => {
-                self.stats.insert(user.to_owned(), stats.clone());
+                self.stats.insert(CompactString::from(user), stats.clone());
             }
         }
         Ok(())
@@ -103,12 +103,12 @@ impl StateStore for MemStore {
         &mut self,
         kind: TimerKind,
         before: Millis,
-        out: &mut Vec<(Millis, String)>,
+        out: &mut Vec<(Millis, CompactString)>,
     ) -> Result<(), StoreError> {
         let set = self.index(kind);
         while set.first().is_some_and(|(at, _)| *at < before) {
-            if let Some((at, key)) = set.pop_first() {
-                out.push((at, key.into_string()));
+            if let Some(entry) = set.pop_first() {
+                out.push(entry);
             }
         }
         Ok(())

@@ -31,6 +31,7 @@ use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
     IteratorMode, Options, WriteBatch, DB,
 };
+use compact_str::CompactString;
 use rustc_hash::FxHashMap;
 use std::collections::BTreeSet;
 use std::fmt;
@@ -420,9 +421,11 @@ impl StateStore for RocksStore {
         &mut self,
         kind: TimerKind,
         before: Millis,
-        out: &mut Vec<(Millis, String)>,
+        out: &mut Vec<(Millis, CompactString)>,
     ) -> Result<(), StoreError> {
-        self.index(kind).pop_due(before, out);
+        let mut popped = Vec::new();
+        self.index(kind).pop_due(before, &mut popped);
+        out.extend(popped.into_iter().map(|(at, k)| (at, CompactString::from(k))));
         Ok(())
     }
 
