@@ -168,6 +168,10 @@ impl KeyState {
             }
         }
         let num = self.new_session_num(changes);
+        if self.sessions.capacity() == 0 {
+            // Most keys have one open session at a time: don't let Vec reserve four.
+            self.sessions.reserve_exact(1);
+        }
         self.sessions.push(OpenSession {
             num,
             first_t: k.t,
