@@ -71,7 +71,9 @@ fn mix(users: u64, n: usize) -> Vec<Event> {
         .collect();
     let mut evs = Vec::with_capacity(n);
     while evs.len() < n {
-        let Some(Reverse((t, u))) = heap.pop() else { break };
+        let Some(Reverse((t, u))) = heap.pop() else {
+            break;
+        };
         let class = match g.next() % 100 {
             0..=2 => EventClass::Excluded,
             3 | 4 => EventClass::Start,
@@ -79,7 +81,14 @@ fn mix(users: u64, n: usize) -> Vec<Event> {
             _ => EventClass::Engagement,
         };
         let arrival = t + (g.next() % 2_000) as Millis;
-        evs.push((arrival, Event { key: format!("user-{u}"), time: t, class }));
+        evs.push((
+            arrival,
+            Event {
+                key: format!("user-{u}"),
+                time: t,
+                class,
+            },
+        ));
         let next = if g.next() % 10 == 0 {
             t + TIMEOUT + exp(&mut g, 7_200_000.0)
         } else {
@@ -158,9 +167,17 @@ fn run<S: sessionizer::engine::StateStore>(
 
 fn bench_engine(c: &mut Criterion) {
     let evs = mix(USERS, EVENTS);
-    let users = evs.iter().map(|e| e.key.as_str()).collect::<std::collections::HashSet<_>>().len();
+    let users = evs
+        .iter()
+        .map(|e| e.key.as_str())
+        .collect::<std::collections::HashSet<_>>()
+        .len();
     let span = evs.last().map_or(0, |e| e.time) - evs.first().map_or(0, |e| e.time);
-    eprintln!("mix: {} events of {users} distinct users over {} s of event time", evs.len(), span / 1000);
+    eprintln!(
+        "mix: {} events of {users} distinct users over {} s of event time",
+        evs.len(),
+        span / 1000
+    );
     let worst = uniform(USERS, EVENTS);
     let mut g = c.benchmark_group("engine");
     g.throughput(Throughput::Elements(EVENTS as u64));

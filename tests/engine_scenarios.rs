@@ -430,10 +430,7 @@ fn an_idle_caught_up_partition_concludes_by_wall_clock_and_a_lagging_one_does_no
     e.advance(later, false, &mut out).unwrap();
     assert!(out.is_empty(), "lagging: no wall-clock advance");
     e.advance(later, true, &mut out).unwrap();
-    assert!(
-        matches!(&out[..], [Output::Session(_)]),
-        "{out:?}"
-    );
+    assert!(matches!(&out[..], [Output::Session(_)]), "{out:?}");
 }
 
 #[test]

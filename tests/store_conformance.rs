@@ -58,7 +58,9 @@ fn entries(v: &[(Millis, &str)]) -> Vec<(Millis, String)> {
 }
 
 fn popped(v: &[(Millis, &str)]) -> Vec<(Millis, CompactString)> {
-    v.iter().map(|(t, k)| (*t, CompactString::from(*k))).collect()
+    v.iter()
+        .map(|(t, k)| (*t, CompactString::from(*k)))
+        .collect()
 }
 
 fn rocks(dir: &Path, cache_keys: usize) -> RocksStore {

@@ -9,8 +9,8 @@ use crate::engine::{
 };
 use compact_str::CompactString;
 use rustc_hash::{FxBuildHasher, FxHashMap};
-use std::hash::BuildHasher;
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::BuildHasher;
 
 /// An in-memory state store. See the module documentation.
 #[derive(Clone, Debug, Default)]
@@ -158,4 +158,3 @@ impl StateStore for MemStore {
         Ok(())
     }
 }
-

@@ -26,12 +26,12 @@ use super::encoding::{
 use crate::engine::{
     KeyState, Millis, PartitionMeta, SourceOffset, StateStore, StoreError, TimerKind, UserStats,
 };
+use compact_str::CompactString;
 use rocksdb::properties::{SIZE_ALL_MEM_TABLES, TOTAL_SST_FILES_SIZE};
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
     IteratorMode, Options, WriteBatch, DB,
 };
-use compact_str::CompactString;
 use rustc_hash::FxHashMap;
 use std::collections::BTreeSet;
 use std::fmt;
@@ -354,10 +354,12 @@ impl StateStore for RocksStore {
     fn key_mut(&mut self, key: &str, user: &str) -> Result<&mut KeyState, StoreError> {
         let gen = self.gen;
         if !self.keys.contains_key(key) {
-            let value = self.db_get(CF_KEYS, key.as_bytes())?.unwrap_or_else(|| KeyState {
-                user: user.to_owned(),
-                ..KeyState::default()
-            });
+            let value = self
+                .db_get(CF_KEYS, key.as_bytes())?
+                .unwrap_or_else(|| KeyState {
+                    user: user.to_owned(),
+                    ..KeyState::default()
+                });
             self.keys.insert(
                 key.to_owned(),
                 Cached {
@@ -367,9 +369,10 @@ impl StateStore for RocksStore {
                 },
             );
         }
-        let c = self.keys.get_mut(key).ok_or_else(|| {
-            StoreError::Backend(format!("key {key:?} vanished from the cache"))
-        })?;
+        let c = self
+            .keys
+            .get_mut(key)
+            .ok_or_else(|| StoreError::Backend(format!("key {key:?} vanished from the cache")))?;
         c.dirty = true;
         c.gen = gen;
         Ok(&mut c.value)
@@ -425,7 +428,11 @@ impl StateStore for RocksStore {
     ) -> Result<(), StoreError> {
         let mut popped = Vec::new();
         self.index(kind).pop_due(before, &mut popped);
-        out.extend(popped.into_iter().map(|(at, k)| (at, CompactString::from(k))));
+        out.extend(
+            popped
+                .into_iter()
+                .map(|(at, k)| (at, CompactString::from(k))),
+        );
         Ok(())
     }
 
