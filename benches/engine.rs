@@ -89,7 +89,7 @@ fn mix(users: u64, n: usize) -> Vec<Event> {
                 class,
             },
         ));
-        let next = if g.next() % 10 == 0 {
+        let next = if g.next().is_multiple_of(10) {
             t + TIMEOUT + exp(&mut g, 7_200_000.0)
         } else {
             t + 1 + exp(&mut g, 30_000.0)
