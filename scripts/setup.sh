@@ -20,3 +20,10 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust with rustup (https://rustup.rs) first" >&2
   exit 1
 fi
+for tool in rustfmt clippy-driver; do
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    echo "setup: $tool not found; trying: rustup component add rustfmt clippy" >&2
+    rustup component add rustfmt clippy
+    break
+  fi
+done
