@@ -29,8 +29,96 @@ pub struct Cli {
 pub enum Command {
     /// Sessionize JSON lines (a file or stdin) offline, with the same engine as streaming.
     Sessionize(SessionizeArgs),
-    /// Validate the configuration and print it with every default filled in.
+    /// Run the streaming sessionizer: a Kafka consumer group (at-least-once).
+    Run(RunArgs),
+    /// Validate the configuration and print it with every default filled in (secrets redacted).
     Check(CheckArgs),
+}
+
+/// Streaming-mode settings. Each flag overrides the config file.
+#[derive(Args, Debug, Clone, Default)]
+pub struct RuntimeArgs {
+    /// Kafka bootstrap servers, e.g. 127.0.0.1:9092.
+    #[arg(long, env = "SESSIONIZER_BROKERS")]
+    pub brokers: Option<String>,
+    /// Consumer group id.
+    #[arg(long, env = "SESSIONIZER_GROUP")]
+    pub group: Option<String>,
+    /// Comma-separated (co-partitioned) input topics.
+    #[arg(long, env = "SESSIONIZER_INPUT_TOPICS", value_delimiter = ',')]
+    pub input_topics: Option<Vec<String>>,
+    /// Topic of annotated events.
+    #[arg(long, env = "SESSIONIZER_ANNOTATED_TOPIC")]
+    pub annotated_topic: Option<String>,
+    /// Topic of concluded sessions, merges and splits.
+    #[arg(long, env = "SESSIONIZER_SESSIONS_TOPIC")]
+    pub sessions_topic: Option<String>,
+    /// Topic of late events.
+    #[arg(long, env = "SESSIONIZER_LATE_TOPIC")]
+    pub late_topic: Option<String>,
+    /// Dead-letter topic.
+    #[arg(long, env = "SESSIONIZER_DLQ_TOPIC")]
+    pub dlq_topic: Option<String>,
+    /// Topic of per-user session stats (compacted).
+    #[arg(long, env = "SESSIONIZER_STATS_TOPIC")]
+    pub stats_topic: Option<String>,
+    /// Directory of the per-partition RocksDB state.
+    #[arg(long = "state-dir", env = "SESSIONIZER_STATE_DIR")]
+    pub state_dir: Option<String>,
+    /// Address of /metrics, /healthz and /readyz, e.g. 0.0.0.0:9464.
+    #[arg(long, env = "SESSIONIZER_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    /// Delivery guarantee: at-least-once.
+    #[arg(long, env = "SESSIONIZER_GUARANTEE")]
+    pub guarantee: Option<String>,
+    /// How often outputs, state and offsets are committed, e.g. 100ms.
+    #[arg(long, env = "SESSIONIZER_COMMIT_INTERVAL")]
+    pub commit_interval: Option<String>,
+    /// A librdkafka property KEY=VALUE for both clients (repeatable), e.g. security.protocol=SSL.
+    #[arg(long = "kafka-property", env = "SESSIONIZER_KAFKA_PROPERTIES", value_delimiter = ';')]
+    pub kafka_properties: Vec<String>,
+    /// Log format: human or json.
+    #[arg(long, env = "SESSIONIZER_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+impl RuntimeArgs {
+    fn apply(&self, r: &mut RawConfig) -> Result<(), CliError> {
+        let k = &mut r.kafka;
+        k.brokers = self.brokers.clone();
+        k.group = self.group.clone();
+        k.input_topics = self.input_topics.clone();
+        k.annotated_topic = self.annotated_topic.clone();
+        k.sessions_topic = self.sessions_topic.clone();
+        k.late_topic = self.late_topic.clone();
+        k.dlq_topic = self.dlq_topic.clone();
+        k.stats_topic = self.stats_topic.clone();
+        k.guarantee = self.guarantee.clone();
+        k.commit_interval = self.commit_interval.clone();
+        let props: Vec<&String> = self.kafka_properties.iter().filter(|p| !p.trim().is_empty()).collect();
+        if !props.is_empty() {
+            let mut m = std::collections::BTreeMap::new();
+            for p in props {
+                let (key, value) = p.split_once('=').ok_or_else(|| {
+                    CliError::Usage(format!("--kafka-property `{p}`: expected KEY=VALUE"))
+                })?;
+                m.insert(key.trim().to_owned(), value.to_owned());
+            }
+            k.properties = Some(m);
+        }
+        r.service.state_dir = self.state_dir.clone();
+        r.service.metrics_addr = self.metrics_addr.clone();
+        r.service.log_format = self.log_format.clone();
+        Ok(())
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub semantics: SemanticArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 /// Session semantics, shared by every mode. Each flag overrides the config file.
@@ -139,6 +227,8 @@ pub struct SessionizeArgs {
 pub struct CheckArgs {
     #[command(flatten)]
     pub semantics: SemanticArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 /// A failure, with the exit code it maps to.
@@ -213,14 +303,22 @@ impl SemanticArgs {
     }
 
     pub fn settings(&self) -> Result<Settings, CliError> {
-        Ok(config::load(self.config.as_deref(), &self.overlay()?)?)
+        self.settings_with(None)
+    }
+
+    /// The settings, with streaming-mode flags applied too.
+    pub fn settings_with(&self, runtime: Option<&RuntimeArgs>) -> Result<Settings, CliError> {
+        let mut overlay = self.overlay()?;
+        if let Some(r) = runtime {
+            r.apply(&mut overlay)?;
+        }
+        Ok(config::load(self.config.as_deref(), &overlay)?)
     }
 }
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -230,23 +328,26 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SESSIONIZER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr);
-    if std::env::var("SESSIONIZER_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().init();
+    let json = json || std::env::var("SESSIONIZER_LOG_FORMAT").as_deref() == Ok("json");
+    // A second initialisation (tests calling `run` twice) is harmless: keep the first.
+    let _ = if json {
+        builder.json().try_init()
     } else {
-        builder.init();
-    }
+        builder.try_init()
+    };
 }
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
+        Command::Run(a) => run_stream(a),
         Command::Check(a) => {
-            let s = a.semantics.settings()?;
+            let s = a.semantics.settings_with(Some(&a.runtime))?;
             let text = toml::to_string_pretty(&s.effective)
                 .map_err(|e| CliError::Runtime(format!("rendering the configuration: {e}")))?;
             print!("{text}");
@@ -262,8 +363,57 @@ fn create(path: &Path) -> Result<BufWriter<File>, CliError> {
         .map_err(|e| CliError::Runtime(format!("cannot create {}: {e}", path.display())))
 }
 
+fn run_stream(a: RunArgs) -> Result<(), CliError> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let settings = a.semantics.settings_with(Some(&a.runtime))?;
+    init_logging(settings.runtime.json_logs);
+    let metrics = Arc::new(
+        crate::metrics::Metrics::new().map_err(|e| CliError::Runtime(e.to_string()))?,
+    );
+    let health = crate::http::Health::new();
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let tokio_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Runtime(format!("cannot start the async runtime: {e}")))?;
+    let addr = settings.runtime.metrics_addr;
+    let (listener, bound) = tokio_rt
+        .block_on(crate::http::bind(addr))
+        .map_err(|e| CliError::Runtime(e.to_string()))?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio_rt.spawn(crate::http::serve_on(listener, metrics.clone(), health.clone(), async {
+        let _ = stop_rx.await;
+    }));
+    let flag = shutdown.clone();
+    tokio_rt.spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install the SIGTERM handler");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("signal received");
+        flag.store(true, Ordering::Relaxed);
+    });
+    tracing::info!(metrics = %format!("http://{bound}/metrics"), "sessionizer starting");
+    let result = crate::pipeline::run(settings, metrics, health, shutdown);
+    let _ = stop_tx.send(());
+    tokio_rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    result.map_err(|e| CliError::Runtime(e.to_string()))?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
 fn sessionize(a: SessionizeArgs) -> Result<(), CliError> {
     let settings = a.semantics.settings()?;
+    init_logging(false);
     let decoder = Decoder::new(settings.decode.clone());
     let input: Box<dyn io::BufRead> = match &a.input {
         Some(p) => Box::new(BufReader::with_capacity(

@@ -13,3 +13,5 @@ pub mod http;
 pub mod metrics;
 pub mod offline;
 pub mod store;
+pub mod kafka;
+pub mod pipeline;

@@ -69,11 +69,60 @@ pub struct DecodeSettings {
     pub annotation_field: String,
 }
 
+/// Delivery guarantee of the streaming mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Guarantee {
+    /// State and input offsets commit atomically in RocksDB after the outputs are delivered;
+    /// after a crash, outputs since the last commit are produced again, identically.
+    AtLeastOnce,
+}
+
+/// The streaming mode's settings (Kafka and process).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RuntimeSettings {
+    pub brokers: String,
+    pub group: String,
+    pub input_topics: Vec<String>,
+    pub annotated_topic: String,
+    pub sessions_topic: String,
+    pub late_topic: String,
+    pub dlq_topic: String,
+    pub stats_topic: String,
+    pub guarantee: Guarantee,
+    pub commit_interval: Duration,
+    /// librdkafka properties passed through to the consumer and the producer.
+    pub properties: std::collections::BTreeMap<String, String>,
+    pub state_dir: PathBuf,
+    pub metrics_addr: std::net::SocketAddr,
+    pub json_logs: bool,
+}
+
+/// librdkafka properties the service sets itself; configuring them is an error.
+pub const MANAGED_PROPERTIES: [&str; 8] = [
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "partition.assignment.strategy",
+    "enable.partition.eof",
+    "isolation.level",
+    "transactional.id",
+];
+
+/// Whether a property's value must never be printed or logged.
+pub fn is_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["password", "secret", "jaas", "ssl.key.pem", "key.password", "token", "credential"]
+        .iter()
+        .any(|s| k.contains(s))
+}
+
 /// The validated configuration.
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub engine: EngineConfig,
     pub decode: DecodeSettings,
+    pub runtime: RuntimeSettings,
     /// The effective raw configuration (defaults filled in), for `sessionizer check`.
     pub effective: RawConfig,
 }
@@ -318,10 +367,103 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, ConfigError> {
         excluded_events,
         annotation_field,
     };
+    let runtime = validate_runtime(raw)?;
     Ok(Settings {
         engine,
         decode,
+        runtime,
         effective: effective(raw),
+    })
+}
+
+fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
+    let k = &raw.kafka;
+    let name = |key: &str, v: &Option<String>, default: &str| -> Result<String, ConfigError> {
+        let s = v.as_deref().unwrap_or(default).trim().to_owned();
+        if s.is_empty() {
+            return Err(invalid(key, "must not be empty"));
+        }
+        Ok(s)
+    };
+    let brokers = name("kafka.brokers", &k.brokers, "127.0.0.1:9092")?;
+    let group = name("kafka.group", &k.group, "sessionizer")?;
+    let input_topics = k.input_topics.clone().unwrap_or_else(|| vec!["events".into()]);
+    if input_topics.is_empty() || input_topics.iter().any(|t| t.trim().is_empty()) {
+        return Err(invalid("kafka.input_topics", "must name at least one topic, none empty"));
+    }
+    let annotated_topic = name("kafka.annotated_topic", &k.annotated_topic, "events-sessionized")?;
+    let sessions_topic = name("kafka.sessions_topic", &k.sessions_topic, "sessions")?;
+    let late_topic = name("kafka.late_topic", &k.late_topic, "events-late")?;
+    let dlq_topic = name("kafka.dlq_topic", &k.dlq_topic, "events-dlq")?;
+    let stats_topic = name("kafka.stats_topic", &k.stats_topic, "user-session-stats")?;
+    for (key, t) in [
+        ("kafka.annotated_topic", &annotated_topic),
+        ("kafka.sessions_topic", &sessions_topic),
+        ("kafka.late_topic", &late_topic),
+        ("kafka.dlq_topic", &dlq_topic),
+        ("kafka.stats_topic", &stats_topic),
+    ] {
+        if input_topics.contains(t) {
+            return Err(invalid(key, format!("`{t}` is also an input topic")));
+        }
+    }
+    let guarantee = match k.guarantee.as_deref().unwrap_or("at-least-once") {
+        "at-least-once" | "at_least_once" => Guarantee::AtLeastOnce,
+        "exactly-once" | "exactly_once" => {
+            return Err(invalid(
+                "kafka.guarantee",
+                "exactly-once is not available yet in this version; use at-least-once",
+            ))
+        }
+        other => {
+            return Err(invalid(
+                "kafka.guarantee",
+                format!("`{other}` is not one of at-least-once, exactly-once"),
+            ))
+        }
+    };
+    let ci = duration("kafka.commit_interval", k.commit_interval.as_deref(), "100ms")?;
+    let commit_interval = Duration::from_millis(u64::try_from(positive("kafka.commit_interval", ci)?).unwrap_or(100));
+    let properties = k.properties.clone().unwrap_or_default();
+    for key in properties.keys() {
+        if MANAGED_PROPERTIES.contains(&key.as_str()) {
+            return Err(invalid(
+                &format!("kafka.properties.{key}"),
+                "is managed by sessionizer (use kafka.brokers / kafka.group, or leave it out)",
+            ));
+        }
+    }
+    let s = &raw.service;
+    let state_dir = PathBuf::from(s.state_dir.as_deref().unwrap_or("./sessionizer-state"));
+    let addr = s.metrics_addr.as_deref().unwrap_or("127.0.0.1:9464");
+    let metrics_addr = addr.parse().map_err(|_| {
+        invalid("service.metrics_addr", format!("`{addr}` is not an address like 127.0.0.1:9464"))
+    })?;
+    let json_logs = match s.log_format.as_deref().unwrap_or("human") {
+        "human" => false,
+        "json" => true,
+        other => {
+            return Err(invalid(
+                "service.log_format",
+                format!("`{other}` is not one of human, json"),
+            ))
+        }
+    };
+    Ok(RuntimeSettings {
+        brokers,
+        group,
+        input_topics,
+        annotated_topic,
+        sessions_topic,
+        late_topic,
+        dlq_topic,
+        stats_topic,
+        guarantee,
+        commit_interval,
+        properties,
+        state_dir,
+        metrics_addr,
+        json_logs,
     })
 }
 
@@ -354,6 +496,25 @@ fn effective(raw: &RawConfig) -> RawConfig {
     d(&mut e.time.future_events, "dead_letter");
     d(&mut e.output.annotate, "on_arrival");
     d(&mut e.output.annotation_field, "session");
+    d(&mut e.kafka.brokers, "127.0.0.1:9092");
+    d(&mut e.kafka.group, "sessionizer");
+    e.kafka.input_topics.get_or_insert_with(|| vec!["events".into()]);
+    d(&mut e.kafka.annotated_topic, "events-sessionized");
+    d(&mut e.kafka.sessions_topic, "sessions");
+    d(&mut e.kafka.late_topic, "events-late");
+    d(&mut e.kafka.dlq_topic, "events-dlq");
+    d(&mut e.kafka.stats_topic, "user-session-stats");
+    d(&mut e.kafka.guarantee, "at-least-once");
+    d(&mut e.kafka.commit_interval, "100ms");
+    let props = e.kafka.properties.get_or_insert_with(Default::default);
+    for (k, v) in props.iter_mut() {
+        if is_secret(k) {
+            *v = "<redacted>".into();
+        }
+    }
+    d(&mut e.service.state_dir, "./sessionizer-state");
+    d(&mut e.service.metrics_addr, "127.0.0.1:9464");
+    d(&mut e.service.log_format, "human");
     e
 }
 
@@ -392,6 +553,32 @@ mod tests {
         let mut r = RawConfig::default();
         r.output.annotate = Some("later".into());
         assert!(err(r).contains("`output.annotate`"));
+    }
+
+    #[test]
+    fn kafka_settings_validate_and_secrets_are_redacted() {
+        let mut r = RawConfig::default();
+        r.kafka.properties = Some(
+            [
+                ("sasl.password".to_string(), "hunter2".to_string()),
+                ("security.protocol".to_string(), "SASL_SSL".to_string()),
+            ]
+            .into(),
+        );
+        let s = validate(&r).unwrap();
+        assert_eq!(s.runtime.properties["sasl.password"], "hunter2");
+        let shown = toml::to_string(&s.effective).unwrap();
+        assert!(!shown.contains("hunter2") && shown.contains("<redacted>"), "{shown}");
+        assert!(shown.contains("SASL_SSL"));
+        let mut r = RawConfig::default();
+        r.kafka.properties = Some([("group.id".to_string(), "x".to_string())].into());
+        assert!(err(r).contains("`kafka.properties.group.id`"));
+        let mut r = RawConfig::default();
+        r.kafka.sessions_topic = Some("events".into());
+        assert!(err(r).contains("`kafka.sessions_topic`"));
+        let mut r = RawConfig::default();
+        r.service.metrics_addr = Some("nowhere".into());
+        assert!(err(r).contains("`service.metrics_addr`"));
     }
 
     #[test]

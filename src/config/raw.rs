@@ -15,6 +15,46 @@ pub struct RawConfig {
     pub time: RawTime,
     #[serde(default)]
     pub output: RawOutput,
+    #[serde(default)]
+    pub kafka: RawKafka,
+    #[serde(default)]
+    pub service: RawService,
+}
+
+/// The Kafka side of the streaming mode (`sessionizer run`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawKafka {
+    /// Bootstrap servers, comma-separated.
+    pub brokers: Option<String>,
+    /// Consumer group id (also names the state directory).
+    pub group: Option<String>,
+    /// Co-partitioned input topics.
+    pub input_topics: Option<Vec<String>>,
+    pub annotated_topic: Option<String>,
+    pub sessions_topic: Option<String>,
+    pub late_topic: Option<String>,
+    pub dlq_topic: Option<String>,
+    pub stats_topic: Option<String>,
+    /// at-least-once (exactly-once comes with transactions).
+    pub guarantee: Option<String>,
+    /// How often state, outputs and offsets are committed.
+    pub commit_interval: Option<String>,
+    /// Arbitrary librdkafka properties (security.protocol, sasl.*, ssl.*, ...), passed to both
+    /// the consumer and the producer.
+    pub properties: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// Process-level settings of the streaming mode.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    /// Directory of the per-partition RocksDB state.
+    pub state_dir: Option<String>,
+    /// Address of the HTTP server (/metrics, /healthz, /readyz).
+    pub metrics_addr: Option<String>,
+    /// Log format: human or json.
+    pub log_format: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -116,5 +156,16 @@ impl RawConfig {
             ]
         );
         overlay!(self.output, over.output, [annotate, annotation_field]);
+        overlay!(self.kafka, over.kafka, [
+            brokers, group, input_topics, annotated_topic, sessions_topic, late_topic, dlq_topic,
+            stats_topic, guarantee, commit_interval
+        ]);
+        if let Some(p) = &over.kafka.properties {
+            let mine = self.kafka.properties.get_or_insert_with(Default::default);
+            for (k, v) in p {
+                mine.insert(k.clone(), v.clone());
+            }
+        }
+        overlay!(self.service, over.service, [state_dir, metrics_addr, log_format]);
     }
 }

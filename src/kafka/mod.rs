@@ -1,0 +1,117 @@
+//! Kafka clients: configuration of the consumer and the producer from the validated settings,
+//! start-up checks of the topics (exist, co-partitioned), and the consumer context that hands
+//! rebalances and client statistics to the pipeline.
+
+pub mod output;
+
+use crate::config::RuntimeSettings;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::metadata::Metadata;
+use std::time::Duration;
+
+/// Start-up and client errors of the Kafka side.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    #[error("cannot create the Kafka {what}: {source}")]
+    Client {
+        what: &'static str,
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("cannot reach the Kafka brokers `{brokers}` (metadata request failed: {source})")]
+    Unreachable {
+        brokers: String,
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("topic `{0}` does not exist; create it first (see README, \"Topics\")")]
+    MissingTopic(String),
+    #[error("input topics are not co-partitioned: {0}")]
+    NotCoPartitioned(String),
+    #[error("producing to Kafka failed: {0}")]
+    Produce(String),
+    #[error("committing offsets to Kafka failed: {0}")]
+    Commit(rdkafka::error::KafkaError),
+}
+
+fn base_config(rt: &RuntimeSettings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &rt.brokers);
+    for (k, v) in &rt.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// The consumer configuration: manual commits, cooperative-sticky assignment, EOF events (to
+/// know when a partition is caught up), read_committed.
+pub fn consumer_config(rt: &RuntimeSettings) -> ClientConfig {
+    let mut c = base_config(rt);
+    c.set("group.id", &rt.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .set("statistics.interval.ms", "5000");
+    if !rt.properties.contains_key("auto.offset.reset") {
+        c.set("auto.offset.reset", "earliest");
+    }
+    c
+}
+
+/// The producer configuration: idempotent, acks=all, small linger.
+pub fn producer_config(rt: &RuntimeSettings) -> ClientConfig {
+    let mut c = base_config(rt);
+    for (k, v) in [
+        ("enable.idempotence", "true"),
+        ("acks", "all"),
+        ("linger.ms", "5"),
+        ("compression.type", "lz4"),
+    ] {
+        if !rt.properties.contains_key(k) {
+            c.set(k, v);
+        }
+    }
+    c
+}
+
+/// Checks that every input and output topic exists and that the input topics have the same
+/// number of partitions. Returns that number.
+pub fn check_topics<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    rt: &RuntimeSettings,
+    timeout: Duration,
+) -> Result<i32, KafkaError> {
+    let md: Metadata = consumer
+        .fetch_metadata(None, timeout)
+        .map_err(|source| KafkaError::Unreachable {
+            brokers: rt.brokers.clone(),
+            source,
+        })?;
+    let partitions = |name: &str| -> Option<i32> {
+        md.topics()
+            .iter()
+            .find(|t| t.name() == name && t.error().is_none())
+            .map(|t| t.partitions().len() as i32)
+            .filter(|n| *n > 0)
+    };
+    let mut counts = Vec::new();
+    for t in &rt.input_topics {
+        counts.push((t, partitions(t).ok_or_else(|| KafkaError::MissingTopic(t.clone()))?));
+    }
+    for t in [
+        &rt.annotated_topic,
+        &rt.sessions_topic,
+        &rt.late_topic,
+        &rt.dlq_topic,
+        &rt.stats_topic,
+    ] {
+        partitions(t).ok_or_else(|| KafkaError::MissingTopic(t.clone()))?;
+    }
+    let first = counts[0].1;
+    if counts.iter().any(|(_, n)| *n != first) {
+        let desc: Vec<String> = counts.iter().map(|(t, n)| format!("{t}: {n} partitions")).collect();
+        return Err(KafkaError::NotCoPartitioned(desc.join(", ")));
+    }
+    Ok(first)
+}
