@@ -1,11 +1,13 @@
 //! The command line: flags (each also a `SESSIONIZER_*` environment variable) turned into a
-//! raw configuration overlay, then validated; subcommands dispatched. Exit codes: 0 success,
-//! 1 runtime failure (I/O, state store), 2 unusable arguments or configuration.
+//! raw configuration overlay, then validated; subcommands dispatched (`generate` has flags
+//! of its own, see `crate::generate`). Exit codes: 0 success, 1 runtime failure (I/O, state
+//! store), 2 unusable arguments or configuration.
 
 use crate::codec::Decoder;
 use crate::config::raw::{RawConfig, RawTimeoutRule};
 use crate::config::{self, Settings};
-use crate::engine::{Engine, StateStore};
+use crate::engine::{Engine, Millis, StateStore};
+use crate::generate::{self, GenerateError, Generator, GeneratorConfig};
 use crate::offline::{self, Sinks};
 use crate::store::{MemStore, RocksOptions, RocksStore};
 use clap::{Args, Parser, Subcommand};
@@ -33,6 +35,8 @@ pub enum Command {
     Run(RunArgs),
     /// Validate the configuration and print it with every default filled in (secrets redacted).
     Check(CheckArgs),
+    /// Write synthetic app/web events as JSON lines (deterministic for a given seed).
+    Generate(GenerateArgs),
 }
 
 /// Streaming-mode settings. Each flag overrides the config file.
@@ -75,7 +79,11 @@ pub struct RuntimeArgs {
     #[arg(long, env = "SESSIONIZER_COMMIT_INTERVAL")]
     pub commit_interval: Option<String>,
     /// A librdkafka property KEY=VALUE for both clients (repeatable), e.g. security.protocol=SSL.
-    #[arg(long = "kafka-property", env = "SESSIONIZER_KAFKA_PROPERTIES", value_delimiter = ';')]
+    #[arg(
+        long = "kafka-property",
+        env = "SESSIONIZER_KAFKA_PROPERTIES",
+        value_delimiter = ';'
+    )]
     pub kafka_properties: Vec<String>,
     /// Log format: human or json.
     #[arg(long, env = "SESSIONIZER_LOG_FORMAT")]
@@ -95,7 +103,11 @@ impl RuntimeArgs {
         k.stats_topic = self.stats_topic.clone();
         k.guarantee = self.guarantee.clone();
         k.commit_interval = self.commit_interval.clone();
-        let props: Vec<&String> = self.kafka_properties.iter().filter(|p| !p.trim().is_empty()).collect();
+        let props: Vec<&String> = self
+            .kafka_properties
+            .iter()
+            .filter(|p| !p.trim().is_empty())
+            .collect();
         if !props.is_empty() {
             let mut m = std::collections::BTreeMap::new();
             for p in props {
@@ -231,6 +243,79 @@ pub struct CheckArgs {
     pub runtime: RuntimeArgs,
 }
 
+fn duration_arg(s: &str) -> Result<Millis, String> {
+    config::parse_duration(s)
+}
+
+/// Options of `sessionizer generate`; see `sessionizer::generate` for the model.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Number of users.
+    #[arg(long, default_value_t = 1000)]
+    pub users: u32,
+    /// Mean think time between two events of a session (exponential).
+    #[arg(long, default_value = "20s", value_parser = duration_arg)]
+    pub think_time: Millis,
+    /// Mean number of engagement events per session (geometric).
+    #[arg(long, default_value_t = 12.0)]
+    pub events_per_session: f64,
+    /// Mean idle gap between two sessions of a user (at least --session-gap-min).
+    #[arg(long, default_value = "2h", value_parser = duration_arg)]
+    pub idle: Millis,
+    /// Smallest idle gap between two sessions of a user (keep it above the timeout).
+    #[arg(long, default_value = "31m", value_parser = duration_arg)]
+    pub session_gap_min: Millis,
+    /// Event time of the first events: RFC 3339, or `now`.
+    #[arg(long, default_value = "2024-01-01T00:00:00Z", value_parser = generate::parse_start)]
+    pub start: Millis,
+    /// Largest delay of an event after its event time (uniform jitter): bounded disorder.
+    #[arg(long, default_value = "0", value_parser = duration_arg)]
+    pub disorder: Millis,
+    /// Fraction of the events delayed by a further --late-by (late events).
+    #[arg(long, default_value_t = 0.0)]
+    pub late_fraction: f64,
+    /// Extra delay of the late events.
+    #[arg(long, default_value = "2h", value_parser = duration_arg)]
+    pub late_by: Millis,
+    /// Stop after this many events (default: no limit).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Stop after this much event time, e.g. 24h (default: no limit).
+    #[arg(long, value_parser = duration_arg)]
+    pub duration: Option<Millis>,
+    /// Pace the output to this many events per second of wall-clock time (default: as fast
+    /// as possible).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Random seed: the same seed and options give the same bytes.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Output file (default: stdout).
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+}
+
+impl GenerateArgs {
+    /// The generator configuration these options describe.
+    pub fn config(&self) -> GeneratorConfig {
+        GeneratorConfig {
+            users: self.users,
+            think_time: self.think_time,
+            events_per_session: self.events_per_session,
+            idle: self.idle,
+            session_gap_min: self.session_gap_min,
+            start: self.start,
+            disorder: self.disorder,
+            late_fraction: self.late_fraction,
+            late_by: self.late_by,
+            count: self.count,
+            duration: self.duration,
+            seed: self.seed,
+            ..GeneratorConfig::default()
+        }
+    }
+}
+
 /// A failure, with the exit code it maps to.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -354,6 +439,28 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Sessionize(a) => sessionize(a),
+        Command::Generate(a) => generate(a),
+    }
+}
+
+fn generate(a: GenerateArgs) -> Result<(), CliError> {
+    let generator = Generator::new(a.config()).map_err(generate_error)?;
+    let result = match &a.output {
+        Some(p) => generate::write_jsonl(generator, &mut create(p)?, a.rate),
+        None => generate::write_jsonl(generator, &mut BufWriter::new(io::stdout().lock()), a.rate),
+    };
+    match result {
+        Ok(_) => Ok(()),
+        // The reader went away (e.g. `| head`): a normal end for a generator.
+        Err(GenerateError::Write(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(generate_error(e)),
+    }
+}
+
+fn generate_error(e: GenerateError) -> CliError {
+    match e {
+        GenerateError::Invalid { .. } => CliError::Usage(e.to_string()),
+        GenerateError::Write(_) => CliError::Runtime(e.to_string()),
     }
 }
 
@@ -368,9 +475,8 @@ fn run_stream(a: RunArgs) -> Result<(), CliError> {
     use std::sync::Arc;
     let settings = a.semantics.settings_with(Some(&a.runtime))?;
     init_logging(settings.runtime.json_logs);
-    let metrics = Arc::new(
-        crate::metrics::Metrics::new().map_err(|e| CliError::Runtime(e.to_string()))?,
-    );
+    let metrics =
+        Arc::new(crate::metrics::Metrics::new().map_err(|e| CliError::Runtime(e.to_string()))?);
     let health = crate::http::Health::new();
     let shutdown = Arc::new(AtomicBool::new(false));
     let tokio_rt = tokio::runtime::Builder::new_multi_thread()
@@ -383,18 +489,24 @@ fn run_stream(a: RunArgs) -> Result<(), CliError> {
         .block_on(crate::http::bind(addr))
         .map_err(|e| CliError::Runtime(e.to_string()))?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio_rt.spawn(crate::http::serve_on(listener, metrics.clone(), health.clone(), async {
-        let _ = stop_rx.await;
-    }));
+    tokio_rt.spawn(crate::http::serve_on(
+        listener,
+        metrics.clone(),
+        health.clone(),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
     let flag = shutdown.clone();
     tokio_rt.spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot install the SIGTERM handler");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot install the SIGTERM handler");
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

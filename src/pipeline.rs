@@ -35,10 +35,7 @@ pub enum PipelineError {
     #[error(transparent)]
     Kafka(#[from] KafkaError),
     #[error("state of partition {partition}: {source}")]
-    Store {
-        partition: i32,
-        source: StoreError,
-    },
+    Store { partition: i32, source: StoreError },
     #[error("the pipeline state lock was poisoned by a panic")]
     Poisoned,
 }
@@ -156,7 +153,8 @@ impl Core {
         if on_close {
             // Held payload: user id length, user id, original value.
             self.held.clear();
-            self.held.extend_from_slice(&(d.user.len() as u32).to_le_bytes());
+            self.held
+                .extend_from_slice(&(d.user.len() as u32).to_le_bytes());
             self.held.extend_from_slice(d.user.as_bytes());
             self.held.extend_from_slice(payload);
         }
@@ -170,7 +168,10 @@ impl Core {
             payload: if on_close { &self.held } else { &[] },
         };
         self.out.clear();
-        let task = self.tasks.get_mut(&partition).ok_or(PipelineError::Poisoned)?;
+        let task = self
+            .tasks
+            .get_mut(&partition)
+            .ok_or(PipelineError::Poisoned)?;
         let disposition = task
             .engine
             .process(&ev, now, &mut self.out)
@@ -184,7 +185,12 @@ impl Core {
                     Outcome::Excluded
                 });
                 self.buf.clear();
-                annotate(payload, &self.decoder.settings().annotation_field, ann.as_ref(), &mut self.buf);
+                annotate(
+                    payload,
+                    &self.decoder.settings().annotation_field,
+                    ann.as_ref(),
+                    &mut self.buf,
+                );
                 self.outputs.send(
                     &self.rt.annotated_topic,
                     Some(d.user.as_bytes()),
@@ -195,7 +201,9 @@ impl Core {
                 self.metrics.record_out(OutputKind::Annotated);
                 if let Some(ts) = record_ts {
                     self.metrics
-                        .observe_processing_latency(Duration::from_millis((wall_ms() - ts).max(0) as u64));
+                        .observe_processing_latency(Duration::from_millis(
+                            (wall_ms() - ts).max(0) as u64
+                        ));
                 }
             }
             Disposition::Held => self.topic_metrics[ti].event(Outcome::Accepted),
@@ -220,7 +228,12 @@ impl Core {
         r
     }
 
-    fn dead_letter(&mut self, m: &BorrowedMessage<'_>, reason: &str, error: &str) -> Result<(), PipelineError> {
+    fn dead_letter(
+        &mut self,
+        m: &BorrowedMessage<'_>,
+        reason: &str,
+        error: &str,
+    ) -> Result<(), PipelineError> {
         let h = header(OwnedHeaders::new(), "sessionizer.reason", reason);
         let h = header(h, "sessionizer.error", error);
         let h = source_headers(h, m);
@@ -250,27 +263,52 @@ impl Core {
                     let user = payload.get(4..4 + n).unwrap_or(&[]);
                     let raw = payload.get(4 + n..).unwrap_or(&[]);
                     self.buf.clear();
-                    annotate(raw, &self.decoder.settings().annotation_field, Some(annotation), &mut self.buf);
-                    self.outputs
-                        .send(&self.rt.annotated_topic, Some(user), &self.buf, Some(*time), None)?;
+                    annotate(
+                        raw,
+                        &self.decoder.settings().annotation_field,
+                        Some(annotation),
+                        &mut self.buf,
+                    );
+                    self.outputs.send(
+                        &self.rt.annotated_topic,
+                        Some(user),
+                        &self.buf,
+                        Some(*time),
+                        None,
+                    )?;
                     self.metrics.record_out(OutputKind::Annotated);
                 }
                 Output::Session(s) => {
                     if let Some(j) = record_json(&self.decoder, o) {
-                        self.outputs
-                            .send(&self.rt.sessions_topic, Some(s.user.as_bytes()), &j, Some(s.end), None)?;
+                        self.outputs.send(
+                            &self.rt.sessions_topic,
+                            Some(s.user.as_bytes()),
+                            &j,
+                            Some(s.end),
+                            None,
+                        )?;
                         self.metrics.record_out(OutputKind::Sessions);
                     }
                     let j = stats_json(&s.user, &s.stats);
-                    self.outputs
-                        .send(&self.rt.stats_topic, Some(s.user.as_bytes()), &j, Some(s.end), None)?;
+                    self.outputs.send(
+                        &self.rt.stats_topic,
+                        Some(s.user.as_bytes()),
+                        &j,
+                        Some(s.end),
+                        None,
+                    )?;
                     self.metrics.record_out(OutputKind::Stats);
                     self.metrics.session_concluded(s);
                 }
                 Output::Merge { user, at, .. } | Output::Split { user, at, .. } => {
                     if let Some(j) = record_json(&self.decoder, o) {
-                        self.outputs
-                            .send(&self.rt.sessions_topic, Some(user.as_bytes()), &j, Some(*at), None)?;
+                        self.outputs.send(
+                            &self.rt.sessions_topic,
+                            Some(user.as_bytes()),
+                            &j,
+                            Some(*at),
+                            None,
+                        )?;
                         self.metrics.record_out(OutputKind::Sessions);
                     }
                 }
@@ -295,7 +333,10 @@ impl Core {
             if let Some(t) = self.tasks.get_mut(&p) {
                 t.engine
                     .advance(now, t.caught_up, &mut out)
-                    .map_err(|source| PipelineError::Store { partition: p, source })?;
+                    .map_err(|source| PipelineError::Store {
+                        partition: p,
+                        source,
+                    })?;
             }
             let r = self.emit(&out);
             self.out = out;
@@ -305,7 +346,11 @@ impl Core {
     }
 
     /// Flushes the outputs, then commits the state + offsets of the tasks (all, or `only`).
-    fn commit(&mut self, consumer: &BaseConsumer<Ctx>, only: Option<&[i32]>) -> Result<(), PipelineError> {
+    fn commit(
+        &mut self,
+        consumer: &BaseConsumer<Ctx>,
+        only: Option<&[i32]>,
+    ) -> Result<(), PipelineError> {
         self.outputs.flush()?;
         let started = Instant::now();
         let mut tpl = TopicPartitionList::new();
@@ -334,15 +379,20 @@ impl Core {
                     source,
                 })?;
             for o in &offsets {
-                let _ = tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
+                let _ =
+                    tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
             }
             // Metrics of the task.
             let c = t.engine.counters().clone();
-            self.metrics.sessions_opened(c.sessions_opened - t.reported.sessions_opened);
-            self.metrics.sessions_merged(c.sessions_merged - t.reported.sessions_merged);
-            self.metrics.sessions_split(c.sessions_split - t.reported.sessions_split);
+            self.metrics
+                .sessions_opened(c.sessions_opened - t.reported.sessions_opened);
+            self.metrics
+                .sessions_merged(c.sessions_merged - t.reported.sessions_merged);
+            self.metrics
+                .sessions_split(c.sessions_split - t.reported.sessions_split);
             t.reported = c;
-            self.metrics.set_open_sessions(t.partition, t.engine.open_sessions());
+            self.metrics
+                .set_open_sessions(t.partition, t.engine.open_sessions());
             for topic in &self.rt.input_topics {
                 self.metrics
                     .set_watermark(topic, t.partition, t.engine.watermark(), now);
@@ -362,7 +412,11 @@ impl Core {
 
 fn source_headers(h: OwnedHeaders, m: &BorrowedMessage<'_>) -> OwnedHeaders {
     let h = header(h, "sessionizer.source.topic", m.topic());
-    let h = header(h, "sessionizer.source.partition", &m.partition().to_string());
+    let h = header(
+        h,
+        "sessionizer.source.partition",
+        &m.partition().to_string(),
+    );
     header(h, "sessionizer.source.offset", &m.offset().to_string())
 }
 
@@ -381,6 +435,14 @@ impl Ctx {
 }
 
 impl ClientContext for Ctx {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        match error {
+            // Reaching the end of a partition is how we learn it is caught up, not an error.
+            rdkafka::error::KafkaError::PartitionEOF(_) => {}
+            e => tracing::warn!(error = %e, reason, "kafka client error (retrying)"),
+        }
+    }
+
     fn stats(&self, s: Statistics) {
         for (topic, t) in &s.topics {
             for (p, part) in &t.partitions {
@@ -408,7 +470,8 @@ impl ConsumerContext for Ctx {
                     }
                     for p in &parts {
                         core.tasks.remove(p);
-                        let topics: Vec<&str> = core.rt.input_topics.iter().map(|s| s.as_str()).collect();
+                        let topics: Vec<&str> =
+                            core.rt.input_topics.iter().map(|s| s.as_str()).collect();
                         self.metrics.forget_partition(&topics, *p);
                     }
                 }
@@ -481,13 +544,14 @@ pub fn run(
             source,
         })?;
     health.set_ready(true, "");
-    let with_core = |f: &mut dyn FnMut(&mut Core) -> Result<(), PipelineError>| -> Result<(), PipelineError> {
-        let mut g = core.lock().map_err(|_| PipelineError::Poisoned)?;
-        match g.as_mut() {
-            Some(c) => f(c),
-            None => Err(PipelineError::Poisoned),
-        }
-    };
+    let with_core =
+        |f: &mut dyn FnMut(&mut Core) -> Result<(), PipelineError>| -> Result<(), PipelineError> {
+            let mut g = core.lock().map_err(|_| PipelineError::Poisoned)?;
+            match g.as_mut() {
+                Some(c) => f(c),
+                None => Err(PipelineError::Poisoned),
+            }
+        };
     let mut last_tick = Instant::now();
     while !shutdown.load(Ordering::Relaxed) {
         match consumer.poll(Duration::from_millis(20)) {

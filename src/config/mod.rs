@@ -112,9 +112,17 @@ pub const MANAGED_PROPERTIES: [&str; 8] = [
 /// Whether a property's value must never be printed or logged.
 pub fn is_secret(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    ["password", "secret", "jaas", "ssl.key.pem", "key.password", "token", "credential"]
-        .iter()
-        .any(|s| k.contains(s))
+    [
+        "password",
+        "secret",
+        "jaas",
+        "ssl.key.pem",
+        "key.password",
+        "token",
+        "credential",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
 }
 
 /// The validated configuration.
@@ -387,11 +395,21 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
     };
     let brokers = name("kafka.brokers", &k.brokers, "127.0.0.1:9092")?;
     let group = name("kafka.group", &k.group, "sessionizer")?;
-    let input_topics = k.input_topics.clone().unwrap_or_else(|| vec!["events".into()]);
+    let input_topics = k
+        .input_topics
+        .clone()
+        .unwrap_or_else(|| vec!["events".into()]);
     if input_topics.is_empty() || input_topics.iter().any(|t| t.trim().is_empty()) {
-        return Err(invalid("kafka.input_topics", "must name at least one topic, none empty"));
+        return Err(invalid(
+            "kafka.input_topics",
+            "must name at least one topic, none empty",
+        ));
     }
-    let annotated_topic = name("kafka.annotated_topic", &k.annotated_topic, "events-sessionized")?;
+    let annotated_topic = name(
+        "kafka.annotated_topic",
+        &k.annotated_topic,
+        "events-sessionized",
+    )?;
     let sessions_topic = name("kafka.sessions_topic", &k.sessions_topic, "sessions")?;
     let late_topic = name("kafka.late_topic", &k.late_topic, "events-late")?;
     let dlq_topic = name("kafka.dlq_topic", &k.dlq_topic, "events-dlq")?;
@@ -422,8 +440,13 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
             ))
         }
     };
-    let ci = duration("kafka.commit_interval", k.commit_interval.as_deref(), "100ms")?;
-    let commit_interval = Duration::from_millis(u64::try_from(positive("kafka.commit_interval", ci)?).unwrap_or(100));
+    let ci = duration(
+        "kafka.commit_interval",
+        k.commit_interval.as_deref(),
+        "100ms",
+    )?;
+    let commit_interval =
+        Duration::from_millis(u64::try_from(positive("kafka.commit_interval", ci)?).unwrap_or(100));
     let properties = k.properties.clone().unwrap_or_default();
     for key in properties.keys() {
         if MANAGED_PROPERTIES.contains(&key.as_str()) {
@@ -437,7 +460,10 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
     let state_dir = PathBuf::from(s.state_dir.as_deref().unwrap_or("./sessionizer-state"));
     let addr = s.metrics_addr.as_deref().unwrap_or("127.0.0.1:9464");
     let metrics_addr = addr.parse().map_err(|_| {
-        invalid("service.metrics_addr", format!("`{addr}` is not an address like 127.0.0.1:9464"))
+        invalid(
+            "service.metrics_addr",
+            format!("`{addr}` is not an address like 127.0.0.1:9464"),
+        )
     })?;
     let json_logs = match s.log_format.as_deref().unwrap_or("human") {
         "human" => false,
@@ -498,7 +524,9 @@ fn effective(raw: &RawConfig) -> RawConfig {
     d(&mut e.output.annotation_field, "session");
     d(&mut e.kafka.brokers, "127.0.0.1:9092");
     d(&mut e.kafka.group, "sessionizer");
-    e.kafka.input_topics.get_or_insert_with(|| vec!["events".into()]);
+    e.kafka
+        .input_topics
+        .get_or_insert_with(|| vec!["events".into()]);
     d(&mut e.kafka.annotated_topic, "events-sessionized");
     d(&mut e.kafka.sessions_topic, "sessions");
     d(&mut e.kafka.late_topic, "events-late");
@@ -568,7 +596,10 @@ mod tests {
         let s = validate(&r).unwrap();
         assert_eq!(s.runtime.properties["sasl.password"], "hunter2");
         let shown = toml::to_string(&s.effective).unwrap();
-        assert!(!shown.contains("hunter2") && shown.contains("<redacted>"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("<redacted>"),
+            "{shown}"
+        );
         assert!(shown.contains("SASL_SSL"));
         let mut r = RawConfig::default();
         r.kafka.properties = Some([("group.id".to_string(), "x".to_string())].into());

@@ -156,16 +156,32 @@ impl RawConfig {
             ]
         );
         overlay!(self.output, over.output, [annotate, annotation_field]);
-        overlay!(self.kafka, over.kafka, [
-            brokers, group, input_topics, annotated_topic, sessions_topic, late_topic, dlq_topic,
-            stats_topic, guarantee, commit_interval
-        ]);
+        overlay!(
+            self.kafka,
+            over.kafka,
+            [
+                brokers,
+                group,
+                input_topics,
+                annotated_topic,
+                sessions_topic,
+                late_topic,
+                dlq_topic,
+                stats_topic,
+                guarantee,
+                commit_interval
+            ]
+        );
         if let Some(p) = &over.kafka.properties {
             let mine = self.kafka.properties.get_or_insert_with(Default::default);
             for (k, v) in p {
                 mine.insert(k.clone(), v.clone());
             }
         }
-        overlay!(self.service, over.service, [state_dir, metrics_addr, log_format]);
+        overlay!(
+            self.service,
+            over.service,
+            [state_dir, metrics_addr, log_format]
+        );
     }
 }

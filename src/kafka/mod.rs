@@ -82,12 +82,13 @@ pub fn check_topics<C: rdkafka::consumer::ConsumerContext>(
     rt: &RuntimeSettings,
     timeout: Duration,
 ) -> Result<i32, KafkaError> {
-    let md: Metadata = consumer
-        .fetch_metadata(None, timeout)
-        .map_err(|source| KafkaError::Unreachable {
-            brokers: rt.brokers.clone(),
-            source,
-        })?;
+    let md: Metadata =
+        consumer
+            .fetch_metadata(None, timeout)
+            .map_err(|source| KafkaError::Unreachable {
+                brokers: rt.brokers.clone(),
+                source,
+            })?;
     let partitions = |name: &str| -> Option<i32> {
         md.topics()
             .iter()
@@ -97,7 +98,10 @@ pub fn check_topics<C: rdkafka::consumer::ConsumerContext>(
     };
     let mut counts = Vec::new();
     for t in &rt.input_topics {
-        counts.push((t, partitions(t).ok_or_else(|| KafkaError::MissingTopic(t.clone()))?));
+        counts.push((
+            t,
+            partitions(t).ok_or_else(|| KafkaError::MissingTopic(t.clone()))?,
+        ));
     }
     for t in [
         &rt.annotated_topic,
@@ -110,7 +114,10 @@ pub fn check_topics<C: rdkafka::consumer::ConsumerContext>(
     }
     let first = counts[0].1;
     if counts.iter().any(|(_, n)| *n != first) {
-        let desc: Vec<String> = counts.iter().map(|(t, n)| format!("{t}: {n} partitions")).collect();
+        let desc: Vec<String> = counts
+            .iter()
+            .map(|(t, n)| format!("{t}: {n} partitions"))
+            .collect();
         return Err(KafkaError::NotCoPartitioned(desc.join(", ")));
     }
     Ok(first)

@@ -9,9 +9,7 @@ use super::KafkaError;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{
-    BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer,
-};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -106,7 +104,10 @@ impl Outputs {
             }
         }
         if warned {
-            tracing::info!(waited_s = started.elapsed().as_secs(), "outputs acknowledged");
+            tracing::info!(
+                waited_s = started.elapsed().as_secs(),
+                "outputs acknowledged"
+            );
         }
         let failed = self.state.failed.load(Ordering::Relaxed);
         if failed > 0 {
