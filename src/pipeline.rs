@@ -438,7 +438,9 @@ impl ClientContext for Ctx {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         match error {
             // Reaching the end of a partition is how we learn it is caught up, not an error.
-            rdkafka::error::KafkaError::PartitionEOF(_) => {}
+            rdkafka::error::KafkaError::PartitionEOF(_)
+            | rdkafka::error::KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) => {
+            }
             e => tracing::warn!(error = %e, reason, "kafka client error (retrying)"),
         }
     }

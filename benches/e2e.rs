@@ -1,0 +1,455 @@
+//! End-to-end benchmark against a real Apache Kafka broker on this machine (started with
+//! `scripts/kafka.sh`, or `KAFKA_BOOTSTRAP_SERVERS`): in one run,
+//! Throughput is measured from process (or thread) start until the consumer group has committed
+//! every input offset, which both only do after their outputs are acknowledged.
+//! 1. throughput of a plain consume-and-produce pass-through (same client settings as the
+//!    sessionizer: the same consumer and producer configuration, commits every 100 ms after a
+//!    flush) over N pre-loaded records;
+//! 2. throughput of `sessionizer run` (at-least-once) over the same records;
+//! 3. event-to-annotation latency (p50/p99 from the sessionizer's own histogram) at a fixed
+//!    rate of half the measured sessionizer throughput.
+//!
+//! Run: `cargo bench --bench e2e` (E2E_EVENTS, default 300000; E2E_LATENCY_RATE overrides the
+//! latency phase's rate). Under `cargo test` it does
+//! nothing.
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use sessionizer::config::{raw::RawConfig, validate};
+use sessionizer::generate::{Generator, GeneratorConfig};
+use sessionizer::kafka::output::Outputs;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sessionizer");
+const PARTITIONS: i32 = 3;
+const OUTPUTS: [&str; 5] = ["annotated", "sessions", "late", "dlq", "stats"];
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn kafka_sh(args: &[&str]) -> std::process::Output {
+    Command::new("scripts/kafka.sh")
+        .args(args)
+        .output()
+        .expect("scripts/kafka.sh")
+}
+
+fn create(bootstrap: &str, names: &[String]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|n| NewTopic::new(n, PARTITIONS, TopicReplication::Fixed(1)))
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for r in rt
+        .block_on(admin.create_topics(&topics, &AdminOptions::new()))
+        .unwrap()
+    {
+        r.unwrap();
+    }
+}
+
+fn producer(bootstrap: &str) -> ThreadedProducer<DefaultProducerContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .unwrap()
+}
+
+fn send(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, key: &str, value: &[u8]) {
+    let mut r: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).key(key).payload(value);
+    loop {
+        match p.send(r) {
+            Ok(()) => return,
+            Err((_, back)) => {
+                r = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+fn events(count: u64, start: i64, seed: u64) -> Vec<(String, Vec<u8>)> {
+    let cfg = GeneratorConfig {
+        users: 10_000,
+        count: Some(count),
+        start,
+        disorder: 2_000,
+        seed,
+        ..GeneratorConfig::default()
+    };
+    Generator::new(cfg)
+        .unwrap()
+        .map(|e| (e.user_id.to_string(), serde_json::to_vec(&e).unwrap()))
+        .collect()
+}
+
+fn runtime_settings(bootstrap: &str, group: &str) -> sessionizer::config::RuntimeSettings {
+    let mut raw = RawConfig::default();
+    raw.kafka.brokers = Some(bootstrap.to_owned());
+    raw.kafka.group = Some(group.to_owned());
+    validate(&raw).unwrap().runtime
+}
+
+/// Consume `topic` from the start and produce every record to `out` unchanged, committing
+/// (after a flush) every 100 ms, until `n` records are through. Returns the elapsed time.
+fn pass_through(bootstrap: &str, topic: &str, out: &str, n: usize) -> Duration {
+    let rt = runtime_settings(bootstrap, "bench-passthrough");
+    let started = Instant::now();
+    let consumer: BaseConsumer = sessionizer::kafka::consumer_config(&rt).create().unwrap();
+    let outputs = Outputs::new(&sessionizer::kafka::producer_config(&rt)).unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut seen = 0usize;
+    let mut last = Instant::now();
+    let mut next: Vec<i64> = vec![-1; PARTITIONS as usize];
+    while seen < n {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) {
+            outputs
+                .send(
+                    out,
+                    m.key(),
+                    m.payload().unwrap_or(&[]),
+                    m.timestamp().to_millis(),
+                    None,
+                )
+                .unwrap();
+            next[m.partition() as usize] = m.offset() + 1;
+            seen += 1;
+        }
+        if last.elapsed() >= Duration::from_millis(100) || seen == n {
+            outputs.flush().unwrap();
+            let mut tpl = TopicPartitionList::new();
+            for (p, o) in next.iter().enumerate() {
+                if *o >= 0 {
+                    tpl.add_partition_offset(topic, p as i32, Offset::Offset(*o))
+                        .unwrap();
+                }
+            }
+            if tpl.count() > 0 {
+                let mode = if seen == n {
+                    CommitMode::Sync
+                } else {
+                    CommitMode::Async
+                };
+                consumer.commit(&tpl, mode).unwrap();
+            }
+            last = Instant::now();
+        }
+    }
+    started.elapsed()
+}
+
+/// Sum of the committed offsets of `group` on `topic` (all partitions).
+fn committed(bootstrap: &str, group: &str, topic: &str) -> i64 {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition(topic, p);
+    }
+    c.committed_offsets(tpl, Duration::from_secs(5))
+        .map(|t| {
+            t.elements()
+                .iter()
+                .map(|e| match e.offset() {
+                    Offset::Offset(o) => o,
+                    _ => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until `group` has committed `n` records of `topic`; the time since `started`.
+fn until_committed(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    n: usize,
+    started: Instant,
+) -> Duration {
+    while committed(bootstrap, group, topic) < n as i64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "{group} too slow"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    started.elapsed()
+}
+
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body
+}
+
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Run {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Run {
+    fn start(bootstrap: &str, input: &str, prefix: &str, state: &std::path::Path) -> Run {
+        let port = free_port();
+        let t = |s: &str| format!("{prefix}-{s}");
+        let child = Command::new(BIN)
+            .args([
+                "run",
+                "--brokers",
+                bootstrap,
+                "--group",
+                &format!("{prefix}-group"),
+            ])
+            .args([
+                "--input-topics",
+                input,
+                "--annotated-topic",
+                &t("annotated"),
+            ])
+            .args([
+                "--sessions-topic",
+                &t("sessions"),
+                "--late-topic",
+                &t("late"),
+            ])
+            .args(["--dlq-topic", &t("dlq"), "--stats-topic", &t("stats")])
+            .args(["--start-events", "app_open", "--end-events", "app_close"])
+            .args([
+                "--excluded-events",
+                "push_sent,notification_shown,app_installed",
+            ])
+            .args(["--allowed-lateness", "5s", "--idle-after", "2s"])
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .env("SESSIONIZER_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        Run { child, port }
+    }
+
+    fn events_in(&self) -> f64 {
+        metric(&scrape(self.port), "sessionizer_events_total{")
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// The upper bound of the histogram bucket holding quantile `q`.
+fn quantile(text: &str, name: &str, q: f64) -> f64 {
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}_bucket{{")))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    buckets
+        .iter()
+        .find(|(_, c)| *c >= q * total)
+        .map_or(f64::NAN, |b| b.0)
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!("e2e: skipped (run it with `cargo bench --bench e2e`)");
+        return;
+    }
+    let n: usize = std::env::var("E2E_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300_000);
+    let tmp = tempfile::tempdir().unwrap();
+    let kdir = tmp.path().join("kafka");
+    let (bootstrap, ours) = match std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
+        Ok(b) => (b, false),
+        Err(_) => {
+            let out = kafka_sh(&["start", "--dir", kdir.to_str().unwrap(), "--port", "19092"]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .last()
+                    .unwrap()
+                    .trim()
+                    .to_owned(),
+                true,
+            )
+        }
+    };
+    let mut topics = vec![
+        "bench-in".to_owned(),
+        "bench-pt-out".to_owned(),
+        "bench-lat-in".to_owned(),
+    ];
+    for p in ["bench-sz", "bench-lat"] {
+        topics.extend(OUTPUTS.iter().map(|o| format!("{p}-{o}")));
+    }
+    create(&bootstrap, &topics);
+
+    let p = producer(&bootstrap);
+    for (k, v) in events(n as u64, now_ms() - 3 * 86_400_000, 1) {
+        send(&p, "bench-in", &k, &v);
+    }
+    p.flush(Duration::from_secs(60)).unwrap();
+    eprintln!("e2e: {n} events loaded into bench-in ({PARTITIONS} partitions)");
+
+    // Warm-up: the first group on a fresh broker creates the offsets topic; don't bill that
+    // to whichever side runs first.
+    {
+        let rt = runtime_settings(&bootstrap, "bench-warmup");
+        let c: BaseConsumer = sessionizer::kafka::consumer_config(&rt).create().unwrap();
+        c.subscribe(&["bench-in"]).unwrap();
+        let t = Instant::now();
+        while c.assignment().map_or(0, |a| a.count()) == 0 && t.elapsed() < Duration::from_secs(60)
+        {
+            let _ = c.poll(Duration::from_millis(50));
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("bench-in", 0, Offset::Offset(0))
+            .unwrap();
+        c.commit(&tpl, CommitMode::Sync).unwrap();
+    }
+    let started = Instant::now();
+    let b = bootstrap.clone();
+    let worker = std::thread::spawn(move || pass_through(&b, "bench-in", "bench-pt-out", n));
+    let pt = until_committed(&bootstrap, "bench-passthrough", "bench-in", n, started);
+    let _ = worker.join();
+    let pt_rate = n as f64 / pt.as_secs_f64();
+    eprintln!(
+        "e2e: pass-through {:.1} s = {:.0} events/s",
+        pt.as_secs_f64(),
+        pt_rate
+    );
+
+    let started = Instant::now();
+    let run = Run::start(&bootstrap, "bench-in", "bench-sz", &tmp.path().join("sz"));
+    let sz = until_committed(&bootstrap, "bench-sz-group", "bench-in", n, started);
+    run.stop();
+    let sz_rate = n as f64 / sz.as_secs_f64();
+    eprintln!(
+        "e2e: sessionizer run (at-least-once) {:.1} s = {:.0} events/s",
+        sz.as_secs_f64(),
+        sz_rate
+    );
+
+    // Latency at half the measured sessionizer rate, for 10 s, events timed "now".
+    let rate = std::env::var("E2E_LATENCY_RATE")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or((sz_rate / 2.0).max(100.0));
+    let lat = Run::start(
+        &bootstrap,
+        "bench-lat-in",
+        "bench-lat",
+        &tmp.path().join("lat"),
+    );
+    std::thread::sleep(Duration::from_secs(5)); // let it join the group before the load starts
+    let total = (rate * 10.0) as usize;
+    let evs = events(total as u64, now_ms(), 2);
+    let t0 = Instant::now();
+    for (i, (k, v)) in evs.iter().enumerate() {
+        let due = Duration::from_secs_f64(i as f64 / rate);
+        if let Some(wait) = due.checked_sub(t0.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        send(&p, "bench-lat-in", k, v);
+    }
+    p.flush(Duration::from_secs(60)).unwrap();
+    while lat.events_in() < total as f64 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = scrape(lat.port);
+    let (p50, p99) = (
+        quantile(&text, "sessionizer_processing_latency_seconds", 0.5),
+        quantile(&text, "sessionizer_processing_latency_seconds", 0.99),
+    );
+    lat.stop();
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!("| events | {n} |");
+    println!(
+        "| pass-through | {pt_rate:.0} events/s ({:.1} s) |",
+        pt.as_secs_f64()
+    );
+    println!(
+        "| sessionizer run, at-least-once | {sz_rate:.0} events/s ({:.1} s) |",
+        sz.as_secs_f64()
+    );
+    println!("| ratio run / pass-through | {:.2} |", sz_rate / pt_rate);
+    println!(
+        "| latency at {rate:.0} events/s, p50 (bucket upper bound) | <= {:.1} ms |",
+        p50 * 1000.0
+    );
+    println!(
+        "| latency at {rate:.0} events/s, p99 (bucket upper bound) | <= {:.1} ms |",
+        p99 * 1000.0
+    );
+    if ours {
+        let _ = kafka_sh(&["stop", "--dir", kdir.to_str().unwrap()]);
+    }
+}
