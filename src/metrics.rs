@@ -75,7 +75,7 @@ pub const METRIC_TABLE: &str = "\
 | `sessionizer_watermark_seconds` | gauge | `topic`, `partition` | event-time watermark, as Unix epoch seconds |
 | `sessionizer_watermark_lag_seconds` | gauge | `topic`, `partition` | wall clock minus watermark |
 | `sessionizer_consumer_lag_records` | gauge | `topic`, `partition` | records between the consumer position and the high watermark of the input partition |
-| `sessionizer_processing_latency_seconds` | histogram | | end-to-end latency, input record timestamp to its output being produced |
+| `sessionizer_processing_latency_seconds` | histogram | | end-to-end latency, input record timestamp to its annotated record being handed to the producer |
 | `sessionizer_transaction_commit_seconds` | histogram | | time to commit a Kafka transaction (exactly-once) |
 | `sessionizer_transaction_aborts_total` | counter | | Kafka transactions aborted |
 | `sessionizer_commit_seconds` | histogram | | time to commit state and input offsets (one RocksDB write batch) |

@@ -23,7 +23,7 @@ pub enum KafkaError {
         brokers: String,
         source: rdkafka::error::KafkaError,
     },
-    #[error("topic `{0}` does not exist; create it first (see README, \"Topics\")")]
+    #[error("topic `{0}` does not exist; create it first (see README, \"Streaming mode\")")]
     MissingTopic(String),
     #[error("input topics are not co-partitioned: {0}")]
     NotCoPartitioned(String),
