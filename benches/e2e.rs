@@ -6,10 +6,11 @@
 //!    sessionizer: the same consumer and producer configuration, commits every 100 ms after a
 //!    flush) over N pre-loaded records;
 //! 2. throughput of `sessionizer run` (at-least-once) over the same records;
-//! 3. event-to-annotation latency (p50/p99 from the sessionizer's own histogram) at a fixed
-//!    rate of half the measured sessionizer throughput.
+//! 3. event-to-annotation latency (p50/p99 from the sessionizer's own histogram) of a live
+//!    stream (event time = send time) at a fixed rate of half the measured sessionizer
+//!    throughput.
 //!
-//! Run: `cargo bench --bench e2e` (E2E_EVENTS, default 300000; E2E_LATENCY_RATE overrides the
+//! Run: `cargo bench --bench e2e` (E2E_EVENTS, default 1000000; E2E_LATENCY_RATE overrides the
 //! latency phase's rate). Under `cargo test` it does
 //! nothing.
 
@@ -155,6 +156,14 @@ fn pass_through(bootstrap: &str, topic: &str, out: &str, n: usize) -> Duration {
         }
     }
     started.elapsed()
+}
+
+/// The event with its `timestamp` field set to `t`.
+fn retime(v: &[u8], t: i64) -> Vec<u8> {
+    let text = std::str::from_utf8(v).unwrap();
+    let at = text.find("\"timestamp\":").unwrap() + "\"timestamp\":".len();
+    let end = at + text[at..].find(|c: char| !c.is_ascii_digit()).unwrap();
+    format!("{}{t}{}", &text[..at], &text[end..]).into_bytes()
 }
 
 /// Sum of the committed offsets of `group` on `topic` (all partitions).
@@ -318,7 +327,7 @@ fn main() {
     let n: usize = std::env::var("E2E_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(300_000);
+        .unwrap_or(1_000_000);
     let tmp = tempfile::tempdir().unwrap();
     let kdir = tmp.path().join("kafka");
     let (bootstrap, ours) = match std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
@@ -408,7 +417,20 @@ fn main() {
         "bench-lat",
         &tmp.path().join("lat"),
     );
-    std::thread::sleep(Duration::from_secs(5)); // let it join the group before the load starts
+    // Start the load once the group has assigned its partitions (and a moment for the fetchers).
+    let t = Instant::now();
+    while metric(
+        &scrape(lat.port),
+        "sessionizer_rebalances_total{kind=\"assigned\"}",
+    ) < 1.0
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no partition assignment"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
     let total = (rate * 10.0) as usize;
     let evs = events(total as u64, now_ms(), 2);
     let t0 = Instant::now();
@@ -417,7 +439,8 @@ fn main() {
         if let Some(wait) = due.checked_sub(t0.elapsed()) {
             std::thread::sleep(wait);
         }
-        send(&p, "bench-lat-in", k, v);
+        // A live stream: the event time is the send time.
+        send(&p, "bench-lat-in", k, &retime(v, now_ms()));
     }
     p.flush(Duration::from_secs(60)).unwrap();
     while lat.events_in() < total as f64 {
