@@ -451,6 +451,12 @@ fn main() {
         quantile(&text, "sessionizer_processing_latency_seconds", 0.5),
         quantile(&text, "sessionizer_processing_latency_seconds", 0.99),
     );
+    let commit_p99 = quantile(&text, "sessionizer_commit_seconds", 0.99);
+    let commits = metric(&text, "sessionizer_commit_seconds_count");
+    eprintln!(
+        "e2e: latency phase: {commits} commits, commit time p99 <= {:.1} ms",
+        commit_p99 * 1000.0
+    );
     lat.stop();
     println!("| measure | value |");
     println!("|---|---|");

@@ -34,10 +34,7 @@ done
 # Events of the last day, keyed by user id (the input must be partitioned by user).
 START=$(date -u -d '-1 day' +%Y-%m-%dT%H:%M:%SZ)
 "$BIN" generate --users 500 --count "${DEMO_EVENTS:-50000}" --start "$START" --disorder 10s --seed 1 \
-  | sed -E 's/^(.*"user_id":"([^"]+)".*)$/\2\t\1/' \
-  | scripts/kafka.sh tool console-producer --dir "$KAFKA_DIR" -- --topic events \
-      --reader-property parse.key=true --reader-property 'key.separator=	' 2>/dev/null
-echo "demo: ${DEMO_EVENTS:-50000} synthetic events produced to topic 'events'" >&2
+  --topic events --brokers "$BROKERS"
 
 rm -rf "$OUT/state"
 "$BIN" run --config examples/sessionizer-kafka.toml --brokers "$BROKERS" \

@@ -293,6 +293,15 @@ pub struct GenerateArgs {
     /// Output file (default: stdout).
     #[arg(long, short)]
     pub output: Option<PathBuf>,
+    /// Produce to this Kafka topic instead (keyed by user id), e.g. events.
+    #[arg(long, conflicts_with = "output")]
+    pub topic: Option<String>,
+    /// Kafka bootstrap servers for --topic.
+    #[arg(long, default_value = "127.0.0.1:9092", env = "SESSIONIZER_BROKERS")]
+    pub brokers: String,
+    /// A librdkafka property KEY=VALUE for the producer (repeatable).
+    #[arg(long = "kafka-property", value_delimiter = ';')]
+    pub kafka_properties: Vec<String>,
 }
 
 impl GenerateArgs {
@@ -445,6 +454,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
 
 fn generate(a: GenerateArgs) -> Result<(), CliError> {
     let generator = Generator::new(a.config()).map_err(generate_error)?;
+    if let Some(topic) = &a.topic {
+        return generate_to_kafka(&a, generator, topic);
+    }
     let result = match &a.output {
         Some(p) => generate::write_jsonl(generator, &mut create(p)?, a.rate),
         None => generate::write_jsonl(generator, &mut BufWriter::new(io::stdout().lock()), a.rate),
@@ -455,6 +467,43 @@ fn generate(a: GenerateArgs) -> Result<(), CliError> {
         Err(GenerateError::Write(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         Err(e) => Err(generate_error(e)),
     }
+}
+
+/// `generate --topic`: the events as JSON values keyed by user id, with the same idempotent
+/// producer settings as the streaming mode; waits until every record is acknowledged.
+fn generate_to_kafka(a: &GenerateArgs, generator: Generator, topic: &str) -> Result<(), CliError> {
+    let mut raw = RawConfig::default();
+    raw.kafka.brokers = Some(a.brokers.clone());
+    let runtime = RuntimeArgs {
+        kafka_properties: a.kafka_properties.clone(),
+        ..RuntimeArgs::default()
+    };
+    runtime.apply(&mut raw)?;
+    raw.kafka.brokers = Some(a.brokers.clone());
+    let settings = config::validate(&raw)?;
+    let outputs =
+        crate::kafka::output::Outputs::new(&crate::kafka::producer_config(&settings.runtime))
+            .map_err(|e| CliError::Runtime(e.to_string()))?;
+    let mut value = Vec::with_capacity(256);
+    let mut failure = None;
+    let n = generate::for_each_paced(generator, a.rate, |ev| {
+        value.clear();
+        serde_json::to_writer(&mut value, ev).map_err(|e| GenerateError::Write(e.into()))?;
+        if let Err(e) = outputs.send(topic, Some(ev.user_id.as_bytes()), &value, None, None) {
+            failure = Some(e.to_string());
+            return Err(GenerateError::Write(io::Error::other("produce failed")));
+        }
+        Ok(())
+    });
+    if let Some(f) = failure {
+        return Err(CliError::Runtime(f));
+    }
+    let n = n.map_err(generate_error)?;
+    outputs
+        .flush()
+        .map_err(|e| CliError::Runtime(e.to_string()))?;
+    eprintln!("sessionizer: {n} events produced to {topic}");
+    Ok(())
 }
 
 fn generate_error(e: GenerateError) -> CliError {

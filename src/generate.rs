@@ -766,6 +766,30 @@ pub fn write_jsonl<W: Write>(
     out: &mut W,
     rate: Option<f64>,
 ) -> Result<u64, GenerateError> {
+    let mut line = Vec::with_capacity(256);
+    let written = for_each_paced(events, rate, |ev| {
+        line.clear();
+        serde_json::to_writer(&mut line, ev).map_err(|e| GenerateError::Write(e.into()))?;
+        line.push(b'\n');
+        out.write_all(&line).map_err(GenerateError::Write)?;
+        if rate.is_some() {
+            // Paced output is read live: don't let it sit in a buffer.
+            out.flush().map_err(GenerateError::Write)?;
+        }
+        Ok(())
+    })?;
+    out.flush().map_err(GenerateError::Write)?;
+    Ok(written)
+}
+
+/// Calls `emit` for every event, pacing to `rate` events per second of wall-clock time when
+/// given (an absolute schedule: after an oversleep the next events go out at once). Returns
+/// the number of events emitted.
+pub fn for_each_paced(
+    events: impl Iterator<Item = Event>,
+    rate: Option<f64>,
+    mut emit: impl FnMut(&Event) -> Result<(), GenerateError>,
+) -> Result<u64, GenerateError> {
     if let Some(r) = rate {
         if !(r > 0.0 && r.is_finite()) {
             return Err(invalid("--rate", format!("{r} is not a positive rate")));
@@ -773,24 +797,17 @@ pub fn write_jsonl<W: Write>(
     }
     let started = Instant::now();
     let mut written = 0u64;
-    let mut line = Vec::with_capacity(256);
     for ev in events {
         if let Some(r) = rate {
             let due = Duration::from_secs_f64(written as f64 / r);
             let elapsed = started.elapsed();
-            // The schedule is absolute: after an oversleep the next events go out at once.
             if due > elapsed {
-                out.flush().map_err(GenerateError::Write)?;
                 std::thread::sleep(due - elapsed);
             }
         }
-        line.clear();
-        serde_json::to_writer(&mut line, &ev).map_err(|e| GenerateError::Write(e.into()))?;
-        line.push(b'\n');
-        out.write_all(&line).map_err(GenerateError::Write)?;
+        emit(&ev)?;
         written += 1;
     }
-    out.flush().map_err(GenerateError::Write)?;
     Ok(written)
 }
 

@@ -4,6 +4,7 @@
 //! - bad records land in the dead-letter topic with reasons while the partition keeps flowing;
 //! - kill -9 mid-stream, restart: every input is annotated (repeats only identical), sessions
 //!   equal the offline result;
+//! - `sessionizer generate --topic` produces keyed events;
 //! - the broker stopped and restarted mid-run: the process recovers by itself, nothing lost.
 //!
 //! Waiting is always for a condition (records seen, process exited), with a deadline.
@@ -764,6 +765,26 @@ fn broker_restart_is_survived(broker: &Broker) {
     assert_eq!(p.terminate(), 0, "the process recovered by itself:\n{}", "");
 }
 
+fn generate_produces_keyed_events_to_a_topic(broker: &Broker) {
+    broker.create_topics(&["gen-in"], 3);
+    let out = Command::new(BIN)
+        .args(["generate", "--count", "500", "--users", "20", "--seed", "3"])
+        .args(["--topic", "gen-in", "--brokers", &broker.bootstrap])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recs = broker.read_until("gen-in", Duration::from_secs(60), |r| r.len() >= 500);
+    assert_eq!(recs.len(), 500);
+    for r in &recs {
+        let v: Value = serde_json::from_str(&r.value).unwrap();
+        assert_eq!(r.key.as_deref(), v["user_id"].as_str(), "keyed by user id");
+    }
+}
+
 #[test]
 fn kafka_end_to_end() {
     let broker = Broker::start();
@@ -777,6 +798,9 @@ fn kafka_end_to_end() {
     }
     if want("kill") {
         kill_9_and_restart_loses_nothing(&broker);
+    }
+    if want("generate") {
+        generate_produces_keyed_events_to_a_topic(&broker);
     }
     if want("bounce") {
         broker_restart_is_survived(&broker);
