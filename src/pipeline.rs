@@ -38,6 +38,8 @@ pub enum PipelineError {
     Store { partition: i32, source: StoreError },
     #[error("the pipeline state lock was poisoned by a panic")]
     Poisoned,
+    #[error("in a rebalance callback: {0}")]
+    Rebalance(String),
 }
 
 fn wall_ms() -> i64 {
@@ -490,6 +492,20 @@ impl ConsumerContext for Ctx {
                 .map(|e| (e.topic().to_owned(), e.partition()))
                 .collect();
             tracing::info!(partitions = ?parts, "partitions assigned");
+            // Open the tasks now, not on their first record: a partition with nothing left to
+            // read must still move time on and conclude the sessions in its state.
+            if let Some(mut g) = self.lock() {
+                if let Some(core) = g.as_mut() {
+                    for (_, p) in &parts {
+                        if let Err(e) = core.task(*p) {
+                            tracing::error!(partition = p, error = %e, "cannot open the task");
+                            if let Ok(mut f) = self.failure.lock() {
+                                f.get_or_insert_with(|| e.to_string());
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -566,7 +582,7 @@ pub fn run(
             None => {}
         }
         if let Some(f) = failure.lock().ok().and_then(|f| f.clone()) {
-            return Err(KafkaError::Produce(f).into());
+            return Err(PipelineError::Rebalance(f));
         }
         if last_tick.elapsed() >= rt.commit_interval {
             with_core(&mut |c| c.tick(&consumer))?;
