@@ -1,5 +1,5 @@
 //! End-to-end benchmark against a real Apache Kafka broker on this machine (started with
-//! `scripts/kafka.sh`, or `KAFKA_BOOTSTRAP_SERVERS`): in one run,
+//! `scripts/kafka.sh` on free 127.0.0.1 ports, or `KAFKA_BOOTSTRAP_SERVERS`): in one run,
 //! Throughput is measured from process (or thread) start until the consumer group has committed
 //! every input offset, which both only do after their outputs are acknowledged.
 //! 1. throughput of a plain consume-and-produce pass-through (same client settings as the
@@ -27,6 +27,11 @@ use sessionizer::kafka::output::Outputs;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+#[path = "../tests/support/kafka.rs"]
+mod kafka_support;
+
+use kafka_support::{free_port, free_port_pair, kafka_sh, metric, scrape};
+
 const BIN: &str = env!("CARGO_BIN_EXE_sessionizer");
 const PARTITIONS: i32 = 3;
 const OUTPUTS: [&str; 5] = ["annotated", "sessions", "late", "dlq", "stats"];
@@ -36,13 +41,6 @@ fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
-}
-
-fn kafka_sh(args: &[&str]) -> std::process::Output {
-    Command::new("scripts/kafka.sh")
-        .args(args)
-        .output()
-        .expect("scripts/kafka.sh")
 }
 
 fn create(bootstrap: &str, names: &[String]) {
@@ -208,35 +206,6 @@ fn until_committed(
     started.elapsed()
 }
 
-fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    let _ = write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    );
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body
-}
-
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Run {
     child: std::process::Child,
     port: u16,
@@ -333,7 +302,8 @@ fn main() {
     let (bootstrap, ours) = match std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
         Ok(b) => (b, false),
         Err(_) => {
-            let out = kafka_sh(&["start", "--dir", kdir.to_str().unwrap(), "--port", "19092"]);
+            let port = free_port_pair().to_string();
+            let out = kafka_sh(&["start", "--dir", kdir.to_str().unwrap(), "--port", &port]);
             assert!(
                 out.status.success(),
                 "{}",

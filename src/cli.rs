@@ -473,13 +473,12 @@ fn generate(a: GenerateArgs) -> Result<(), CliError> {
 /// producer settings as the streaming mode; waits until every record is acknowledged.
 fn generate_to_kafka(a: &GenerateArgs, generator: Generator, topic: &str) -> Result<(), CliError> {
     let mut raw = RawConfig::default();
-    raw.kafka.brokers = Some(a.brokers.clone());
     let runtime = RuntimeArgs {
+        brokers: Some(a.brokers.clone()),
         kafka_properties: a.kafka_properties.clone(),
         ..RuntimeArgs::default()
     };
     runtime.apply(&mut raw)?;
-    raw.kafka.brokers = Some(a.brokers.clone());
     let settings = config::validate(&raw)?;
     let outputs =
         crate::kafka::output::Outputs::new(&crate::kafka::producer_config(&settings.runtime))

@@ -7,9 +7,7 @@
 
 use crate::codec::records::{annotate, record_json, stats_json};
 use crate::codec::Decoder;
-use crate::engine::{
-    Disposition, Engine, InputEvent, Millis, Output, SourceOffset, StateStore, StoreError,
-};
+use crate::engine::{Disposition, Engine, Millis, Output, SourceOffset, StateStore, StoreError};
 use base64::Engine as _;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -163,15 +161,7 @@ pub fn sessionize<S: StateStore>(
         // The simulated clock: the largest event time read so far, this line included (so no
         // event is ever ahead of "now" offline; filter far-future times before a backfill).
         let arrival = now.map_or(d.time, |n| n.max(d.time));
-        let ev = InputEvent {
-            key: &d.key,
-            user: &d.user,
-            time: d.time,
-            class: d.class,
-            timeout: d.timeout,
-            source: 0,
-            payload: raw,
-        };
+        let ev = d.event(0, raw);
         now = Some(arrival);
         out.clear();
         match engine.process(&ev, arrival, &mut out)? {

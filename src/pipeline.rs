@@ -13,8 +13,7 @@ use crate::codec::records::{annotate, record_json, stats_json};
 use crate::codec::Decoder;
 use crate::config::{RuntimeSettings, Settings};
 use crate::engine::{
-    AnnotateMode, Counters, Disposition, Engine, InputEvent, Output, SourceOffset, StateStore,
-    StoreError,
+    AnnotateMode, Counters, Disposition, Engine, Output, SourceOffset, StateStore, StoreError,
 };
 use crate::kafka::output::Outputs;
 use crate::kafka::{self, KafkaError};
@@ -160,15 +159,7 @@ impl Core {
             self.held.extend_from_slice(d.user.as_bytes());
             self.held.extend_from_slice(payload);
         }
-        let ev = InputEvent {
-            key: &d.key,
-            user: &d.user,
-            time: d.time,
-            class: d.class,
-            timeout: d.timeout,
-            source: ti as u32,
-            payload: if on_close { &self.held } else { &[] },
-        };
+        let ev = d.event(ti as u32, if on_close { &self.held } else { &[] });
         self.out.clear();
         let task = self
             .tasks

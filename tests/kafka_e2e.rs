@@ -23,6 +23,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod support;
+
+use support::kafka::{free_port, free_port_pair, kafka_sh, metric, rand_u32, scrape};
+
 const BIN: &str = env!("CARGO_BIN_EXE_sessionizer");
 
 /// An input record: key, value (None: a tombstone), partition (None: by key).
@@ -32,35 +36,6 @@ type Input = (Option<String>, Option<Vec<u8>>, Option<i32>);
 struct Broker {
     bootstrap: String,
     dir: Option<(tempfile::TempDir, PathBuf)>,
-}
-
-fn free_port_pair() -> u16 {
-    for _ in 0..200 {
-        let p = 20_000 + (std::process::id() as u16 % 5_000) * 2 + (rand_u32() % 4_000) as u16 * 2;
-        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
-            && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()
-        {
-            return p;
-        }
-    }
-    panic!("no free port pair");
-}
-
-fn rand_u32() -> u32 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    t.wrapping_mul(2_654_435_761)
-}
-
-fn kafka_sh(args: &[&str]) -> std::process::Output {
-    Command::new("scripts/kafka.sh")
-        .args(args)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::piped())
-        .output()
-        .expect("run scripts/kafka.sh")
 }
 
 impl Broker {
@@ -456,34 +431,6 @@ fn session_set(v: &[Value]) -> BTreeSet<String> {
         .collect()
 }
 
-fn scrape(port: u16) -> String {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
-}
-
-fn metric(text: &str, name_and_labels: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name_and_labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn annotated_by_n(recs: &[Rec]) -> BTreeMap<u64, BTreeSet<String>> {
     let mut m: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
     for r in recs {
@@ -762,7 +709,13 @@ fn broker_restart_is_survived(broker: &Broker) {
         input.len(),
         "nothing lost across the broker restart"
     );
-    assert_eq!(p.terminate(), 0, "the process recovered by itself:\n{}", "");
+    let log = p.log.clone();
+    assert_eq!(
+        p.terminate(),
+        0,
+        "the process recovered by itself and stopped cleanly; log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
 }
 
 fn generate_produces_keyed_events_to_a_topic(broker: &Broker) {

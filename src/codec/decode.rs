@@ -3,7 +3,7 @@
 //! others are skipped. Every failure has a stable reason code for the dead-letter output.
 
 use crate::config::{DecodeSettings, TimeFormat};
-use crate::engine::{EventClass, Millis};
+use crate::engine::{EventClass, InputEvent, Millis};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
@@ -96,6 +96,22 @@ pub struct Decoded<'a> {
     pub time: Millis,
     pub class: EventClass,
     pub timeout: Millis,
+}
+
+impl Decoded<'_> {
+    /// The engine's view of this event, from input `source`, holding `payload` in `on_close`
+    /// mode.
+    pub fn event<'s>(&'s self, source: u32, payload: &'s [u8]) -> InputEvent<'s> {
+        InputEvent {
+            key: &self.key,
+            user: &self.user,
+            time: self.time,
+            class: self.class,
+            timeout: self.timeout,
+            source,
+            payload,
+        }
+    }
 }
 
 /// Precomputed lookup from top-level field name to slot.

@@ -563,6 +563,17 @@ mod tests {
     }
 
     #[test]
+    fn the_printed_defaults_are_the_defaults_in_force() {
+        // `effective` writes the defaults out a second time, for `sessionizer check`: feeding
+        // its output back must give the same settings.
+        let a = validate(&RawConfig::default()).unwrap();
+        let b = validate(&a.effective).unwrap();
+        assert_eq!(a.engine, b.engine);
+        assert_eq!(a.decode, b.decode);
+        assert_eq!(a.runtime, b.runtime);
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let mut r = RawConfig::default();
         r.session.timeout = Some("soon".into());

@@ -48,9 +48,6 @@ pub struct Counters {
 }
 
 impl Counters {
-    pub fn concluded(&self, r: EndReason) -> u64 {
-        self.sessions_concluded[reason_index(r)]
-    }
     pub fn concluded_total(&self) -> u64 {
         self.sessions_concluded.iter().sum()
     }

@@ -40,11 +40,6 @@ impl Watermark {
         self.current.map(|w| w.saturating_add(p.allowed_lateness))
     }
 
-    /// The largest event time seen on any source.
-    pub fn max_event_time(&self) -> Option<Millis> {
-        self.sources.iter().map(|s| s.max_time).max()
-    }
-
     /// Records an event of `source` with event time `t`, arriving at wall-clock `now`.
     pub fn observe(&mut self, source: u32, t: Millis, now: Millis, p: &WatermarkParams) {
         if let [only] = self.sources.as_mut_slice() {
@@ -105,11 +100,6 @@ impl Watermark {
 
     fn raise(&mut self, w: Millis) {
         self.current = Some(self.current.map_or(w, |c| c.max(w)));
-    }
-
-    /// Forces the watermark to at least `w` (end of input in offline mode).
-    pub fn raise_to(&mut self, w: Millis) {
-        self.raise(w);
     }
 }
 

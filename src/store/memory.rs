@@ -31,11 +31,6 @@ impl MemStore {
         Self::default()
     }
 
-    /// Number of scope keys with state.
-    pub fn approx_keys(&self) -> usize {
-        self.keys.len()
-    }
-
     fn index(&mut self, kind: TimerKind) -> &mut BTreeSet<(Millis, CompactString)> {
         match kind {
             TimerKind::Deadline => &mut self.deadline_timers,
@@ -105,12 +100,7 @@ impl StateStore for MemStore {
         before: Millis,
         out: &mut Vec<(Millis, CompactString)>,
     ) -> Result<(), StoreError> {
-        let set = self.index(kind);
-        while set.first().is_some_and(|(at, _)| *at < before) {
-            if let Some(entry) = set.pop_first() {
-                out.push(entry);
-            }
-        }
+        super::pop_due_from(self.index(kind), before, out);
         Ok(())
     }
 

@@ -95,8 +95,8 @@ struct Cached<T> {
 #[derive(Debug)]
 struct TimerIndex {
     cf: &'static str,
-    set: BTreeSet<(Millis, String)>,
-    pending: FxHashMap<(Millis, String), bool>,
+    set: BTreeSet<(Millis, CompactString)>,
+    pending: FxHashMap<(Millis, CompactString), bool>,
 }
 
 impl TimerIndex {
@@ -104,7 +104,8 @@ impl TimerIndex {
         let mut set = BTreeSet::new();
         for item in db.iterator_cf(cf(db, name)?, IteratorMode::Start) {
             let (k, _) = item.map_err(backend)?;
-            set.insert(decode_timer_key(name, &k)?);
+            let (at, key) = decode_timer_key(name, &k)?;
+            set.insert((at, CompactString::from(key)));
         }
         Ok(Self {
             cf: name,
@@ -114,7 +115,7 @@ impl TimerIndex {
     }
 
     fn add(&mut self, at: Millis, key: &str) {
-        let entry = (at, key.to_owned());
+        let entry = (at, CompactString::from(key));
         if self.set.contains(&entry) {
             return;
         }
@@ -125,9 +126,9 @@ impl TimerIndex {
         self.set.insert(entry);
     }
 
-    fn pop_due(&mut self, before: Millis, out: &mut Vec<(Millis, String)>) {
+    fn pop_due(&mut self, before: Millis, out: &mut Vec<(Millis, CompactString)>) {
         let start = out.len();
-        pop_due_from(&mut self.set, before, out);
+        super::pop_due_from(&mut self.set, before, out);
         for entry in &out[start..] {
             // A pending put means the entry never reached the database: dropping it suffices.
             if self.pending.remove(entry) != Some(true) {
@@ -426,18 +427,17 @@ impl StateStore for RocksStore {
         before: Millis,
         out: &mut Vec<(Millis, CompactString)>,
     ) -> Result<(), StoreError> {
-        let mut popped = Vec::new();
-        self.index(kind).pop_due(before, &mut popped);
-        out.extend(
-            popped
-                .into_iter()
-                .map(|(at, k)| (at, CompactString::from(k))),
-        );
+        self.index(kind).pop_due(before, out);
         Ok(())
     }
 
     fn timers(&mut self, kind: TimerKind) -> Result<Vec<(Millis, String)>, StoreError> {
-        Ok(self.index(kind).set.iter().cloned().collect())
+        Ok(self
+            .index(kind)
+            .set
+            .iter()
+            .map(|(at, k)| (*at, k.to_string()))
+            .collect())
     }
 
     fn put_payload(&mut self, key: &str, tie: u64, payload: &[u8]) -> Result<(), StoreError> {
@@ -499,19 +499,5 @@ impl StateStore for RocksStore {
         self.quiet.pending.clear();
         self.gen += 1;
         Ok(())
-    }
-}
-
-/// Moves every entry with `at < before` from `set` to `out`, in order. Touches only the due
-/// entries (each `pop_first` is O(log n)).
-fn pop_due_from(
-    set: &mut BTreeSet<(Millis, String)>,
-    before: Millis,
-    out: &mut Vec<(Millis, String)>,
-) {
-    while set.first().is_some_and(|(at, _)| *at < before) {
-        if let Some(entry) = set.pop_first() {
-            out.push(entry);
-        }
     }
 }

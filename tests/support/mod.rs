@@ -2,6 +2,8 @@
 //! engine, event generators, and a driver that runs the engine like the offline mode does.
 #![allow(dead_code)]
 
+pub mod kafka;
+
 use chrono::{Datelike, TimeZone};
 use sessionizer::engine::{
     Disposition, EndReason, Engine, EngineConfig, EventClass, InputEvent, Millis, Output,

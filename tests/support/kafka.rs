@@ -1,0 +1,68 @@
+//! Helpers for tests and benchmarks against the real broker: `scripts/kafka.sh`, free ports,
+//! scraping `/metrics`. Shared by `tests/kafka_e2e.rs` and `benches/e2e.rs`.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::process::{Command, Output, Stdio};
+
+/// Runs `scripts/kafka.sh` with `args` (from the crate root, where cargo runs tests).
+pub fn kafka_sh(args: &[&str]) -> Output {
+    Command::new("scripts/kafka.sh")
+        .args(args)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .output()
+        .expect("run scripts/kafka.sh")
+}
+
+/// A cheap varying number (for group names and port choices), not a security-grade random.
+pub fn rand_u32() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    t.wrapping_mul(2_654_435_761)
+}
+
+/// A free port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A port P with P and P+1 free on 127.0.0.1 (a broker and its controller).
+pub fn free_port_pair() -> u16 {
+    for _ in 0..200 {
+        let p = 20_000 + (std::process::id() as u16 % 5_000) * 2 + (rand_u32() % 4_000) as u16 * 2;
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()
+        {
+            return p;
+        }
+    }
+    panic!("no free port pair");
+}
+
+/// The body of `GET /metrics` on 127.0.0.1:`port` (empty while nothing listens yet).
+pub fn scrape(port: u16) -> String {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body
+}
+
+/// Sum of the samples whose line starts with `prefix` (a name, optionally with labels).
+pub fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
