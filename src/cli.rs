@@ -72,12 +72,21 @@ pub struct RuntimeArgs {
     /// Address of /metrics, /healthz and /readyz, e.g. 0.0.0.0:9464.
     #[arg(long, env = "SESSIONIZER_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
-    /// Delivery guarantee: at-least-once.
+    /// Delivery guarantee: exactly-once (default) or at-least-once.
     #[arg(long, env = "SESSIONIZER_GUARANTEE")]
     pub guarantee: Option<String>,
     /// How often outputs, state and offsets are committed, e.g. 100ms.
     #[arg(long, env = "SESSIONIZER_COMMIT_INTERVAL")]
     pub commit_interval: Option<String>,
+    /// Compacted topic backing the state (default `<group>-changelog`; created if missing).
+    #[arg(long, env = "SESSIONIZER_CHANGELOG_TOPIC")]
+    pub changelog_topic: Option<String>,
+    /// Stable, unique name of this instance (default: the host name).
+    #[arg(long, env = "SESSIONIZER_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// Transaction timeout (exactly-once), e.g. 10s.
+    #[arg(long, env = "SESSIONIZER_TRANSACTION_TIMEOUT")]
+    pub transaction_timeout: Option<String>,
     /// A librdkafka property KEY=VALUE for both clients (repeatable), e.g. security.protocol=SSL.
     #[arg(
         long = "kafka-property",
@@ -103,6 +112,9 @@ impl RuntimeArgs {
         k.stats_topic = self.stats_topic.clone();
         k.guarantee = self.guarantee.clone();
         k.commit_interval = self.commit_interval.clone();
+        k.changelog_topic = self.changelog_topic.clone();
+        k.instance_id = self.instance_id.clone();
+        k.transaction_timeout = self.transaction_timeout.clone();
         let props: Vec<&String> = self
             .kafka_properties
             .iter()
@@ -481,7 +493,7 @@ fn generate_to_kafka(a: &GenerateArgs, generator: Generator, topic: &str) -> Res
     runtime.apply(&mut raw)?;
     let settings = config::validate(&raw)?;
     let outputs =
-        crate::kafka::output::Outputs::new(&crate::kafka::producer_config(&settings.runtime))
+        crate::kafka::output::Outputs::new(&crate::kafka::plain_producer_config(&settings.runtime))
             .map_err(|e| CliError::Runtime(e.to_string()))?;
     let mut value = Vec::with_capacity(256);
     let mut failure = None;

@@ -1,25 +1,40 @@
 //! The streaming pipeline: a Kafka consumer group feeding one engine task per input partition
-//! number, each with its own RocksDB state, and every output produced to Kafka.
+//! number, each with its own RocksDB state backed by a changelog partition, and every output
+//! produced to Kafka.
 //!
-//! Delivery invariant (at-least-once): every `commit_interval` the pipeline moves time on in
-//! every task, waits until every output produced so far is acknowledged by the brokers, then
-//! writes each task's state together with its next input offsets in one RocksDB write batch,
-//! and only then commits the offsets to Kafka (for lag monitoring; the RocksDB offsets are the
-//! truth). Records below a task's stored offsets are skipped on redelivery. After a crash the
-//! tasks resume from their last commit and produce the outputs since then again, identically,
-//! because the engine is deterministic. A rebalance that revokes partitions commits them first.
+//! Every `commit_interval` the pipeline moves time on in every task and commits: each task
+//! stages its state changes and publishes them to its changelog partition, then
+//!
+//! * **exactly-once**: the outputs, the changelog records and the input offsets of the interval
+//!   commit in one Kafka transaction; an abortable failure aborts it and rewinds every task to
+//!   its last committed state and input position; a fatal one (fenced by a newer instance
+//!   with the same id) stops the process;
+//! * **at-least-once**: the pipeline waits until every output and changelog record is
+//!   acknowledged, then commits the input offsets to Kafka (for lag monitoring; the RocksDB
+//!   offsets are the truth). After a crash the tasks resume from their last commit and produce
+//!   the outputs since then again, identically, because the engine is deterministic.
+//!
+//! Only then is the staged state written to RocksDB, with the changelog offset it reaches (the
+//! local checkpoint). So local state is always a committed prefix of the changelog: a task
+//! opening a partition replays the changelog from its checkpoint (or from the start, without
+//! usable local state) before it consumes, and resumes from the input offsets of the state it
+//! restored. Records below a task's offsets are skipped on redelivery. A rebalance commits
+//! before it revokes partitions, and restores newly assigned partitions before they are
+//! consumed.
 
 use crate::codec::records::{annotate, record_json, stats_json};
 use crate::codec::Decoder;
-use crate::config::{RuntimeSettings, Settings};
+use crate::config::{Guarantee, RuntimeSettings, Settings};
 use crate::engine::{
     AnnotateMode, Counters, Disposition, Engine, Output, SourceOffset, StateStore, StoreError,
 };
-use crate::kafka::output::Outputs;
+use crate::kafka::changelog::Restorer;
+use crate::kafka::output::{Outputs, TxnError};
 use crate::kafka::{self, KafkaError};
 use crate::metrics::{DeadLetterReason, Metrics, Outcome, OutputKind, RebalanceKind, TopicMetrics};
 use crate::store::{RocksOptions, RocksStore};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -39,6 +54,11 @@ pub enum PipelineError {
     Poisoned,
     #[error("in a rebalance callback: {0}")]
     Rebalance(String),
+    #[error(
+        "the transactional producer failed for good ({0}); if another instance runs with \
+         the same kafka.instance_id it has taken over (instance ids must be unique)"
+    )]
+    Fenced(String),
 }
 
 fn wall_ms() -> i64 {
@@ -65,12 +85,17 @@ struct Core {
     settings: Settings,
     decoder: Decoder,
     outputs: Outputs,
+    restorer: Restorer,
     metrics: Arc<Metrics>,
+    health: crate::http::Health,
     topic_metrics: Vec<TopicMetrics>,
     tasks: BTreeMap<i32, Task>,
     out: Vec<Output>,
     buf: Vec<u8>,
     held: Vec<u8>,
+    /// Commit ids: this process's nonce and a counter.
+    nonce: u64,
+    commits: u64,
 }
 
 fn header(h: OwnedHeaders, key: &str, value: &str) -> OwnedHeaders {
@@ -88,43 +113,98 @@ impl Core {
             .join(format!("partition-{partition}"))
     }
 
+    fn exactly_once(&self) -> bool {
+        self.rt.guarantee == Guarantee::ExactlyOnce
+    }
+
     fn task(&mut self, partition: i32) -> Result<&mut Task, PipelineError> {
         if !self.tasks.contains_key(&partition) {
-            let dir = self.state_dir(partition);
-            let store = RocksStore::open(&dir, RocksOptions::default())
-                .map_err(|source| PipelineError::Store { partition, source })?;
-            let mut engine = Engine::open(self.settings.engine.clone(), store)
-                .map_err(|source| PipelineError::Store { partition, source })?;
-            let stored = engine
-                .store_mut()
-                .committed_offsets()
-                .map_err(|source| PipelineError::Store { partition, source })?;
-            let next = self
-                .rt
-                .input_topics
-                .iter()
-                .map(|t| {
-                    stored
-                        .iter()
-                        .find(|o| &o.topic == t && o.partition == partition)
-                        .map(|o| o.next_offset)
-                })
-                .collect();
-            tracing::info!(partition, dir = %dir.display(), offsets = ?stored, "task opened");
-            self.tasks.insert(
-                partition,
-                Task {
-                    partition,
-                    engine,
-                    next,
-                    caught_up: false,
-                    reported: Counters::default(),
-                },
-            );
+            self.open_task(partition)?;
         }
         self.tasks
             .get_mut(&partition)
             .ok_or(PipelineError::Poisoned)
+    }
+
+    /// Opens a task: local state checked against the changelog (deleted if it cannot be
+    /// trusted), the changelog replayed from the local checkpoint, the engine opened on the
+    /// result.
+    fn open_task(&mut self, partition: i32) -> Result<(), PipelineError> {
+        let store_err = |source| PipelineError::Store { partition, source };
+        let dir = self.state_dir(partition);
+        let (low, high) = self.restorer.bounds(partition)?;
+        let mut store = match RocksStore::open(&dir, RocksOptions::default()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(partition, error = %e, "local state unreadable: rebuilding it from the changelog");
+                RocksStore::destroy(&dir).map_err(store_err)?;
+                RocksStore::open(&dir, RocksOptions::default()).map_err(store_err)?
+            }
+        };
+        let checkpoint = store.changelog_checkpoint().map_err(store_err)?;
+        let untrusted = match checkpoint {
+            None => store.has_state().map_err(store_err)?.then_some("no changelog checkpoint"),
+            Some(c) if c > high => Some("checkpoint beyond the end of the changelog"),
+            Some(c) if c < low => Some("checkpoint before the start of the changelog"),
+            Some(_) => None,
+        };
+        if let Some(why) = untrusted {
+            tracing::warn!(partition, why, ?checkpoint, low, high, "local state not trusted: rebuilding it from the changelog");
+            drop(store);
+            RocksStore::destroy(&dir).map_err(store_err)?;
+            store = RocksStore::open(&dir, RocksOptions::default()).map_err(store_err)?;
+        }
+        let from = if untrusted.is_some() {
+            low
+        } else {
+            checkpoint.unwrap_or(low)
+        };
+        if high > from {
+            let started = Instant::now();
+            tracing::info!(partition, from, to = high, "restoring state from the changelog");
+            let metrics = self.metrics.clone();
+            let mut reported = 0;
+            let r = self.restorer.restore(partition, from, &mut store, &mut |applied, _| {
+                metrics.restore_records(partition, applied - reported);
+                reported = applied;
+            })?;
+            let secs = started.elapsed().as_secs_f64();
+            tracing::info!(
+                partition,
+                applied = r.applied,
+                discarded = r.discarded,
+                checkpoint = r.checkpoint,
+                seconds = secs,
+                records_per_second = (r.applied as f64 / secs.max(1e-9)) as u64,
+                "state restored"
+            );
+        }
+        store.enable_changelog();
+        let mut engine = Engine::open(self.settings.engine.clone(), store).map_err(store_err)?;
+        let stored = engine.store_mut().committed_offsets().map_err(store_err)?;
+        let next = self
+            .rt
+            .input_topics
+            .iter()
+            .map(|t| {
+                stored
+                    .iter()
+                    .find(|o| &o.topic == t && o.partition == partition)
+                    .map(|o| o.next_offset)
+            })
+            .collect();
+        tracing::info!(partition, dir = %dir.display(), offsets = ?stored, "task opened");
+        self.tasks.insert(
+            partition,
+            Task {
+                partition,
+                engine,
+                next,
+                caught_up: false,
+                reported: Counters::default(),
+            },
+        );
+        Ok(())
     }
 
     fn handle(&mut self, m: &BorrowedMessage<'_>) -> Result<(), PipelineError> {
@@ -335,23 +415,18 @@ impl Core {
             self.out = out;
             r?;
         }
-        self.commit(consumer, None)
+        self.commit(consumer)
     }
 
-    /// Flushes the outputs, then commits the state + offsets of the tasks (all, or `only`).
-    fn commit(
-        &mut self,
-        consumer: &BaseConsumer<Ctx>,
-        only: Option<&[i32]>,
-    ) -> Result<(), PipelineError> {
-        self.outputs.flush()?;
+    /// Commits every task (see the module docs).
+    fn commit(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), PipelineError> {
         let started = Instant::now();
+        self.commits += 1;
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&self.nonce.to_be_bytes());
+        id[8..].copy_from_slice(&self.commits.to_be_bytes());
         let mut tpl = TopicPartitionList::new();
-        let now = wall_ms();
         for t in self.tasks.values_mut() {
-            if only.is_some_and(|o| !o.contains(&t.partition)) {
-                continue;
-            }
             let offsets: Vec<SourceOffset> = self
                 .rt
                 .input_topics
@@ -371,10 +446,45 @@ impl Core {
                     partition: t.partition,
                     source,
                 })?;
+            for c in t.engine.store_mut().take_changes() {
+                self.outputs.send_change(
+                    &self.rt.changelog_topic,
+                    t.partition,
+                    &c.key,
+                    c.value.as_deref(),
+                    &id,
+                )?;
+            }
             for o in &offsets {
                 let _ =
                     tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
             }
+        }
+        if self.exactly_once() {
+            let group = consumer.group_metadata().ok_or_else(|| {
+                PipelineError::Rebalance("the consumer has no group metadata".into())
+            })?;
+            let t0 = Instant::now();
+            match self.outputs.commit_transaction(&tpl, &group) {
+                Ok(()) => self.metrics.observe_transaction_commit(t0.elapsed()),
+                Err(TxnError::Abortable(e)) => {
+                    tracing::warn!(error = %e, "transaction failed: aborting and rewinding");
+                    return self.abort_and_rewind(consumer);
+                }
+                Err(TxnError::Fatal(e)) => return Err(PipelineError::Fenced(e)),
+            }
+        } else {
+            self.outputs.flush()?;
+        }
+        let now = wall_ms();
+        for t in self.tasks.values_mut() {
+            t.engine
+                .store_mut()
+                .write_staged(self.outputs.changelog_next(t.partition))
+                .map_err(|source| PipelineError::Store {
+                    partition: t.partition,
+                    source,
+                })?;
             // Metrics of the task.
             let c = t.engine.counters().clone();
             self.metrics
@@ -394,10 +504,168 @@ impl Core {
                 .set_state_size(t.partition, t.engine.store().approx_size_bytes());
         }
         self.metrics.observe_commit(started.elapsed());
-        if tpl.count() > 0 {
+        if self.exactly_once() {
+            self.begin()?;
+        } else if tpl.count() > 0 {
             consumer
                 .commit(&tpl, CommitMode::Async)
                 .map_err(KafkaError::Commit)?;
+        }
+        Ok(())
+    }
+
+    fn begin(&self) -> Result<(), PipelineError> {
+        self.outputs.begin().map_err(|e| match e {
+            TxnError::Abortable(e) | TxnError::Fatal(e) => PipelineError::Fenced(e),
+        })
+    }
+
+    /// Exactly-once: aborts the open transaction and takes every task back to its last
+    /// committed state and input position.
+    fn abort_and_rewind(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), PipelineError> {
+        self.metrics.transaction_aborted();
+        match self.outputs.abort() {
+            Ok(()) => {}
+            Err(TxnError::Fatal(e)) => return Err(PipelineError::Fenced(e)),
+            Err(TxnError::Abortable(e)) => tracing::warn!(error = %e, "abort failed"),
+        }
+        let parts: Vec<i32> = self.tasks.keys().copied().collect();
+        // Dropping a store discards its staged commit: RocksDB holds the committed state.
+        self.tasks.clear();
+        for p in parts {
+            self.open_task(p)?;
+            self.seek_task(consumer, p)?;
+        }
+        self.begin()
+    }
+
+    /// Moves the consumer of a task's input partitions to the task's offsets (or, where the
+    /// task has none, to the group's committed offset, else the beginning).
+    fn seek_task(&self, consumer: &BaseConsumer<Ctx>, partition: i32) -> Result<(), PipelineError> {
+        let Some(t) = self.tasks.get(&partition) else {
+            return Ok(());
+        };
+        for (topic, next) in self.rt.input_topics.iter().zip(&t.next) {
+            let offset = match next {
+                Some(n) => Offset::Offset(*n),
+                None => {
+                    let mut q = TopicPartitionList::new();
+                    q.add_partition(topic, partition);
+                    consumer
+                        .committed_offsets(q, Duration::from_secs(30))
+                        .ok()
+                        .and_then(|c| c.find_partition(topic, partition).map(|e| e.offset()))
+                        .filter(|o| matches!(o, Offset::Offset(_)))
+                        .unwrap_or(Offset::Beginning)
+                }
+            };
+            consumer
+                .seek(topic, partition, offset, Duration::from_secs(10))
+                .map_err(|e| {
+                    PipelineError::Rebalance(format!("cannot rewind {topic}[{partition}]: {e}"))
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Newly assigned partitions: restores their tasks and sets where consumption starts.
+    fn assign(
+        &mut self,
+        consumer: &BaseConsumer<Ctx>,
+        tpl: &mut TopicPartitionList,
+    ) -> Result<(), PipelineError> {
+        let mut parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        parts.sort_unstable();
+        parts.dedup();
+        let new: Vec<i32> = parts
+            .iter()
+            .copied()
+            .filter(|p| !self.tasks.contains_key(p))
+            .collect();
+        self.metrics.set_restoring_partitions(new.len() as u64);
+        self.health
+            .set_ready(false, format!("restoring partitions {new:?}"));
+        for (i, p) in new.iter().enumerate() {
+            self.open_task(*p)?;
+            if self.exactly_once() {
+                self.check_against_group(consumer, *p)?;
+            }
+            self.metrics
+                .set_restoring_partitions((new.len() - i - 1) as u64);
+        }
+        for (ti, topic) in self.rt.input_topics.iter().enumerate() {
+            for p in &parts {
+                if let Some(Some(n)) = self.tasks.get(p).map(|t| t.next[ti]) {
+                    if tpl.find_partition(topic, *p).is_some() {
+                        let _ = tpl.set_partition_offset(topic, *p, Offset::Offset(n));
+                    }
+                }
+            }
+        }
+        self.health.set_ready(true, "");
+        Ok(())
+    }
+
+    /// Exactly-once: the restored state must have the input offsets the group committed (in
+    /// the same transactions). A state behind them missed a commit that was still completing
+    /// when the restore read the changelog: read the tail again.
+    fn check_against_group(
+        &mut self,
+        consumer: &BaseConsumer<Ctx>,
+        partition: i32,
+    ) -> Result<(), PipelineError> {
+        let mut q = TopicPartitionList::new();
+        for topic in &self.rt.input_topics {
+            q.add_partition(topic, partition);
+        }
+        for attempt in 0..3 {
+            let committed = match consumer.committed_offsets(q.clone(), Duration::from_secs(30)) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "cannot read the group's committed offsets");
+                    return Ok(());
+                }
+            };
+            let Some(t) = self.tasks.get(&partition) else {
+                return Ok(());
+            };
+            let behind = self.rt.input_topics.iter().zip(&t.next).any(|(topic, n)| {
+                match committed.find_partition(topic, partition).map(|e| e.offset()) {
+                    Some(Offset::Offset(c)) => n.is_none_or(|n| n < c),
+                    _ => false,
+                }
+            });
+            if !behind {
+                return Ok(());
+            }
+            tracing::warn!(partition, attempt, "restored state is behind the group's committed offsets: reading the changelog tail again");
+            self.tasks.remove(&partition);
+            self.open_task(partition)?;
+        }
+        tracing::error!(partition, "restored state stays behind the group's committed offsets (changelog lost or truncated?): continuing from the state's offsets");
+        Ok(())
+    }
+
+    /// Partitions taken away: commit (or, if they are already lost, abort and rewind), then
+    /// release their tasks.
+    fn revoke(
+        &mut self,
+        consumer: &BaseConsumer<Ctx>,
+        parts: &[i32],
+        lost: bool,
+    ) -> Result<(), PipelineError> {
+        if lost && self.exactly_once() {
+            for p in parts {
+                self.tasks.remove(p);
+            }
+            self.abort_and_rewind(consumer)?;
+        } else {
+            self.commit(consumer)?;
+        }
+        let topics: Vec<&str> = self.rt.input_topics.iter().map(|s| s.as_str()).collect();
+        for p in parts {
+            self.tasks.remove(p);
+            self.metrics.forget_partition(&topics, *p);
         }
         Ok(())
     }
@@ -449,54 +717,63 @@ impl ClientContext for Ctx {
     }
 }
 
-impl ConsumerContext for Ctx {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, r: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = r {
-            self.metrics.rebalance(RebalanceKind::Revoked);
-            let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-            tracing::info!(partitions = ?parts, "partitions revoked: committing");
-            if let Some(mut g) = self.lock() {
-                if let Some(core) = g.as_mut() {
-                    if let Err(e) = core.commit(consumer, Some(&parts)) {
-                        tracing::error!(error = %e, "commit on revocation failed");
-                        if let Ok(mut f) = self.failure.lock() {
-                            f.get_or_insert_with(|| e.to_string());
-                        }
-                    }
-                    for p in &parts {
-                        core.tasks.remove(p);
-                        let topics: Vec<&str> =
-                            core.rt.input_topics.iter().map(|s| s.as_str()).collect();
-                        self.metrics.forget_partition(&topics, *p);
-                    }
-                }
-            }
+impl Ctx {
+    fn fail(&self, e: PipelineError) {
+        tracing::error!(error = %e, "rebalance failed");
+        if let Ok(mut f) = self.failure.lock() {
+            f.get_or_insert_with(|| e.to_string());
         }
     }
+}
 
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, r: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = r {
-            self.metrics.rebalance(RebalanceKind::Assigned);
-            let parts: Vec<(String, i32)> = tpl
-                .elements()
-                .iter()
-                .map(|e| (e.topic().to_owned(), e.partition()))
-                .collect();
-            tracing::info!(partitions = ?parts, "partitions assigned");
-            // Open the tasks now, not on their first record: a partition with nothing left to
-            // read must still move time on and conclude the sessions in its state.
-            if let Some(mut g) = self.lock() {
-                if let Some(core) = g.as_mut() {
-                    for (_, p) in &parts {
-                        if let Err(e) = core.task(*p) {
-                            tracing::error!(partition = p, error = %e, "cannot open the task");
-                            if let Ok(mut f) = self.failure.lock() {
-                                f.get_or_insert_with(|| e.to_string());
-                            }
+impl ConsumerContext for Ctx {
+    /// Cooperative rebalances, done here rather than in the pre/post hooks so that newly
+    /// assigned partitions start at the offsets of their restored state.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.metrics.rebalance(RebalanceKind::Assigned);
+                let parts: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect();
+                tracing::info!(partitions = ?parts, "partitions assigned");
+                if let Some(mut g) = self.lock() {
+                    if let Some(core) = g.as_mut() {
+                        if let Err(e) = core.assign(consumer, tpl) {
+                            self.fail(e);
                         }
                     }
                 }
+                if let Err(e) = consumer.incremental_assign(tpl) {
+                    self.fail(PipelineError::Rebalance(format!("assign: {e}")));
+                }
             }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.metrics.rebalance(RebalanceKind::Revoked);
+                let mut parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                parts.sort_unstable();
+                parts.dedup();
+                let lost = consumer.assignment_lost();
+                tracing::info!(partitions = ?parts, lost, "partitions revoked");
+                if let Some(mut g) = self.lock() {
+                    if let Some(core) = g.as_mut() {
+                        if let Err(e) = core.revoke(consumer, &parts, lost) {
+                            self.fail(e);
+                        }
+                    }
+                }
+                if let Err(e) = consumer.incremental_unassign(tpl) {
+                    self.fail(PipelineError::Rebalance(format!("unassign: {e}")));
+                }
+            }
+            other => tracing::error!(error = ?other, "rebalance error"),
         }
     }
 }
@@ -522,15 +799,32 @@ pub fn run(
             what: "consumer",
             source,
         })?;
-    let partitions = kafka::check_topics(&consumer, &rt, Duration::from_secs(15))?;
+    let found = kafka::check_topics(&consumer, &rt, Duration::from_secs(15))?;
+    kafka::changelog::ensure_topic(&rt, found.changelog_partitions, found.partitions)?;
     tracing::info!(
         brokers = %rt.brokers,
         group = %rt.group,
         inputs = ?rt.input_topics,
-        partitions,
+        partitions = found.partitions,
+        changelog = %rt.changelog_topic,
+        guarantee = ?rt.guarantee,
         "topics checked"
     );
     let outputs = Outputs::new(&kafka::producer_config(&rt))?;
+    if rt.guarantee == Guarantee::ExactlyOnce {
+        let fenced = |e: TxnError| match e {
+            TxnError::Abortable(e) | TxnError::Fatal(e) => PipelineError::Fenced(e),
+        };
+        outputs.init_transactions().map_err(fenced)?;
+        outputs.begin().map_err(fenced)?;
+        tracing::info!(transactional_id = %kafka::transactional_id(&rt), "transactions initialised");
+    }
+    let restorer = Restorer::new(&rt)?;
+    let nonce = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ u64::from(std::process::id()) << 32;
     let decoder = Decoder::new(settings.decode.clone());
     let topic_metrics = rt.input_topics.iter().map(|t| metrics.topic(t)).collect();
     *core.lock().map_err(|_| PipelineError::Poisoned)? = Some(Core {
@@ -538,12 +832,16 @@ pub fn run(
         settings,
         decoder,
         outputs,
+        restorer,
         metrics: metrics.clone(),
+        health: health.clone(),
         topic_metrics,
         tasks: BTreeMap::new(),
         out: Vec::new(),
         buf: Vec::new(),
         held: Vec::new(),
+        nonce,
+        commits: 0,
     });
     let topics: Vec<&str> = rt.input_topics.iter().map(|s| s.as_str()).collect();
     consumer

@@ -72,6 +72,9 @@ pub struct DecodeSettings {
 /// Delivery guarantee of the streaming mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Guarantee {
+    /// Kafka transactions: the outputs, the changelog records and the input offsets of a
+    /// commit interval become visible to read_committed readers together, or not at all.
+    ExactlyOnce,
     /// State and input offsets commit atomically in RocksDB after the outputs are delivered;
     /// after a crash, outputs since the last commit are produced again, identically.
     AtLeastOnce,
@@ -90,6 +93,9 @@ pub struct RuntimeSettings {
     pub stats_topic: String,
     pub guarantee: Guarantee,
     pub commit_interval: Duration,
+    pub changelog_topic: String,
+    pub instance_id: String,
+    pub transaction_timeout: Duration,
     /// librdkafka properties passed through to the consumer and the producer.
     pub properties: std::collections::BTreeMap<String, String>,
     pub state_dir: PathBuf,
@@ -98,7 +104,7 @@ pub struct RuntimeSettings {
 }
 
 /// librdkafka properties the service sets itself; configuring them is an error.
-pub const MANAGED_PROPERTIES: [&str; 8] = [
+pub const MANAGED_PROPERTIES: [&str; 9] = [
     "bootstrap.servers",
     "group.id",
     "enable.auto.commit",
@@ -107,6 +113,7 @@ pub const MANAGED_PROPERTIES: [&str; 8] = [
     "enable.partition.eof",
     "isolation.level",
     "transactional.id",
+    "transaction.timeout.ms",
 ];
 
 /// Whether a property's value must never be printed or logged.
@@ -425,14 +432,9 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
             return Err(invalid(key, format!("`{t}` is also an input topic")));
         }
     }
-    let guarantee = match k.guarantee.as_deref().unwrap_or("at-least-once") {
+    let guarantee = match k.guarantee.as_deref().unwrap_or("exactly-once") {
         "at-least-once" | "at_least_once" => Guarantee::AtLeastOnce,
-        "exactly-once" | "exactly_once" => {
-            return Err(invalid(
-                "kafka.guarantee",
-                "exactly-once is not available yet in this version; use at-least-once",
-            ))
-        }
+        "exactly-once" | "exactly_once" => Guarantee::ExactlyOnce,
         other => {
             return Err(invalid(
                 "kafka.guarantee",
@@ -447,6 +449,54 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
     )?;
     let commit_interval =
         Duration::from_millis(u64::try_from(positive("kafka.commit_interval", ci)?).unwrap_or(100));
+    let changelog_topic = name(
+        "kafka.changelog_topic",
+        &k.changelog_topic,
+        &format!("{group}-changelog"),
+    )?;
+    if input_topics.contains(&changelog_topic)
+        || [
+            &annotated_topic,
+            &sessions_topic,
+            &late_topic,
+            &dlq_topic,
+            &stats_topic,
+        ]
+        .contains(&&changelog_topic)
+    {
+        return Err(invalid(
+            "kafka.changelog_topic",
+            format!("`{changelog_topic}` is already used as an input or output topic"),
+        ));
+    }
+    let instance_id = match &k.instance_id {
+        Some(id) => id.clone(),
+        None => default_instance_id(),
+    };
+    if instance_id.is_empty()
+        || !instance_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(invalid(
+            "kafka.instance_id",
+            format!("`{instance_id}` must be non-empty and use only letters, digits, `.`, `_`, `-`"),
+        ));
+    }
+    let tt = duration(
+        "kafka.transaction_timeout",
+        k.transaction_timeout.as_deref(),
+        "10s",
+    )?;
+    let transaction_timeout = Duration::from_millis(
+        u64::try_from(positive("kafka.transaction_timeout", tt)?).unwrap_or(10_000),
+    );
+    if transaction_timeout < commit_interval * 2 {
+        return Err(invalid(
+            "kafka.transaction_timeout",
+            "must be at least twice kafka.commit_interval",
+        ));
+    }
     let properties = k.properties.clone().unwrap_or_default();
     for key in properties.keys() {
         if MANAGED_PROPERTIES.contains(&key.as_str()) {
@@ -486,11 +536,24 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
         stats_topic,
         guarantee,
         commit_interval,
+        changelog_topic,
+        instance_id,
+        transaction_timeout,
         properties,
         state_dir,
         metrics_addr,
         json_logs,
     })
+}
+
+/// The default instance id: the host name (a StatefulSet pod's name), else `sessionizer`.
+pub fn default_instance_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "sessionizer".to_owned())
 }
 
 /// The raw configuration with every default written out.
@@ -532,8 +595,12 @@ fn effective(raw: &RawConfig) -> RawConfig {
     d(&mut e.kafka.late_topic, "events-late");
     d(&mut e.kafka.dlq_topic, "events-dlq");
     d(&mut e.kafka.stats_topic, "user-session-stats");
-    d(&mut e.kafka.guarantee, "at-least-once");
+    d(&mut e.kafka.guarantee, "exactly-once");
     d(&mut e.kafka.commit_interval, "100ms");
+    let group = e.kafka.group.clone().unwrap_or_default();
+    d(&mut e.kafka.changelog_topic, &format!("{group}-changelog"));
+    d(&mut e.kafka.instance_id, &default_instance_id());
+    d(&mut e.kafka.transaction_timeout, "10s");
     let props = e.kafka.properties.get_or_insert_with(Default::default);
     for (k, v) in props.iter_mut() {
         if is_secret(k) {

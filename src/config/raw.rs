@@ -36,10 +36,18 @@ pub struct RawKafka {
     pub late_topic: Option<String>,
     pub dlq_topic: Option<String>,
     pub stats_topic: Option<String>,
-    /// at-least-once (exactly-once comes with transactions).
+    /// exactly-once (Kafka transactions) or at-least-once.
     pub guarantee: Option<String>,
     /// How often state, outputs and offsets are committed.
     pub commit_interval: Option<String>,
+    /// Compacted topic backing the state (default `<group>-changelog`).
+    pub changelog_topic: Option<String>,
+    /// This instance's stable, unique name (default: the host name); the transactional id is
+    /// `<group>-<instance_id>`.
+    pub instance_id: Option<String>,
+    /// Transaction timeout: how long a crashed instance's open transaction can block
+    /// read_committed readers before the broker aborts it.
+    pub transaction_timeout: Option<String>,
     /// Arbitrary librdkafka properties (security.protocol, sasl.*, ssl.*, ...), passed to both
     /// the consumer and the producer.
     pub properties: Option<std::collections::BTreeMap<String, String>>,
@@ -169,7 +177,10 @@ impl RawConfig {
                 dlq_topic,
                 stats_topic,
                 guarantee,
-                commit_interval
+                commit_interval,
+                changelog_topic,
+                instance_id,
+                transaction_timeout
             ]
         );
         if let Some(p) = &over.kafka.properties {

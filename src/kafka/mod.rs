@@ -2,6 +2,7 @@
 //! start-up checks of the topics (exist, co-partitioned), and the consumer context that hands
 //! rebalances and client statistics to the pipeline.
 
+pub mod changelog;
 pub mod output;
 
 use crate::config::RuntimeSettings;
@@ -31,9 +32,11 @@ pub enum KafkaError {
     Produce(String),
     #[error("committing offsets to Kafka failed: {0}")]
     Commit(rdkafka::error::KafkaError),
+    #[error("changelog: {0}")]
+    Changelog(String),
 }
 
-fn base_config(rt: &RuntimeSettings) -> ClientConfig {
+pub(crate) fn base_config(rt: &RuntimeSettings) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &rt.brokers);
     for (k, v) in &rt.properties {
@@ -59,8 +62,21 @@ pub fn consumer_config(rt: &RuntimeSettings) -> ClientConfig {
     c
 }
 
-/// The producer configuration: idempotent, acks=all, small linger.
+/// The pipeline's producer configuration: [`plain_producer_config`], transactional (with id
+/// `<group>-<instance_id>`) for exactly-once.
 pub fn producer_config(rt: &RuntimeSettings) -> ClientConfig {
+    let mut c = plain_producer_config(rt);
+    if rt.guarantee == crate::config::Guarantee::ExactlyOnce {
+        c.set("transactional.id", transactional_id(rt)).set(
+            "transaction.timeout.ms",
+            rt.transaction_timeout.as_millis().to_string(),
+        );
+    }
+    c
+}
+
+/// A non-transactional producer configuration: idempotent, acks=all, small linger.
+pub fn plain_producer_config(rt: &RuntimeSettings) -> ClientConfig {
     let mut c = base_config(rt);
     for (k, v) in [
         ("enable.idempotence", "true"),
@@ -75,13 +91,27 @@ pub fn producer_config(rt: &RuntimeSettings) -> ClientConfig {
     c
 }
 
+/// What the start-up check found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TopicCheck {
+    /// Partitions of every input topic.
+    pub partitions: i32,
+    /// Partitions of the changelog topic, if it exists.
+    pub changelog_partitions: Option<i32>,
+}
+
+/// The transactional id of this instance.
+pub fn transactional_id(rt: &RuntimeSettings) -> String {
+    format!("{}-{}", rt.group, rt.instance_id)
+}
+
 /// Checks that every input and output topic exists and that the input topics have the same
-/// number of partitions. Returns that number.
+/// number of partitions, and looks up the changelog topic.
 pub fn check_topics<C: rdkafka::consumer::ConsumerContext>(
     consumer: &BaseConsumer<C>,
     rt: &RuntimeSettings,
     timeout: Duration,
-) -> Result<i32, KafkaError> {
+) -> Result<TopicCheck, KafkaError> {
     let md: Metadata =
         consumer
             .fetch_metadata(None, timeout)
@@ -120,5 +150,8 @@ pub fn check_topics<C: rdkafka::consumer::ConsumerContext>(
             .collect();
         return Err(KafkaError::NotCoPartitioned(desc.join(", ")));
     }
-    Ok(first)
+    Ok(TopicCheck {
+        partitions: first,
+        changelog_partitions: partitions(&rt.changelog_topic),
+    })
 }

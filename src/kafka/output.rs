@@ -1,16 +1,26 @@
-//! The output side: one idempotent producer for every output topic, with delivery tracking.
+//! The output side: one idempotent (and, for exactly-once, transactional) producer for every
+//! output topic and the changelog, with delivery tracking.
 //!
-//! Delivery invariant (at-least-once): [`Outputs::flush`] returns `Ok` only when every record
-//! sent before it has been acknowledged by the brokers (acks=all). The pipeline commits state and
-//! input offsets only after a successful flush, so nothing is lost; after a crash the records
-//! since the last commit are produced again, identical (the engine is deterministic).
+//! Delivery invariants. At-least-once: [`Outputs::flush`] returns `Ok` only when every record
+//! sent before it has been acknowledged by the brokers (acks=all); the pipeline commits state
+//! and input offsets only after a successful flush, so nothing is lost, and after a crash the
+//! records since the last commit are produced again, identical (the engine is deterministic).
+//! Exactly-once: every record sent between [`Outputs::begin`] and a successful
+//! [`Outputs::commit_transaction`] becomes visible to read_committed readers together with the
+//! input offsets given to it, or none of them does.
+//!
+//! Changelog records are sent with [`Outputs::send_change`]; their delivery reports give each
+//! changelog partition's next offset ([`Outputs::changelog_next`]), the local checkpoint.
 
 use super::KafkaError;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::message::{Header, Message};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::ClientContext;
+use rdkafka::{ClientContext, TopicPartitionList};
+use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,7 +29,14 @@ use std::time::{Duration, Instant};
 struct DeliveryState {
     failed: AtomicU64,
     first_error: Mutex<Option<String>>,
+    /// Per changelog partition: the offset after the last acknowledged changelog record.
+    changelog_next: Mutex<FxHashMap<i32, i64>>,
 }
+
+/// Delivery opaque of changelog records.
+const CHANGELOG: usize = 1;
+/// Header carrying the commit id on changelog records.
+pub const COMMIT_HEADER: &str = "sessionizer.commit";
 
 /// Producer context counting failed deliveries.
 pub struct DeliveryContext {
@@ -29,14 +46,39 @@ pub struct DeliveryContext {
 impl ClientContext for DeliveryContext {}
 
 impl ProducerContext for DeliveryContext {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((e, _)) = result {
-            self.state.failed.fetch_add(1, Ordering::Relaxed);
-            if let Ok(mut first) = self.state.first_error.lock() {
-                first.get_or_insert_with(|| e.to_string());
+    type DeliveryOpaque = usize;
+    fn delivery(&self, result: &DeliveryResult<'_>, kind: usize) {
+        match result {
+            Err((e, _)) => {
+                self.state.failed.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut first) = self.state.first_error.lock() {
+                    first.get_or_insert_with(|| e.to_string());
+                }
             }
+            Ok(m) if kind == CHANGELOG => {
+                if let Ok(mut next) = self.state.changelog_next.lock() {
+                    let n = next.entry(m.partition()).or_insert(0);
+                    *n = (*n).max(m.offset() + 1);
+                }
+            }
+            Ok(_) => {}
         }
+    }
+}
+
+/// A failed transaction operation.
+#[derive(Debug)]
+pub enum TxnError {
+    /// The transaction must be aborted; the producer stays usable.
+    Abortable(String),
+    /// The producer is unusable (e.g. fenced by a newer instance with the same id).
+    Fatal(String),
+}
+
+fn txn_error(what: &str, e: RdError) -> TxnError {
+    match &e {
+        RdError::Transaction(t) if t.is_fatal() => TxnError::Fatal(format!("{what}: {e}")),
+        _ => TxnError::Abortable(format!("{what}: {e}")),
     }
 }
 
@@ -45,6 +87,9 @@ pub struct Outputs {
     producer: ThreadedProducer<DeliveryContext>,
     state: Arc<DeliveryState>,
 }
+
+/// How long transaction operations may take before they count as failed.
+const TXN_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Outputs {
     pub fn new(config: &ClientConfig) -> Result<Self, KafkaError> {
@@ -69,7 +114,8 @@ impl Outputs {
         timestamp: Option<i64>,
         headers: Option<OwnedHeaders>,
     ) -> Result<(), KafkaError> {
-        let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).payload(payload);
+        let mut rec: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(topic, 0).payload(payload);
         if let Some(k) = key {
             rec = rec.key(k);
         }
@@ -79,6 +125,90 @@ impl Outputs {
         if let Some(h) = headers {
             rec = rec.headers(h);
         }
+        self.enqueue(rec)
+    }
+
+    /// Queues one changelog record for `partition` (a tombstone when `value` is none), tagged
+    /// with the commit id.
+    pub fn send_change(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: &[u8],
+        value: Option<&[u8]>,
+        commit_id: &[u8],
+    ) -> Result<(), KafkaError> {
+        let h = OwnedHeaders::new_with_capacity(1).insert(Header {
+            key: COMMIT_HEADER,
+            value: Some(commit_id),
+        });
+        let mut rec: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(topic, CHANGELOG)
+            .partition(partition)
+            .key(key)
+            .headers(h);
+        if let Some(v) = value {
+            rec = rec.payload(v);
+        }
+        self.enqueue(rec)
+    }
+
+    /// The offset after the last acknowledged changelog record of `partition`.
+    pub fn changelog_next(&self, partition: i32) -> Option<i64> {
+        self.state
+            .changelog_next
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&partition).copied())
+    }
+
+    /// Exactly-once: registers the transactional id (fencing any older instance with the same
+    /// id and aborting its open transaction).
+    pub fn init_transactions(&self) -> Result<(), TxnError> {
+        self.producer
+            .init_transactions(TXN_TIMEOUT)
+            .map_err(|e| txn_error("initialising transactions", e))
+    }
+
+    pub fn begin(&self) -> Result<(), TxnError> {
+        self.producer
+            .begin_transaction()
+            .map_err(|e| txn_error("beginning a transaction", e))
+    }
+
+    /// Waits for every record of the transaction, adds the input offsets and commits.
+    pub fn commit_transaction(
+        &self,
+        offsets: &TopicPartitionList,
+        group: &ConsumerGroupMetadata,
+    ) -> Result<(), TxnError> {
+        // Wait for the acknowledgements ourselves first: the client's own flush polls in
+        // 100 ms steps (see `flush`).
+        self.wait_in_flight();
+        if offsets.count() > 0 {
+            self.producer
+                .send_offsets_to_transaction(offsets, group, TXN_TIMEOUT)
+                .map_err(|e| txn_error("adding the input offsets to the transaction", e))?;
+        }
+        self.producer
+            .commit_transaction(TXN_TIMEOUT)
+            .map_err(|e| txn_error("committing the transaction", e))
+    }
+
+    /// Aborts the open transaction; the failed-delivery count starts again from zero.
+    pub fn abort(&self) -> Result<(), TxnError> {
+        self.wait_in_flight();
+        let r = self
+            .producer
+            .abort_transaction(TXN_TIMEOUT)
+            .map_err(|e| txn_error("aborting the transaction", e));
+        self.state.failed.store(0, Ordering::Relaxed);
+        if let Ok(mut f) = self.state.first_error.lock() {
+            *f = None;
+        }
+        r
+    }
+
+    fn enqueue(&self, mut rec: BaseRecord<'_, [u8], [u8], usize>) -> Result<(), KafkaError> {
         loop {
             match self.producer.send(rec) {
                 Ok(()) => return Ok(()),
@@ -95,6 +225,24 @@ impl Outputs {
     /// unreachable (librdkafka retries until `message.timeout.ms`); fails if any delivery
     /// failed for good.
     pub fn flush(&self) -> Result<(), KafkaError> {
+        self.wait_in_flight();
+        let failed = self.state.failed.load(Ordering::Relaxed);
+        if failed > 0 {
+            let first = self
+                .state
+                .first_error
+                .lock()
+                .ok()
+                .and_then(|f| f.clone())
+                .unwrap_or_default();
+            return Err(KafkaError::Produce(format!(
+                "{failed} output record(s) could not be delivered, first error: {first}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn wait_in_flight(&self) {
         // Not `Producer::flush`: with a threaded producer it polls in steps of up to 100 ms
         // while the background thread consumes the delivery reports, so it stalls the
         // pipeline for ~100 ms per commit. The background thread serves the reports; waiting
@@ -114,19 +262,5 @@ impl Outputs {
                 "outputs acknowledged"
             );
         }
-        let failed = self.state.failed.load(Ordering::Relaxed);
-        if failed > 0 {
-            let first = self
-                .state
-                .first_error
-                .lock()
-                .ok()
-                .and_then(|f| f.clone())
-                .unwrap_or_default();
-            return Err(KafkaError::Produce(format!(
-                "{failed} output record(s) could not be delivered, first error: {first}"
-            )));
-        }
-        Ok(())
     }
 }

@@ -19,6 +19,7 @@
 //! overlay of payload puts/deletes, and both timer indexes mirrored entirely in memory (loaded
 //! at open) with the pending difference to the database.
 
+use super::changelog::{cf_of, change_key, Change};
 use super::encoding::{
     decode_offset_key, decode_timer_key, decode_value, encode_value, offset_key, payload_key,
     timer_key,
@@ -37,12 +38,12 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-const CF_KEYS: &str = "keys";
-const CF_STATS: &str = "stats";
-const CF_DEADLINE: &str = "deadline_timers";
-const CF_QUIET: &str = "quiet_timers";
-const CF_PAYLOADS: &str = "payloads";
-const CF_META: &str = "meta";
+pub(crate) const CF_KEYS: &str = "keys";
+pub(crate) const CF_STATS: &str = "stats";
+pub(crate) const CF_DEADLINE: &str = "deadline_timers";
+pub(crate) const CF_QUIET: &str = "quiet_timers";
+pub(crate) const CF_PAYLOADS: &str = "payloads";
+pub(crate) const CF_META: &str = "meta";
 const COLUMN_FAMILIES: [&str; 6] = [
     CF_KEYS,
     CF_STATS,
@@ -51,7 +52,9 @@ const COLUMN_FAMILIES: [&str; 6] = [
     CF_PAYLOADS,
     CF_META,
 ];
-const META_KEY: &[u8] = b"meta";
+pub(crate) const META_KEY: &[u8] = b"meta";
+/// Meta key of the local checkpoint: the next changelog offset this database reflects.
+const CHECKPOINT_KEY: &[u8] = b"changelog-checkpoint";
 const BLOCK_CACHE_BYTES: usize = 32 << 20;
 
 /// Tuning of a [`RocksStore`].
@@ -151,6 +154,11 @@ pub struct RocksStore {
     quiet: TimerIndex,
     /// Commit generation, bumped at each commit.
     gen: u64,
+    /// Changelog mode: `commit` stages its batch and records the changes (see
+    /// [`RocksStore::enable_changelog`]).
+    capture: bool,
+    staged: Option<WriteBatch>,
+    changes: Vec<Change>,
 }
 
 impl fmt::Debug for RocksStore {
@@ -214,7 +222,115 @@ impl RocksStore {
             deadline,
             quiet,
             gen: 0,
+            capture: false,
+            staged: None,
+            changes: Vec::new(),
         })
+    }
+
+    /// Deletes the database in `path` (state that cannot be trusted), if any.
+    pub fn destroy(path: &Path) -> Result<(), StoreError> {
+        match std::fs::remove_dir_all(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::Backend(format!(
+                "cannot delete {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+
+    /// Changelog mode. From now on [`StateStore::commit`] does not write: it stages the batch
+    /// and records every write as a [`Change`]; the caller publishes [`Self::take_changes`]
+    /// and then calls [`Self::write_staged`] (or drops the store to discard the commit). Reads
+    /// between the two calls are not allowed.
+    pub fn enable_changelog(&mut self) {
+        self.capture = true;
+    }
+
+    /// The changes of the staged commit, in write order; the commit marker comes last.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Writes the staged commit, with the changelog position it reaches (`checkpoint`: the
+    /// next changelog offset after this commit's records).
+    pub fn write_staged(&mut self, checkpoint: Option<i64>) -> Result<(), StoreError> {
+        let Some(mut batch) = self.staged.take() else {
+            return Err(StoreError::Backend("no staged commit to write".into()));
+        };
+        if let Some(c) = checkpoint {
+            batch.put_cf(
+                cf(&self.db, CF_META)?,
+                CHECKPOINT_KEY,
+                encode_value(CF_META, &c)?,
+            );
+        }
+        self.write(batch)
+    }
+
+    /// The next changelog offset this database reflects, if it was ever checkpointed.
+    pub fn changelog_checkpoint(&self) -> Result<Option<i64>, StoreError> {
+        self.db_get(CF_META, CHECKPOINT_KEY)
+    }
+
+    /// Whether the database holds any committed state.
+    pub fn has_state(&self) -> Result<bool, StoreError> {
+        Ok(self.db_get::<PartitionMeta>(CF_META, META_KEY)?.is_some())
+    }
+
+    /// Applies changelog records (complete commits) and the new checkpoint in one batch.
+    /// Only for a freshly opened store that has not been used yet; call
+    /// [`Self::finish_restore`] afterwards.
+    pub fn apply_changes(&mut self, changes: &[Change], checkpoint: i64) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for c in changes {
+            let (code, key) = c
+                .key
+                .split_first()
+                .ok_or_else(|| StoreError::Corrupt {
+                    table: "changelog",
+                    detail: "empty record key".into(),
+                })?;
+            let name = cf_of(*code).ok_or_else(|| StoreError::Corrupt {
+                table: "changelog",
+                detail: format!("unknown column family code {code}"),
+            })?;
+            let handle = cf(&self.db, name)?;
+            match &c.value {
+                Some(v) => batch.put_cf(handle, key, v),
+                None => batch.delete_cf(handle, key),
+            }
+        }
+        batch.put_cf(
+            cf(&self.db, CF_META)?,
+            CHECKPOINT_KEY,
+            encode_value(CF_META, &checkpoint)?,
+        );
+        self.db.write(batch).map_err(backend)
+    }
+
+    /// After [`Self::apply_changes`]: reloads the timer indexes and drops every cache.
+    pub fn finish_restore(&mut self) -> Result<(), StoreError> {
+        self.deadline = TimerIndex::load(&self.db, CF_DEADLINE)?;
+        self.quiet = TimerIndex::load(&self.db, CF_QUIET)?;
+        self.keys.clear();
+        self.stats.clear();
+        self.payloads.clear();
+        Ok(())
+    }
+
+    fn write(&mut self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.db.write(batch).map_err(backend)?;
+        // Durable: the in-memory state now equals the database's.
+        let limit = self.opts.cache_keys;
+        settle(&mut self.keys, limit, self.gen);
+        settle(&mut self.stats, limit, self.gen);
+        self.payloads.clear();
+        self.deadline.pending.clear();
+        self.quiet.pending.clear();
+        self.gen += 1;
+        Ok(())
     }
 
     /// The database directory.
@@ -266,26 +382,30 @@ impl RocksStore {
         }
     }
 
-    /// Builds the batch of everything uncommitted plus `meta` and `offsets`.
+    /// Builds the batch of everything uncommitted plus `offsets` and `meta` (last: the
+    /// changelog's commit marker), recording the changes in changelog mode.
     fn build_batch(
-        &self,
+        &mut self,
         meta: &PartitionMeta,
         offsets: &[SourceOffset],
     ) -> Result<WriteBatch, StoreError> {
-        let mut batch = WriteBatch::default();
+        let mut w = Writes {
+            batch: WriteBatch::default(),
+            changes: self.capture.then(Vec::new),
+        };
         let keys_cf = cf(&self.db, CF_KEYS)?;
         for (key, c) in self.keys.iter().filter(|(_, c)| c.dirty) {
-            batch.put_cf(keys_cf, key, encode_value(CF_KEYS, &c.value)?);
+            w.put(keys_cf, CF_KEYS, key.as_bytes(), encode_value(CF_KEYS, &c.value)?);
         }
         let stats_cf = cf(&self.db, CF_STATS)?;
         for (user, c) in self.stats.iter().filter(|(_, c)| c.dirty) {
-            batch.put_cf(stats_cf, user, encode_value(CF_STATS, &c.value)?);
+            w.put(stats_cf, CF_STATS, user.as_bytes(), encode_value(CF_STATS, &c.value)?);
         }
         let payloads_cf = cf(&self.db, CF_PAYLOADS)?;
         for (key, value) in &self.payloads {
             match value {
-                Some(v) => batch.put_cf(payloads_cf, key, v),
-                None => batch.delete_cf(payloads_cf, key),
+                Some(v) => w.put(payloads_cf, CF_PAYLOADS, key, v.clone()),
+                None => w.delete(payloads_cf, CF_PAYLOADS, key),
             }
         }
         for index in [&self.deadline, &self.quiet] {
@@ -293,22 +413,54 @@ impl RocksStore {
             for ((at, key), &put) in &index.pending {
                 let k = timer_key(*at, key);
                 if put {
-                    batch.put_cf(timers_cf, k, []);
+                    w.put(timers_cf, index.cf, &k, Vec::new());
                 } else {
-                    batch.delete_cf(timers_cf, k);
+                    w.delete(timers_cf, index.cf, &k);
                 }
             }
         }
         let meta_cf = cf(&self.db, CF_META)?;
-        batch.put_cf(meta_cf, META_KEY, encode_value(CF_META, meta)?);
         for o in offsets {
-            batch.put_cf(
+            w.put(
                 meta_cf,
-                offset_key(&o.topic, o.partition),
+                CF_META,
+                &offset_key(&o.topic, o.partition),
                 encode_value(CF_META, &o.next_offset)?,
             );
         }
-        Ok(batch)
+        w.put(meta_cf, CF_META, META_KEY, encode_value(CF_META, meta)?);
+        if let Some(changes) = w.changes {
+            self.changes = changes;
+        }
+        Ok(w.batch)
+    }
+}
+
+/// A write batch being built, with its changelog form when asked for.
+struct Writes {
+    batch: WriteBatch,
+    changes: Option<Vec<Change>>,
+}
+
+impl Writes {
+    fn put(&mut self, handle: &ColumnFamily, cf: &str, key: &[u8], value: Vec<u8>) {
+        self.batch.put_cf(handle, key, &value);
+        if let Some(c) = &mut self.changes {
+            c.push(Change {
+                key: change_key(cf, key),
+                value: Some(value),
+            });
+        }
+    }
+
+    fn delete(&mut self, handle: &ColumnFamily, cf: &str, key: &[u8]) {
+        self.batch.delete_cf(handle, key);
+        if let Some(c) = &mut self.changes {
+            c.push(Change {
+                key: change_key(cf, key),
+                value: None,
+            });
+        }
     }
 }
 
@@ -474,7 +626,7 @@ impl StateStore for RocksStore {
             .iterator_cf(cf(&self.db, CF_META)?, IteratorMode::Start)
         {
             let (k, v) = item.map_err(backend)?;
-            if &*k == META_KEY {
+            if &*k == META_KEY || &*k == CHECKPOINT_KEY {
                 continue;
             }
             let (topic, partition) = decode_offset_key(CF_META, &k)?;
@@ -487,17 +639,19 @@ impl StateStore for RocksStore {
         Ok(out)
     }
 
+    /// In changelog mode this only stages the batch (see [`RocksStore::enable_changelog`]).
     fn commit(&mut self, meta: &PartitionMeta, offsets: &[SourceOffset]) -> Result<(), StoreError> {
+        if self.staged.is_some() {
+            return Err(StoreError::Backend(
+                "the previous commit is staged but not written".into(),
+            ));
+        }
         let batch = self.build_batch(meta, offsets)?;
-        self.db.write(batch).map_err(backend)?;
-        // Durable: the in-memory state now equals the database's.
-        let limit = self.opts.cache_keys;
-        settle(&mut self.keys, limit, self.gen);
-        settle(&mut self.stats, limit, self.gen);
-        self.payloads.clear();
-        self.deadline.pending.clear();
-        self.quiet.pending.clear();
-        self.gen += 1;
-        Ok(())
+        if self.capture {
+            self.staged = Some(batch);
+            Ok(())
+        } else {
+            self.write(batch)
+        }
     }
 }

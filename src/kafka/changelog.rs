@@ -1,0 +1,225 @@
+//! The changelog topic: creating or validating it at start-up, and restoring a task's RocksDB
+//! state from one of its partitions.
+//!
+//! Partition `n` of the changelog holds the state of task `n` in the form of
+//! [`crate::store::changelog`]. A restore reads the partition with a read_committed consumer
+//! from the local checkpoint to its end and applies whole commits only (records are grouped by
+//! their commit-id header and applied when the commit marker arrives), so the restored state
+//! is always the state of one complete commit, with that commit's input offsets.
+
+use super::output::COMMIT_HEADER;
+use super::KafkaError;
+use crate::config::RuntimeSettings;
+use crate::store::changelog::is_commit_marker;
+use crate::store::{Change, RocksStore};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use std::time::{Duration, Instant};
+
+/// Applied in batches of about this many records.
+const APPLY_BATCH: usize = 20_000;
+
+/// Creates the changelog topic if it is missing (compacted, `partitions` partitions, the
+/// brokers' default replication), or checks that the existing one is compacted and has
+/// `partitions` partitions.
+pub fn ensure_topic(
+    rt: &RuntimeSettings,
+    existing_partitions: Option<i32>,
+    partitions: i32,
+) -> Result<(), KafkaError> {
+    let topic = rt.changelog_topic.as_str();
+    let mut config = super::base_config(rt);
+    let admin: AdminClient<DefaultClientContext> =
+        config
+            .set("client.id", "sessionizer-admin")
+            .create()
+            .map_err(|source| KafkaError::Client {
+                what: "admin client",
+                source,
+            })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| KafkaError::Changelog(format!("cannot start the admin runtime: {e}")))?;
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    match existing_partitions {
+        None => {
+            let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1))
+                .set("cleanup.policy", "compact");
+            let results = runtime
+                .block_on(admin.create_topics([&new], &opts))
+                .map_err(|e| KafkaError::Changelog(format!("cannot create `{topic}`: {e}")))?;
+            for r in results {
+                match r {
+                    Ok(_) => tracing::info!(topic, partitions, "changelog topic created"),
+                    Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((_, code)) => {
+                        return Err(KafkaError::Changelog(format!(
+                            "cannot create `{topic}`: {code}"
+                        )))
+                    }
+                }
+            }
+            Ok(())
+        }
+        Some(n) if n != partitions => Err(KafkaError::Changelog(format!(
+            "changelog topic `{topic}` has {n} partitions but the input topics have \
+             {partitions}; delete it (the state is rebuilt from the input only if you \
+             replay it) or point kafka.changelog_topic elsewhere"
+        ))),
+        Some(_) => {
+            let described = runtime
+                .block_on(admin.describe_configs([&ResourceSpecifier::Topic(topic)], &opts))
+                .map_err(|e| KafkaError::Changelog(format!("cannot describe `{topic}`: {e}")))?;
+            let policy = described
+                .into_iter()
+                .flatten()
+                .find_map(|r| r.get("cleanup.policy").and_then(|e| e.value.clone()))
+                .unwrap_or_default();
+            if !policy.split(',').any(|p| p.trim() == "compact") {
+                return Err(KafkaError::Changelog(format!(
+                    "changelog topic `{topic}` has cleanup.policy `{policy}`; it must be \
+                     compacted (cleanup.policy=compact)"
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// What a restore did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Records applied (in complete commits).
+    pub applied: u64,
+    /// Records skipped: the prefix of a commit that never completed.
+    pub discarded: u64,
+    /// The new local checkpoint.
+    pub checkpoint: i64,
+}
+
+/// Reads changelog partitions (a read_committed consumer outside the group).
+pub struct Restorer {
+    consumer: BaseConsumer,
+    topic: String,
+}
+
+impl Restorer {
+    pub fn new(rt: &RuntimeSettings) -> Result<Self, KafkaError> {
+        let mut c: ClientConfig = super::base_config(rt);
+        c.set("group.id", format!("{}-restore", rt.group))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.max.bytes", "52428800")
+            .set("max.partition.fetch.bytes", "10485760");
+        let consumer = c.create().map_err(|source| KafkaError::Client {
+            what: "restore consumer",
+            source,
+        })?;
+        Ok(Self {
+            consumer,
+            topic: rt.changelog_topic.clone(),
+        })
+    }
+
+    /// Low and high watermarks of a changelog partition.
+    pub fn bounds(&self, partition: i32) -> Result<(i64, i64), KafkaError> {
+        self.consumer
+            .fetch_watermarks(&self.topic, partition, Duration::from_secs(30))
+            .map_err(|e| {
+                KafkaError::Changelog(format!(
+                    "cannot read the offsets of {}[{partition}]: {e}",
+                    self.topic
+                ))
+            })
+    }
+
+    /// Applies the partition from `from` to its end onto `store`; `progress` is called after
+    /// each applied batch with the records applied so far and the offset reached.
+    pub fn restore(
+        &self,
+        partition: i32,
+        from: i64,
+        store: &mut RocksStore,
+        progress: &mut dyn FnMut(u64, i64),
+    ) -> Result<Restored, KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, partition, Offset::Offset(from))
+            .map_err(|e| KafkaError::Changelog(e.to_string()))?;
+        self.consumer
+            .assign(&tpl)
+            .map_err(|e| KafkaError::Changelog(format!("cannot read the changelog: {e}")))?;
+        let store_err = |e| KafkaError::Changelog(format!("applying the changelog: {e}"));
+        let mut r = Restored {
+            checkpoint: from,
+            ..Restored::default()
+        };
+        // The commit being read, and the complete commits not yet applied.
+        let mut commit: Vec<Change> = Vec::new();
+        let mut commit_id: Vec<u8> = Vec::new();
+        let mut complete: Vec<Change> = Vec::new();
+        let mut last_progress = Instant::now();
+        loop {
+            match self.consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) => {
+                    let id = m
+                        .headers()
+                        .and_then(|h| h.iter().find(|h| h.key == COMMIT_HEADER))
+                        .and_then(|h| h.value)
+                        .unwrap_or(&[]);
+                    if id != commit_id.as_slice() {
+                        r.discarded += commit.len() as u64;
+                        commit.clear();
+                        commit_id.clear();
+                        commit_id.extend_from_slice(id);
+                    }
+                    let key = m.key().unwrap_or(&[]);
+                    commit.push(Change {
+                        key: key.to_vec(),
+                        value: m.payload().map(<[u8]>::to_vec),
+                    });
+                    if is_commit_marker(key) {
+                        complete.append(&mut commit);
+                        r.checkpoint = m.offset() + 1;
+                        if complete.len() >= APPLY_BATCH {
+                            store
+                                .apply_changes(&complete, r.checkpoint)
+                                .map_err(store_err)?;
+                            r.applied += complete.len() as u64;
+                            complete.clear();
+                            progress(r.applied, r.checkpoint);
+                        }
+                    }
+                }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) if p == partition => break,
+                Some(Err(e)) => tracing::warn!(error = %e, partition, "changelog read (retrying)"),
+                None => {
+                    if last_progress.elapsed() > Duration::from_secs(10) {
+                        tracing::warn!(partition, "changelog restore waiting for the brokers");
+                        last_progress = Instant::now();
+                    }
+                }
+            }
+        }
+        r.discarded += commit.len() as u64;
+        if !complete.is_empty() {
+            store
+                .apply_changes(&complete, r.checkpoint)
+                .map_err(store_err)?;
+            r.applied += complete.len() as u64;
+            progress(r.applied, r.checkpoint);
+        }
+        store.finish_restore().map_err(store_err)?;
+        self.consumer
+            .unassign()
+            .map_err(|e| KafkaError::Changelog(e.to_string()))?;
+        Ok(r)
+    }
+}
