@@ -85,6 +85,8 @@ struct Core {
     settings: Settings,
     decoder: Decoder,
     outputs: Outputs,
+    /// To replace the producer after a fatal (not fenced) transaction error.
+    producer_config: rdkafka::config::ClientConfig,
     restorer: Restorer,
     metrics: Arc<Metrics>,
     health: crate::http::Health,
@@ -467,11 +469,11 @@ impl Core {
             let t0 = Instant::now();
             match self.outputs.commit_transaction(&tpl, &group) {
                 Ok(()) => self.metrics.observe_transaction_commit(t0.elapsed()),
-                Err(TxnError::Abortable(e)) => {
+                Err(TxnError::Abortable(e) | TxnError::Fatal(e)) => {
                     tracing::warn!(error = %e, "transaction failed: aborting and rewinding");
                     return self.abort_and_rewind(consumer);
                 }
-                Err(TxnError::Fatal(e)) => return Err(PipelineError::Fenced(e)),
+                Err(TxnError::Fenced(e)) => return Err(PipelineError::Fenced(e)),
             }
         } else {
             self.outputs.flush()?;
@@ -515,9 +517,36 @@ impl Core {
     }
 
     fn begin(&self) -> Result<(), PipelineError> {
-        self.outputs.begin().map_err(|e| match e {
-            TxnError::Abortable(e) | TxnError::Fatal(e) => PipelineError::Fenced(e),
-        })
+        self.outputs.begin().map_err(txn_failed)
+    }
+
+    /// Replaces the producer: the new one, with the same transactional id, aborts whatever
+    /// the old one left open.
+    fn new_producer(&mut self) -> Result<(), PipelineError> {
+        tracing::warn!("replacing the transactional producer");
+        self.outputs = Outputs::new(&self.producer_config)?;
+        self.outputs.init_transactions().map_err(txn_failed)
+    }
+
+    /// Exactly-once: a failure of the transaction or of the brokers is survived by aborting
+    /// and rewinding to the last commit; anything else (and every failure in at-least-once
+    /// mode, where a restart resumes from the last commit) is returned.
+    fn recover(
+        &mut self,
+        consumer: &BaseConsumer<Ctx>,
+        e: PipelineError,
+    ) -> Result<(), PipelineError> {
+        let recoverable = matches!(
+            e,
+            PipelineError::Kafka(
+                KafkaError::Produce(_) | KafkaError::Changelog(_) | KafkaError::Commit(_)
+            ) | PipelineError::Rebalance(_)
+        );
+        if !(self.exactly_once() && recoverable) {
+            return Err(e);
+        }
+        tracing::warn!(error = %e, "aborting the transaction and rewinding to the last commit");
+        self.abort_and_rewind(consumer)
     }
 
     /// Exactly-once: aborts the open transaction and takes every task back to its last
@@ -526,8 +555,11 @@ impl Core {
         self.metrics.transaction_aborted();
         match self.outputs.abort() {
             Ok(()) => {}
-            Err(TxnError::Fatal(e)) => return Err(PipelineError::Fenced(e)),
-            Err(TxnError::Abortable(e)) => tracing::warn!(error = %e, "abort failed"),
+            Err(TxnError::Fenced(e)) => return Err(PipelineError::Fenced(e)),
+            Err(TxnError::Fatal(e) | TxnError::Abortable(e)) => {
+                tracing::warn!(error = %e, "abort failed");
+                self.new_producer()?;
+            }
         }
         let parts: Vec<i32> = self.tasks.keys().copied().collect();
         // Dropping a store discards its staged commit: RocksDB holds the committed state.
@@ -619,7 +651,7 @@ impl Core {
             q.add_partition(topic, partition);
         }
         for attempt in 0..3 {
-            let committed = match consumer.committed_offsets(q.clone(), Duration::from_secs(30)) {
+            let committed = match consumer.committed_offsets(q.clone(), Duration::from_secs(10)) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(partition, error = %e, "cannot read the group's committed offsets");
@@ -660,7 +692,8 @@ impl Core {
             }
             self.abort_and_rewind(consumer)?;
         } else {
-            self.commit(consumer)?;
+            self.commit(consumer)
+                .or_else(|e| self.recover(consumer, e))?;
         }
         let topics: Vec<&str> = self.rt.input_topics.iter().map(|s| s.as_str()).collect();
         for p in parts {
@@ -668,6 +701,15 @@ impl Core {
             self.metrics.forget_partition(&topics, *p);
         }
         Ok(())
+    }
+}
+
+/// A transaction operation that failed where no recovery is attempted.
+fn txn_failed(e: TxnError) -> PipelineError {
+    match e {
+        TxnError::Abortable(e) | TxnError::Fatal(e) | TxnError::Fenced(e) => {
+            PipelineError::Fenced(e)
+        }
     }
 }
 
@@ -810,13 +852,11 @@ pub fn run(
         guarantee = ?rt.guarantee,
         "topics checked"
     );
-    let outputs = Outputs::new(&kafka::producer_config(&rt))?;
+    let producer_config = kafka::producer_config(&rt);
+    let outputs = Outputs::new(&producer_config)?;
     if rt.guarantee == Guarantee::ExactlyOnce {
-        let fenced = |e: TxnError| match e {
-            TxnError::Abortable(e) | TxnError::Fatal(e) => PipelineError::Fenced(e),
-        };
-        outputs.init_transactions().map_err(fenced)?;
-        outputs.begin().map_err(fenced)?;
+        outputs.init_transactions().map_err(txn_failed)?;
+        outputs.begin().map_err(txn_failed)?;
         tracing::info!(transactional_id = %kafka::transactional_id(&rt), "transactions initialised");
     }
     let restorer = Restorer::new(&rt)?;
@@ -832,6 +872,7 @@ pub fn run(
         settings,
         decoder,
         outputs,
+        producer_config,
         restorer,
         metrics: metrics.clone(),
         health: health.clone(),
@@ -860,27 +901,39 @@ pub fn run(
             }
         };
     let mut last_tick = Instant::now();
-    while !shutdown.load(Ordering::Relaxed) {
-        match consumer.poll(Duration::from_millis(20)) {
-            Some(Ok(m)) => with_core(&mut |c| c.handle(&m))?,
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => with_core(&mut |c| {
-                c.caught_up(p);
-                Ok(())
-            })?,
-            Some(Err(e)) => tracing::warn!(error = %e, "consumer error (retrying)"),
-            None => {}
+    let mut serve = || -> Result<(), PipelineError> {
+        while !shutdown.load(Ordering::Relaxed) {
+            match consumer.poll(Duration::from_millis(20)) {
+                Some(Ok(m)) => {
+                    with_core(&mut |c| c.handle(&m).or_else(|e| c.recover(&consumer, e)))?
+                }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => with_core(&mut |c| {
+                    c.caught_up(p);
+                    Ok(())
+                })?,
+                Some(Err(e)) => tracing::warn!(error = %e, "consumer error (retrying)"),
+                None => {}
+            }
+            if let Some(f) = failure.lock().ok().and_then(|f| f.clone()) {
+                return Err(PipelineError::Rebalance(f));
+            }
+            if last_tick.elapsed() >= rt.commit_interval {
+                with_core(&mut |c| c.tick(&consumer).or_else(|e| c.recover(&consumer, e)))?;
+                last_tick = Instant::now();
+            }
         }
-        if let Some(f) = failure.lock().ok().and_then(|f| f.clone()) {
-            return Err(PipelineError::Rebalance(f));
-        }
-        if last_tick.elapsed() >= rt.commit_interval {
-            with_core(&mut |c| c.tick(&consumer))?;
-            last_tick = Instant::now();
+        tracing::info!("shutting down: finishing the batch and committing");
+        health.set_ready(false, "shutting down");
+        with_core(&mut |c| c.tick(&consumer))
+    };
+    let result = serve();
+    if result.is_err() {
+        // Nothing more may be committed: closing the consumer must not run a commit in the
+        // revocation callback.
+        if let Ok(mut g) = core.lock() {
+            g.take();
         }
     }
-    tracing::info!("shutting down: finishing the batch and committing");
-    health.set_ready(false, "shutting down");
-    with_core(&mut |c| c.tick(&consumer))?;
     drop(consumer);
-    Ok(())
+    result
 }

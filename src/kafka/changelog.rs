@@ -15,7 +15,8 @@ use crate::store::{Change, RocksStore};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::ClientContext;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
@@ -102,9 +103,25 @@ pub struct Restored {
     pub checkpoint: i64,
 }
 
+/// Client context of the restore consumer: reaching the end of a partition is expected.
+pub struct RestoreContext;
+
+impl ClientContext for RestoreContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        match error {
+            rdkafka::error::KafkaError::PartitionEOF(_)
+            | rdkafka::error::KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) => {
+            }
+            e => tracing::warn!(error = %e, reason, "changelog reader error (retrying)"),
+        }
+    }
+}
+
+impl ConsumerContext for RestoreContext {}
+
 /// Reads changelog partitions (a read_committed consumer outside the group).
 pub struct Restorer {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<RestoreContext>,
     topic: String,
 }
 
@@ -118,8 +135,10 @@ impl Restorer {
             .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest")
             .set("fetch.max.bytes", "52428800")
+            // The end of a partition is known at once, not after the default 500 ms wait.
+            .set("fetch.wait.max.ms", "10")
             .set("max.partition.fetch.bytes", "10485760");
-        let consumer = c.create().map_err(|source| KafkaError::Client {
+        let consumer = c.create_with_context(RestoreContext).map_err(|source| KafkaError::Client {
             what: "restore consumer",
             source,
         })?;
@@ -129,16 +148,28 @@ impl Restorer {
         })
     }
 
-    /// Low and high watermarks of a changelog partition.
+    /// Low and high watermarks of a changelog partition. Retries for up to a minute while
+    /// the brokers are unavailable (e.g. a leader moving after a broker failure).
     pub fn bounds(&self, partition: i32) -> Result<(i64, i64), KafkaError> {
-        self.consumer
-            .fetch_watermarks(&self.topic, partition, Duration::from_secs(30))
-            .map_err(|e| {
-                KafkaError::Changelog(format!(
-                    "cannot read the offsets of {}[{partition}]: {e}",
-                    self.topic
-                ))
-            })
+        let started = Instant::now();
+        loop {
+            match self
+                .consumer
+                .fetch_watermarks(&self.topic, partition, Duration::from_secs(10))
+            {
+                Ok(b) => return Ok(b),
+                Err(e) if started.elapsed() < Duration::from_secs(60) => {
+                    tracing::warn!(partition, error = %e, "cannot read the changelog offsets yet (retrying)");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => {
+                    return Err(KafkaError::Changelog(format!(
+                        "cannot read the offsets of {}[{partition}]: {e}",
+                        self.topic
+                    )))
+                }
+            }
+        }
     }
 
     /// Applies the partition from `from` to its end onto `store`; `progress` is called after
@@ -167,7 +198,7 @@ impl Restorer {
         let mut complete: Vec<Change> = Vec::new();
         let mut last_progress = Instant::now();
         loop {
-            match self.consumer.poll(Duration::from_millis(500)) {
+            match self.consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
                     let id = m
                         .headers()

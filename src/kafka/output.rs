@@ -71,12 +71,20 @@ impl ProducerContext for DeliveryContext {
 pub enum TxnError {
     /// The transaction must be aborted; the producer stays usable.
     Abortable(String),
-    /// The producer is unusable (e.g. fenced by a newer instance with the same id).
+    /// The producer is unusable, but nothing says another instance took over: a new
+    /// producer with the same transactional id can carry on.
     Fatal(String),
+    /// Another producer with the same transactional id took over: this instance must stop.
+    Fenced(String),
 }
 
 fn txn_error(what: &str, e: RdError) -> TxnError {
+    let fenced = matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+    );
     match &e {
+        _ if fenced => TxnError::Fenced(format!("{what}: {e}")),
         RdError::Transaction(t) if t.is_fatal() => TxnError::Fatal(format!("{what}: {e}")),
         _ => TxnError::Abortable(format!("{what}: {e}")),
     }
@@ -182,8 +190,9 @@ impl Outputs {
         group: &ConsumerGroupMetadata,
     ) -> Result<(), TxnError> {
         // Wait for the acknowledgements ourselves first: the client's own flush polls in
-        // 100 ms steps (see `flush`).
-        self.wait_in_flight();
+        // 100 ms steps (see `flush`). Bounded: a transaction in error keeps its queue until
+        // it is aborted, and the commit below reports that error.
+        self.wait_in_flight(Some(TXN_TIMEOUT / 2));
         if offsets.count() > 0 {
             self.producer
                 .send_offsets_to_transaction(offsets, group, TXN_TIMEOUT)
@@ -194,9 +203,9 @@ impl Outputs {
             .map_err(|e| txn_error("committing the transaction", e))
     }
 
-    /// Aborts the open transaction; the failed-delivery count starts again from zero.
+    /// Aborts the open transaction (queued records are purged, not waited for); the
+    /// failed-delivery count starts again from zero.
     pub fn abort(&self) -> Result<(), TxnError> {
-        self.wait_in_flight();
         let r = self
             .producer
             .abort_transaction(TXN_TIMEOUT)
@@ -225,7 +234,7 @@ impl Outputs {
     /// unreachable (librdkafka retries until `message.timeout.ms`); fails if any delivery
     /// failed for good.
     pub fn flush(&self) -> Result<(), KafkaError> {
-        self.wait_in_flight();
+        self.wait_in_flight(None);
         let failed = self.state.failed.load(Ordering::Relaxed);
         if failed > 0 {
             let first = self
@@ -242,7 +251,8 @@ impl Outputs {
         Ok(())
     }
 
-    fn wait_in_flight(&self) {
+    /// Waits until nothing is in flight, or `limit` has passed.
+    fn wait_in_flight(&self, limit: Option<Duration>) {
         // Not `Producer::flush`: with a threaded producer it polls in steps of up to 100 ms
         // while the background thread consumes the delivery reports, so it stalls the
         // pipeline for ~100 ms per commit. The background thread serves the reports; waiting
@@ -250,6 +260,9 @@ impl Outputs {
         let started = Instant::now();
         let mut warned = false;
         while self.producer.in_flight_count() > 0 {
+            if limit.is_some_and(|l| started.elapsed() >= l) {
+                return;
+            }
             std::thread::sleep(Duration::from_micros(250));
             if !warned && started.elapsed() > Duration::from_secs(5) {
                 tracing::warn!("outputs not acknowledged yet; waiting for the brokers");

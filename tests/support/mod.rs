@@ -2,6 +2,7 @@
 //! engine, event generators, and a driver that runs the engine like the offline mode does.
 #![allow(dead_code)]
 
+pub mod e2e;
 pub mod kafka;
 
 use chrono::{Datelike, TimeZone};

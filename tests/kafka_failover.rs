@@ -1,0 +1,286 @@
+//! Scale-out and failover on a real three-node Apache Kafka cluster (started by
+//! `scripts/kafka.sh start --nodes 3`), with the real `sessionizer` binary as several
+//! instances of one consumer group, each with its own state directory (as on separate
+//! machines):
+//! - three instances on a six-partition input; one is killed with SIGKILL mid-stream, a fourth
+//!   (with no local state: it restores from the changelog) joins, one leaves gracefully (scale
+//!   down), and a broker is killed mid-run. Exactly-once: a read_committed reader sees every
+//!   input exactly once across annotated / late / dead letters and every session of the offline
+//!   result exactly once. At-least-once: the same run loses nothing (repeats only identical)
+//!   and gives the same sessions.
+//! - a zombie: an instance frozen (SIGSTOP) while a replacement with the same instance id
+//!   starts; when it wakes up it is fenced (exits non-zero) and nothing it did after the
+//!   replacement started is visible.
+//!
+//! Waiting is always for a condition (records seen, process exited), with a deadline.
+
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+mod support;
+
+use support::e2e::*;
+use support::kafka::{free_port, kafka_sh, rand_u32};
+
+const PARTITIONS: i32 = 6;
+
+/// Settings that make failover quick: a short consumer session and transaction timeout.
+fn fast(instance: &str, guarantee: &str) -> Vec<String> {
+    [
+        "--instance-id",
+        instance,
+        "--guarantee",
+        guarantee,
+        "--transaction-timeout",
+        "5s",
+        "--kafka-property",
+        "session.timeout.ms=6000",
+        "--kafka-property",
+        "heartbeat.interval.ms=500",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn start(broker: &Broker, t: &Topics, root: &Path, group: &str, id: &str, g: &str) -> Proc {
+    let dir = root.join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    let extra = fast(id, g);
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    run(broker, t, &dir, group, free_port(), &extra)
+}
+
+fn produce(broker: &Broker, t: &Topics, chunk: &[(String, String)]) {
+    let part = |k: &str| k.trim_start_matches('u').parse::<i32>().unwrap() % PARTITIONS;
+    broker.produce(
+        &t.input,
+        &chunk
+            .iter()
+            .map(|(k, v)| (Some(k.clone()), Some(v.as_bytes().to_vec()), Some(part(k))))
+            .collect::<Vec<_>>(),
+    );
+}
+
+fn n_of(value: &str) -> u64 {
+    let v: Value = serde_json::from_str(value).unwrap();
+    v["n"].as_u64().unwrap()
+}
+
+/// Waits until `count` distinct inputs are annotated (read_committed).
+fn wait_annotated(broker: &Broker, t: &Topics, count: usize, logs: &[&Proc]) {
+    broker
+        .try_read_until(&t.annotated, Duration::from_secs(180), |r| {
+            annotated_by_n(r).len() >= count
+        })
+        .unwrap_or_else(|r| {
+            let logs: Vec<String> = logs.iter().map(|p| p.log()).collect();
+            panic!(
+                "{} of {count} inputs annotated; logs:\n{}",
+                annotated_by_n(&r).len(),
+                logs.join("\n-----\n")
+            )
+        });
+}
+
+/// Checks what a read_committed reader sees once every instance has stopped.
+fn check_outputs(
+    broker: &Broker,
+    t: &Topics,
+    input: &[(String, String)],
+    want_sessions: &[Value],
+    want_annotated: &[String],
+    exactly_once: bool,
+) {
+    let annotated = broker.read_all(&t.annotated);
+    let late = broker.read_all(&t.late);
+    let dlq = broker.read_all(&t.dlq);
+    let mut seen: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for r in annotated.iter().chain(&late) {
+        seen.entry(n_of(&r.value)).or_default().push(r.value.clone());
+    }
+    assert!(dlq.is_empty(), "no dead letters expected: {:?}", dlq.first());
+    assert_eq!(seen.len(), input.len(), "every input is in annotated or late");
+    for (n, copies) in &seen {
+        let distinct: BTreeSet<&String> = copies.iter().collect();
+        assert_eq!(distinct.len(), 1, "input {n}: repeats must be identical");
+        if exactly_once {
+            assert_eq!(copies.len(), 1, "input {n} seen {} times", copies.len());
+        }
+    }
+    let got: BTreeSet<String> = annotated.iter().map(|r| r.value.clone()).collect();
+    let want: BTreeSet<String> = want_annotated.iter().cloned().collect();
+    assert_eq!(got, want, "annotations equal the offline ones");
+    let sessions: Vec<Value> = broker
+        .read_all(&t.sessions)
+        .iter()
+        .map(|r| serde_json::from_str(&r.value).unwrap())
+        .collect();
+    let concluded: Vec<&Value> = sessions.iter().filter(|s| s["type"] == "session").collect();
+    assert_eq!(
+        session_set(&sessions),
+        session_set(want_sessions),
+        "sessions equal the offline result (none lost or split)"
+    );
+    if exactly_once {
+        assert_eq!(
+            concluded.len(),
+            want_sessions.len(),
+            "every session published exactly once"
+        );
+    }
+}
+
+/// Three instances, SIGKILL of one, a fourth joins, one leaves, a broker dies.
+fn failover(broker: &Broker, guarantee: &str) {
+    let exactly_once = guarantee == "exactly-once";
+    let root = tempfile::tempdir().unwrap();
+    let prefix = format!("fo{}", rand_u32() % 100_000);
+    let t = Topics::new(broker, &prefix, PARTITIONS);
+    let group = format!("{prefix}-group");
+    let input = events(240, 60, 41);
+    let (want_sessions, want_annotated) = offline(&input, root.path());
+    let third = input.len() / 3;
+    let (c1, rest) = input.split_at(third);
+    let (c2, c3) = rest.split_at(third);
+
+    let a = start(broker, &t, root.path(), &group, "a", guarantee);
+    let b = start(broker, &t, root.path(), &group, "b", guarantee);
+    let c = start(broker, &t, root.path(), &group, "c", guarantee);
+    produce(broker, &t, c1);
+    wait_annotated(broker, &t, third / 2, &[&a, &b, &c]);
+
+    drop(b); // SIGKILL mid-stream
+    produce(broker, &t, c2);
+    // A new instance without local state: whatever it gets, it restores from the changelog.
+    let d = start(broker, &t, root.path(), &group, "d", guarantee);
+    wait_annotated(broker, &t, third + third / 2, &[&a, &c, &d]);
+
+    // Scale down: c leaves gracefully; its partitions move with their state.
+    assert_eq!(c.terminate(), 0, "graceful exit of a leaving instance");
+    produce(broker, &t, &c3[..c3.len() / 2]);
+    // A broker of the cluster dies mid-run.
+    if let Some(dir) = broker.dir() {
+        let out = kafka_sh(&["kill-node", "3", "--dir", dir]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    produce(broker, &t, &c3[c3.len() / 2..]);
+    wait_annotated(broker, &t, input.len(), &[&a, &d]);
+    // Every session concludes (idle partitions move time on); then stop cleanly.
+    let want_s = session_set(&want_sessions);
+    broker
+        .try_read_until(&t.sessions, Duration::from_secs(120), |r| {
+            let v: Vec<Value> = r.iter().map(|x| serde_json::from_str(&x.value).unwrap()).collect();
+            session_set(&v).len() >= want_s.len()
+        })
+        .unwrap_or_else(|r| panic!("{} sessions of {}; log a:\n{}\nlog d:\n{}", r.len(), want_s.len(), a.log(), d.log()));
+    let (la, ld) = (a.log(), d.log());
+    assert_eq!(a.terminate(), 0, "a exits cleanly:\n{la}");
+    assert_eq!(d.terminate(), 0, "d exits cleanly:\n{ld}");
+    assert!(
+        ld.contains("state restored") || la.contains("state restored"),
+        "partitions moved with their state: a restore from the changelog happened"
+    );
+    check_outputs(broker, &t, &input, &want_sessions, &want_annotated, exactly_once);
+    if let Some(dir) = broker.dir() {
+        let out = kafka_sh(&["start-node", "3", "--dir", dir]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+fn signal(p: &Proc, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &p.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+/// An instance frozen while its replacement (same instance id) takes over is fenced.
+fn zombie_is_fenced(broker: &Broker) {
+    let root = tempfile::tempdir().unwrap();
+    let prefix = format!("zo{}", rand_u32() % 100_000);
+    let t = Topics::new(broker, &prefix, 2);
+    let group = format!("{prefix}-group");
+    let input = events(60, 50, 7);
+    let (want_sessions, want_annotated) = offline(&input, root.path());
+    let half = input.len() / 2;
+    let produce2 = |chunk: &[(String, String)]| {
+        broker.produce(
+            &t.input,
+            &chunk
+                .iter()
+                .map(|(k, v)| {
+                    let p = k.trim_start_matches('u').parse::<i32>().unwrap() % 2;
+                    (Some(k.clone()), Some(v.as_bytes().to_vec()), Some(p))
+                })
+                .collect::<Vec<_>>(),
+        )
+    };
+    produce2(&input[..half]);
+    let mut old = {
+        let dir = root.path().join("old");
+        std::fs::create_dir_all(&dir).unwrap();
+        let extra = fast("same", "exactly-once");
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        run(broker, &t, &dir, &group, free_port(), &extra)
+    };
+    wait_annotated(broker, &t, half / 2, &[&old]);
+    signal(&old, "-STOP");
+    // The replacement, on another machine (state dir), with the same instance id.
+    let new = start(broker, &t, root.path(), &group, "same", "exactly-once");
+    produce2(&input[half..]);
+    wait_annotated(broker, &t, input.len(), &[&new]);
+    signal(&old, "-CONT");
+    // The zombie must notice it was fenced and stop, without publishing anything.
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = old.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "the zombie did not stop:\n{}",
+            old.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "a fenced instance exits non-zero");
+    assert!(
+        old.log().contains("fenced") || old.log().contains("Fenced"),
+        "the zombie says it was fenced:\n{}",
+        old.log()
+    );
+    let want_s = session_set(&want_sessions);
+    broker
+        .try_read_until(&t.sessions, Duration::from_secs(120), |r| {
+            let v: Vec<Value> = r.iter().map(|x| serde_json::from_str(&x.value).unwrap()).collect();
+            session_set(&v).len() >= want_s.len()
+        })
+        .unwrap_or_else(|r| panic!("{} sessions of {}; log:\n{}", r.len(), want_s.len(), new.log()));
+    assert_eq!(new.terminate(), 0);
+    check_outputs(broker, &t, &input, &want_sessions, &want_annotated, true);
+}
+
+#[test]
+fn failover_on_a_three_node_cluster() {
+    if std::env::var("KAFKA_BOOTSTRAP_SERVERS").is_ok() {
+        eprintln!("KAFKA_BOOTSTRAP_SERVERS is set: this test needs its own three-node cluster");
+    }
+    let broker = Broker::start_nodes(3);
+    let only = std::env::var("FAILOVER_ONLY").unwrap_or_default();
+    let want = |name: &str| only.is_empty() || only == name;
+    if want("exactly-once") {
+        failover(&broker, "exactly-once");
+    }
+    if want("at-least-once") {
+        failover(&broker, "at-least-once");
+    }
+    if want("zombie") {
+        zombie_is_fenced(&broker);
+    }
+}

@@ -1,0 +1,518 @@
+//! Shared pieces of the end-to-end tests against the real broker: the broker (ours via
+//! `scripts/kafka.sh`, or `KAFKA_BOOTSTRAP_SERVERS`), topics, synthetic input, running the
+//! `sessionizer` binary, the offline reference run and the comparisons.
+#![allow(dead_code)]
+
+use super::kafka::{free_port_pair, kafka_sh, rand_u32};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sessionizer");
+
+/// An input record: key, value (None: a tombstone), partition (None: by key).
+pub type Input = (Option<String>, Option<Vec<u8>>, Option<i32>);
+
+/// The broker: ours (stopped on drop) or an external one.
+pub struct Broker {
+    pub bootstrap: String,
+    dir: Option<(tempfile::TempDir, PathBuf)>,
+    /// Replication factor of the topics created.
+    replication: i32,
+}
+
+/// A base port P with P..P+2n free on 127.0.0.1 (n brokers and their controllers).
+fn free_ports(nodes: u16) -> u16 {
+    if nodes == 1 {
+        return free_port_pair();
+    }
+    for _ in 0..200 {
+        let p = 20_000 + (rand_u32() % 20_000) as u16;
+        if (p..p + 2 * nodes).all(|q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok()) {
+            return p;
+        }
+    }
+    panic!("no free port range");
+}
+
+impl Broker {
+    /// A single node (or the one in `KAFKA_BOOTSTRAP_SERVERS`).
+    pub fn start() -> Broker {
+        if let Ok(b) = std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
+            return Broker {
+                bootstrap: b,
+                dir: None,
+                replication: 1,
+            };
+        }
+        Self::start_nodes(1)
+    }
+
+    /// A fresh local cluster of `nodes` (1 or 3) nodes.
+    pub fn start_nodes(nodes: u16) -> Broker {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("kafka");
+        let port = free_ports(nodes).to_string();
+        let n = nodes.to_string();
+        let out = kafka_sh(&[
+            "start",
+            "--nodes",
+            &n,
+            "--dir",
+            dir.to_str().unwrap(),
+            "--port",
+            &port,
+        ]);
+        assert!(
+            out.status.success(),
+            "kafka start failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bootstrap = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .trim()
+            .to_owned();
+        Broker {
+            bootstrap,
+            dir: Some((tmp, dir)),
+            replication: i32::from(nodes),
+        }
+    }
+
+    pub fn dir(&self) -> Option<&str> {
+        self.dir.as_ref().map(|(_, d)| d.to_str().unwrap())
+    }
+
+    pub fn create_topics(&self, names: &[&str], partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .unwrap();
+        let topics: Vec<NewTopic<'_>> = names
+            .iter()
+            .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(self.replication)))
+            .collect();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let res = rt
+            .block_on(admin.create_topics(&topics, &AdminOptions::new()))
+            .unwrap();
+        for r in res {
+            r.unwrap();
+        }
+    }
+
+    pub fn produce(&self, topic: &str, records: &[Input]) {
+        let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("linger.ms", "5")
+            .create()
+            .unwrap();
+        for (k, v, part) in records {
+            let mut r: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+            if let Some(k) = k {
+                r = r.key(k.as_bytes());
+            }
+            if let Some(v) = v {
+                r = r.payload(v.as_slice());
+            }
+            if let Some(part) = part {
+                r = r.partition(*part);
+            }
+            let mut r = r;
+            loop {
+                match p.send(r) {
+                    Ok(()) => break,
+                    Err((_, back)) => {
+                        r = back;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        }
+        p.flush(Duration::from_secs(30)).unwrap();
+    }
+
+    /// Reads `topic` from the beginning until `done` holds for what was read (or panics at
+    /// the deadline).
+    pub fn read_until(
+        &self,
+        topic: &str,
+        deadline: Duration,
+        done: impl Fn(&[Rec]) -> bool,
+    ) -> Vec<Rec> {
+        match self.try_read_until(topic, deadline, done) {
+            Ok(v) => v,
+            Err(v) => panic!("timed out reading {topic}: {} records so far", v.len()),
+        }
+    }
+
+    /// Everything a read_committed reader sees in `topic` now: reads every partition to its
+    /// end.
+    pub fn read_all(&self, topic: &str) -> Vec<Rec> {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", format!("reader-{}", rand_u32()))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", "read_committed")
+            .create()
+            .unwrap();
+        let md = c
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap();
+        let n = md.topics()[0].partitions().len() as i32;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..n {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        c.assign(&tpl).unwrap();
+        let mut at_end = BTreeSet::new();
+        let mut got = Vec::new();
+        let start = Instant::now();
+        while at_end.len() < n as usize {
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "reading {topic} to its end took too long"
+            );
+            match c.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    at_end.remove(&m.partition());
+                    got.push(Rec {
+                        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                        value: m
+                            .payload()
+                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                            .unwrap_or_default(),
+                        headers: BTreeMap::new(),
+                    });
+                }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    at_end.insert(p);
+                }
+                _ => {}
+            }
+        }
+        got
+    }
+
+    pub fn try_read_until(
+        &self,
+        topic: &str,
+        deadline: Duration,
+        done: impl Fn(&[Rec]) -> bool,
+    ) -> Result<Vec<Rec>, Vec<Rec>> {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", format!("reader-{}", rand_u32()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let md = c
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap();
+        let n = md.topics()[0].partitions().len() as i32;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..n {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        c.assign(&tpl).unwrap();
+        let start = Instant::now();
+        let mut got = Vec::new();
+        // `done` is evaluated when the topic is drained for the moment (or every 5000 records),
+        // not after every record: it may be expensive.
+        let mut check = true;
+        loop {
+            if check && done(&got) {
+                return Ok(got);
+            }
+            if start.elapsed() >= deadline {
+                return Err(got);
+            }
+            let polled = c.poll(Duration::from_millis(100));
+            check = polled.is_none() || got.len() % 5000 == 0;
+            if let Some(Ok(m)) = polled {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|x| {
+                                (
+                                    x.key.to_owned(),
+                                    String::from_utf8_lossy(x.value.unwrap_or(&[])).into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                got.push(Rec {
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    value: m
+                        .payload()
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_default(),
+                    headers,
+                });
+            }
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(d) = self.dir() {
+            let _ = kafka_sh(&["stop", "--dir", d]);
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Rec {
+    pub key: Option<String>,
+    pub value: String,
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Synthetic input: `users` users with sessions (think times 5-60 s, gaps of 40 min - 3 h),
+/// app_open/app_close around mobile sessions, push_sent now and then; arrival up to 20 s after
+/// the event time. Each event has a unique `n`.
+pub fn events(users: u32, per_user: u32, seed: u64) -> Vec<(String, String)> {
+    let mut s = seed;
+    let mut rnd = move |m: u64| {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s % m
+    };
+    let base: i64 = 1_704_067_200_000; // 2024-01-01
+    let mut all = Vec::new();
+    for u in 0..users {
+        let mobile = u % 3 == 0;
+        let mut t = base + rnd(3_600_000) as i64;
+        let mut in_session = 0;
+        for _ in 0..per_user {
+            let event = if mobile && in_session == 0 {
+                "app_open"
+            } else if rnd(30) == 0 {
+                "push_sent"
+            } else if mobile && rnd(8) == 0 {
+                "app_close"
+            } else {
+                ["view", "click", "search"][rnd(3) as usize]
+            };
+            all.push((t, format!("u{u}"), event.to_string()));
+            in_session += 1;
+            if event == "app_close" || rnd(10) == 0 {
+                t += 2_400_000 + rnd(8_000_000) as i64;
+                in_session = 0;
+            } else {
+                t += 5_000 + rnd(55_000) as i64;
+            }
+        }
+    }
+    let mut arr: Vec<(i64, usize, (i64, String, String))> = all
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| (e.0 + rnd(20_000) as i64, i, e))
+        .collect();
+    arr.sort();
+    arr.into_iter()
+        .enumerate()
+        .map(|(n, (_, _, (t, u, ev)))| {
+            let line = format!(r#"{{"user_id":"{u}","timestamp":{t},"event":"{ev}","n":{n}}}"#);
+            (u, line)
+        })
+        .collect()
+}
+
+pub const SEMANTICS: &[&str] = &[
+    "--timeout",
+    "30m",
+    "--allowed-lateness",
+    "30s",
+    "--quiet-period",
+    "0s",
+    "--idle-after",
+    "1s",
+    "--start-events",
+    "app_open",
+    "--end-events",
+    "app_close",
+    "--excluded-events",
+    "push_sent",
+];
+
+pub struct Topics {
+    pub input: String,
+    pub annotated: String,
+    pub sessions: String,
+    pub late: String,
+    pub dlq: String,
+    pub stats: String,
+}
+
+impl Topics {
+    pub fn new(broker: &Broker, prefix: &str, partitions: i32) -> Topics {
+        let t = Topics {
+            input: format!("{prefix}-in"),
+            annotated: format!("{prefix}-annotated"),
+            sessions: format!("{prefix}-sessions"),
+            late: format!("{prefix}-late"),
+            dlq: format!("{prefix}-dlq"),
+            stats: format!("{prefix}-stats"),
+        };
+        broker.create_topics(
+            &[
+                &t.input,
+                &t.annotated,
+                &t.sessions,
+                &t.late,
+                &t.dlq,
+                &t.stats,
+            ],
+            partitions,
+        );
+        t
+    }
+}
+
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    pub fn terminate(mut self) -> i32 {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code().unwrap_or(-1);
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no exit after SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn run(broker: &Broker, t: &Topics, dir: &Path, group: &str, port: u16, extra: &[&str]) -> Proc {
+    let log = dir.join(format!("run-{}.log", rand_u32()));
+    let f = std::fs::File::create(&log).unwrap();
+    let child = Command::new(BIN)
+        .arg("run")
+        .args(SEMANTICS)
+        .args(["--brokers", &broker.bootstrap, "--group", group])
+        .args([
+            "--input-topics",
+            &t.input,
+            "--annotated-topic",
+            &t.annotated,
+        ])
+        .args(["--sessions-topic", &t.sessions, "--late-topic", &t.late])
+        .args(["--dlq-topic", &t.dlq, "--stats-topic", &t.stats])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .args(extra)
+        .env("SESSIONIZER_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(f)
+        .spawn()
+        .unwrap();
+    Proc { child, log }
+}
+
+pub fn offline(input: &[(String, String)], dir: &Path) -> (Vec<Value>, Vec<String>) {
+    let file = dir.join("input.jsonl");
+    let mut f = std::fs::File::create(&file).unwrap();
+    for (_, l) in input {
+        writeln!(f, "{l}").unwrap();
+    }
+    let out = Command::new(BIN)
+        .arg("sessionize")
+        .args(SEMANTICS)
+        .arg("--input")
+        .arg(&file)
+        .arg("--annotated")
+        .arg(dir.join("annotated.jsonl"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sessions = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["type"] == "session")
+        .collect();
+    let annotated = std::fs::read_to_string(dir.join("annotated.jsonl"))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    (sessions, annotated)
+}
+
+pub fn session_set(v: &[Value]) -> BTreeSet<String> {
+    v.iter()
+        .filter(|s| s["type"] == "session")
+        .map(|s| {
+            format!(
+                "{}|{}|{}|{}|{}|{}",
+                s["session_id"],
+                s["user_id"],
+                s["start"],
+                s["end"],
+                s["event_count"],
+                s["end_reason"]
+            )
+        })
+        .collect()
+}
+
+pub fn annotated_by_n(recs: &[Rec]) -> BTreeMap<u64, BTreeSet<String>> {
+    let mut m: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    for r in recs {
+        let v: Value = serde_json::from_str(&r.value).unwrap();
+        m.entry(v["n"].as_u64().unwrap())
+            .or_default()
+            .insert(r.value.clone());
+    }
+    m
+}
+
