@@ -50,7 +50,8 @@ fn create(bootstrap: &str, names: &[String]) {
         .unwrap();
     let topics: Vec<NewTopic<'_>> = names
         .iter()
-        .map(|n| NewTopic::new(n, PARTITIONS, TopicReplication::Fixed(1)))
+        // Event-time timestamps may be older than the default retention.
+        .map(|n| NewTopic::new(n, PARTITIONS, TopicReplication::Fixed(1)).set("retention.ms", "-1"))
         .collect();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

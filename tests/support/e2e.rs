@@ -102,7 +102,12 @@ impl Broker {
             .unwrap();
         let topics: Vec<NewTopic<'_>> = names
             .iter()
-            .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(self.replication)))
+            // Records carry event times from 2024: without retention.ms=-1 the brokers' time
+            // retention would delete them while the test runs.
+            .map(|n| {
+                NewTopic::new(n, partitions, TopicReplication::Fixed(self.replication))
+                    .set("retention.ms", "-1")
+            })
             .collect();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -428,11 +433,24 @@ impl Drop for Proc {
 }
 
 pub fn run(broker: &Broker, t: &Topics, dir: &Path, group: &str, port: u16, extra: &[&str]) -> Proc {
+    run_with(broker, t, dir, group, port, SEMANTICS, extra)
+}
+
+/// [`run`] with other session semantics flags.
+pub fn run_with(
+    broker: &Broker,
+    t: &Topics,
+    dir: &Path,
+    group: &str,
+    port: u16,
+    semantics: &[&str],
+    extra: &[&str],
+) -> Proc {
     let log = dir.join(format!("run-{}.log", rand_u32()));
     let f = std::fs::File::create(&log).unwrap();
     let child = Command::new(BIN)
         .arg("run")
-        .args(SEMANTICS)
+        .args(semantics)
         .args(["--brokers", &broker.bootstrap, "--group", group])
         .args([
             "--input-topics",
