@@ -81,7 +81,11 @@ pub enum TxnError {
 fn txn_error(what: &str, e: RdError) -> TxnError {
     let fenced = matches!(
         e.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+        Some(
+            RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+        )
     );
     match &e {
         _ if fenced => TxnError::Fenced(format!("{what}: {e}")),
