@@ -34,9 +34,9 @@ use crate::kafka::{self, KafkaError};
 use crate::metrics::{DeadLetterReason, Metrics, Outcome, OutputKind, RebalanceKind, TopicMetrics};
 use crate::store::{RocksOptions, RocksStore};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::types::RDKafkaRespErr;
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -145,13 +145,23 @@ impl Core {
         };
         let checkpoint = store.changelog_checkpoint().map_err(store_err)?;
         let untrusted = match checkpoint {
-            None => store.has_state().map_err(store_err)?.then_some("no changelog checkpoint"),
+            None => store
+                .has_state()
+                .map_err(store_err)?
+                .then_some("no changelog checkpoint"),
             Some(c) if c > high => Some("checkpoint beyond the end of the changelog"),
             Some(c) if c < low => Some("checkpoint before the start of the changelog"),
             Some(_) => None,
         };
         if let Some(why) = untrusted {
-            tracing::warn!(partition, why, ?checkpoint, low, high, "local state not trusted: rebuilding it from the changelog");
+            tracing::warn!(
+                partition,
+                why,
+                ?checkpoint,
+                low,
+                high,
+                "local state not trusted: rebuilding it from the changelog"
+            );
             drop(store);
             RocksStore::destroy(&dir).map_err(store_err)?;
             store = RocksStore::open(&dir, RocksOptions::default()).map_err(store_err)?;
@@ -163,13 +173,20 @@ impl Core {
         };
         if high > from {
             let started = Instant::now();
-            tracing::info!(partition, from, to = high, "restoring state from the changelog");
+            tracing::info!(
+                partition,
+                from,
+                to = high,
+                "restoring state from the changelog"
+            );
             let metrics = self.metrics.clone();
             let mut reported = 0;
-            let r = self.restorer.restore(partition, from, &mut store, &mut |applied, _| {
-                metrics.restore_records(partition, applied - reported);
-                reported = applied;
-            })?;
+            let r = self
+                .restorer
+                .restore(partition, from, &mut store, &mut |applied, _| {
+                    metrics.restore_records(partition, applied - reported);
+                    reported = applied;
+                })?;
             let secs = started.elapsed().as_secs_f64();
             tracing::info!(
                 partition,
@@ -661,12 +678,16 @@ impl Core {
             let Some(t) = self.tasks.get(&partition) else {
                 return Ok(());
             };
-            let behind = self.rt.input_topics.iter().zip(&t.next).any(|(topic, n)| {
-                match committed.find_partition(topic, partition).map(|e| e.offset()) {
-                    Some(Offset::Offset(c)) => n.is_none_or(|n| n < c),
-                    _ => false,
-                }
-            });
+            let behind =
+                self.rt.input_topics.iter().zip(&t.next).any(|(topic, n)| {
+                    match committed
+                        .find_partition(topic, partition)
+                        .map(|e| e.offset())
+                    {
+                        Some(Offset::Offset(c)) => n.is_none_or(|n| n < c),
+                        _ => false,
+                    }
+                });
             if !behind {
                 return Ok(());
             }

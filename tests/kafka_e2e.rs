@@ -9,9 +9,9 @@
 //!
 //! Waiting is always for a condition (records seen, process exited), with a deadline.
 
-use std::process::Command;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
 use std::time::Duration;
 
 mod support;

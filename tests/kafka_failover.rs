@@ -53,14 +53,21 @@ const SEMANTICS_NO_IDLE: &[&str] = &[
 fn with_flush_events(mut input: Vec<(String, String)>) -> Vec<(String, String)> {
     let last = input
         .iter()
-        .map(|(_, l)| serde_json::from_str::<Value>(l).unwrap()["timestamp"].as_i64().unwrap())
+        .map(|(_, l)| {
+            serde_json::from_str::<Value>(l).unwrap()["timestamp"]
+                .as_i64()
+                .unwrap()
+        })
         .max()
         .unwrap();
     let n = input.len();
     for p in 0..PARTITIONS as usize {
         let user = format!("u{}", 600_000 + p);
         let t = last + 86_400_000;
-        let line = format!(r#"{{"user_id":"{user}","timestamp":{t},"event":"push_sent","n":{}}}"#, n + p);
+        let line = format!(
+            r#"{{"user_id":"{user}","timestamp":{t},"event":"push_sent","n":{}}}"#,
+            n + p
+        );
         input.push((user, line));
     }
     input
@@ -90,7 +97,15 @@ fn start(broker: &Broker, t: &Topics, root: &Path, group: &str, id: &str, g: &st
     std::fs::create_dir_all(&dir).unwrap();
     let extra = fast(id, g);
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    run_with(broker, t, &dir, group, free_port(), SEMANTICS_NO_IDLE, &extra)
+    run_with(
+        broker,
+        t,
+        &dir,
+        group,
+        free_port(),
+        SEMANTICS_NO_IDLE,
+        &extra,
+    )
 }
 
 fn produce(broker: &Broker, t: &Topics, chunk: &[(String, String)]) {
@@ -139,10 +154,20 @@ fn check_outputs(
     let dlq = broker.read_all(&t.dlq);
     let mut seen: BTreeMap<u64, Vec<String>> = BTreeMap::new();
     for r in annotated.iter().chain(&late) {
-        seen.entry(n_of(&r.value)).or_default().push(r.value.clone());
+        seen.entry(n_of(&r.value))
+            .or_default()
+            .push(r.value.clone());
     }
-    assert!(dlq.is_empty(), "no dead letters expected: {:?}", dlq.first());
-    assert_eq!(seen.len(), input.len(), "every input is in annotated or late");
+    assert!(
+        dlq.is_empty(),
+        "no dead letters expected: {:?}",
+        dlq.first()
+    );
+    assert_eq!(
+        seen.len(),
+        input.len(),
+        "every input is in annotated or late"
+    );
     for (n, copies) in &seen {
         let distinct: BTreeSet<&String> = copies.iter().collect();
         assert_eq!(distinct.len(), 1, "input {n}: repeats must be identical");
@@ -204,7 +229,7 @@ fn failover(broker: &Broker, guarantee: &str) {
         scope.spawn(|| produce_paced(broker, &t, &input, 400));
         wait_annotated(broker, &t, n / 6, &[&a, &b, &c]);
         drop(b); // SIGKILL mid-stream
-        // A new instance without local state: whatever it gets, it restores from the changelog.
+                 // A new instance without local state: whatever it gets, it restores from the changelog.
         let d = start(broker, &t, root.path(), &group, "d", guarantee);
         wait_annotated(broker, &t, n / 2, &[&a, &c, &d]);
         // Scale down: c leaves gracefully; its partitions move with their state.
@@ -213,7 +238,11 @@ fn failover(broker: &Broker, guarantee: &str) {
         // A broker of the cluster dies mid-run.
         if let Some(dir) = broker.dir() {
             let out = kafka_sh(&["kill-node", "3", "--dir", dir]);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         (a, d)
     });
@@ -222,10 +251,21 @@ fn failover(broker: &Broker, guarantee: &str) {
     let want_s = session_set(&want_sessions);
     broker
         .try_read_until(&t.sessions, Duration::from_secs(120), |r| {
-            let v: Vec<Value> = r.iter().map(|x| serde_json::from_str(&x.value).unwrap()).collect();
+            let v: Vec<Value> = r
+                .iter()
+                .map(|x| serde_json::from_str(&x.value).unwrap())
+                .collect();
             session_set(&v).len() >= want_s.len()
         })
-        .unwrap_or_else(|r| panic!("{} sessions of {}; log a:\n{}\nlog d:\n{}", r.len(), want_s.len(), a.log(), d.log()));
+        .unwrap_or_else(|r| {
+            panic!(
+                "{} sessions of {}; log a:\n{}\nlog d:\n{}",
+                r.len(),
+                want_s.len(),
+                a.log(),
+                d.log()
+            )
+        });
     let (la, ld) = (a.log(), d.log());
     assert_eq!(a.terminate(), 0, "a exits cleanly:\n{la}");
     assert_eq!(d.terminate(), 0, "d exits cleanly:\n{ld}");
@@ -233,10 +273,21 @@ fn failover(broker: &Broker, guarantee: &str) {
         ld.contains("state restored") || la.contains("state restored"),
         "partitions moved with their state: a restore from the changelog happened"
     );
-    check_outputs(broker, &t, &input, &want_sessions, &want_annotated, exactly_once);
+    check_outputs(
+        broker,
+        &t,
+        &input,
+        &want_sessions,
+        &want_annotated,
+        exactly_once,
+    );
     if let Some(dir) = broker.dir() {
         let out = kafka_sh(&["start-node", "3", "--dir", dir]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -263,7 +314,15 @@ fn zombie_is_fenced(broker: &Broker) {
         std::fs::create_dir_all(&dir).unwrap();
         let extra = fast("same", "exactly-once");
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        run_with(broker, &t, &dir, &group, free_port(), SEMANTICS_NO_IDLE, &extra)
+        run_with(
+            broker,
+            &t,
+            &dir,
+            &group,
+            free_port(),
+            SEMANTICS_NO_IDLE,
+            &extra,
+        )
     };
     let new = std::thread::scope(|scope| {
         scope.spawn(|| produce_paced(broker, &t, &input, 200));
@@ -296,10 +355,20 @@ fn zombie_is_fenced(broker: &Broker) {
     let want_s = session_set(&want_sessions);
     broker
         .try_read_until(&t.sessions, Duration::from_secs(120), |r| {
-            let v: Vec<Value> = r.iter().map(|x| serde_json::from_str(&x.value).unwrap()).collect();
+            let v: Vec<Value> = r
+                .iter()
+                .map(|x| serde_json::from_str(&x.value).unwrap())
+                .collect();
             session_set(&v).len() >= want_s.len()
         })
-        .unwrap_or_else(|r| panic!("{} sessions of {}; log:\n{}", r.len(), want_s.len(), new.log()));
+        .unwrap_or_else(|r| {
+            panic!(
+                "{} sessions of {}; log:\n{}",
+                r.len(),
+                want_s.len(),
+                new.log()
+            )
+        });
     assert_eq!(new.terminate(), 0);
     check_outputs(broker, &t, &input, &want_sessions, &want_annotated, true);
 }

@@ -480,7 +480,9 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
     {
         return Err(invalid(
             "kafka.instance_id",
-            format!("`{instance_id}` must be non-empty and use only letters, digits, `.`, `_`, `-`"),
+            format!(
+                "`{instance_id}` must be non-empty and use only letters, digits, `.`, `_`, `-`"
+            ),
         ));
     }
     let tt = duration(

@@ -16,8 +16,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, Top
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::ClientContext;
 use rdkafka::message::{Headers, Message};
+use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
 
@@ -34,14 +34,13 @@ pub fn ensure_topic(
 ) -> Result<(), KafkaError> {
     let topic = rt.changelog_topic.as_str();
     let mut config = super::base_config(rt);
-    let admin: AdminClient<DefaultClientContext> =
-        config
-            .set("client.id", "sessionizer-admin")
-            .create()
-            .map_err(|source| KafkaError::Client {
-                what: "admin client",
-                source,
-            })?;
+    let admin: AdminClient<DefaultClientContext> = config
+        .set("client.id", "sessionizer-admin")
+        .create()
+        .map_err(|source| KafkaError::Client {
+            what: "admin client",
+            source,
+        })?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -138,10 +137,12 @@ impl Restorer {
             // The end of a partition is known at once, not after the default 500 ms wait.
             .set("fetch.wait.max.ms", "10")
             .set("max.partition.fetch.bytes", "10485760");
-        let consumer = c.create_with_context(RestoreContext).map_err(|source| KafkaError::Client {
-            what: "restore consumer",
-            source,
-        })?;
+        let consumer =
+            c.create_with_context(RestoreContext)
+                .map_err(|source| KafkaError::Client {
+                    what: "restore consumer",
+                    source,
+                })?;
         Ok(Self {
             consumer,
             topic: rt.changelog_topic.clone(),

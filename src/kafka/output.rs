@@ -14,9 +14,9 @@
 
 use super::KafkaError;
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
-use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::message::{Header, Message};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, TopicPartitionList};
@@ -154,10 +154,11 @@ impl Outputs {
             key: COMMIT_HEADER,
             value: Some(commit_id),
         });
-        let mut rec: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(topic, CHANGELOG)
-            .partition(partition)
-            .key(key)
-            .headers(h);
+        let mut rec: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(topic, CHANGELOG)
+                .partition(partition)
+                .key(key)
+                .headers(h);
         if let Some(v) = value {
             rec = rec.payload(v);
         }

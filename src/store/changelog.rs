@@ -64,8 +64,14 @@ mod tests {
             assert_eq!(cf_of(code_of(name)), Some(name));
             assert_eq!(change_key(name, b"k")[0], code);
         }
-        assert!(is_commit_marker(&change_key(super::super::rocks::CF_META, b"meta")));
-        assert!(!is_commit_marker(&change_key(super::super::rocks::CF_KEYS, b"meta")));
+        assert!(is_commit_marker(&change_key(
+            super::super::rocks::CF_META,
+            b"meta"
+        )));
+        assert!(!is_commit_marker(&change_key(
+            super::super::rocks::CF_KEYS,
+            b"meta"
+        )));
         assert!(!is_commit_marker(&[]));
     }
 }

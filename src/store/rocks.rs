@@ -285,13 +285,10 @@ impl RocksStore {
     pub fn apply_changes(&mut self, changes: &[Change], checkpoint: i64) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         for c in changes {
-            let (code, key) = c
-                .key
-                .split_first()
-                .ok_or_else(|| StoreError::Corrupt {
-                    table: "changelog",
-                    detail: "empty record key".into(),
-                })?;
+            let (code, key) = c.key.split_first().ok_or_else(|| StoreError::Corrupt {
+                table: "changelog",
+                detail: "empty record key".into(),
+            })?;
             let name = cf_of(*code).ok_or_else(|| StoreError::Corrupt {
                 table: "changelog",
                 detail: format!("unknown column family code {code}"),
@@ -395,11 +392,21 @@ impl RocksStore {
         };
         let keys_cf = cf(&self.db, CF_KEYS)?;
         for (key, c) in self.keys.iter().filter(|(_, c)| c.dirty) {
-            w.put(keys_cf, CF_KEYS, key.as_bytes(), encode_value(CF_KEYS, &c.value)?);
+            w.put(
+                keys_cf,
+                CF_KEYS,
+                key.as_bytes(),
+                encode_value(CF_KEYS, &c.value)?,
+            );
         }
         let stats_cf = cf(&self.db, CF_STATS)?;
         for (user, c) in self.stats.iter().filter(|(_, c)| c.dirty) {
-            w.put(stats_cf, CF_STATS, user.as_bytes(), encode_value(CF_STATS, &c.value)?);
+            w.put(
+                stats_cf,
+                CF_STATS,
+                user.as_bytes(),
+                encode_value(CF_STATS, &c.value)?,
+            );
         }
         let payloads_cf = cf(&self.db, CF_PAYLOADS)?;
         for (key, value) in &self.payloads {

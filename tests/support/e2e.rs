@@ -432,7 +432,14 @@ impl Drop for Proc {
     }
 }
 
-pub fn run(broker: &Broker, t: &Topics, dir: &Path, group: &str, port: u16, extra: &[&str]) -> Proc {
+pub fn run(
+    broker: &Broker,
+    t: &Topics,
+    dir: &Path,
+    group: &str,
+    port: u16,
+    extra: &[&str],
+) -> Proc {
     run_with(broker, t, dir, group, port, SEMANTICS, extra)
 }
 
@@ -533,4 +540,3 @@ pub fn annotated_by_n(recs: &[Rec]) -> BTreeMap<u64, BTreeSet<String>> {
     }
     m
 }
-
