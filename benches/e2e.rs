@@ -5,8 +5,12 @@
 //! 1. throughput of a plain consume-and-produce pass-through (same client settings as the
 //!    sessionizer: the same consumer and producer configuration, commits every 100 ms after a
 //!    flush) over N pre-loaded records;
-//! 2. throughput of `sessionizer run` (at-least-once) over the same records;
-//! 3. event-to-annotation latency (p50/p99 from the sessionizer's own histogram) of a live
+//! 2. throughput of `sessionizer run` over the same records, at-least-once and exactly-once
+//!    (each with its own group, outputs and state);
+//! 3. the restore rate from the changelog: a fresh instance of the exactly-once group with an
+//!    empty state directory restores every partition before consuming (records/s, from its
+//!    "state restored" log lines);
+//! 4. event-to-annotation latency (p50/p99 from the sessionizer's own histogram) of a live
 //!    stream (event time = send time) at a fixed rate of half the measured sessionizer
 //!    throughput.
 //!
@@ -115,7 +119,7 @@ fn pass_through(bootstrap: &str, topic: &str, out: &str, n: usize) -> Duration {
     let rt = runtime_settings(bootstrap, "bench-passthrough");
     let started = Instant::now();
     let consumer: BaseConsumer = sessionizer::kafka::consumer_config(&rt).create().unwrap();
-    let outputs = Outputs::new(&sessionizer::kafka::producer_config(&rt)).unwrap();
+    let outputs = Outputs::new(&sessionizer::kafka::plain_producer_config(&rt)).unwrap();
     consumer.subscribe(&[topic]).unwrap();
     let mut seen = 0usize;
     let mut last = Instant::now();
@@ -213,7 +217,14 @@ struct Run {
 }
 
 impl Run {
-    fn start(bootstrap: &str, input: &str, prefix: &str, state: &std::path::Path) -> Run {
+    fn start(
+        bootstrap: &str,
+        input: &str,
+        prefix: &str,
+        state: &std::path::Path,
+        guarantee: &str,
+        log: Option<&std::path::Path>,
+    ) -> Run {
         let port = free_port();
         let t = |s: &str| format!("{prefix}-{s}");
         let child = Command::new(BIN)
@@ -246,9 +257,17 @@ impl Run {
             .arg("--state-dir")
             .arg(state)
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .env("SESSIONIZER_LOG", "warn")
+            .args(["--guarantee", guarantee, "--instance-id", "bench"])
+            .args(["--log-format", "json"])
+            .env(
+                "SESSIONIZER_LOG",
+                if log.is_some() { "info" } else { "warn" },
+            )
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(match log {
+                Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+                None => Stdio::inherit(),
+            })
             .spawn()
             .unwrap();
         Run { child, port }
@@ -326,7 +345,7 @@ fn main() {
         "bench-pt-out".to_owned(),
         "bench-lat-in".to_owned(),
     ];
-    for p in ["bench-sz", "bench-lat"] {
+    for p in ["bench-alo", "bench-eos", "bench-lat"] {
         topics.extend(OUTPUTS.iter().map(|o| format!("{p}-{o}")));
     }
     create(&bootstrap, &topics);
@@ -366,15 +385,67 @@ fn main() {
         pt_rate
     );
 
-    let started = Instant::now();
-    let run = Run::start(&bootstrap, "bench-in", "bench-sz", &tmp.path().join("sz"));
-    let sz = until_committed(&bootstrap, "bench-sz-group", "bench-in", n, started);
-    run.stop();
-    let sz_rate = n as f64 / sz.as_secs_f64();
+    let mut rates = Vec::new();
+    for (guarantee, prefix) in [
+        ("at-least-once", "bench-alo"),
+        ("exactly-once", "bench-eos"),
+    ] {
+        let started = Instant::now();
+        let state = tmp.path().join(prefix);
+        let run = Run::start(&bootstrap, "bench-in", prefix, &state, guarantee, None);
+        let group = format!("{prefix}-group");
+        let took = until_committed(&bootstrap, &group, "bench-in", n, started);
+        run.stop();
+        let rate = n as f64 / took.as_secs_f64();
+        eprintln!(
+            "e2e: sessionizer run ({guarantee}) {:.1} s = {rate:.0} events/s",
+            took.as_secs_f64()
+        );
+        rates.push((guarantee, rate, took));
+    }
+    let sz_rate = rates[0].1;
+
+    // Restore: the exactly-once group again, on a machine without its state.
+    let log = tmp.path().join("restore.log");
+    let restore = Run::start(
+        &bootstrap,
+        "bench-in",
+        "bench-eos",
+        &tmp.path().join("bench-eos-restore"),
+        "exactly-once",
+        Some(&log),
+    );
+    let t = Instant::now();
+    let restored = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["fields"]["message"] == "state restored")
+            .collect();
+        if lines.len() == PARTITIONS as usize {
+            break lines
+                .iter()
+                .map(|v| {
+                    let f = &v["fields"];
+                    (
+                        f["applied"].as_f64().unwrap_or(0.0),
+                        f["seconds"].as_f64().unwrap_or(0.0),
+                    )
+                })
+                .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "restore too slow:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    restore.stop();
+    let restore_rate = restored.0 / restored.1.max(1e-9);
     eprintln!(
-        "e2e: sessionizer run (at-least-once) {:.1} s = {:.0} events/s",
-        sz.as_secs_f64(),
-        sz_rate
+        "e2e: restore {:.0} records in {:.2} s = {restore_rate:.0} records/s",
+        restored.0, restored.1
     );
 
     // Latency at half the measured sessionizer rate, for 10 s, events timed "now".
@@ -387,6 +458,8 @@ fn main() {
         "bench-lat-in",
         "bench-lat",
         &tmp.path().join("lat"),
+        "at-least-once",
+        None,
     );
     // Start the load once the group has assigned its partitions (and a moment for the fetchers).
     let t = Instant::now();
@@ -436,11 +509,17 @@ fn main() {
         "| pass-through | {pt_rate:.0} events/s ({:.1} s) |",
         pt.as_secs_f64()
     );
+    for (guarantee, rate, took) in &rates {
+        println!(
+            "| sessionizer run, {guarantee} | {rate:.0} events/s ({:.1} s), ratio to pass-through {:.2} |",
+            took.as_secs_f64(),
+            rate / pt_rate
+        );
+    }
     println!(
-        "| sessionizer run, at-least-once | {sz_rate:.0} events/s ({:.1} s) |",
-        sz.as_secs_f64()
+        "| restore from the changelog | {restore_rate:.0} records/s ({:.0} records, {:.2} s) |",
+        restored.0, restored.1
     );
-    println!("| ratio run / pass-through | {:.2} |", sz_rate / pt_rate);
     println!(
         "| latency at {rate:.0} events/s, p50 (bucket upper bound) | <= {:.1} ms |",
         p50 * 1000.0

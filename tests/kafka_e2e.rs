@@ -295,6 +295,102 @@ fn broker_restart_is_survived(broker: &Broker) {
     );
 }
 
+/// Two co-partitioned input topics (app events on one, web events on the other, both keyed by
+/// user): the sessions are those of the offline run over both; every input is annotated once.
+/// Input topics with different partition counts are refused at start.
+fn two_input_topics(broker: &Broker) {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Topics::new(broker, "multi", 2);
+    let second = "multi-in-web".to_owned();
+    broker.create_topics(&[&second], 2);
+    let input = events(60, 40, 17);
+    let (want_sessions, _) = offline(&input, dir.path());
+    let part = |k: &str| k.trim_start_matches('u').parse::<i32>().unwrap() % 2;
+    // Arrival order is kept within each topic; users are spread over both topics by event.
+    let (app, web): (Vec<_>, Vec<_>) = input.iter().enumerate().partition(|(i, _)| i % 3 != 0);
+    for (topic, part_of) in [(&t.input, &app), (&second, &web)] {
+        broker.produce(
+            topic,
+            &part_of
+                .iter()
+                .map(|(_, (k, v))| (Some(k.clone()), Some(v.as_bytes().to_vec()), Some(part(k))))
+                .collect::<Vec<_>>(),
+        );
+    }
+    let both = Topics {
+        input: format!("{},{second}", t.input),
+        annotated: t.annotated.clone(),
+        sessions: t.sessions.clone(),
+        late: t.late.clone(),
+        dlq: t.dlq.clone(),
+        stats: t.stats.clone(),
+    };
+    let p = run(broker, &both, dir.path(), "multi-group", free_port(), &[]);
+    let annotated = broker.read_until(&t.annotated, Duration::from_secs(90), |r| {
+        annotated_by_n(r).len() >= input.len()
+    });
+    let by_n = annotated_by_n(&annotated);
+    assert_eq!(
+        by_n.len(),
+        input.len(),
+        "every input of both topics annotated"
+    );
+    assert_eq!(annotated.len(), input.len(), "each exactly once");
+    // Session numbers follow the order in which a user's sessions were first seen, which
+    // depends on how the two topics interleave: compare everything but the ids.
+    let without_ids = |v: &[Value]| -> BTreeSet<String> {
+        session_set(v)
+            .into_iter()
+            .map(|s| s.split_once('|').unwrap().1.to_owned())
+            .collect()
+    };
+    let want_s = without_ids(&want_sessions);
+    let sessions = broker.read_until(&t.sessions, Duration::from_secs(90), |r| {
+        let v: Vec<Value> = r
+            .iter()
+            .map(|x| serde_json::from_str(&x.value).unwrap())
+            .collect();
+        without_ids(&v).len() >= want_s.len()
+    });
+    let v: Vec<Value> = sessions
+        .iter()
+        .map(|x| serde_json::from_str(&x.value).unwrap())
+        .collect();
+    assert_eq!(
+        without_ids(&v),
+        want_s,
+        "sessions over both topics equal offline"
+    );
+    assert_eq!(p.terminate(), 0);
+
+    // Not co-partitioned: a clear error and exit 1.
+    let third = "multi-in-three".to_owned();
+    broker.create_topics(&[&third], 3);
+    let bad = format!("{},{third}", t.input);
+    let out = Command::new(BIN)
+        .args([
+            "run",
+            "--brokers",
+            &broker.bootstrap,
+            "--group",
+            "multi-bad",
+        ])
+        .args(["--input-topics", &bad, "--annotated-topic", &t.annotated])
+        .args(["--sessions-topic", &t.sessions, "--late-topic", &t.late])
+        .args(["--dlq-topic", &t.dlq, "--stats-topic", &t.stats])
+        .arg("--state-dir")
+        .arg(dir.path().join("bad"))
+        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("not co-partitioned") && err.contains("multi-in-three: 3 partitions"),
+        "{err}"
+    );
+}
+
 fn generate_produces_keyed_events_to_a_topic(broker: &Broker) {
     broker.create_topics(&["gen-in"], 3);
     let out = Command::new(BIN)
@@ -328,6 +424,9 @@ fn kafka_end_to_end() {
     }
     if want("kill") {
         kill_9_and_restart_loses_nothing(&broker);
+    }
+    if want("multi") {
+        two_input_topics(&broker);
     }
     if want("generate") {
         generate_produces_keyed_events_to_a_topic(&broker);

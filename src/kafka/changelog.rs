@@ -22,7 +22,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
 
 /// Applied in batches of about this many records.
-const APPLY_BATCH: usize = 20_000;
+const APPLY_BATCH: usize = 50_000;
 
 /// Creates the changelog topic if it is missing (compacted, `partitions` partitions, the
 /// brokers' default replication), or checks that the existing one is compacted and has

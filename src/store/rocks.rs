@@ -31,7 +31,7 @@ use compact_str::CompactString;
 use rocksdb::properties::{SIZE_ALL_MEM_TABLES, TOTAL_SST_FILES_SIZE};
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
-    IteratorMode, Options, WriteBatch, DB,
+    FlushOptions, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 use rustc_hash::FxHashMap;
 use std::collections::BTreeSet;
@@ -159,6 +159,8 @@ pub struct RocksStore {
     capture: bool,
     staged: Option<WriteBatch>,
     changes: Vec<Change>,
+    /// Restored records written without the write-ahead log and not flushed yet.
+    unflushed: bool,
 }
 
 impl fmt::Debug for RocksStore {
@@ -225,6 +227,7 @@ impl RocksStore {
             capture: false,
             staged: None,
             changes: Vec::new(),
+            unflushed: false,
         })
     }
 
@@ -304,11 +307,28 @@ impl RocksStore {
             CHECKPOINT_KEY,
             encode_value(CF_META, &checkpoint)?,
         );
-        self.db.write(batch).map_err(backend)
+        // Without the write-ahead log: the checkpoint is in the same batch, so a crash before
+        // the flush in `finish_restore` loses the batch and its checkpoint together (the next
+        // open replays from the older checkpoint); atomic flush keeps the families in step.
+        let mut opts = WriteOptions::default();
+        opts.disable_wal(true);
+        self.db.write_opt(batch, &opts).map_err(backend)?;
+        self.unflushed = true;
+        Ok(())
     }
 
-    /// After [`Self::apply_changes`]: reloads the timer indexes and drops every cache.
+    /// After [`Self::apply_changes`]: makes the restored state durable (it was written
+    /// without the write-ahead log), reloads the timer indexes and drops every cache.
     pub fn finish_restore(&mut self) -> Result<(), StoreError> {
+        if std::mem::take(&mut self.unflushed) {
+            let handles: Vec<&ColumnFamily> = COLUMN_FAMILIES
+                .iter()
+                .map(|name| cf(&self.db, name))
+                .collect::<Result<_, _>>()?;
+            self.db
+                .flush_cfs_opt(&handles, &FlushOptions::default())
+                .map_err(backend)?;
+        }
         self.deadline = TimerIndex::load(&self.db, CF_DEADLINE)?;
         self.quiet = TimerIndex::load(&self.db, CF_QUIET)?;
         self.keys.clear();
