@@ -44,6 +44,6 @@ echo "demo: sessionizer running (log: $OUT/sessionizer.log); metrics: http://127
 echo "demo: concluded sessions from topic 'sessions':" >&2
 max=()
 [ -n "${DEMO_SESSIONS:-}" ] && max=(--max-messages "$DEMO_SESSIONS")
-scripts/kafka.sh tool console-consumer --dir "$KAFKA_DIR" -- --topic sessions --from-beginning \
+scripts/kafka.sh tool console-consumer --dir "$KAFKA_DIR" -- --topic sessions --from-beginning --isolation-level read_committed \
   "${max[@]}" --timeout-ms 120000 2>/dev/null || true
 curl -s http://127.0.0.1:9464/metrics | grep -E '^sessionizer_(events_total|sessions_concluded_total)' >&2 || true
