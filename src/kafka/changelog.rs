@@ -136,6 +136,8 @@ impl Restorer {
             .set("fetch.max.bytes", "52428800")
             // The end of a partition is known at once, not after the default 500 ms wait.
             .set("fetch.wait.max.ms", "10")
+            // A restore waits for nothing else: retry a failed fetch quickly.
+            .set("fetch.error.backoff.ms", "20")
             .set("max.partition.fetch.bytes", "10485760");
         let consumer =
             c.create_with_context(RestoreContext)
