@@ -10,7 +10,11 @@
 //! ([`is_commit_marker`]); the pipeline tags every record of a commit with the same commit id.
 //! A restore applies a commit's records only when its marker arrives with the same id, so the
 //! prefix of a commit cut short by a crash (possible in at-least-once mode, where changelog
-//! records are not transactional) is never applied.
+//! records are not transactional) is never applied. Known window (at-least-once only): if log
+//! compaction runs before the next commit rewrites the keys of such an orphaned prefix, an
+//! orphaned value can replace an older, committed one of the same key in the compacted log;
+//! nothing repairs that yet. Exactly-once has no orphans (read_committed never shows an
+//! aborted commit).
 
 /// One changelog record: the encoded key and the value (none = delete).
 #[derive(Clone, Debug, PartialEq, Eq)]
