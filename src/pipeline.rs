@@ -98,6 +98,10 @@ struct Core {
     /// Commit ids: this process's nonce and a counter.
     nonce: u64,
     commits: u64,
+    /// Shutting down after the final commit: the revocation when the consumer closes only
+    /// releases the tasks (there is nothing new to commit, and no transaction may be left
+    /// open behind us).
+    closing: bool,
 }
 
 fn header(h: OwnedHeaders, key: &str, value: &str) -> OwnedHeaders {
@@ -524,7 +528,9 @@ impl Core {
         }
         self.metrics.observe_commit(started.elapsed());
         if self.exactly_once() {
-            self.begin()?;
+            if !self.closing {
+                self.begin()?;
+            }
         } else if tpl.count() > 0 {
             consumer
                 .commit(&tpl, CommitMode::Async)
@@ -636,11 +642,11 @@ impl Core {
             .set_ready(false, format!("restoring partitions {new:?}"));
         for (i, p) in new.iter().enumerate() {
             self.open_task(*p)?;
-            if self.exactly_once() {
-                self.check_against_group(consumer, *p)?;
-            }
             self.metrics
                 .set_restoring_partitions((new.len() - i - 1) as u64);
+        }
+        if self.exactly_once() {
+            self.check_against_group(consumer, &new)?;
         }
         for (ti, topic) in self.rt.input_topics.iter().enumerate() {
             for p in &parts {
@@ -661,25 +667,32 @@ impl Core {
     fn check_against_group(
         &mut self,
         consumer: &BaseConsumer<Ctx>,
-        partition: i32,
+        partitions: &[i32],
     ) -> Result<(), PipelineError> {
+        if partitions.is_empty() {
+            return Ok(());
+        }
         let mut q = TopicPartitionList::new();
         for topic in &self.rt.input_topics {
-            q.add_partition(topic, partition);
+            for p in partitions {
+                q.add_partition(topic, *p);
+            }
         }
-        for attempt in 0..3 {
-            let committed = match consumer.committed_offsets(q.clone(), Duration::from_secs(10)) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(partition, error = %e, "cannot read the group's committed offsets");
-                    return Ok(());
-                }
-            };
-            let Some(t) = self.tasks.get(&partition) else {
+        // One lookup for all of them: it waits while a transaction that carries their offsets
+        // is still completing (bounded, since this runs inside the rebalance).
+        let committed = match consumer.committed_offsets(q, Duration::from_secs(10)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(?partitions, error = %e, "cannot read the group's committed offsets");
                 return Ok(());
-            };
-            let behind =
-                self.rt.input_topics.iter().zip(&t.next).any(|(topic, n)| {
+            }
+        };
+        for &partition in partitions {
+            for attempt in 0..3 {
+                let Some(t) = self.tasks.get(&partition) else {
+                    break;
+                };
+                let behind = self.rt.input_topics.iter().zip(&t.next).any(|(topic, n)| {
                     match committed
                         .find_partition(topic, partition)
                         .map(|e| e.offset())
@@ -688,14 +701,18 @@ impl Core {
                         _ => false,
                     }
                 });
-            if !behind {
-                return Ok(());
+                if !behind {
+                    break;
+                }
+                if attempt == 2 {
+                    tracing::error!(partition, "restored state stays behind the group's committed offsets (changelog lost or truncated?): continuing from the state's offsets");
+                    break;
+                }
+                tracing::warn!(partition, attempt, "restored state is behind the group's committed offsets: reading the changelog tail again");
+                self.tasks.remove(&partition);
+                self.open_task(partition)?;
             }
-            tracing::warn!(partition, attempt, "restored state is behind the group's committed offsets: reading the changelog tail again");
-            self.tasks.remove(&partition);
-            self.open_task(partition)?;
         }
-        tracing::error!(partition, "restored state stays behind the group's committed offsets (changelog lost or truncated?): continuing from the state's offsets");
         Ok(())
     }
 
@@ -707,7 +724,9 @@ impl Core {
         parts: &[i32],
         lost: bool,
     ) -> Result<(), PipelineError> {
-        if lost && self.exactly_once() {
+        if self.closing {
+            // Everything was committed by the final tick.
+        } else if lost && self.exactly_once() {
             for p in parts {
                 self.tasks.remove(p);
             }
@@ -904,6 +923,7 @@ pub fn run(
         held: Vec::new(),
         nonce,
         commits: 0,
+        closing: false,
     });
     let topics: Vec<&str> = rt.input_topics.iter().map(|s| s.as_str()).collect();
     consumer
@@ -945,7 +965,10 @@ pub fn run(
         }
         tracing::info!("shutting down: finishing the batch and committing");
         health.set_ready(false, "shutting down");
-        with_core(&mut |c| c.tick(&consumer))
+        with_core(&mut |c| {
+            c.closing = true;
+            c.tick(&consumer)
+        })
     };
     let result = serve();
     if result.is_err() {

@@ -416,7 +416,7 @@ impl Proc {
                 return s.code().unwrap_or(-1);
             }
             assert!(
-                start.elapsed() < Duration::from_secs(30),
+                start.elapsed() < Duration::from_secs(60),
                 "no exit after SIGTERM:\n{}",
                 self.log()
             );
