@@ -37,7 +37,9 @@ fn free_ports(nodes: u16) -> u16 {
         return free_port_pair();
     }
     for _ in 0..200 {
-        let p = 20_000 + (rand_u32() % 20_000) as u16;
+        // Below the ephemeral range (32768+ on Linux), so that a client connection cannot
+        // take the port of a node that is down and restarted later.
+        let p = 20_000 + (rand_u32() % 12_000) as u16;
         if (p..p + 2 * nodes).all(|q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok()) {
             return p;
         }

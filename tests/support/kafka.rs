@@ -35,7 +35,9 @@ pub fn free_port() -> u16 {
 /// A port P with P and P+1 free on 127.0.0.1 (a broker and its controller).
 pub fn free_port_pair() -> u16 {
     for _ in 0..200 {
-        let p = 20_000 + (std::process::id() as u16 % 5_000) * 2 + (rand_u32() % 4_000) as u16 * 2;
+        // Below the ephemeral range (32768+ on Linux): a stopped broker restarted later must
+        // find its ports free.
+        let p = 20_000 + (std::process::id() as u16 % 3_000) * 2 + (rand_u32() % 3_000) as u16 * 2;
         if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
             && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()
         {
