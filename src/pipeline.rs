@@ -204,6 +204,9 @@ impl Core {
         }
         store.enable_changelog();
         let mut engine = Engine::open(self.settings.engine.clone(), store).map_err(store_err)?;
+        if self.rt.input_topics.len() > 1 {
+            engine.expect_sources(self.rt.input_topics.len() as u32, wall_ms());
+        }
         let stored = engine.store_mut().committed_offsets().map_err(store_err)?;
         let next = self
             .rt

@@ -397,6 +397,14 @@ impl<S: StateStore> Engine<S> {
         Ok(())
     }
 
+    /// Declares the task's input sources `0..n` (several co-partitioned topics), so that each
+    /// holds the watermark back until it delivers or idles (see [`super::watermark::Watermark::expect_source`]).
+    pub fn expect_sources(&mut self, n: u32, now: Millis) {
+        for source in 0..n {
+            self.meta.watermark.expect_source(source, now);
+        }
+    }
+
     /// Makes the state durable together with the input positions, atomically.
     pub fn commit(&mut self, offsets: &[SourceOffset]) -> Result<(), StoreError> {
         self.store.commit(&self.meta, offsets)

@@ -40,6 +40,19 @@ impl Watermark {
         self.current.map(|w| w.saturating_add(p.allowed_lateness))
     }
 
+    /// Declares a source before it delivers anything (a task reading several topics): until it
+    /// delivers or has been idle for `idle_after` since `now`, it holds the watermark back,
+    /// so a topic read ahead of another cannot make the other's events late.
+    pub fn expect_source(&mut self, source: u32, now: Millis) {
+        if !self.sources.iter().any(|s| s.source == source) {
+            self.sources.push(SourceClock {
+                source,
+                max_time: Millis::MIN,
+                last_arrival: now,
+            });
+        }
+    }
+
     /// Records an event of `source` with event time `t`, arriving at wall-clock `now`.
     pub fn observe(&mut self, source: u32, t: Millis, now: Millis, p: &WatermarkParams) {
         if let [only] = self.sources.as_mut_slice() {
@@ -99,7 +112,10 @@ impl Watermark {
     }
 
     fn raise(&mut self, w: Millis) {
-        self.current = Some(self.current.map_or(w, |c| c.max(w)));
+        // `MIN` carries no information (a source that has not delivered yet).
+        if w != Millis::MIN {
+            self.current = Some(self.current.map_or(w, |c| c.max(w)));
+        }
     }
 }
 
@@ -139,6 +155,33 @@ mod tests {
         // Source 1 idle: source 0 alone decides.
         w.observe(0, 13_000, 2_000, &P);
         assert_eq!(w.get(), 12_900);
+    }
+
+    #[test]
+    fn an_expected_source_holds_the_watermark_until_it_delivers_or_idles() {
+        let mut w = Watermark::default();
+        w.expect_source(0, 0);
+        w.expect_source(1, 0);
+        w.observe(0, 50_000, 10, &P);
+        assert_eq!(w.get(), Millis::MIN, "source 1 has delivered nothing yet");
+        w.observe(1, 20_000, 20, &P);
+        assert_eq!(
+            w.get(),
+            20_000 - P.allowed_lateness,
+            "the slower source decides"
+        );
+        let mut w = Watermark::default();
+        w.expect_source(0, 0);
+        w.expect_source(1, 0);
+        w.observe(0, 50_000, 10, &P);
+        w.advance(P.idle_after / 2, false, &P);
+        assert_eq!(w.get(), Millis::MIN, "source 1 is silent but not idle yet");
+        w.advance(P.idle_after + 5, false, &P);
+        assert_eq!(
+            w.get(),
+            50_000 - P.allowed_lateness,
+            "source 1 idle: source 0 decides"
+        );
     }
 
     #[test]
