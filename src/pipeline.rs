@@ -26,7 +26,8 @@ use crate::codec::records::{annotate, record_json, stats_json};
 use crate::codec::Decoder;
 use crate::config::{Guarantee, RuntimeSettings, Settings};
 use crate::engine::{
-    AnnotateMode, Counters, Disposition, Engine, Output, SourceOffset, StateStore, StoreError,
+    AnnotateMode, Counters, Disposition, Engine, EngineConfig, Output, SourceOffset, StateStore,
+    StoreError,
 };
 use crate::kafka::changelog::Restorer;
 use crate::kafka::output::{Outputs, TxnError};
@@ -55,10 +56,12 @@ pub enum PipelineError {
     #[error("in a rebalance callback: {0}")]
     Rebalance(String),
     #[error(
-        "the transactional producer failed for good ({0}); if another instance runs with \
-         the same kafka.instance_id it has taken over (instance ids must be unique)"
+        "fenced: another producer with this transactional id took over ({0}); instance ids \
+         (kafka.instance_id) must be unique"
     )]
     Fenced(String),
+    #[error("the transactional producer failed: {0}")]
+    Transaction(String),
 }
 
 fn wall_ms() -> i64 {
@@ -82,7 +85,7 @@ struct Task {
 /// Everything the consumer loop and the rebalance callback share.
 struct Core {
     rt: RuntimeSettings,
-    settings: Settings,
+    engine: EngineConfig,
     decoder: Decoder,
     outputs: Outputs,
     /// To replace the producer after a fatal (not fenced) transaction error.
@@ -123,15 +126,6 @@ impl Core {
         self.rt.guarantee == Guarantee::ExactlyOnce
     }
 
-    fn task(&mut self, partition: i32) -> Result<&mut Task, PipelineError> {
-        if !self.tasks.contains_key(&partition) {
-            self.open_task(partition)?;
-        }
-        self.tasks
-            .get_mut(&partition)
-            .ok_or(PipelineError::Poisoned)
-    }
-
     /// Opens a task: local state checked against the changelog (deleted if it cannot be
     /// trusted), the changelog replayed from the local checkpoint, the engine opened on the
     /// result.
@@ -150,8 +144,9 @@ impl Core {
         let checkpoint = store.changelog_checkpoint().map_err(store_err)?;
         let untrusted = match checkpoint {
             None => store
-                .has_state()
+                .load_meta()
                 .map_err(store_err)?
+                .is_some()
                 .then_some("no changelog checkpoint"),
             Some(c) if c > high => Some("checkpoint beyond the end of the changelog"),
             Some(c) if c < low => Some("checkpoint before the start of the changelog"),
@@ -203,7 +198,7 @@ impl Core {
             );
         }
         store.enable_changelog();
-        let mut engine = Engine::open(self.settings.engine.clone(), store).map_err(store_err)?;
+        let mut engine = Engine::open(self.engine.clone(), store).map_err(store_err)?;
         if self.rt.input_topics.len() > 1 {
             engine.expect_sources(self.rt.input_topics.len() as u32, wall_ms());
         }
@@ -239,7 +234,13 @@ impl Core {
         };
         let partition = m.partition();
         let offset = m.offset();
-        let task = self.task(partition)?;
+        if !self.tasks.contains_key(&partition) {
+            // Tasks open on assignment; this only covers a record seen before that.
+            self.open_task(partition)?;
+        }
+        let Some(task) = self.tasks.get_mut(&partition) else {
+            return Err(PipelineError::Poisoned);
+        };
         if task.next[ti].is_some_and(|n| offset < n) {
             return Ok(()); // already reflected in the committed state
         }
@@ -256,7 +257,7 @@ impl Core {
                 return self.dead_letter(m, e.reason(), &e.to_string());
             }
         };
-        let on_close = self.settings.engine.annotate == AnnotateMode::OnClose;
+        let on_close = self.engine.annotate == AnnotateMode::OnClose;
         if on_close {
             // Held payload: user id length, user id, original value.
             self.held.clear();
@@ -267,10 +268,6 @@ impl Core {
         }
         let ev = d.event(ti as u32, if on_close { &self.held } else { &[] });
         self.out.clear();
-        let task = self
-            .tasks
-            .get_mut(&partition)
-            .ok_or(PipelineError::Poisoned)?;
         let disposition = task
             .engine
             .process(&ev, now, &mut self.out)
@@ -750,9 +747,8 @@ impl Core {
 /// A transaction operation that failed where no recovery is attempted.
 fn txn_failed(e: TxnError) -> PipelineError {
     match e {
-        TxnError::Abortable(e) | TxnError::Fatal(e) | TxnError::Fenced(e) => {
-            PipelineError::Fenced(e)
-        }
+        TxnError::Fenced(e) => PipelineError::Fenced(e),
+        TxnError::Abortable(e) | TxnError::Fatal(e) => PipelineError::Transaction(e),
     }
 }
 
@@ -782,13 +778,7 @@ impl Ctx {
 
 impl ClientContext for Ctx {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        match error {
-            // Reaching the end of a partition is how we learn it is caught up, not an error.
-            rdkafka::error::KafkaError::PartitionEOF(_)
-            | rdkafka::error::KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) => {
-            }
-            e => tracing::warn!(error = %e, reason, "kafka client error (retrying)"),
-        }
+        kafka::log_client_error(error, reason, "kafka client");
     }
 
     fn stats(&self, s: Statistics) {
@@ -908,11 +898,11 @@ pub fn run(
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
         ^ u64::from(std::process::id()) << 32;
-    let decoder = Decoder::new(settings.decode.clone());
+    let decoder = Decoder::new(settings.decode);
     let topic_metrics = rt.input_topics.iter().map(|t| metrics.topic(t)).collect();
     *core.lock().map_err(|_| PipelineError::Poisoned)? = Some(Core {
         rt: rt.clone(),
-        settings,
+        engine: settings.engine,
         decoder,
         outputs,
         producer_config,

@@ -31,22 +31,7 @@ const PARTITIONS: i32 = 6;
 /// follows the wall clock: the input has event times of 2024, and a partition caught up during
 /// a failover pause must not jump its watermark to now (making the rest of the input late).
 /// The end of the input is marked by [`with_flush_events`] instead.
-const SEMANTICS_NO_IDLE: &[&str] = &[
-    "--timeout",
-    "30m",
-    "--allowed-lateness",
-    "30s",
-    "--quiet-period",
-    "0s",
-    "--idle-after",
-    "100h",
-    "--start-events",
-    "app_open",
-    "--end-events",
-    "app_close",
-    "--excluded-events",
-    "push_sent",
-];
+const IDLE_AFTER: &str = "100h";
 
 /// `input` plus, for every partition, an excluded event a day after the last event, so that
 /// every watermark passes every session and they all conclude (in streaming as offline).
@@ -103,7 +88,7 @@ fn start(broker: &Broker, t: &Topics, root: &Path, group: &str, id: &str, g: &st
         &dir,
         group,
         free_port(),
-        SEMANTICS_NO_IDLE,
+        &semantics(IDLE_AFTER),
         &extra,
     )
 }
@@ -248,24 +233,13 @@ fn failover(broker: &Broker, guarantee: &str) {
     });
     wait_annotated(broker, &t, n, &[&a, &d]);
     // Every session concludes (the flush events move every watermark on); then stop cleanly.
-    let want_s = session_set(&want_sessions);
-    broker
-        .try_read_until(&t.sessions, Duration::from_secs(120), |r| {
-            let v: Vec<Value> = r
-                .iter()
-                .map(|x| serde_json::from_str(&x.value).unwrap())
-                .collect();
-            session_set(&v).len() >= want_s.len()
-        })
-        .unwrap_or_else(|r| {
-            panic!(
-                "{} sessions of {}; log a:\n{}\nlog d:\n{}",
-                r.len(),
-                want_s.len(),
-                a.log(),
-                d.log()
-            )
-        });
+    wait_sessions(
+        broker,
+        &t.sessions,
+        want_sessions.len(),
+        session_set,
+        &[&a, &d],
+    );
     let (la, ld) = (a.log(), d.log());
     assert_eq!(a.terminate(), 0, "a exits cleanly:\n{la}");
     assert_eq!(d.terminate(), 0, "d exits cleanly:\n{ld}");
@@ -320,7 +294,7 @@ fn zombie_is_fenced(broker: &Broker) {
             &dir,
             &group,
             free_port(),
-            SEMANTICS_NO_IDLE,
+            &semantics(IDLE_AFTER),
             &extra,
         )
     };
@@ -352,23 +326,13 @@ fn zombie_is_fenced(broker: &Broker) {
         "the zombie says it was fenced:\n{}",
         old.log()
     );
-    let want_s = session_set(&want_sessions);
-    broker
-        .try_read_until(&t.sessions, Duration::from_secs(120), |r| {
-            let v: Vec<Value> = r
-                .iter()
-                .map(|x| serde_json::from_str(&x.value).unwrap())
-                .collect();
-            session_set(&v).len() >= want_s.len()
-        })
-        .unwrap_or_else(|r| {
-            panic!(
-                "{} sessions of {}; log:\n{}",
-                r.len(),
-                want_s.len(),
-                new.log()
-            )
-        });
+    wait_sessions(
+        broker,
+        &t.sessions,
+        want_sessions.len(),
+        session_set,
+        &[&new],
+    );
     assert_eq!(new.terminate(), 0);
     check_outputs(broker, &t, &input, &want_sessions, &want_annotated, true);
 }
@@ -380,6 +344,10 @@ fn failover_on_a_three_node_cluster() {
     }
     let broker = Broker::start_nodes(3);
     let only = std::env::var("FAILOVER_ONLY").unwrap_or_default();
+    assert!(
+        ["", "zombie", "exactly-once", "at-least-once"].contains(&only.as_str()),
+        "FAILOVER_ONLY=`{only}` names no scenario"
+    );
     let want = |name: &str| only.is_empty() || only == name;
     // The zombie first, on a fresh cluster: once, after the broker kill and restart of the
     // failover scenarios, the zombie scenario's outputs stopped becoming visible (unexplained).

@@ -177,6 +177,12 @@ pub fn parse_duration(text: &str) -> Result<Millis, String> {
     Millis::try_from(d.as_millis()).map_err(|_| format!("`{text}` is too long"))
 }
 
+/// A duration that must be positive, as a [`Duration`].
+fn positive_duration(key: &str, v: Option<&str>, default: &str) -> Result<Duration, ConfigError> {
+    let ms = positive(key, duration(key, v, default)?)?;
+    Ok(Duration::from_millis(ms.unsigned_abs()))
+}
+
 fn positive(key: &str, v: Millis) -> Result<Millis, ConfigError> {
     if v <= 0 {
         Err(invalid(key, "must be greater than zero"))
@@ -442,13 +448,11 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
             ))
         }
     };
-    let ci = duration(
+    let commit_interval = positive_duration(
         "kafka.commit_interval",
         k.commit_interval.as_deref(),
         "100ms",
     )?;
-    let commit_interval =
-        Duration::from_millis(u64::try_from(positive("kafka.commit_interval", ci)?).unwrap_or(100));
     let changelog_topic = name(
         "kafka.changelog_topic",
         &k.changelog_topic,
@@ -485,14 +489,11 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
             ),
         ));
     }
-    let tt = duration(
+    let transaction_timeout = positive_duration(
         "kafka.transaction_timeout",
         k.transaction_timeout.as_deref(),
         "10s",
     )?;
-    let transaction_timeout = Duration::from_millis(
-        u64::try_from(positive("kafka.transaction_timeout", tt)?).unwrap_or(10_000),
-    );
     if transaction_timeout < commit_interval * 2 {
         return Err(invalid(
             "kafka.transaction_timeout",

@@ -107,12 +107,7 @@ pub struct RestoreContext;
 
 impl ClientContext for RestoreContext {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        match error {
-            rdkafka::error::KafkaError::PartitionEOF(_)
-            | rdkafka::error::KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) => {
-            }
-            e => tracing::warn!(error = %e, reason, "changelog reader error (retrying)"),
-        }
+        super::log_client_error(error, reason, "changelog reader");
     }
 }
 

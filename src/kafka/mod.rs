@@ -36,6 +36,17 @@ pub enum KafkaError {
     Changelog(String),
 }
 
+/// Logs a client error of a consumer that reads to partition ends: reaching the end of a
+/// partition is expected (it is how caught-up is detected), everything else is a warning
+/// (librdkafka retries by itself).
+pub(crate) fn log_client_error(error: rdkafka::error::KafkaError, reason: &str, who: &str) {
+    match error {
+        rdkafka::error::KafkaError::PartitionEOF(_)
+        | rdkafka::error::KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) => {}
+        e => tracing::warn!(error = %e, reason, "{who} error (retrying)"),
+    }
+}
+
 pub(crate) fn base_config(rt: &RuntimeSettings) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &rt.brokers);

@@ -277,42 +277,26 @@ impl RocksStore {
         self.db_get(CF_META, CHECKPOINT_KEY)
     }
 
-    /// Whether the database holds any committed state.
-    pub fn has_state(&self) -> Result<bool, StoreError> {
-        Ok(self.db_get::<PartitionMeta>(CF_META, META_KEY)?.is_some())
-    }
-
-    /// Adds one changelog record (see [`super::changelog`]) to a restore batch.
-    pub fn restore_put(
-        &self,
-        batch: &mut WriteBatch,
-        key: &[u8],
-        value: Option<&[u8]>,
-    ) -> Result<(), StoreError> {
-        let (code, key) = key.split_first().ok_or_else(|| StoreError::Corrupt {
-            table: "changelog",
-            detail: "empty record key".into(),
-        })?;
-        let name = cf_of(*code).ok_or_else(|| StoreError::Corrupt {
-            table: "changelog",
-            detail: format!("unknown column family code {code}"),
-        })?;
-        let handle = cf(&self.db, name)?;
-        match value {
-            Some(v) => batch.put_cf(handle, key, v),
-            None => batch.delete_cf(handle, key),
+    /// Applies changelog records (complete commits) and the new checkpoint in one batch.
+    /// Only for a freshly opened store that has not been used yet; call
+    /// [`Self::finish_restore`] afterwards.
+    pub fn apply_changes(&mut self, changes: &[Change], checkpoint: i64) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for c in changes {
+            let (code, key) = c.key.split_first().ok_or_else(|| StoreError::Corrupt {
+                table: "changelog",
+                detail: "empty record key".into(),
+            })?;
+            let name = cf_of(*code).ok_or_else(|| StoreError::Corrupt {
+                table: "changelog",
+                detail: format!("unknown column family code {code}"),
+            })?;
+            let handle = cf(&self.db, name)?;
+            match &c.value {
+                Some(v) => batch.put_cf(handle, key, v),
+                None => batch.delete_cf(handle, key),
+            }
         }
-        Ok(())
-    }
-
-    /// Writes a restore batch (complete commits only) with the new checkpoint. Only for a
-    /// freshly opened store that has not been used yet; call [`Self::finish_restore`]
-    /// afterwards.
-    pub fn apply_restore(
-        &mut self,
-        mut batch: WriteBatch,
-        checkpoint: i64,
-    ) -> Result<(), StoreError> {
         batch.put_cf(
             cf(&self.db, CF_META)?,
             CHECKPOINT_KEY,
@@ -326,15 +310,6 @@ impl RocksStore {
         self.db.write_opt(batch, &opts).map_err(backend)?;
         self.unflushed = true;
         Ok(())
-    }
-
-    /// Applies changelog records (complete commits) and the new checkpoint in one batch.
-    pub fn apply_changes(&mut self, changes: &[Change], checkpoint: i64) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        for c in changes {
-            self.restore_put(&mut batch, &c.key, c.value.as_deref())?;
-        }
-        self.apply_restore(batch, checkpoint)
     }
 
     /// After [`Self::apply_changes`]: makes the restored state durable (it was written

@@ -171,11 +171,37 @@ impl Broker {
     /// Everything a read_committed reader sees in `topic` now: reads every partition to its
     /// end.
     pub fn read_all(&self, topic: &str) -> Vec<Rec> {
+        let (c, n) = self.reader(topic, true);
+        let mut at_end = BTreeSet::new();
+        let mut got = Vec::new();
+        let start = Instant::now();
+        while at_end.len() < n as usize {
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "reading {topic} to its end took too long"
+            );
+            match c.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    at_end.remove(&m.partition());
+                    got.push(rec(&m));
+                }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    at_end.insert(p);
+                }
+                _ => {}
+            }
+        }
+        got
+    }
+
+    /// A read_committed consumer outside any group, assigned every partition of `topic` from
+    /// the beginning (reporting partition ends if `eof`), and the partition count.
+    fn reader(&self, topic: &str, eof: bool) -> (BaseConsumer, i32) {
         let c: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
             .set("group.id", format!("reader-{}", rand_u32()))
             .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
+            .set("enable.partition.eof", if eof { "true" } else { "false" })
             .set("isolation.level", "read_committed")
             .create()
             .unwrap();
@@ -189,33 +215,7 @@ impl Broker {
                 .unwrap();
         }
         c.assign(&tpl).unwrap();
-        let mut at_end = BTreeSet::new();
-        let mut got = Vec::new();
-        let start = Instant::now();
-        while at_end.len() < n as usize {
-            assert!(
-                start.elapsed() < Duration::from_secs(120),
-                "reading {topic} to its end took too long"
-            );
-            match c.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) => {
-                    at_end.remove(&m.partition());
-                    got.push(Rec {
-                        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                        value: m
-                            .payload()
-                            .map(|v| String::from_utf8_lossy(v).into_owned())
-                            .unwrap_or_default(),
-                        headers: BTreeMap::new(),
-                    });
-                }
-                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                    at_end.insert(p);
-                }
-                _ => {}
-            }
-        }
-        got
+        (c, n)
     }
 
     pub fn try_read_until(
@@ -224,22 +224,7 @@ impl Broker {
         deadline: Duration,
         done: impl Fn(&[Rec]) -> bool,
     ) -> Result<Vec<Rec>, Vec<Rec>> {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .set("group.id", format!("reader-{}", rand_u32()))
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        let md = c
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .unwrap();
-        let n = md.topics()[0].partitions().len() as i32;
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..n {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .unwrap();
-        }
-        c.assign(&tpl).unwrap();
+        let (c, _) = self.reader(topic, false);
         let start = Instant::now();
         let mut got = Vec::new();
         // `done` is evaluated when the topic is drained for the moment (or every 5000 records),
@@ -255,27 +240,7 @@ impl Broker {
             let polled = c.poll(Duration::from_millis(100));
             check = polled.is_none() || got.len() % 5000 == 0;
             if let Some(Ok(m)) = polled {
-                let headers = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|x| {
-                                (
-                                    x.key.to_owned(),
-                                    String::from_utf8_lossy(x.value.unwrap_or(&[])).into_owned(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                got.push(Rec {
-                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                    value: m
-                        .payload()
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                        .unwrap_or_default(),
-                    headers,
-                });
+                got.push(rec(&m));
             }
         }
     }
@@ -348,22 +313,79 @@ pub fn events(users: u32, per_user: u32, seed: u64) -> Vec<(String, String)> {
         .collect()
 }
 
-pub const SEMANTICS: &[&str] = &[
-    "--timeout",
-    "30m",
-    "--allowed-lateness",
-    "30s",
-    "--quiet-period",
-    "0s",
-    "--idle-after",
-    "1s",
-    "--start-events",
-    "app_open",
-    "--end-events",
-    "app_close",
-    "--excluded-events",
-    "push_sent",
-];
+/// A record as read back: key, value and headers as text.
+fn rec(m: &rdkafka::message::BorrowedMessage<'_>) -> Rec {
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|x| {
+                    (
+                        x.key.to_owned(),
+                        String::from_utf8_lossy(x.value.unwrap_or(&[])).into_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Rec {
+        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        value: m
+            .payload()
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default(),
+        headers,
+    }
+}
+
+/// The session semantics flags of the end-to-end tests, with `--idle-after idle_after`.
+pub fn semantics(idle_after: &'static str) -> Vec<&'static str> {
+    vec![
+        "--timeout",
+        "30m",
+        "--allowed-lateness",
+        "30s",
+        "--quiet-period",
+        "0s",
+        "--idle-after",
+        idle_after,
+        "--start-events",
+        "app_open",
+        "--end-events",
+        "app_close",
+        "--excluded-events",
+        "push_sent",
+    ]
+}
+
+/// Reads `topic` (sessions) until `key` of what was read covers `want` entries; panics at the
+/// deadline with the logs of `procs`. Returns the parsed records.
+pub fn wait_sessions(
+    broker: &Broker,
+    topic: &str,
+    want: usize,
+    key: impl Fn(&[Value]) -> BTreeSet<String>,
+    procs: &[&Proc],
+) -> Vec<Value> {
+    let parse = |r: &[Rec]| -> Vec<Value> {
+        r.iter()
+            .map(|x| serde_json::from_str(&x.value).unwrap())
+            .collect()
+    };
+    match broker.try_read_until(topic, Duration::from_secs(120), |r| {
+        key(&parse(r)).len() >= want
+    }) {
+        Ok(r) => parse(&r),
+        Err(r) => {
+            let logs: Vec<String> = procs.iter().map(|p| p.log()).collect();
+            panic!(
+                "{} of {want} sessions in {topic}; logs:\n{}",
+                key(&parse(&r)).len(),
+                logs.join("\n-----\n")
+            )
+        }
+    }
+}
 
 pub struct Topics {
     pub input: String,
@@ -442,7 +464,7 @@ pub fn run(
     port: u16,
     extra: &[&str],
 ) -> Proc {
-    run_with(broker, t, dir, group, port, SEMANTICS, extra)
+    run_with(broker, t, dir, group, port, &semantics("1s"), extra)
 }
 
 /// [`run`] with other session semantics flags.
@@ -489,7 +511,7 @@ pub fn offline(input: &[(String, String)], dir: &Path) -> (Vec<Value>, Vec<Strin
     }
     let out = Command::new(BIN)
         .arg("sessionize")
-        .args(SEMANTICS)
+        .args(semantics("1s"))
         .arg("--input")
         .arg(&file)
         .arg("--annotated")
