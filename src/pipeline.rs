@@ -578,8 +578,10 @@ impl Core {
         self.metrics.transaction_aborted();
         match self.outputs.abort() {
             Ok(()) => {}
-            Err(TxnError::Fenced(e)) => return Err(PipelineError::Fenced(e)),
-            Err(TxnError::Fatal(e) | TxnError::Abortable(e)) => {
+            // A fencing error from the abort itself comes from the epoch bump that follows
+            // timed-out records (seen after a broker failure), not from another instance:
+            // that one fails the commit, and `commit` stops on it. Carry on with a new producer.
+            Err(TxnError::Fenced(e) | TxnError::Fatal(e) | TxnError::Abortable(e)) => {
                 tracing::warn!(error = %e, "abort failed");
                 self.new_producer()?;
             }
