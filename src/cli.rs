@@ -465,6 +465,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
 }
 
 fn generate(a: GenerateArgs) -> Result<(), CliError> {
+    // Logs on stderr: `--topic` reports brokers that do not acknowledge through tracing.
+    init_logging(false);
     let generator = Generator::new(a.config()).map_err(generate_error)?;
     if let Some(topic) = &a.topic {
         return generate_to_kafka(&a, generator, topic);
@@ -549,14 +551,14 @@ fn run_stream(a: RunArgs) -> Result<(), CliError> {
         .block_on(crate::http::bind(addr))
         .map_err(|e| CliError::Runtime(e.to_string()))?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio_rt.spawn(crate::http::serve_on(
-        listener,
-        metrics.clone(),
-        health.clone(),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let server = crate::http::serve_on(listener, metrics.clone(), health.clone(), async {
+        let _ = stop_rx.await;
+    });
+    tokio_rt.spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "the metrics server stopped");
+        }
+    });
     let flag = shutdown.clone();
     tokio_rt.spawn(async move {
         let mut term =

@@ -542,10 +542,6 @@ impl Generator {
         })
     }
 
-    pub fn config(&self) -> &GeneratorConfig {
-        &self.cfg
-    }
-
     /// The event time before which no further event will be generated, or `None` when
     /// generation is over.
     fn frontier(&self) -> Option<Millis> {

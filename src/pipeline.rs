@@ -7,8 +7,12 @@
 //!
 //! * **exactly-once**: the outputs, the changelog records and the input offsets of the interval
 //!   commit in one Kafka transaction; an abortable failure aborts it and rewinds every task to
-//!   its last committed state and input position; a fatal one (fenced by a newer instance
-//!   with the same id) stops the process;
+//!   its last committed state and input position. A fencing error replaces the producer and
+//!   rewinds once (after a broker failure the transaction coordinator can bump the epoch of a
+//!   transaction that timed out, and librdkafka reports that as fencing too); a second one
+//!   within [`FENCE_WINDOW`] means another running instance has the same id, and stops the
+//!   process. Correctness never rests on this rule: a producer's offsets commit only with the
+//!   consumer group generation that owns the partitions (KIP-447);
 //! * **at-least-once**: the pipeline waits until every output and changelog record is
 //!   acknowledged, then commits the input offsets to Kafka (for lag monitoring; the RocksDB
 //!   offsets are the truth). After a crash the tasks resume from their last commit and produce
@@ -56,13 +60,16 @@ pub enum PipelineError {
     #[error("in a rebalance callback: {0}")]
     Rebalance(String),
     #[error(
-        "fenced: another producer with this transactional id took over ({0}); instance ids \
-         (kafka.instance_id) must be unique"
+        "fenced twice within a minute: another running instance has this transactional id \
+         ({0}); instance ids (kafka.instance_id) must be unique"
     )]
     Fenced(String),
     #[error("the transactional producer failed: {0}")]
     Transaction(String),
 }
+
+/// A second fencing error within this time of the first stops the instance.
+pub const FENCE_WINDOW: Duration = Duration::from_secs(60);
 
 fn wall_ms() -> i64 {
     SystemTime::now()
@@ -101,6 +108,8 @@ struct Core {
     /// Commit ids: this process's nonce and a counter.
     nonce: u64,
     commits: u64,
+    /// When the producer was last replaced after a fencing error.
+    last_fence: Option<Instant>,
     /// Shutting down after the final commit: the revocation when the consumer closes only
     /// releases the tasks (there is nothing new to commit, and no transaction may be left
     /// open behind us).
@@ -494,7 +503,7 @@ impl Core {
                     tracing::warn!(error = %e, "transaction failed: aborting and rewinding");
                     return self.abort_and_rewind(consumer);
                 }
-                Err(TxnError::Fenced(e)) => return Err(PipelineError::Fenced(e)),
+                Err(TxnError::Fenced(e)) => return self.fenced(consumer, e),
             }
         } else {
             self.outputs.flush()?;
@@ -578,14 +587,38 @@ impl Core {
         self.metrics.transaction_aborted();
         match self.outputs.abort() {
             Ok(()) => {}
-            // A fencing error from the abort itself comes from the epoch bump that follows
-            // timed-out records (seen after a broker failure), not from another instance:
-            // that one fails the commit, and `commit` stops on it. Carry on with a new producer.
-            Err(TxnError::Fenced(e) | TxnError::Fatal(e) | TxnError::Abortable(e)) => {
+            Err(TxnError::Fenced(e)) => return self.fenced(consumer, e),
+            Err(TxnError::Fatal(e) | TxnError::Abortable(e)) => {
                 tracing::warn!(error = %e, "abort failed");
                 self.new_producer()?;
             }
         }
+        self.rewind(consumer)
+    }
+
+    /// Exactly-once: the producer was fenced. The first time (within [`FENCE_WINDOW`]) it is
+    /// replaced and every task rewinds: the fencing may come from the coordinator aborting a
+    /// transaction that outlived its timeout while a broker was down. A second time means
+    /// another running instance has the same transactional id: stop.
+    fn fenced(&mut self, consumer: &BaseConsumer<Ctx>, e: String) -> Result<(), PipelineError> {
+        self.metrics.transaction_aborted();
+        if self.last_fence.is_some_and(|t| t.elapsed() < FENCE_WINDOW) {
+            return Err(PipelineError::Fenced(e));
+        }
+        self.last_fence = Some(Instant::now());
+        tracing::warn!(
+            error = %e,
+            window_s = FENCE_WINDOW.as_secs(),
+            "fenced: replacing the producer once; fenced again within the window, this \
+             instance stops"
+        );
+        self.new_producer()?;
+        self.rewind(consumer)
+    }
+
+    /// Reopens every task from its committed state and moves the consumer back to the
+    /// tasks' offsets, then begins a new transaction.
+    fn rewind(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), PipelineError> {
         let parts: Vec<i32> = self.tasks.keys().copied().collect();
         // Dropping a store discards its staged commit: RocksDB holds the committed state.
         self.tasks.clear();
@@ -918,6 +951,7 @@ pub fn run(
         held: Vec::new(),
         nonce,
         commits: 0,
+        last_fence: None,
         closing: false,
     });
     let topics: Vec<&str> = rt.input_topics.iter().map(|s| s.as_str()).collect();

@@ -116,11 +116,11 @@ fn wait_annotated(broker: &Broker, t: &Topics, count: usize, logs: &[&Proc]) {
             annotated_by_n(r).len() >= count
         })
         .unwrap_or_else(|r| {
-            let logs: Vec<String> = logs.iter().map(|p| p.log()).collect();
             panic!(
-                "{} of {count} inputs annotated; logs:\n{}",
+                "{} of {count} inputs annotated; brokers:\n{}\nprocesses:\n{}",
                 annotated_by_n(&r).len(),
-                logs.join("\n-----\n")
+                broker.diagnose(&t.annotated),
+                report(logs)
             )
         });
 }

@@ -151,7 +151,9 @@ impl Broker {
                 }
             }
         }
-        p.flush(Duration::from_secs(30)).unwrap();
+        // Long enough to ride out a node of the three-node cluster stalling (seen once on
+        // 2 cores: a node answered nothing for about 30 s, then its partitions moved).
+        p.flush(Duration::from_secs(180)).unwrap();
     }
 
     /// Reads `topic` from the beginning until `done` holds for what was read (or panics at
@@ -216,6 +218,46 @@ impl Broker {
         }
         c.assign(&tpl).unwrap();
         (c, n)
+    }
+
+    /// For a failure message: the consumer groups' lag, the transactions the brokers know
+    /// of, and the producers of every partition of `topic` (an open transaction holds back
+    /// what read_committed readers see).
+    pub fn diagnose(&self, topic: &str) -> String {
+        let Some(dir) = self.dir() else {
+            return String::new();
+        };
+        let mut out = String::new();
+        for node in 1..=self.replication {
+            let log = Path::new(dir).join(format!("node{node}")).join("kafka.log");
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("$ tail {}\n", log.display()));
+            for l in &lines[lines.len().saturating_sub(30)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        let mut tool = |name: &str, args: &[&str]| {
+            let mut all = vec!["tool", name, "--dir", dir, "--"];
+            all.extend_from_slice(args);
+            let o = kafka_sh(&all);
+            out.push_str(&format!(
+                "$ {name} {}\n{}{}\n",
+                args.join(" "),
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        };
+        tool("consumer-groups", &["--describe", "--all-groups"]);
+        tool("transactions", &["list"]);
+        let (_, n) = self.reader(topic, false);
+        for p in 0..n {
+            let p = p.to_string();
+            let args = ["describe-producers", "--topic", topic, "--partition", &p];
+            tool("transactions", &args);
+        }
+        out
     }
 
     pub fn try_read_until(
@@ -377,11 +419,11 @@ pub fn wait_sessions(
     }) {
         Ok(r) => parse(&r),
         Err(r) => {
-            let logs: Vec<String> = procs.iter().map(|p| p.log()).collect();
             panic!(
-                "{} of {want} sessions in {topic}; logs:\n{}",
+                "{} of {want} sessions in {topic}; brokers:\n{}\nprocesses:\n{}",
                 key(&parse(&r)).len(),
-                logs.join("\n-----\n")
+                broker.diagnose(topic),
+                report(procs)
             )
         }
     }
@@ -430,6 +472,22 @@ impl Proc {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// For a failure message: every thread's stack, from gdb when it is installed.
+    pub fn stacks(&self) -> String {
+        let pid = self.child.id().to_string();
+        match Command::new("gdb")
+            .args(["-batch", "-p", &pid, "-ex", "thread apply all bt"])
+            .output()
+        {
+            Ok(o) => String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.starts_with('#') || l.starts_with("Thread"))
+                .map(|l| format!("{l}\n"))
+                .collect(),
+            Err(e) => format!("(no stacks: gdb: {e})\n"),
+        }
+    }
     pub fn terminate(mut self) -> i32 {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -454,6 +512,15 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// For a failure message: the log and the threads' stacks of every process.
+pub fn report(procs: &[&Proc]) -> String {
+    let each: Vec<String> = procs
+        .iter()
+        .map(|p| format!("{}\nstacks:\n{}", p.log(), p.stacks()))
+        .collect();
+    each.join("\n-----\n")
 }
 
 pub fn run(
