@@ -2,7 +2,7 @@
 //! or the one in `KAFKA_BOOTSTRAP_SERVERS`), with the real `sessionizer` binary:
 //! - streaming and offline give the same sessions and annotations, and /metrics agrees;
 //! - bad records land in the dead-letter topic with reasons while the partition keeps flowing;
-//! - kill -9 mid-stream, restart: every input is annotated (repeats only identical), sessions
+//! - kill -9 mid-stream (more input arrives after the kill), restart: every input is annotated (repeats only identical), sessions
 //!   equal the offline result;
 //! - `sessionizer generate --topic` produces keyed events;
 //! - the broker stopped and restarted mid-run: the process recovers by itself, nothing lost.
@@ -157,25 +157,42 @@ fn bad_records_go_to_the_dead_letter_topic(broker: &Broker) {
 fn kill_9_and_restart_loses_nothing(broker: &Broker) {
     let dir = tempfile::tempdir().unwrap();
     let t = Topics::new(broker, "kill", 3);
-    let input = events(200, 100, 23);
+    // No idle advance (the input pauses at the kill); flush events conclude every session.
+    let input = with_flush_events(3, events(200, 100, 23));
     let (want_sessions, want_annotated) = offline(&input, dir.path());
     let part = |k: &str| (k.trim_start_matches('u').parse::<i32>().unwrap()) % 3;
-    broker.produce(
-        &t.input,
-        &input
-            .iter()
+    let records = |i: &[(String, String)]| -> Vec<Input> {
+        i.iter()
             .map(|(k, v)| (Some(k.clone()), Some(v.as_bytes().to_vec()), Some(part(k))))
-            .collect::<Vec<_>>(),
-    );
+            .collect()
+    };
+    // The second part arrives only after the kill, so the kill is mid-stream whatever the
+    // speed of the first instance: sessions open at the kill continue after the restart.
+    let (before, after) = input.split_at(input.len() * 3 / 5);
+    broker.produce(&t.input, &records(before));
     // A short session timeout so the killed member's partitions move on quickly.
     let fast = ["--kafka-property", "session.timeout.ms=6000"];
-    let p = run(broker, &t, dir.path(), "kill-group", free_port(), &fast);
+    let semantics = semantics("100h");
+    let start = || {
+        let port = free_port();
+        run_with(
+            broker,
+            &t,
+            dir.path(),
+            "kill-group",
+            port,
+            &semantics,
+            &fast,
+        )
+    };
+    let p = start();
     broker.read_until(&t.annotated, Duration::from_secs(90), |r| {
         r.len() >= input.len() / 5
     });
     let first_log = p.log.clone();
     drop(p); // SIGKILL
-    let p = run(broker, &t, dir.path(), "kill-group", free_port(), &fast);
+    broker.produce(&t.input, &records(after));
+    let p = start();
     let annotated = broker
         .try_read_until(&t.annotated, Duration::from_secs(120), |r| annotated_by_n(r).len() >= input.len())
         .unwrap_or_else(|r| {

@@ -33,31 +33,6 @@ const PARTITIONS: i32 = 6;
 /// The end of the input is marked by [`with_flush_events`] instead.
 const IDLE_AFTER: &str = "100h";
 
-/// `input` plus, for every partition, an excluded event a day after the last event, so that
-/// every watermark passes every session and they all conclude (in streaming as offline).
-fn with_flush_events(mut input: Vec<(String, String)>) -> Vec<(String, String)> {
-    let last = input
-        .iter()
-        .map(|(_, l)| {
-            serde_json::from_str::<Value>(l).unwrap()["timestamp"]
-                .as_i64()
-                .unwrap()
-        })
-        .max()
-        .unwrap();
-    let n = input.len();
-    for p in 0..PARTITIONS as usize {
-        let user = format!("u{}", 600_000 + p);
-        let t = last + 86_400_000;
-        let line = format!(
-            r#"{{"user_id":"{user}","timestamp":{t},"event":"push_sent","n":{}}}"#,
-            n + p
-        );
-        input.push((user, line));
-    }
-    input
-}
-
 /// Settings that make failover quick: a short consumer session and transaction timeout.
 fn fast(instance: &str, guarantee: &str) -> Vec<String> {
     [
@@ -203,7 +178,7 @@ fn failover(broker: &Broker, guarantee: &str) {
     let prefix = format!("fo{}", rand_u32() % 100_000);
     let t = Topics::new(broker, &prefix, PARTITIONS);
     let group = format!("{prefix}-group");
-    let input = with_flush_events(events(240, 60, 41));
+    let input = with_flush_events(PARTITIONS, events(240, 60, 41));
     let (want_sessions, want_annotated) = offline(&input, root.path());
     let n = input.len();
 
@@ -280,7 +255,7 @@ fn zombie_is_fenced(broker: &Broker) {
     let prefix = format!("zo{}", rand_u32() % 100_000);
     let t = Topics::new(broker, &prefix, PARTITIONS);
     let group = format!("{prefix}-group");
-    let input = with_flush_events(events(60, 50, 7));
+    let input = with_flush_events(PARTITIONS, events(60, 50, 7));
     let (want_sessions, want_annotated) = offline(&input, root.path());
     let n = input.len();
     let mut old = {

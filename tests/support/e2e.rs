@@ -380,6 +380,36 @@ fn rec(m: &rdkafka::message::BorrowedMessage<'_>) -> Rec {
     }
 }
 
+/// `input` plus, for each of `partitions` partitions, an excluded event a day after the last
+/// event (users `u<600000 + p>` land on partition p with the tests' user-number partitioning
+/// for 1, 2, 3 or 6 partitions), so that every watermark passes every session and they all
+/// conclude, in streaming as offline, without the idle advance.
+pub fn with_flush_events(
+    partitions: i32,
+    mut input: Vec<(String, String)>,
+) -> Vec<(String, String)> {
+    let last = input
+        .iter()
+        .map(|(_, l)| {
+            serde_json::from_str::<Value>(l).unwrap()["timestamp"]
+                .as_i64()
+                .unwrap()
+        })
+        .max()
+        .unwrap();
+    let n = input.len();
+    for p in 0..partitions as usize {
+        let user = format!("u{}", 600_000 + p);
+        let t = last + 86_400_000;
+        let line = format!(
+            r#"{{"user_id":"{user}","timestamp":{t},"event":"push_sent","n":{}}}"#,
+            n + p
+        );
+        input.push((user, line));
+    }
+    input
+}
+
 /// The session semantics flags of the end-to-end tests, with `--idle-after idle_after`.
 pub fn semantics(idle_after: &'static str) -> Vec<&'static str> {
     vec![
