@@ -2,8 +2,9 @@
 //! or the one in `KAFKA_BOOTSTRAP_SERVERS`), with the real `sessionizer` binary:
 //! - streaming and offline give the same sessions and annotations, and /metrics agrees;
 //! - bad records land in the dead-letter topic with reasons while the partition keeps flowing;
-//! - kill -9 mid-stream (more input arrives after the kill), restart: every input is annotated (repeats only identical), sessions
-//!   equal the offline result;
+//! - kill -9 mid-stream (more input arrives after the kill), restart: every input is annotated
+//!   (repeats only identical), sessions equal the offline result;
+//! - a changelog restore applies whole commits and discards a commit cut short;
 //! - `sessionizer generate --topic` produces keyed events;
 //! - the broker stopped and restarted mid-run: the process recovers by itself, nothing lost.
 //!
@@ -403,6 +404,100 @@ fn generate_produces_keyed_events_to_a_topic(broker: &Broker) {
     }
 }
 
+/// A changelog holding one complete commit and then the first records of another whose marker
+/// never came (an at-least-once crash in the middle of a commit): a restore applies the first
+/// and discards the rest, so the restored state is exactly the first commit's.
+fn restore_discards_a_commit_cut_short(broker: &Broker) {
+    use sessionizer::engine::{KeyState, PartitionMeta, SourceOffset, StateStore, UserStats};
+    use sessionizer::kafka::{changelog::Restorer, output::Outputs};
+    use sessionizer::store::{RocksOptions, RocksStore};
+    let dir = tempfile::tempdir().unwrap();
+    let mut raw = sessionizer::config::raw::RawConfig::default();
+    raw.kafka.brokers = Some(broker.bootstrap.clone());
+    raw.kafka.group = Some("restore-group".into());
+    raw.kafka.changelog_topic = Some("restore-changelog".into());
+    let rt = sessionizer::config::validate(&raw).unwrap().runtime;
+    broker.create_topics(&["restore-changelog"], 1);
+    let key = |user: &str, created: u64| KeyState {
+        user: user.to_owned(),
+        created,
+        ..KeyState::default()
+    };
+    let meta = |open: u64| PartitionMeta {
+        open_sessions: open,
+        ..PartitionMeta::default()
+    };
+    let offset = |next_offset: i64| SourceOffset {
+        topic: "in".into(),
+        partition: 0,
+        next_offset,
+    };
+    let stats = UserStats {
+        session_count: 3,
+        ..UserStats::default()
+    };
+    // The source: commit 1, then commit 2 (which overwrites u1 and adds u3).
+    let mut src = RocksStore::open(&dir.path().join("src"), RocksOptions::default()).unwrap();
+    src.enable_changelog();
+    src.put_key("u1", key("u1", 1)).unwrap();
+    src.put_key("u2", key("u2", 2)).unwrap();
+    src.put_stats("u1", &stats).unwrap();
+    src.commit(&meta(2), &[offset(10)]).unwrap();
+    let first = src.take_changes();
+    src.write_staged(Some(first.len() as i64)).unwrap();
+    src.put_key("u1", key("u1", 5)).unwrap();
+    src.put_key("u3", key("u3", 6)).unwrap();
+    src.commit(&meta(3), &[offset(20)]).unwrap();
+    let second = src.take_changes();
+    assert!(second.len() >= 3, "u1, u3 and the marker: {second:?}");
+    // Published like the pipeline does; the second commit loses its marker (the last record).
+    let out = Outputs::new(&sessionizer::kafka::plain_producer_config(&rt)).unwrap();
+    for (id, changes) in [(1u8, &first[..]), (2u8, &second[..second.len() - 1])] {
+        for c in changes {
+            out.send_change(
+                &rt.changelog_topic,
+                0,
+                &c.key,
+                c.value.as_deref(),
+                &[id; 16],
+            )
+            .unwrap();
+        }
+    }
+    out.flush().unwrap();
+    // Restored into an empty store.
+    let mut dst = RocksStore::open(&dir.path().join("dst"), RocksOptions::default()).unwrap();
+    let r = Restorer::new(&rt)
+        .unwrap()
+        .restore(0, 0, &mut dst, &mut |_, _| {})
+        .unwrap();
+    assert_eq!(
+        r.applied,
+        first.len() as u64,
+        "the complete commit is applied"
+    );
+    assert_eq!(
+        r.discarded,
+        second.len() as u64 - 1,
+        "the cut commit is discarded"
+    );
+    assert_eq!(
+        r.checkpoint,
+        first.len() as i64,
+        "checkpoint after the last marker"
+    );
+    assert_eq!(dst.take_key("u1").unwrap(), Some(key("u1", 1)));
+    assert_eq!(dst.take_key("u2").unwrap(), Some(key("u2", 2)));
+    assert_eq!(
+        dst.take_key("u3").unwrap(),
+        None,
+        "nothing of the cut commit"
+    );
+    assert_eq!(dst.get_stats("u1").unwrap(), Some(stats));
+    assert_eq!(dst.load_meta().unwrap(), Some(meta(2)));
+    assert_eq!(dst.committed_offsets().unwrap(), vec![offset(10)]);
+}
+
 #[test]
 fn kafka_end_to_end() {
     let broker = Broker::start();
@@ -415,7 +510,8 @@ fn kafka_end_to_end() {
             "kill",
             "multi",
             "generate",
-            "bounce"
+            "bounce",
+            "restore"
         ]
         .contains(&only.as_str()),
         "E2E_ONLY=`{only}` names no scenario"
@@ -438,5 +534,8 @@ fn kafka_end_to_end() {
     }
     if want("bounce") {
         broker_restart_is_survived(&broker);
+    }
+    if want("restore") {
+        restore_discards_a_commit_cut_short(&broker);
     }
 }
