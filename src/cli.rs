@@ -255,10 +255,6 @@ pub struct CheckArgs {
     pub runtime: RuntimeArgs,
 }
 
-fn duration_arg(s: &str) -> Result<Millis, String> {
-    config::parse_duration(s)
-}
-
 /// Options of `sessionizer generate`; see `sessionizer::generate` for the model.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -266,34 +262,34 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 1000)]
     pub users: u32,
     /// Mean think time between two events of a session (exponential).
-    #[arg(long, default_value = "20s", value_parser = duration_arg)]
+    #[arg(long, default_value = "20s", value_parser = config::parse_duration)]
     pub think_time: Millis,
     /// Mean number of engagement events per session (geometric).
     #[arg(long, default_value_t = 12.0)]
     pub events_per_session: f64,
     /// Mean idle gap between two sessions of a user (at least --session-gap-min).
-    #[arg(long, default_value = "2h", value_parser = duration_arg)]
+    #[arg(long, default_value = "2h", value_parser = config::parse_duration)]
     pub idle: Millis,
     /// Smallest idle gap between two sessions of a user (keep it above the timeout).
-    #[arg(long, default_value = "31m", value_parser = duration_arg)]
+    #[arg(long, default_value = "31m", value_parser = config::parse_duration)]
     pub session_gap_min: Millis,
     /// Event time of the first events: RFC 3339, or `now`.
     #[arg(long, default_value = "2024-01-01T00:00:00Z", value_parser = generate::parse_start)]
     pub start: Millis,
     /// Largest delay of an event after its event time (uniform jitter): bounded disorder.
-    #[arg(long, default_value = "0", value_parser = duration_arg)]
+    #[arg(long, default_value = "0", value_parser = config::parse_duration)]
     pub disorder: Millis,
     /// Fraction of the events delayed by a further --late-by (late events).
     #[arg(long, default_value_t = 0.0)]
     pub late_fraction: f64,
     /// Extra delay of the late events.
-    #[arg(long, default_value = "2h", value_parser = duration_arg)]
+    #[arg(long, default_value = "2h", value_parser = config::parse_duration)]
     pub late_by: Millis,
     /// Stop after this many events (default: no limit).
     #[arg(long)]
     pub count: Option<u64>,
     /// Stop after this much event time, e.g. 24h (default: no limit).
-    #[arg(long, value_parser = duration_arg)]
+    #[arg(long, value_parser = config::parse_duration)]
     pub duration: Option<Millis>,
     /// Pace the output to this many events per second of wall-clock time (default: as fast
     /// as possible).
