@@ -803,6 +803,8 @@ struct Ctx {
     core: Arc<Mutex<Option<Core>>>,
     metrics: Arc<Metrics>,
     failure: Arc<Mutex<Option<String>>>,
+    /// Reports input partitions that stop being fetched (see [`kafka::watch`]).
+    watch: Mutex<kafka::watch::FetchWatch>,
 }
 
 impl Ctx {
@@ -822,6 +824,20 @@ impl ClientContext for Ctx {
                 if *p >= 0 && part.consumer_lag >= 0 {
                     self.metrics.set_consumer_lag(topic, *p, part.consumer_lag);
                 }
+            }
+        }
+        if let Ok(mut w) = self.watch.lock() {
+            for st in w.observe(&s, Instant::now()) {
+                tracing::warn!(
+                    topic = %st.topic,
+                    partition = st.partition,
+                    fetch_state = %st.fetch_state,
+                    leader = st.leader,
+                    next_offset = st.next_offset,
+                    behind = st.behind,
+                    stalled_s = st.stalled.as_secs(),
+                    "an assigned partition with records to read is not being fetched"
+                );
             }
         }
     }
@@ -902,6 +918,7 @@ pub fn run(
         core: core.clone(),
         metrics: metrics.clone(),
         failure: failure.clone(),
+        watch: Mutex::default(),
     };
     let consumer: BaseConsumer<Ctx> = kafka::consumer_config(&rt)
         .create_with_context(ctx)

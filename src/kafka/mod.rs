@@ -4,6 +4,7 @@
 
 pub mod changelog;
 pub mod output;
+pub mod watch;
 
 use crate::config::RuntimeSettings;
 use rdkafka::config::ClientConfig;
