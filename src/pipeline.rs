@@ -7,11 +7,11 @@
 //!
 //! * **exactly-once**: the outputs, the changelog records and the input offsets of the interval
 //!   commit in one Kafka transaction; an abortable failure aborts it and rewinds every task to
-//!   its last committed state and input position. A fencing error replaces the producer and
-//!   rewinds once (after a broker failure the transaction coordinator can bump the epoch of a
-//!   transaction that timed out, and librdkafka reports that as fencing too); a second one
-//!   within [`FENCE_WINDOW`] means another running instance has the same id, and stops the
-//!   process. Correctness never rests on this rule: a producer's offsets commit only with the
+//!   its last committed state and input position. A fencing error stops the process if the
+//!   consumer group has a member of another process with the same instance id; otherwise it
+//!   replaces the producer and rewinds once (after a broker failure the transaction
+//!   coordinator can bump the epoch of a transaction that timed out, and librdkafka reports
+//!   that as fencing too), and a second one within [`FENCE_WINDOW`] stops the process. Correctness never rests on this rule: a producer's offsets commit only with the
 //!   consumer group generation that owns the partitions (KIP-447);
 //! * **at-least-once**: the pipeline waits until every output and changelog record is
 //!   acknowledged, then commits the input offsets to Kafka (for lag monitoring; the RocksDB
@@ -60,8 +60,8 @@ pub enum PipelineError {
     #[error("in a rebalance callback: {0}")]
     Rebalance(String),
     #[error(
-        "fenced twice within a minute: another running instance has this transactional id \
-         ({0}); instance ids (kafka.instance_id) must be unique"
+        "fenced: another running instance has this transactional id ({0}); instance ids \
+         (kafka.instance_id) must be unique"
     )]
     Fenced(String),
     #[error("the transactional producer failed: {0}")]
@@ -108,6 +108,9 @@ struct Core {
     /// Commit ids: this process's nonce and a counter.
     nonce: u64,
     commits: u64,
+    /// This process's consumer client id, when the service chose it (see
+    /// [`kafka::member_client_id`]).
+    client_id: Option<String>,
     /// When the producer was last replaced after a fencing error.
     last_fence: Option<Instant>,
     /// Shutting down after the final commit: the revocation when the consumer closes only
@@ -596,14 +599,26 @@ impl Core {
         self.rewind(consumer)
     }
 
-    /// Exactly-once: the producer was fenced. The first time (within [`FENCE_WINDOW`]) it is
+    /// Exactly-once: the producer was fenced. If the consumer group has a member from
+    /// another process with this instance id, that one took over: stop. Otherwise (or when
+    /// the group cannot be described), the first time within [`FENCE_WINDOW`] the producer is
     /// replaced and every task rewinds: the fencing may come from the coordinator aborting a
     /// transaction that outlived its timeout while a broker was down. A second time means
     /// another running instance has the same transactional id: stop.
     fn fenced(&mut self, consumer: &BaseConsumer<Ctx>, e: String) -> Result<(), PipelineError> {
         self.metrics.transaction_aborted();
+        if let Some(other) = self.client_id.as_deref().and_then(|own| {
+            kafka::other_member_with_our_id(consumer, &self.rt, own, Duration::from_secs(5))
+        }) {
+            return Err(PipelineError::Fenced(format!(
+                "{e}; the consumer group has another member with this instance id: {other}"
+            )));
+        }
         if self.last_fence.is_some_and(|t| t.elapsed() < FENCE_WINDOW) {
-            return Err(PipelineError::Fenced(e));
+            return Err(PipelineError::Fenced(format!(
+                "{e}; fenced twice within {} s",
+                FENCE_WINDOW.as_secs()
+            )));
         }
         self.last_fence = Some(Instant::now());
         tracing::warn!(
@@ -920,12 +935,23 @@ pub fn run(
         failure: failure.clone(),
         watch: Mutex::default(),
     };
-    let consumer: BaseConsumer<Ctx> = kafka::consumer_config(&rt)
-        .create_with_context(ctx)
-        .map_err(|source| KafkaError::Client {
-            what: "consumer",
-            source,
-        })?;
+    let nonce = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ u64::from(std::process::id()) << 32;
+    let client_id = kafka::member_client_id(&rt, nonce);
+    let mut consumer_config = kafka::consumer_config(&rt);
+    if let Some(id) = &client_id {
+        consumer_config.set("client.id", id);
+    }
+    let consumer: BaseConsumer<Ctx> =
+        consumer_config
+            .create_with_context(ctx)
+            .map_err(|source| KafkaError::Client {
+                what: "consumer",
+                source,
+            })?;
     let found = kafka::check_topics(&consumer, &rt, Duration::from_secs(15))?;
     kafka::changelog::ensure_topic(&rt, found.changelog_partitions, found.partitions)?;
     tracing::info!(
@@ -945,11 +971,6 @@ pub fn run(
         tracing::info!(transactional_id = %kafka::transactional_id(&rt), "transactions initialised");
     }
     let restorer = Restorer::new(&rt)?;
-    let nonce = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-        ^ u64::from(std::process::id()) << 32;
     let decoder = Decoder::new(settings.decode);
     let topic_metrics = rt.input_topics.iter().map(|t| metrics.topic(t)).collect();
     *core.lock().map_err(|_| PipelineError::Poisoned)? = Some(Core {
@@ -967,6 +988,7 @@ pub fn run(
         buf: Vec::new(),
         held: Vec::new(),
         nonce,
+        client_id,
         commits: 0,
         last_fence: None,
         closing: false,

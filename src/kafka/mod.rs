@@ -112,6 +112,47 @@ pub struct TopicCheck {
     pub changelog_partitions: Option<i32>,
 }
 
+/// The consumer's client id, `sessionizer-<instance_id>-<nonce>`: unique per process, so the
+/// group's member list tells another process with the same instance id from this one. None
+/// when `client.id` is configured (the check is then skipped).
+pub fn member_client_id(rt: &RuntimeSettings, nonce: u64) -> Option<String> {
+    (!rt.properties.contains_key("client.id")).then(|| format!("{}{nonce:016x}", member_prefix(rt)))
+}
+
+fn member_prefix(rt: &RuntimeSettings) -> String {
+    format!("sessionizer-{}-", rt.instance_id)
+}
+
+/// A member of the consumer group from another process with this instance id (its client id
+/// and host), if the group can be described within `timeout` and has one.
+pub fn other_member_with_our_id<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    rt: &RuntimeSettings,
+    own_client_id: &str,
+    timeout: Duration,
+) -> Option<String> {
+    let groups = match consumer.fetch_group_list(Some(&rt.group), timeout) {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot describe the consumer group");
+            return None;
+        }
+    };
+    let prefix = member_prefix(rt);
+    groups
+        .groups()
+        .iter()
+        .flat_map(|g| g.members())
+        .find(|m| {
+            let nonce = m.client_id().strip_prefix(&prefix).unwrap_or_default();
+            // Exactly a nonce after the prefix: instance "a" is not instance "a-b".
+            nonce.len() == 16
+                && nonce.bytes().all(|b| b.is_ascii_hexdigit())
+                && m.client_id() != own_client_id
+        })
+        .map(|m| format!("{} at {}", m.client_id(), m.client_host()))
+}
+
 /// The transactional id of this instance.
 pub fn transactional_id(rt: &RuntimeSettings) -> String {
     format!("{}-{}", rt.group, rt.instance_id)
