@@ -500,7 +500,7 @@ impl Core {
                 PipelineError::Rebalance("the consumer has no group metadata".into())
             })?;
             let t0 = Instant::now();
-            match self.outputs.commit_transaction(&tpl, &group) {
+            match self.outputs.commit_transaction(&tpl, group) {
                 Ok(()) => self.metrics.observe_transaction_commit(t0.elapsed()),
                 Err(TxnError::Abortable(e) | TxnError::Fatal(e)) => {
                     tracing::warn!(error = %e, "transaction failed: aborting and rewinding");

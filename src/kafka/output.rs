@@ -96,7 +96,9 @@ fn txn_error(what: &str, e: RdError) -> TxnError {
 
 /// The producer of all outputs.
 pub struct Outputs {
-    producer: ThreadedProducer<DeliveryContext>,
+    /// Shared with a thread that may outlive a wedged `send_offsets_to_transaction` (see
+    /// [`Outputs::commit_transaction`]).
+    producer: Arc<ThreadedProducer<DeliveryContext>>,
     state: Arc<DeliveryState>,
 }
 
@@ -114,7 +116,10 @@ impl Outputs {
                 what: "producer",
                 source,
             })?;
-        Ok(Outputs { producer, state })
+        Ok(Outputs {
+            producer: Arc::new(producer),
+            state,
+        })
     }
 
     /// Queues one record; waits while the local queue is full.
@@ -192,20 +197,52 @@ impl Outputs {
     pub fn commit_transaction(
         &self,
         offsets: &TopicPartitionList,
-        group: &ConsumerGroupMetadata,
+        group: ConsumerGroupMetadata,
     ) -> Result<(), TxnError> {
         // Wait for the acknowledgements ourselves first: the client's own flush polls in
         // 100 ms steps (see `flush`). Bounded: a transaction in error keeps its queue until
         // it is aborted, and the commit below reports that error.
         self.wait_in_flight(Some(TXN_TIMEOUT / 2));
         if offsets.count() > 0 {
-            self.producer
-                .send_offsets_to_transaction(offsets, group, TXN_TIMEOUT)
-                .map_err(|e| txn_error("adding the input offsets to the transaction", e))?;
+            self.send_offsets(offsets.clone(), group)?;
         }
         self.producer
             .commit_transaction(TXN_TIMEOUT)
             .map_err(|e| txn_error("committing the transaction", e))
+    }
+
+    /// `send_offsets_to_transaction`, on a thread of its own: librdkafka 2.12 can block in it
+    /// forever, past its timeout, when the group coordinator's broker has died (librdkafka
+    /// issues 5456 and 5511, seen here after a broker kill). If it has not returned a little
+    /// after [`TXN_TIMEOUT`], the producer counts as lost (a fatal error: the pipeline
+    /// replaces it, which fences this one) and the thread is left to finish whenever it does.
+    fn send_offsets(
+        &self,
+        offsets: TopicPartitionList,
+        group: ConsumerGroupMetadata,
+    ) -> Result<(), TxnError> {
+        let producer = Arc::clone(&self.producer);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("txn offsets".into())
+            .spawn(move || {
+                let r = producer.send_offsets_to_transaction(&offsets, &group, TXN_TIMEOUT);
+                let _ = tx.send(r);
+            })
+            .map_err(|e| TxnError::Fatal(format!("cannot start a thread: {e}")))?;
+        match rx.recv_timeout(TXN_TIMEOUT + Duration::from_secs(5)) {
+            Ok(r) => r.map_err(|e| txn_error("adding the input offsets to the transaction", e)),
+            Err(_) => {
+                tracing::error!(
+                    timeout_s = TXN_TIMEOUT.as_secs(),
+                    "adding the input offsets to the transaction never returned (librdkafka \
+                     issue 5511); the producer will be replaced"
+                );
+                Err(TxnError::Fatal(
+                    "adding the input offsets to the transaction did not return".into(),
+                ))
+            }
+        }
     }
 
     /// Aborts the open transaction (queued records are purged, not waited for); the
