@@ -506,7 +506,10 @@ impl Core {
                     tracing::warn!(error = %e, "transaction failed: aborting and rewinding");
                     return self.abort_and_rewind(consumer);
                 }
-                Err(TxnError::Fenced(e)) => return self.fenced(consumer, e),
+                Err(TxnError::Fenced(e)) => {
+                    self.metrics.transaction_aborted();
+                    return self.fenced(consumer, e);
+                }
             }
         } else {
             self.outputs.flush()?;
@@ -606,7 +609,6 @@ impl Core {
     /// transaction that outlived its timeout while a broker was down. A second time means
     /// another running instance has the same transactional id: stop.
     fn fenced(&mut self, consumer: &BaseConsumer<Ctx>, e: String) -> Result<(), PipelineError> {
-        self.metrics.transaction_aborted();
         if let Some(other) = self.client_id.as_deref().and_then(|own| {
             kafka::other_member_with_our_id(consumer, &self.rt, own, Duration::from_secs(5))
         }) {
