@@ -11,8 +11,9 @@
 //!   consumer group has a member of another process with the same instance id; otherwise it
 //!   replaces the producer and rewinds once (after a broker failure the transaction
 //!   coordinator can bump the epoch of a transaction that timed out, and librdkafka reports
-//!   that as fencing too), and a second one within [`FENCE_WINDOW`] stops the process. Correctness never rests on this rule: a producer's offsets commit only with the
-//!   consumer group generation that owns the partitions (KIP-447);
+//!   that as fencing too), and a second one within [`FENCE_WINDOW`] stops the process.
+//!   Correctness never rests on this rule: a producer's offsets commit only with the consumer
+//!   group generation that owns the partitions (KIP-447);
 //! * **at-least-once**: the pipeline waits until every output and changelog record is
 //!   acknowledged, then commits the input offsets to Kafka (for lag monitoring; the RocksDB
 //!   offsets are the truth). After a crash the tasks resume from their last commit and produce

@@ -1,10 +1,9 @@
 //! A diagnostic over the consumer's statistics: assigned input partitions with stable records
 //! beyond the fetch position, nothing queued for the application, and a fetch position that
-//! has not moved for
-//! [`STALL_AFTER`]. librdkafka normally resumes fetching by itself (new leaders after a broker
-//! failure, for instance); this reports what the client says about a partition when it
-//! does not, so that a stall can be told apart from a stuck pipeline thread (which would
-//! not serve the statistics at all).
+//! has not moved for [`STALL_AFTER`]. librdkafka normally resumes fetching by itself (new
+//! leaders after a broker failure, for instance); this reports what the client says about a
+//! partition when it does not, so that a stall can be told apart from a stuck pipeline
+//! thread (which would not serve the statistics at all).
 
 use rdkafka::statistics::Statistics;
 use std::collections::HashMap;
@@ -34,7 +33,18 @@ struct Watched {
     reported: Option<Instant>,
 }
 
-/// The fetch positions seen so far, per (topic, partition).
+impl Watched {
+    fn new(next_offset: i64, now: Instant) -> Self {
+        Watched {
+            next_offset,
+            since: now,
+            reported: None,
+        }
+    }
+}
+
+/// The fetch positions of the partitions in the last report, per (topic, partition): a
+/// partition revoked and assigned again starts afresh.
 #[derive(Debug, Default)]
 pub struct FetchWatch {
     seen: HashMap<(String, i32), Watched>,
@@ -44,36 +54,26 @@ impl FetchWatch {
     /// Takes one statistics report (received at `now`) and returns the partitions to report.
     pub fn observe(&mut self, s: &Statistics, now: Instant) -> Vec<Stall> {
         let mut out = Vec::new();
+        let mut seen = HashMap::with_capacity(self.seen.len());
         for (topic, t) in &s.topics {
             for (&p, part) in &t.partitions {
                 if p < 0 || !part.desired {
                     continue;
                 }
-                let w = self
-                    .seen
-                    .entry((topic.clone(), p))
-                    .or_insert_with(|| Watched {
-                        next_offset: part.next_offset,
-                        since: now,
-                        reported: None,
-                    });
+                let key = (topic.clone(), p);
                 // Not the client's consumer_lag: that counts from the committed offset, which
                 // offsets committed in transactions do not update.
                 let behind = part.ls_offset - part.next_offset;
                 let idle = part.next_offset >= 0 && behind > 0 && part.fetchq_cnt == 0;
-                if !idle || part.next_offset != w.next_offset {
-                    *w = Watched {
-                        next_offset: part.next_offset,
-                        since: now,
-                        reported: None,
-                    };
-                    continue;
-                }
+                let mut w = match self.seen.remove(&key) {
+                    Some(w) if idle && w.next_offset == part.next_offset => w,
+                    _ => Watched::new(part.next_offset, now),
+                };
                 let stalled = now.saturating_duration_since(w.since);
                 let due = w
                     .reported
                     .is_none_or(|r| now.saturating_duration_since(r) >= STALL_AFTER);
-                if stalled >= STALL_AFTER && due {
+                if idle && stalled >= STALL_AFTER && due {
                     w.reported = Some(now);
                     out.push(Stall {
                         topic: topic.clone(),
@@ -85,8 +85,10 @@ impl FetchWatch {
                         stalled,
                     });
                 }
+                seen.insert(key, w);
             }
         }
+        self.seen = seen;
         out
     }
 }
@@ -118,43 +120,63 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_partition_behind_that_does_not_move_is_reported_once_per_period() {
+    /// Feeds reports `(second, next_offset, behind, queued, assigned)` to a fresh watch;
+    /// what each returned.
+    fn replay(steps: &[(u64, i64, i64, i64, bool)]) -> Vec<Vec<Stall>> {
         let mut w = FetchWatch::default();
         let t0 = Instant::now();
-        let at = |s: u64| t0 + Duration::from_secs(s);
-        assert!(w.observe(&stats(10, 5, 0), at(0)).is_empty());
-        assert!(w.observe(&stats(10, 5, 0), at(29)).is_empty());
-        let r = w.observe(&stats(10, 5, 0), at(30));
-        assert_eq!(r.len(), 1);
-        assert_eq!((r[0].partition, r[0].next_offset), (0, 10));
-        assert!(
-            w.observe(&stats(10, 5, 0), at(45)).is_empty(),
-            "not again at once"
-        );
-        assert_eq!(
-            w.observe(&stats(10, 5, 0), at(60)).len(),
-            1,
-            "again a period later"
-        );
+        steps
+            .iter()
+            .map(|&(at, next, behind, queued, assigned)| {
+                let mut s = stats(next, behind, queued);
+                for t in s.topics.values_mut() {
+                    t.partitions.values_mut().for_each(|p| p.desired = assigned);
+                }
+                w.observe(&s, t0 + Duration::from_secs(at))
+            })
+            .collect()
+    }
+
+    fn counts(r: &[Vec<Stall>]) -> Vec<usize> {
+        r.iter().map(Vec::len).collect()
+    }
+
+    #[test]
+    fn a_partition_behind_that_does_not_move_is_reported_once_per_period() {
+        let r = replay(&[
+            (0, 10, 5, 0, true),
+            (29, 10, 5, 0, true),
+            (30, 10, 5, 0, true),
+            (45, 10, 5, 0, true),
+            (60, 10, 5, 0, true),
+        ]);
+        // Not before 30 s, not again at once, again a period later.
+        assert_eq!(counts(&r), vec![0, 0, 1, 0, 1]);
+        assert_eq!((r[2][0].partition, r[2][0].next_offset), (0, 10));
     }
 
     #[test]
     fn progress_caught_up_or_queued_records_are_not_stalls() {
-        let mut w = FetchWatch::default();
-        let t0 = Instant::now();
-        let at = |s: u64| t0 + Duration::from_secs(s);
-        w.observe(&stats(10, 5, 0), at(0));
-        assert!(w.observe(&stats(11, 5, 0), at(40)).is_empty(), "moved");
-        assert!(w.observe(&stats(11, 0, 0), at(80)).is_empty(), "caught up");
-        assert!(
-            w.observe(&stats(11, 5, 3), at(120)).is_empty(),
-            "records queued"
-        );
-        assert!(
-            w.observe(&stats(11, 5, 0), at(149)).is_empty(),
-            "period restarted"
-        );
-        assert_eq!(w.observe(&stats(11, 5, 0), at(150)).len(), 1);
+        let r = replay(&[
+            (0, 10, 5, 0, true),
+            (40, 11, 5, 0, true),  // moved
+            (80, 11, 0, 0, true),  // caught up
+            (120, 11, 5, 3, true), // records queued
+            (149, 11, 5, 0, true), // the period restarted at 120
+            (150, 11, 5, 0, true),
+        ]);
+        assert_eq!(counts(&r), vec![0, 0, 0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn a_partition_assigned_again_starts_afresh() {
+        let r = replay(&[
+            (0, 10, 5, 0, true),
+            (20, 10, 5, 0, false), // revoked
+            (40, 10, 5, 0, true),  // assigned again, same position
+            (69, 10, 5, 0, true),
+            (70, 10, 5, 0, true),
+        ]);
+        assert_eq!(counts(&r), vec![0, 0, 0, 0, 1]);
     }
 }
