@@ -123,7 +123,7 @@ fn pass_through(bootstrap: &str, topic: &str, out: &str, n: usize) -> Duration {
     let rt = runtime_settings(bootstrap, "bench-passthrough");
     let started = Instant::now();
     let consumer: BaseConsumer = sessionizer::kafka::consumer_config(&rt).create().unwrap();
-    let outputs = Outputs::new(&sessionizer::kafka::plain_producer_config(&rt)).unwrap();
+    let mut outputs = Outputs::new(&sessionizer::kafka::plain_producer_config(&rt)).unwrap();
     consumer.subscribe(&[topic]).unwrap();
     let mut seen = 0usize;
     let mut last = Instant::now();
@@ -291,6 +291,23 @@ impl Run {
 
 /// The upper bound of the histogram bucket holding quantile `q`.
 fn quantile(text: &str, name: &str, q: f64) -> f64 {
+    let buckets = buckets(text, name);
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    buckets
+        .iter()
+        .find(|(_, c)| *c >= q * total)
+        .map_or(f64::NAN, |b| b.0)
+}
+
+/// Each bucket's upper bound with the fraction of observations at or below it.
+fn cumulative(text: &str, name: &str) -> Vec<(f64, f64)> {
+    let buckets = buckets(text, name);
+    let total = buckets.last().map_or(0.0, |b| b.1).max(1.0);
+    buckets.iter().map(|(le, c)| (*le, c / total)).collect()
+}
+
+/// A histogram's buckets: upper bound and cumulative count, in order.
+fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
     let mut buckets: Vec<(f64, f64)> = text
         .lines()
         .filter(|l| l.starts_with(&format!("{name}_bucket{{")))
@@ -305,11 +322,7 @@ fn quantile(text: &str, name: &str, q: f64) -> f64 {
         })
         .collect();
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let total = buckets.last().map_or(0.0, |b| b.1);
     buckets
-        .iter()
-        .find(|(_, c)| *c >= q * total)
-        .map_or(f64::NAN, |b| b.0)
 }
 
 fn main() {
@@ -490,9 +503,13 @@ fn main() {
     let evs = events(total as u64, now_ms(), 2);
     let t0 = Instant::now();
     for (i, (k, v)) in evs.iter().enumerate() {
+        // Paced in bursts of at most 1 ms: a sleep per event would cost the load generator
+        // a third of a core, taken from the broker and the sessionizer it measures.
         let due = Duration::from_secs_f64(i as f64 / rate);
         if let Some(wait) = due.checked_sub(t0.elapsed()) {
-            std::thread::sleep(wait);
+            if wait >= Duration::from_millis(1) {
+                std::thread::sleep(wait);
+            }
         }
         // A live stream: the event time is the send time.
         send(&p, "bench-lat-in", k, &retime(v, now_ms()));
@@ -510,6 +527,15 @@ fn main() {
     let (p50, p99) = (
         quantile(&text, "sessionizer_processing_latency_seconds", 0.5),
         quantile(&text, "sessionizer_processing_latency_seconds", 0.99),
+    );
+    eprintln!(
+        "e2e: latency distribution: {}",
+        cumulative(&text, "sessionizer_processing_latency_seconds")
+            .iter()
+            .filter(|(le, _)| *le <= 1.0)
+            .map(|(le, f)| format!("<= {:.1} ms: {:.2} %", le * 1000.0, f * 100.0))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let commit_p99 = quantile(&text, "sessionizer_commit_seconds", 0.99);
     let commits = metric(&text, "sessionizer_commit_seconds_count");

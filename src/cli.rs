@@ -490,7 +490,7 @@ fn generate_to_kafka(a: &GenerateArgs, generator: Generator, topic: &str) -> Res
     };
     runtime.apply(&mut raw)?;
     let settings = config::validate(&raw)?;
-    let outputs =
+    let mut outputs =
         crate::kafka::output::Outputs::new(&crate::kafka::plain_producer_config(&settings.runtime))
             .map_err(|e| CliError::Runtime(e.to_string()))?;
     let mut value = Vec::with_capacity(256);

@@ -78,7 +78,7 @@ pub const METRIC_TABLE: &str = "\
 | `sessionizer_processing_latency_seconds` | histogram | | end-to-end latency, input record timestamp to its annotated record being handed to the producer |
 | `sessionizer_transaction_commit_seconds` | histogram | | time to commit a Kafka transaction (exactly-once) |
 | `sessionizer_transaction_aborts_total` | counter | | Kafka transactions aborted |
-| `sessionizer_commit_seconds` | histogram | | time to commit state and input offsets (one RocksDB write batch) |
+| `sessionizer_commit_seconds` | histogram | | time from a commit being staged to its state and input offsets being written (one RocksDB write batch; at-least-once, this includes waiting for the acknowledgements) |
 | `sessionizer_rebalances_total` | counter | `kind` | consumer-group rebalance callbacks: `assigned`, `revoked` |
 | `sessionizer_restore_records_total` | counter | `partition` | state records restored from the changelog |
 | `sessionizer_restoring_partitions` | gauge | | partitions currently restoring their state |
@@ -502,7 +502,9 @@ impl Metrics {
         )?;
         let commit = b.histogram(
             "sessionizer_commit_seconds",
-            "Time to commit state and input offsets in one RocksDB write batch, in seconds.",
+            "Time from a commit being staged to its state and input offsets being written in \
+             one RocksDB write batch (at-least-once: including the wait for its outputs' \
+             acknowledgements), in seconds.",
             &COMMIT_BUCKETS,
         )?;
 

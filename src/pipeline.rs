@@ -14,10 +14,13 @@
 //!   that as fencing too), and a second one within [`FENCE_WINDOW`] stops the process.
 //!   Correctness never rests on this rule: a producer's offsets commit only with the consumer
 //!   group generation that owns the partitions (KIP-447);
-//! * **at-least-once**: the pipeline waits until every output and changelog record is
-//!   acknowledged, then commits the input offsets to Kafka (for lag monitoring; the RocksDB
-//!   offsets are the truth). After a crash the tasks resume from their last commit and produce
-//!   the outputs since then again, identically, because the engine is deterministic.
+//! * **at-least-once**: the commit is pipelined. The pipeline stages it and goes on consuming;
+//!   once every output and changelog record sent up to it (and before it) is acknowledged,
+//!   its staged state is written and its input offsets are committed to Kafka (for lag
+//!   monitoring; the RocksDB offsets are the truth). At most [`MAX_PENDING_COMMITS`] commits
+//!   wait at once; a rebalance and the shutdown wait for all of them. After a crash the tasks
+//!   resume from their last written commit and produce the outputs since then again,
+//!   identically, because the engine is deterministic.
 //!
 //! Only then is the staged state written to RocksDB, with the changelog offset it reaches (the
 //! local checkpoint). So local state is always a committed prefix of the changelog: a task
@@ -44,7 +47,7 @@ use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -67,6 +70,21 @@ pub enum PipelineError {
     Fenced(String),
     #[error("the transactional producer failed: {0}")]
     Transaction(String),
+}
+
+/// At-least-once: how many staged commits may wait for their acknowledgements before the
+/// pipeline stops consuming to wait for the oldest.
+pub const MAX_PENDING_COMMITS: usize = 4;
+
+/// At-least-once: a staged commit waiting for the acknowledgement of its records.
+struct PendingCommit {
+    /// The output epoch it ends (see [`Outputs::seal`]).
+    epoch: u64,
+    /// The input offsets it reaches.
+    offsets: TopicPartitionList,
+    /// The tasks that staged a batch in it.
+    partitions: Vec<i32>,
+    started: Instant,
 }
 
 /// A second fencing error within this time of the first stops the instance.
@@ -103,6 +121,8 @@ struct Core {
     health: crate::http::Health,
     topic_metrics: Vec<TopicMetrics>,
     tasks: BTreeMap<i32, Task>,
+    /// At-least-once: staged commits, oldest first (see the module docs).
+    pending: VecDeque<PendingCommit>,
     out: Vec<Output>,
     buf: Vec<u8>,
     held: Vec<u8>,
@@ -434,6 +454,7 @@ impl Core {
 
     /// Moves time on in every task, then commits everything (see the module docs).
     fn tick(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), PipelineError> {
+        self.settle_commits(consumer, false)?;
         let now = wall_ms();
         let parts: Vec<i32> = self.tasks.keys().copied().collect();
         for p in parts {
@@ -451,18 +472,22 @@ impl Core {
             self.out = out;
             r?;
         }
-        self.commit(consumer)
+        let drain = self.closing;
+        self.commit(consumer, drain)
     }
 
-    /// Commits every task (see the module docs).
-    fn commit(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), PipelineError> {
+    /// Commits every task (see the module docs). At-least-once, `drain` waits until every
+    /// staged commit is written.
+    fn commit(&mut self, consumer: &BaseConsumer<Ctx>, drain: bool) -> Result<(), PipelineError> {
         let started = Instant::now();
         self.commits += 1;
         let mut id = [0u8; 16];
         id[..8].copy_from_slice(&self.nonce.to_be_bytes());
         id[8..].copy_from_slice(&self.commits.to_be_bytes());
         let mut tpl = TopicPartitionList::new();
+        let mut partitions = Vec::with_capacity(self.tasks.len());
         for t in self.tasks.values_mut() {
+            partitions.push(t.partition);
             let offsets: Vec<SourceOffset> = self
                 .rt
                 .input_topics
@@ -496,27 +521,82 @@ impl Core {
                     tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
             }
         }
-        if self.exactly_once() {
-            let group = consumer.group_metadata().ok_or_else(|| {
-                PipelineError::Rebalance("the consumer has no group metadata".into())
-            })?;
-            let t0 = Instant::now();
-            match self.outputs.commit_transaction(&tpl, group) {
-                Ok(()) => self.metrics.observe_transaction_commit(t0.elapsed()),
-                Err(TxnError::Abortable(e) | TxnError::Fatal(e)) => {
-                    tracing::warn!(error = %e, "transaction failed: aborting and rewinding");
-                    return self.abort_and_rewind(consumer);
-                }
-                Err(TxnError::Fenced(e)) => {
-                    self.metrics.transaction_aborted();
-                    return self.fenced(consumer, e);
-                }
-            }
-        } else {
-            self.outputs.flush()?;
+        let epoch = self.outputs.seal();
+        if !self.exactly_once() {
+            self.pending.push_back(PendingCommit {
+                epoch,
+                offsets: tpl,
+                partitions,
+                started,
+            });
+            return self.settle_commits(consumer, drain);
         }
+        let group = consumer
+            .group_metadata()
+            .ok_or_else(|| PipelineError::Rebalance("the consumer has no group metadata".into()))?;
+        let t0 = Instant::now();
+        match self.outputs.commit_transaction(&tpl, group) {
+            Ok(()) => self.metrics.observe_transaction_commit(t0.elapsed()),
+            Err(TxnError::Abortable(e) | TxnError::Fatal(e)) => {
+                tracing::warn!(error = %e, "transaction failed: aborting and rewinding");
+                return self.abort_and_rewind(consumer);
+            }
+            Err(TxnError::Fenced(e)) => {
+                self.metrics.transaction_aborted();
+                return self.fenced(consumer, e);
+            }
+        }
+        // Committed, so every record is acknowledged: their reports are being taken in.
+        self.outputs.wait_acknowledged(epoch);
+        self.outputs.retire(epoch);
+        self.write_commit(&partitions)?;
+        self.metrics.observe_commit(started.elapsed());
+        if !self.closing {
+            self.begin()?;
+        }
+        Ok(())
+    }
+
+    /// At-least-once: writes the staged commits whose records are all acknowledged, oldest
+    /// first, and commits their input offsets to Kafka. Waits for the oldest while more than
+    /// [`MAX_PENDING_COMMITS`] are staged, or for all of them with `all`. Fails if a record
+    /// could not be delivered: nothing after it may be written.
+    fn settle_commits(
+        &mut self,
+        consumer: &BaseConsumer<Ctx>,
+        all: bool,
+    ) -> Result<(), PipelineError> {
+        while let Some(c) = self.pending.front() {
+            if !self.outputs.acknowledged(c.epoch) {
+                if !all && self.pending.len() <= MAX_PENDING_COMMITS {
+                    return Ok(());
+                }
+                self.outputs.wait_acknowledged(c.epoch);
+            }
+            self.outputs.check_failures()?;
+            let Some(c) = self.pending.pop_front() else {
+                break;
+            };
+            self.outputs.retire(c.epoch);
+            self.write_commit(&c.partitions)?;
+            self.metrics.observe_commit(c.started.elapsed());
+            if c.offsets.count() > 0 {
+                consumer
+                    .commit(&c.offsets, CommitMode::Async)
+                    .map_err(KafkaError::Commit)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the oldest staged commit of each of `partitions`, with its changelog
+    /// checkpoint, and updates the tasks' metrics.
+    fn write_commit(&mut self, partitions: &[i32]) -> Result<(), PipelineError> {
         let now = wall_ms();
-        for t in self.tasks.values_mut() {
+        for p in partitions {
+            let Some(t) = self.tasks.get_mut(p) else {
+                continue;
+            };
             t.engine
                 .store_mut()
                 .write_staged(self.outputs.changelog_next(t.partition))
@@ -541,16 +621,6 @@ impl Core {
             }
             self.metrics
                 .set_state_size(t.partition, t.engine.store().approx_size_bytes());
-        }
-        self.metrics.observe_commit(started.elapsed());
-        if self.exactly_once() {
-            if !self.closing {
-                self.begin()?;
-            }
-        } else if tpl.count() > 0 {
-            consumer
-                .commit(&tpl, CommitMode::Async)
-                .map_err(KafkaError::Commit)?;
         }
         Ok(())
     }
@@ -785,7 +855,7 @@ impl Core {
             }
             self.abort_and_rewind(consumer)?;
         } else {
-            self.commit(consumer)
+            self.commit(consumer, true)
                 .or_else(|e| self.recover(consumer, e))?;
         }
         let topics: Vec<&str> = self.rt.input_topics.iter().map(|s| s.as_str()).collect();
@@ -987,6 +1057,7 @@ pub fn run(
         health: health.clone(),
         topic_metrics,
         tasks: BTreeMap::new(),
+        pending: VecDeque::new(),
         out: Vec::new(),
         buf: Vec::new(),
         held: Vec::new(),
@@ -1024,7 +1095,11 @@ pub fn run(
                     Ok(())
                 })?,
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error (retrying)"),
-                None => {}
+                // Idle: write the commits whose records are acknowledged meanwhile.
+                None => with_core(&mut |c| {
+                    c.settle_commits(&consumer, false)
+                        .or_else(|e| c.recover(&consumer, e))
+                })?,
             }
             if let Some(f) = failure.lock().ok().and_then(|f| f.clone()) {
                 return Err(PipelineError::Rebalance(f));

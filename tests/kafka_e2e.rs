@@ -451,7 +451,7 @@ fn restore_discards_a_commit_cut_short(broker: &Broker) {
     let second = src.take_changes();
     assert!(second.len() >= 3, "u1, u3 and the marker: {second:?}");
     // Published like the pipeline does; the second commit loses its marker (the last record).
-    let out = Outputs::new(&sessionizer::kafka::plain_producer_config(&rt)).unwrap();
+    let mut out = Outputs::new(&sessionizer::kafka::plain_producer_config(&rt)).unwrap();
     for (id, changes) in [(1u8, &first[..]), (2u8, &second[..second.len() - 1])] {
         for c in changes {
             out.send_change(

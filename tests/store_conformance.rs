@@ -1,6 +1,7 @@
 //! One conformance suite for every `StateStore` implementation, plus RocksDB-specific checks
 //! (durability across reopen, eviction) and a model test: random operation sequences applied to
-//! a `MemStore` and a `RocksStore` must agree at every step and after commit + reopen.
+//! a `MemStore` and a `RocksStore` must agree at every step and after commit + reopen, also
+//! when the `RocksStore` stages several commits and writes them later (changelog mode).
 
 use compact_str::CompactString;
 use proptest::prelude::*;
@@ -334,7 +335,10 @@ enum Op {
     PutPayload(u8, u64, u8),
     TakePayload(u8, u64),
     Commit(u64, u8, i32, i64),
-    /// Drop the RocksStore without committing and reopen it; the model rolls back.
+    /// Changelog mode: write the oldest staged commit (elsewhere a no-op).
+    WriteStaged,
+    /// Drop the RocksStore without committing and reopen it; the model rolls back to the last
+    /// written commit.
     Reopen,
 }
 
@@ -350,6 +354,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (key.clone(), 0u64..3, any::<u8>()).prop_map(|(k, t, b)| Op::PutPayload(k, t, b)),
         2 => (key, 0u64..3).prop_map(|(k, t)| Op::TakePayload(k, t)),
         2 => (0u64..10, 0u8..2, -1i32..2, 0i64..1000).prop_map(|(m, t, p, o)| Op::Commit(m, t, p, o)),
+        2 => Just(Op::WriteStaged),
         1 => Just(Op::Reopen),
     ]
 }
@@ -385,11 +390,27 @@ fn compare_all(model: &mut MemStore, s: &mut RocksStore) -> Result<(), TestCaseE
     Ok(())
 }
 
-fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
+/// A RocksStore with a cache of one key (so eviction happens all the time); in changelog mode
+/// (`staged`) commits are only staged, and written by `Op::WriteStaged`.
+fn open_model_store(dir: &Path, staged: bool) -> RocksStore {
+    let mut s = rocks(dir, 1);
+    if staged {
+        s.enable_changelog();
+    }
+    s
+}
+
+/// Applies `ops` to a MemStore model and a RocksStore. With `staged`, the RocksStore stages
+/// its commits and writes them later, in order, while the operations go on (the pipelined
+/// at-least-once commit): reads must see every write all along, and the database (meta,
+/// offsets, what a reopen finds) must be exactly the last written commit.
+fn run_model(ops: Vec<Op>, staged: bool) -> Result<(), TestCaseError> {
     let dir = TempDir::new().unwrap();
-    let mut s = rocks(dir.path(), 1);
+    let mut s = open_model_store(dir.path(), staged);
     let mut model = MemStore::new();
+    // The model as of the last commit written to the database, and as of each staged one.
     let mut committed = MemStore::new();
+    let mut queue: std::collections::VecDeque<MemStore> = Default::default();
     for op in ops {
         match op {
             Op::Update(k, v) => {
@@ -445,22 +466,44 @@ fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let offsets = [off(&format!("topic{t}"), p, o)];
                 model.commit(&meta(m), &offsets).unwrap();
                 s.commit(&meta(m), &offsets).unwrap();
-                committed = model.clone();
+                if staged {
+                    queue.push_back(model.clone());
+                } else {
+                    committed = model.clone();
+                }
+            }
+            Op::WriteStaged => {
+                if let Some(next) = queue.pop_front() {
+                    s.write_staged(None).unwrap();
+                    committed = next;
+                }
             }
             Op::Reopen => {
                 drop(s);
-                s = rocks(dir.path(), 1);
+                s = open_model_store(dir.path(), staged);
                 model = committed.clone();
+                queue.clear();
             }
         }
-        prop_assert_eq!(model.load_meta().unwrap(), s.load_meta().unwrap());
+        prop_assert_eq!(s.staged_commits(), queue.len());
+        prop_assert_eq!(committed.load_meta().unwrap(), s.load_meta().unwrap());
+        prop_assert_eq!(
+            committed.committed_offsets().unwrap(),
+            s.committed_offsets().unwrap()
+        );
+    }
+    while queue.pop_front().is_some() {
+        s.write_staged(None).unwrap();
     }
     compare_all(&mut model, &mut s)?;
     // Final commit + reopen: the durable state is the model's.
     model.commit(&meta(77), &[]).unwrap();
     s.commit(&meta(77), &[]).unwrap();
+    if staged {
+        s.write_staged(None).unwrap();
+    }
     drop(s);
-    let mut s = rocks(dir.path(), 1);
+    let mut s = open_model_store(dir.path(), staged);
     compare_all(&mut model, &mut s)?;
     for k in 0..4u8 {
         for tie in 0..3 {
@@ -479,6 +522,11 @@ proptest! {
 
     #[test]
     fn rocks_store_agrees_with_mem_store(ops in proptest::collection::vec(op(), 0..60)) {
-        run_model(ops)?;
+        run_model(ops, false)?;
+    }
+
+    #[test]
+    fn staged_rocks_store_agrees_with_mem_store(ops in proptest::collection::vec(op(), 0..60)) {
+        run_model(ops, true)?;
     }
 }

@@ -133,6 +133,8 @@ impl Restorer {
             .set("fetch.wait.max.ms", "10")
             // A restore waits for nothing else: retry a failed fetch quickly.
             .set("fetch.error.backoff.ms", "20")
+            // See `FETCH_QUEUE_BACKOFF_MS`: a full local queue must not stop fetching for 1 s.
+            .set("fetch.queue.backoff.ms", super::FETCH_QUEUE_BACKOFF_MS)
             .set("max.partition.fetch.bytes", "10485760");
         let consumer =
             c.create_with_context(RestoreContext)

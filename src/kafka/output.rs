@@ -1,16 +1,24 @@
 //! The output side: one idempotent (and, for exactly-once, transactional) producer for every
 //! output topic and the changelog, with delivery tracking.
 //!
-//! Delivery invariants. At-least-once: [`Outputs::flush`] returns `Ok` only when every record
-//! sent before it has been acknowledged by the brokers (acks=all); the pipeline commits state
-//! and input offsets only after a successful flush, so nothing is lost, and after a crash the
-//! records since the last commit are produced again, identical (the engine is deterministic).
+//! Records are sent in numbered **epochs**: [`Outputs::seal`] ends the current one (the
+//! pipeline seals one per commit) and the next send opens the next. Delivery reports are
+//! counted per epoch, so the pipeline can tell when every record of a commit, and of every
+//! commit before it, is acknowledged ([`Outputs::acknowledged`]) while it goes on producing.
+//!
+//! Delivery invariants. At-least-once: [`Outputs::acknowledged`] (and [`Outputs::flush`])
+//! report a commit's records as delivered only when every one of them has been acknowledged by
+//! the brokers (acks=all), and [`Outputs::check_failures`] reports any record that failed for
+//! good; the pipeline writes state and commits input offsets only after both, so nothing is
+//! lost, and after a crash the records since the last written commit are produced again,
+//! identical (the engine is deterministic).
 //! Exactly-once: every record sent between [`Outputs::begin`] and a successful
 //! [`Outputs::commit_transaction`] becomes visible to read_committed readers together with the
 //! input offsets given to it, or none of them does.
 //!
 //! Changelog records are sent with [`Outputs::send_change`]; their delivery reports give each
-//! changelog partition's next offset ([`Outputs::changelog_next`]), the local checkpoint.
+//! changelog partition's next offset as of the last retired epoch
+//! ([`Outputs::changelog_next`]), the local checkpoint of the commit that epoch ends.
 
 use super::KafkaError;
 use rdkafka::config::ClientConfig;
@@ -21,19 +29,39 @@ use rdkafka::message::{Header, Message};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, TopicPartitionList};
 use rustc_hash::FxHashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-#[derive(Default)]
+/// Epochs counted at once: more than the pipeline ever leaves unretired.
+const EPOCH_SLOTS: usize = 64;
+
 struct DeliveryState {
     failed: AtomicU64,
     first_error: Mutex<Option<String>>,
-    /// Per changelog partition: the offset after the last acknowledged changelog record.
-    changelog_next: Mutex<FxHashMap<i32, i64>>,
+    /// Records sent and not acknowledged (or failed) yet, by epoch modulo [`EPOCH_SLOTS`].
+    unacked: [AtomicI64; EPOCH_SLOTS],
+    /// Per (epoch, changelog partition): the offset after its last acknowledged changelog
+    /// record. Folded into [`Outputs::checkpoints`] when the epoch is retired.
+    changelog_acked: Mutex<FxHashMap<(u64, i32), i64>>,
 }
 
-/// Delivery opaque of changelog records.
+impl Default for DeliveryState {
+    fn default() -> Self {
+        Self {
+            failed: AtomicU64::new(0),
+            first_error: Mutex::new(None),
+            unacked: std::array::from_fn(|_| AtomicI64::new(0)),
+            changelog_acked: Mutex::default(),
+        }
+    }
+}
+
+fn slot(epoch: u64) -> usize {
+    (epoch % EPOCH_SLOTS as u64) as usize
+}
+
+/// Delivery opaque: the epoch shifted left by one, the low bit set for changelog records.
 const CHANGELOG: usize = 1;
 /// Header carrying the commit id on changelog records.
 pub const COMMIT_HEADER: &str = "sessionizer.commit";
@@ -47,7 +75,8 @@ impl ClientContext for DeliveryContext {}
 
 impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = usize;
-    fn delivery(&self, result: &DeliveryResult<'_>, kind: usize) {
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        let epoch = (opaque >> 1) as u64;
         match result {
             Err((e, _)) => {
                 self.state.failed.fetch_add(1, Ordering::Relaxed);
@@ -55,14 +84,16 @@ impl ProducerContext for DeliveryContext {
                     first.get_or_insert_with(|| e.to_string());
                 }
             }
-            Ok(m) if kind == CHANGELOG => {
-                if let Ok(mut next) = self.state.changelog_next.lock() {
-                    let n = next.entry(m.partition()).or_insert(0);
+            Ok(m) if opaque & CHANGELOG != 0 => {
+                if let Ok(mut acked) = self.state.changelog_acked.lock() {
+                    let n = acked.entry((epoch, m.partition())).or_insert(0);
                     *n = (*n).max(m.offset() + 1);
                 }
             }
             Ok(_) => {}
         }
+        // Last: an epoch counts as acknowledged only once its reports are fully taken in.
+        self.state.unacked[slot(epoch)].fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -100,6 +131,13 @@ pub struct Outputs {
     /// [`Outputs::commit_transaction`]).
     producer: Arc<ThreadedProducer<DeliveryContext>>,
     state: Arc<DeliveryState>,
+    /// The epoch records are sent in now.
+    epoch: AtomicU64,
+    /// Every epoch up to this one is retired.
+    retired: u64,
+    /// Per changelog partition: the offset after its last changelog record of the retired
+    /// epochs.
+    checkpoints: FxHashMap<i32, i64>,
 }
 
 /// How long transaction operations may take before they count as failed.
@@ -119,6 +157,9 @@ impl Outputs {
         Ok(Outputs {
             producer: Arc::new(producer),
             state,
+            epoch: AtomicU64::new(1),
+            retired: 0,
+            checkpoints: FxHashMap::default(),
         })
     }
 
@@ -132,7 +173,7 @@ impl Outputs {
         headers: Option<OwnedHeaders>,
     ) -> Result<(), KafkaError> {
         let mut rec: BaseRecord<'_, [u8], [u8], usize> =
-            BaseRecord::with_opaque_to(topic, 0).payload(payload);
+            BaseRecord::with_opaque_to(topic, self.opaque(0)).payload(payload);
         if let Some(k) = key {
             rec = rec.key(k);
         }
@@ -160,7 +201,7 @@ impl Outputs {
             value: Some(commit_id),
         });
         let mut rec: BaseRecord<'_, [u8], [u8], usize> =
-            BaseRecord::with_opaque_to(topic, CHANGELOG)
+            BaseRecord::with_opaque_to(topic, self.opaque(CHANGELOG))
                 .partition(partition)
                 .key(key)
                 .headers(h);
@@ -170,13 +211,60 @@ impl Outputs {
         self.enqueue(rec)
     }
 
-    /// The offset after the last acknowledged changelog record of `partition`.
+    fn opaque(&self, kind: usize) -> usize {
+        (self.epoch.load(Ordering::Relaxed) as usize) << 1 | kind
+    }
+
+    /// Ends the current epoch and returns its number; later records belong to the next one.
+    pub fn seal(&self) -> u64 {
+        self.epoch.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether every record of `epoch` and of every epoch before it has been acknowledged or
+    /// has failed (see [`Self::check_failures`]).
+    pub fn acknowledged(&self, epoch: u64) -> bool {
+        (self.retired + 1..=epoch).all(|e| self.state.unacked[slot(e)].load(Ordering::Acquire) == 0)
+    }
+
+    /// Waits until [`Self::acknowledged`]`(epoch)`. Keeps waiting while the brokers are
+    /// unreachable (librdkafka retries until `message.timeout.ms`, then reports a failure).
+    pub fn wait_acknowledged(&self, epoch: u64) {
+        let started = Instant::now();
+        let mut warned = false;
+        while !self.acknowledged(epoch) {
+            std::thread::sleep(Duration::from_micros(250));
+            if !warned && started.elapsed() > Duration::from_secs(5) {
+                tracing::warn!("outputs not acknowledged yet; waiting for the brokers");
+                warned = true;
+            }
+        }
+        if warned {
+            tracing::info!(
+                waited_s = started.elapsed().as_secs(),
+                "outputs acknowledged"
+            );
+        }
+    }
+
+    /// Retires every epoch up to `epoch` (they must be [acknowledged](Self::acknowledged)):
+    /// [`Self::changelog_next`] then reflects their changelog records.
+    pub fn retire(&mut self, epoch: u64) {
+        if let Ok(mut acked) = self.state.changelog_acked.lock() {
+            acked.retain(|&(e, partition), next| {
+                if e > epoch {
+                    return true;
+                }
+                let c = self.checkpoints.entry(partition).or_insert(0);
+                *c = (*c).max(*next);
+                false
+            });
+        }
+        self.retired = self.retired.max(epoch);
+    }
+
+    /// The offset after the last changelog record of `partition` in the retired epochs.
     pub fn changelog_next(&self, partition: i32) -> Option<i64> {
-        self.state
-            .changelog_next
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&partition).copied())
+        self.checkpoints.get(&partition).copied()
     }
 
     /// Exactly-once: registers the transactional id (fencing any older instance with the same
@@ -260,6 +348,9 @@ impl Outputs {
     }
 
     fn enqueue(&self, mut rec: BaseRecord<'_, [u8], [u8], usize>) -> Result<(), KafkaError> {
+        // Counted before it is handed over: its report may come before `send` returns.
+        let unacked = &self.state.unacked[slot((rec.delivery_opaque >> 1) as u64)];
+        unacked.fetch_add(1, Ordering::AcqRel);
         loop {
             match self.producer.send(rec) {
                 Ok(()) => return Ok(()),
@@ -267,16 +358,28 @@ impl Outputs {
                     rec = r;
                     std::thread::sleep(Duration::from_millis(2));
                 }
-                Err((e, _)) => return Err(KafkaError::Produce(e.to_string())),
+                Err((e, _)) => {
+                    unacked.fetch_sub(1, Ordering::AcqRel);
+                    return Err(KafkaError::Produce(e.to_string()));
+                }
             }
         }
     }
 
-    /// Waits until every queued record is acknowledged. Keeps waiting while the brokers are
-    /// unreachable (librdkafka retries until `message.timeout.ms`); fails if any delivery
-    /// failed for good.
-    pub fn flush(&self) -> Result<(), KafkaError> {
+    /// Waits until every record sent so far is acknowledged and retires every epoch. Keeps
+    /// waiting while the brokers are unreachable (librdkafka retries until
+    /// `message.timeout.ms`); fails if any delivery failed for good.
+    pub fn flush(&mut self) -> Result<(), KafkaError> {
+        let epoch = self.seal();
         self.wait_in_flight(None);
+        self.wait_acknowledged(epoch);
+        self.retire(epoch);
+        self.check_failures()
+    }
+
+    /// Fails if any record could not be delivered (at-least-once: the process must stop
+    /// before it writes state or offsets past it).
+    pub fn check_failures(&self) -> Result<(), KafkaError> {
         let failed = self.state.failed.load(Ordering::Relaxed);
         if failed > 0 {
             let first = self

@@ -14,10 +14,17 @@
 //! last commits, but never tears one.
 //!
 //! Uncommitted writes live in memory and reads see them: a write-back cache of decoded
-//! `KeyState`s / `UserStats` (dirty entries are written at commit; clean ones not used in the
-//! last commit interval are evicted once the cache exceeds [`RocksOptions::cache_keys`]), an
-//! overlay of payload puts/deletes, and both timer indexes mirrored entirely in memory (loaded
-//! at open) with the pending difference to the database.
+//! `KeyState`s / `UserStats` (dirty entries go into the next commit's batch; clean ones not
+//! used in the last commit interval are evicted once the cache exceeds
+//! [`RocksOptions::cache_keys`]), an overlay of payload puts/deletes, and both timer indexes
+//! mirrored entirely in memory (loaded at open) with the pending difference to the database.
+//!
+//! **Staged commits** (changelog mode, see [`RocksStore::enable_changelog`]). A commit may be
+//! staged (its batch built, not written) while the engine goes on: the pipeline writes it only
+//! once its changelog records and outputs are acknowledged, and may stage the next ones
+//! meanwhile. Staged batches are written in order. An entry whose newest value is only in a
+//! staged batch stays in memory until that batch is written, so reads never fall through to a
+//! database that does not have it yet.
 
 use super::changelog::{cf_of, change_key, Change};
 use super::encoding::{
@@ -34,7 +41,8 @@ use rocksdb::{
     FlushOptions, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 use rustc_hash::FxHashMap;
-use std::collections::BTreeSet;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -90,6 +98,18 @@ struct Cached<T> {
     dirty: bool,
     /// Commit generation in which it was last used.
     gen: u64,
+    /// Generation of the last commit whose batch holds this value (0: none yet).
+    staged: u64,
+}
+
+/// An uncommitted payload write: `Some` put, `None` delete.
+#[derive(Debug)]
+struct PayloadWrite {
+    value: Option<Vec<u8>>,
+    /// Changed since the last commit was built.
+    dirty: bool,
+    /// Generation of the last commit whose batch holds this write (0: none yet).
+    staged: u64,
 }
 
 /// One timer index: the full set in memory, plus the difference to the database
@@ -148,16 +168,17 @@ pub struct RocksStore {
     opts: RocksOptions,
     keys: FxHashMap<String, Cached<KeyState>>,
     stats: FxHashMap<String, Cached<UserStats>>,
-    /// Uncommitted payload writes by encoded payload key: `Some` put, `None` delete.
-    payloads: FxHashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Payload writes not yet in the database, by encoded payload key.
+    payloads: FxHashMap<Vec<u8>, PayloadWrite>,
     deadline: TimerIndex,
     quiet: TimerIndex,
-    /// Commit generation, bumped at each commit.
+    /// Commit generation, bumped at each commit (starts at 1).
     gen: u64,
     /// Changelog mode: `commit` stages its batch and records the changes (see
     /// [`RocksStore::enable_changelog`]).
     capture: bool,
-    staged: Option<WriteBatch>,
+    /// Staged commits not written yet, oldest first, with their generations.
+    staged: VecDeque<(u64, WriteBatch)>,
     changes: Vec<Change>,
     /// Restored records written without the write-ahead log and not flushed yet.
     unflushed: bool,
@@ -223,9 +244,9 @@ impl RocksStore {
             payloads: FxHashMap::default(),
             deadline,
             quiet,
-            gen: 0,
+            gen: 1,
             capture: false,
-            staged: None,
+            staged: VecDeque::new(),
             changes: Vec::new(),
             unflushed: false,
         })
@@ -245,8 +266,8 @@ impl RocksStore {
 
     /// Changelog mode. From now on [`StateStore::commit`] does not write: it stages the batch
     /// and records every write as a [`Change`]; the caller publishes [`Self::take_changes`]
-    /// and then calls [`Self::write_staged`] (or drops the store to discard the commit). Reads
-    /// between the two calls are not allowed.
+    /// and later calls [`Self::write_staged`] (or drops the store to discard every staged
+    /// commit). The store stays usable meanwhile, and further commits may be staged.
     pub fn enable_changelog(&mut self) {
         self.capture = true;
     }
@@ -256,10 +277,15 @@ impl RocksStore {
         std::mem::take(&mut self.changes)
     }
 
-    /// Writes the staged commit, with the changelog position it reaches (`checkpoint`: the
-    /// next changelog offset after this commit's records).
+    /// Number of staged commits not written yet.
+    pub fn staged_commits(&self) -> usize {
+        self.staged.len()
+    }
+
+    /// Writes the oldest staged commit, with the changelog position it reaches (`checkpoint`:
+    /// the next changelog offset after this commit's records).
     pub fn write_staged(&mut self, checkpoint: Option<i64>) -> Result<(), StoreError> {
-        let Some(mut batch) = self.staged.take() else {
+        let Some((gen, mut batch)) = self.staged.pop_front() else {
             return Err(StoreError::Backend("no staged commit to write".into()));
         };
         if let Some(c) = checkpoint {
@@ -269,7 +295,7 @@ impl RocksStore {
                 encode_value(CF_META, &c)?,
             );
         }
-        self.write(batch)
+        self.write(gen, batch)
     }
 
     /// The next changelog offset this database reflects, if it was ever checkpointed.
@@ -332,16 +358,14 @@ impl RocksStore {
         Ok(())
     }
 
-    fn write(&mut self, batch: WriteBatch) -> Result<(), StoreError> {
+    /// Writes the batch of commit generation `gen` (every earlier one is written already).
+    fn write(&mut self, gen: u64, batch: WriteBatch) -> Result<(), StoreError> {
         self.db.write(batch).map_err(backend)?;
-        // Durable: the in-memory state now equals the database's.
+        // The database now has every value staged up to `gen`: those need not stay in memory.
         let limit = self.opts.cache_keys;
-        settle(&mut self.keys, limit, self.gen);
-        settle(&mut self.stats, limit, self.gen);
-        self.payloads.clear();
-        self.deadline.pending.clear();
-        self.quiet.pending.clear();
-        self.gen += 1;
+        settle(&mut self.keys, limit, gen);
+        settle(&mut self.stats, limit, gen);
+        self.payloads.retain(|_, w| w.dirty || w.staged > gen);
         Ok(())
     }
 
@@ -395,7 +419,8 @@ impl RocksStore {
     }
 
     /// Builds the batch of everything uncommitted plus `offsets` and `meta` (last: the
-    /// changelog's commit marker), recording the changes in changelog mode.
+    /// changelog's commit marker), recording the changes in changelog mode. What goes into
+    /// the batch is marked clean and staged in generation `self.gen`.
     fn build_batch(
         &mut self,
         meta: &PartitionMeta,
@@ -405,35 +430,44 @@ impl RocksStore {
             batch: WriteBatch::default(),
             changes: self.capture.then(Vec::new),
         };
+        let gen = self.gen;
         let keys_cf = cf(&self.db, CF_KEYS)?;
-        for (key, c) in self.keys.iter().filter(|(_, c)| c.dirty) {
+        for (key, c) in self.keys.iter_mut().filter(|(_, c)| c.dirty) {
             w.put(
                 keys_cf,
                 CF_KEYS,
                 key.as_bytes(),
                 encode_value(CF_KEYS, &c.value)?,
             );
+            c.dirty = false;
+            c.staged = gen;
         }
         let stats_cf = cf(&self.db, CF_STATS)?;
-        for (user, c) in self.stats.iter().filter(|(_, c)| c.dirty) {
+        for (user, c) in self.stats.iter_mut().filter(|(_, c)| c.dirty) {
             w.put(
                 stats_cf,
                 CF_STATS,
                 user.as_bytes(),
                 encode_value(CF_STATS, &c.value)?,
             );
+            c.dirty = false;
+            c.staged = gen;
         }
         let payloads_cf = cf(&self.db, CF_PAYLOADS)?;
-        for (key, value) in &self.payloads {
-            match value {
+        for (key, p) in self.payloads.iter_mut().filter(|(_, p)| p.dirty) {
+            match &p.value {
                 Some(v) => w.put(payloads_cf, CF_PAYLOADS, key, v.clone()),
                 None => w.delete(payloads_cf, CF_PAYLOADS, key),
             }
+            p.dirty = false;
+            p.staged = gen;
         }
-        for index in [&self.deadline, &self.quiet] {
+        // The indexes are entirely in memory: once in a batch, a difference is no longer
+        // pending (it is relative to the database plus the staged batches).
+        for index in [&mut self.deadline, &mut self.quiet] {
             let timers_cf = cf(&self.db, index.cf)?;
-            for ((at, key), &put) in &index.pending {
-                let k = timer_key(*at, key);
+            for ((at, key), put) in index.pending.drain() {
+                let k = timer_key(at, &key);
                 if put {
                     w.put(timers_cf, index.cf, &k, Vec::new());
                 } else {
@@ -486,12 +520,12 @@ impl Writes {
     }
 }
 
-/// After a successful commit: marks everything clean and, if the cache is over `limit`, drops
-/// the entries not used in generation `gen`.
+/// After the batch of generation `gen` is written: if the cache is over `limit`, drops the
+/// entries that are clean, whose newest value is in the database and that were not used since
+/// generation `gen` began.
 fn settle<T>(cache: &mut FxHashMap<String, Cached<T>>, limit: usize, gen: u64) {
-    cache.values_mut().for_each(|c| c.dirty = false);
     if cache.len() > limit {
-        cache.retain(|_, c| c.gen == gen);
+        cache.retain(|_, c| c.dirty || c.staged > gen || c.gen >= gen);
     }
 }
 
@@ -519,6 +553,7 @@ impl StateStore for RocksStore {
                     value: state,
                     dirty: true,
                     gen,
+                    staged: 0,
                 };
                 self.keys.insert(key.to_owned(), c);
             }
@@ -541,6 +576,7 @@ impl StateStore for RocksStore {
                     value,
                     dirty: true,
                     gen,
+                    staged: 0,
                 },
             );
         }
@@ -564,6 +600,7 @@ impl StateStore for RocksStore {
                 value: stats.clone(),
                 dirty: false,
                 gen: self.gen,
+                staged: 0,
             };
             self.stats.insert(user.to_owned(), c);
         }
@@ -583,6 +620,7 @@ impl StateStore for RocksStore {
                     value: stats.clone(),
                     dirty: true,
                     gen,
+                    staged: 0,
                 };
                 self.stats.insert(user.to_owned(), c);
             }
@@ -615,23 +653,42 @@ impl StateStore for RocksStore {
     }
 
     fn put_payload(&mut self, key: &str, tie: u64, payload: &[u8]) -> Result<(), StoreError> {
-        self.payloads
-            .insert(payload_key(key, tie)?, Some(payload.to_vec()));
+        let value = Some(payload.to_vec());
+        match self.payloads.entry(payload_key(key, tie)?) {
+            Entry::Occupied(mut o) => {
+                let w = o.get_mut();
+                w.value = value;
+                w.dirty = true;
+            }
+            Entry::Vacant(v) => {
+                v.insert(PayloadWrite {
+                    value,
+                    dirty: true,
+                    staged: 0,
+                });
+            }
+        }
         Ok(())
     }
 
     fn take_payload(&mut self, key: &str, tie: u64) -> Result<Option<Vec<u8>>, StoreError> {
         let k = payload_key(key, tie)?;
-        if let Some(slot) = self.payloads.get_mut(&k) {
-            // A put or delete since the last commit decides; either way it is now deleted.
-            return Ok(slot.take());
+        if let Some(w) = self.payloads.get_mut(&k) {
+            // A write not in the database yet decides; either way it is now deleted.
+            w.dirty = true;
+            return Ok(w.value.take());
         }
         let found = self
             .db
             .get_cf(cf(&self.db, CF_PAYLOADS)?, &k)
             .map_err(backend)?;
         if found.is_some() {
-            self.payloads.insert(k, None);
+            let w = PayloadWrite {
+                value: None,
+                dirty: true,
+                staged: 0,
+            };
+            self.payloads.insert(k, w);
         }
         Ok(found)
     }
@@ -663,17 +720,14 @@ impl StateStore for RocksStore {
 
     /// In changelog mode this only stages the batch (see [`RocksStore::enable_changelog`]).
     fn commit(&mut self, meta: &PartitionMeta, offsets: &[SourceOffset]) -> Result<(), StoreError> {
-        if self.staged.is_some() {
-            return Err(StoreError::Backend(
-                "the previous commit is staged but not written".into(),
-            ));
-        }
         let batch = self.build_batch(meta, offsets)?;
+        let gen = self.gen;
+        self.gen += 1;
         if self.capture {
-            self.staged = Some(batch);
+            self.staged.push_back((gen, batch));
             Ok(())
         } else {
-            self.write(batch)
+            self.write(gen, batch)
         }
     }
 }
