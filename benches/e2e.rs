@@ -110,10 +110,12 @@ fn events(count: u64, start: i64, seed: u64) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// The client settings of an at-least-once `sessionizer run` (the pass-through's baseline).
 fn runtime_settings(bootstrap: &str, group: &str) -> sessionizer::config::RuntimeSettings {
     let mut raw = RawConfig::default();
     raw.kafka.brokers = Some(bootstrap.to_owned());
     raw.kafka.group = Some(group.to_owned());
+    raw.kafka.guarantee = Some("at-least-once".to_owned());
     validate(&raw).unwrap().runtime
 }
 
@@ -287,6 +289,29 @@ impl Run {
             .status();
         let _ = self.child.wait();
     }
+}
+
+/// Reads `topic` from the start until `expected` records have arrived (or 120 s pass) and
+/// returns, for each, the milliseconds from its timestamp to its arrival.
+fn downstream_latencies(bootstrap: &str, topic: &str, expected: usize) -> Vec<i64> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "bench-lat-reader")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    c.subscribe(&[topic]).unwrap();
+    let mut out = Vec::with_capacity(expected);
+    let t = Instant::now();
+    while out.len() < expected && t.elapsed() < Duration::from_secs(120) {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(50)) {
+            if let Some(ts) = m.timestamp().to_millis() {
+                out.push(now_ms() - ts);
+            }
+        }
+    }
+    out
 }
 
 /// The upper bound of the histogram bucket holding quantile `q`.
@@ -501,6 +526,13 @@ fn main() {
     }
     let total = (rate * 10.0) as usize;
     let evs = events(total as u64, now_ms(), 2);
+    // A downstream reader of the annotated topic: event time (= send time) to the annotated
+    // record arriving, the whole way through both producers' batching and the broker.
+    let reader = {
+        let b = bootstrap.clone();
+        let expected = total + PARTITIONS as usize;
+        std::thread::spawn(move || downstream_latencies(&b, "bench-lat-annotated", expected))
+    };
     let t0 = Instant::now();
     for (i, (k, v)) in evs.iter().enumerate() {
         // Paced in bursts of at most 1 ms: a sleep per event would cost the load generator
@@ -544,6 +576,18 @@ fn main() {
         commit_p99 * 1000.0
     );
     lat.stop();
+    let mut e2e = reader.join().unwrap();
+    e2e.sort_unstable();
+    let pct = |q: f64| e2e.get(((e2e.len() as f64 * q) as usize).min(e2e.len().saturating_sub(1)));
+    let (e2e_p50, e2e_p99) = (
+        pct(0.5).copied().unwrap_or(-1),
+        pct(0.99).copied().unwrap_or(-1),
+    );
+    eprintln!(
+        "e2e: downstream latency over {} records: p50 {e2e_p50} ms, p99 {e2e_p99} ms, max {} ms",
+        e2e.len(),
+        e2e.last().copied().unwrap_or(-1)
+    );
     println!("| measure | value |");
     println!("|---|---|");
     println!("| events | {n} |");
@@ -569,6 +613,9 @@ fn main() {
     println!(
         "| latency at {rate:.0} events/s, p99 (bucket upper bound) | <= {:.1} ms |",
         p99 * 1000.0
+    );
+    println!(
+        "| downstream latency at {rate:.0} events/s (send to annotated record read), p50 / p99 | {e2e_p50} ms / {e2e_p99} ms |"
     );
     if ours {
         let _ = kafka_sh(&["stop", "--dir", kdir.to_str().unwrap()]);
