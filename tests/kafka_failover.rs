@@ -130,7 +130,11 @@ fn check_outputs(
     );
     for (n, copies) in &seen {
         let distinct: BTreeSet<&String> = copies.iter().collect();
-        assert_eq!(distinct.len(), 1, "input {n}: repeats must be identical");
+        assert_eq!(
+            distinct.len(),
+            1,
+            "input {n}: repeats must be identical: {distinct:#?}"
+        );
         if exactly_once {
             assert_eq!(copies.len(), 1, "input {n} seen {} times", copies.len());
         }

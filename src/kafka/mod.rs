@@ -101,25 +101,14 @@ pub fn producer_config(rt: &RuntimeSettings) -> ClientConfig {
     c
 }
 
-/// The producer's `linger.ms`: how long records wait to be batched. At-least-once commits are
-/// pipelined, so nothing waits for the batching but the downstream reader, and 20 ms batches
-/// cut the broker's work per record about in half (see BENCHMARKS.md). An exactly-once commit
-/// waits for every record of its transaction, so there it stays at 5 ms.
-pub fn default_linger_ms(guarantee: crate::config::Guarantee) -> &'static str {
-    match guarantee {
-        crate::config::Guarantee::AtLeastOnce => "20",
-        crate::config::Guarantee::ExactlyOnce => "5",
-    }
-}
-
-/// A non-transactional producer configuration: idempotent, acks=all, lz4, a short linger (see
-/// [`default_linger_ms`]).
+/// A non-transactional producer configuration: idempotent, acks=all, lz4, 5 ms linger (every
+/// commit waits for its records, so a longer linger would hold it up).
 pub fn plain_producer_config(rt: &RuntimeSettings) -> ClientConfig {
     let mut c = base_config(rt);
     for (k, v) in [
         ("enable.idempotence", "true"),
         ("acks", "all"),
-        ("linger.ms", default_linger_ms(rt.guarantee)),
+        ("linger.ms", "5"),
         ("compression.type", "lz4"),
     ] {
         if !rt.properties.contains_key(k) {

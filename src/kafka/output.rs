@@ -7,11 +7,12 @@
 //! commit before it, is acknowledged ([`Outputs::acknowledged`]) while it goes on producing.
 //!
 //! Delivery invariants. At-least-once: [`Outputs::acknowledged`] (and [`Outputs::flush`])
-//! report a commit's records as delivered only when every one of them has been acknowledged by
+//! report an epoch's records as delivered only when every one of them has been acknowledged by
 //! the brokers (acks=all), and [`Outputs::check_failures`] reports any record that failed for
-//! good; the pipeline writes state and commits input offsets only after both, so nothing is
-//! lost, and after a crash the records since the last written commit are produced again,
-//! identical (the engine is deterministic).
+//! good. The pipeline sends a commit's changelog records only after its outputs are delivered,
+//! and writes its state and commits its input offsets only after its changelog records are, so
+//! nothing is lost; after a crash the records since the last complete commit are produced
+//! again, identical (the engine is deterministic).
 //! Exactly-once: every record sent between [`Outputs::begin`] and a successful
 //! [`Outputs::commit_transaction`] becomes visible to read_committed readers together with the
 //! input offsets given to it, or none of them does.
