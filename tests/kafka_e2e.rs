@@ -5,6 +5,8 @@
 //! - kill -9 mid-stream (more input arrives after the kill), restart: every input is annotated
 //!   (repeats only identical), sessions equal the offline result;
 //! - a changelog restore applies whole commits and discards a commit cut short;
+//! - local state with a changelog checkpoint beyond the changelog's end is not trusted: it is
+//!   rebuilt from the changelog, and the run equals the offline result;
 //! - `sessionizer generate --topic` produces keyed events;
 //! - the broker stopped and restarted mid-run: the process recovers by itself, nothing lost.
 //!
@@ -498,6 +500,87 @@ fn restore_discards_a_commit_cut_short(broker: &Broker) {
     assert_eq!(dst.committed_offsets().unwrap(), vec![offset(10)]);
 }
 
+/// Local state whose changelog checkpoint lies beyond the end of the changelog (a disk from
+/// another cluster, or a changelog topic deleted and created again) must not be trusted: the
+/// task deletes it and rebuilds from the changelog (empty here). The junk state claims 1000
+/// earlier sessions for every user and input offsets a sixth of the way in, so trusting it
+/// would change every session id and skip records.
+fn untrusted_local_state_is_rebuilt(broker: &Broker) {
+    use sessionizer::engine::{KeyState, PartitionMeta, SourceOffset, StateStore};
+    use sessionizer::store::{RocksOptions, RocksStore};
+    let dir = tempfile::tempdir().unwrap();
+    let t = Topics::new(broker, "untrusted", 3);
+    let group = "untrusted-group";
+    let input = with_flush_events(3, events(60, 20, 37));
+    let (want_sessions, want_annotated) = offline(&input, dir.path());
+    let part = |k: &str| (k.trim_start_matches('u').parse::<i32>().unwrap()) % 3;
+    for p in 0..3 {
+        let path = dir
+            .path()
+            .join("state")
+            .join(group)
+            .join(format!("partition-{p}"));
+        let mut s = RocksStore::open(&path, RocksOptions::default()).unwrap();
+        s.enable_changelog();
+        for (k, _) in input.iter().filter(|(k, _)| part(k) == p) {
+            let junk = KeyState {
+                user: k.clone(),
+                created: 1000,
+                ..KeyState::default()
+            };
+            s.put_key(k, junk).unwrap();
+        }
+        let skip = SourceOffset {
+            topic: t.input.clone(),
+            partition: p,
+            next_offset: input.len() as i64 / 6,
+        };
+        s.commit(&PartitionMeta::default(), &[skip]).unwrap();
+        // The changelog does not exist yet: any checkpoint is beyond its end.
+        s.write_staged(Some(1_000_000)).unwrap();
+    }
+    let records: Vec<Input> = input
+        .iter()
+        .map(|(k, v)| (Some(k.clone()), Some(v.as_bytes().to_vec()), Some(part(k))))
+        .collect();
+    broker.produce(&t.input, &records);
+    let p = run_with(
+        broker,
+        &t,
+        dir.path(),
+        group,
+        free_port(),
+        &semantics("100h"),
+        &[],
+    );
+    let annotated = broker
+        .try_read_until(&t.annotated, Duration::from_secs(120), |r| {
+            annotated_by_n(r).len() >= input.len()
+        })
+        .unwrap_or_else(|r| {
+            panic!(
+                "{} of {} inputs annotated; log:\n{}",
+                annotated_by_n(&r).len(),
+                input.len(),
+                p.log()
+            )
+        });
+    let got: BTreeSet<String> = annotated.iter().map(|r| r.value.clone()).collect();
+    let want: BTreeSet<String> = want_annotated.into_iter().collect();
+    assert_eq!(got, want, "annotations equal the offline ones");
+    let want_s = session_set(&want_sessions);
+    let v = wait_sessions(broker, &t.sessions, want_s.len(), session_set, &[&p]);
+    assert_eq!(session_set(&v), want_s, "sessions equal the offline result");
+    let log = p.log();
+    assert!(
+        log.matches("checkpoint beyond the end of the changelog")
+            .count()
+            >= 3,
+        "every partition's local state was distrusted:\n{log}"
+    );
+    assert_eq!(p.terminate(), 0);
+}
+
 #[test]
 fn kafka_end_to_end() {
     let broker = Broker::start();
@@ -511,7 +594,8 @@ fn kafka_end_to_end() {
             "multi",
             "generate",
             "bounce",
-            "restore"
+            "restore",
+            "untrusted"
         ]
         .contains(&only.as_str()),
         "E2E_ONLY=`{only}` names no scenario"
@@ -537,5 +621,8 @@ fn kafka_end_to_end() {
     }
     if want("restore") {
         restore_discards_a_commit_cut_short(&broker);
+    }
+    if want("untrusted") {
+        untrusted_local_state_is_rebuilt(&broker);
     }
 }
