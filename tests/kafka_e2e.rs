@@ -274,18 +274,7 @@ fn broker_restart_is_survived(broker: &Broker) {
             .map(|(k, v)| (Some(k.clone()), Some(v.as_bytes().to_vec()), None))
             .collect::<Vec<_>>(),
     );
-    let annotated = broker
-        .try_read_until(&t.annotated, Duration::from_secs(120), |r| {
-            annotated_by_n(r).len() >= input.len()
-        })
-        .unwrap_or_else(|r| {
-            panic!(
-                "{} of {} inputs annotated; log:\n{}",
-                annotated_by_n(&r).len(),
-                input.len(),
-                p.log()
-            )
-        });
+    let annotated = wait_annotated(broker, &t, input.len(), &[&p]);
     assert_eq!(
         annotated_by_n(&annotated).len(),
         input.len(),
@@ -553,18 +542,7 @@ fn untrusted_local_state_is_rebuilt(broker: &Broker) {
         &semantics("100h"),
         &[],
     );
-    let annotated = broker
-        .try_read_until(&t.annotated, Duration::from_secs(120), |r| {
-            annotated_by_n(r).len() >= input.len()
-        })
-        .unwrap_or_else(|r| {
-            panic!(
-                "{} of {} inputs annotated; log:\n{}",
-                annotated_by_n(&r).len(),
-                input.len(),
-                p.log()
-            )
-        });
+    let annotated = wait_annotated(broker, &t, input.len(), &[&p]);
     let got: BTreeSet<String> = annotated.iter().map(|r| r.value.clone()).collect();
     let want: BTreeSet<String> = want_annotated.into_iter().collect();
     assert_eq!(got, want, "annotations equal the offline ones");

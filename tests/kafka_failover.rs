@@ -84,22 +84,6 @@ fn n_of(value: &str) -> u64 {
     v["n"].as_u64().unwrap()
 }
 
-/// Waits until `count` distinct inputs are annotated (read_committed).
-fn wait_annotated(broker: &Broker, t: &Topics, count: usize, logs: &[&Proc]) {
-    broker
-        .try_read_until(&t.annotated, Duration::from_secs(180), |r| {
-            annotated_by_n(r).len() >= count
-        })
-        .unwrap_or_else(|r| {
-            panic!(
-                "{} of {count} inputs annotated; brokers:\n{}\nprocesses:\n{}",
-                annotated_by_n(&r).len(),
-                broker.diagnose(&t.annotated),
-                report(logs)
-            )
-        });
-}
-
 /// Checks what a read_committed reader sees once every instance has stopped.
 fn check_outputs(
     broker: &Broker,

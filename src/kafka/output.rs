@@ -230,21 +230,7 @@ impl Outputs {
     /// Waits until [`Self::acknowledged`]`(epoch)`. Keeps waiting while the brokers are
     /// unreachable (librdkafka retries until `message.timeout.ms`, then reports a failure).
     pub fn wait_acknowledged(&self, epoch: u64) {
-        let started = Instant::now();
-        let mut warned = false;
-        while !self.acknowledged(epoch) {
-            std::thread::sleep(Duration::from_micros(250));
-            if !warned && started.elapsed() > Duration::from_secs(5) {
-                tracing::warn!("outputs not acknowledged yet; waiting for the brokers");
-                warned = true;
-            }
-        }
-        if warned {
-            tracing::info!(
-                waited_s = started.elapsed().as_secs(),
-                "outputs acknowledged"
-            );
-        }
+        wait_for(None, || self.acknowledged(epoch));
     }
 
     /// Retires every epoch up to `epoch` (they must be [acknowledged](Self::acknowledged)):
@@ -403,23 +389,29 @@ impl Outputs {
         // while the background thread consumes the delivery reports, so it stalls the
         // pipeline for ~100 ms per commit. The background thread serves the reports; waiting
         // for the in-flight count to reach zero is enough.
-        let started = Instant::now();
-        let mut warned = false;
-        while self.producer.in_flight_count() > 0 {
-            if limit.is_some_and(|l| started.elapsed() >= l) {
-                return;
-            }
-            std::thread::sleep(Duration::from_micros(250));
-            if !warned && started.elapsed() > Duration::from_secs(5) {
-                tracing::warn!("outputs not acknowledged yet; waiting for the brokers");
-                warned = true;
-            }
+        wait_for(limit, || self.producer.in_flight_count() == 0);
+    }
+}
+
+/// Sleeps in 250 µs steps until `done` holds or `limit` has passed, warning once if that takes
+/// more than 5 s (the brokers are unreachable or slow).
+fn wait_for(limit: Option<Duration>, done: impl Fn() -> bool) {
+    let started = Instant::now();
+    let mut warned = false;
+    while !done() {
+        if limit.is_some_and(|l| started.elapsed() >= l) {
+            return;
         }
-        if warned {
-            tracing::info!(
-                waited_s = started.elapsed().as_secs(),
-                "outputs acknowledged"
-            );
+        std::thread::sleep(Duration::from_micros(250));
+        if !warned && started.elapsed() > Duration::from_secs(5) {
+            tracing::warn!("outputs not acknowledged yet; waiting for the brokers");
+            warned = true;
         }
+    }
+    if warned {
+        tracing::info!(
+            waited_s = started.elapsed().as_secs(),
+            "outputs acknowledged"
+        );
     }
 }

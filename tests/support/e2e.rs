@@ -430,6 +430,23 @@ pub fn semantics(idle_after: &'static str) -> Vec<&'static str> {
     ]
 }
 
+/// Reads the annotated topic until `count` distinct inputs are annotated and returns what was
+/// read; panics at the deadline with broker diagnostics and the logs of `procs`.
+pub fn wait_annotated(broker: &Broker, t: &Topics, count: usize, procs: &[&Proc]) -> Vec<Rec> {
+    broker
+        .try_read_until(&t.annotated, Duration::from_secs(180), |r| {
+            annotated_by_n(r).len() >= count
+        })
+        .unwrap_or_else(|r| {
+            panic!(
+                "{} of {count} inputs annotated; brokers:\n{}\nprocesses:\n{}",
+                annotated_by_n(&r).len(),
+                broker.diagnose(&t.annotated),
+                report(procs)
+            )
+        })
+}
+
 /// Reads `topic` (sessions) until `key` of what was read covers `want` entries; panics at the
 /// deadline with the logs of `procs`. Returns the parsed records.
 pub fn wait_sessions(
