@@ -19,9 +19,9 @@
 //!   outputs could still be lost), and once those are acknowledged too, its staged state is
 //!   written and its input offsets are committed to Kafka (for lag monitoring; the RocksDB
 //!   offsets are the truth). Up to [`MAX_PENDING_COMMITS`] commits may wait while consumption
-//!   goes on (currently none: see there); a rebalance and the shutdown wait for all of them. After a crash the tasks
-//!   resume from their last written commit and produce the outputs since then again,
-//!   identically, because the engine is deterministic.
+//!   goes on (currently none: see there); a rebalance and the shutdown wait for all of
+//!   them. After a crash the tasks resume from their last written commit and produce the
+//!   outputs since then again, identically, because the engine is deterministic.
 //!
 //! Only then is the staged state written to RocksDB, with the changelog offset it reaches (the
 //! local checkpoint). So local state is always a committed prefix of the changelog: a task
@@ -103,6 +103,23 @@ struct PendingCommit {
     /// The tasks that staged a batch in it.
     partitions: Vec<i32>,
     started: Instant,
+}
+
+impl PendingCommit {
+    /// Leaves `parts` out: nothing of theirs is sent, written or committed.
+    fn forget(&mut self, parts: &[i32]) {
+        self.partitions.retain(|p| !parts.contains(p));
+        if let Some(changes) = &mut self.changes {
+            changes.retain(|(p, _)| !parts.contains(p));
+        }
+        let mut kept = TopicPartitionList::new();
+        for e in self.offsets.elements() {
+            if !parts.contains(&e.partition()) {
+                let _ = kept.add_partition_offset(e.topic(), e.partition(), e.offset());
+            }
+        }
+        self.offsets = kept;
+    }
 }
 
 /// A second fencing error within this time of the first stops the instance.
@@ -509,6 +526,7 @@ impl Core {
         let mut partitions = Vec::with_capacity(self.tasks.len());
         // At-least-once: the changelog records wait for the outputs (see `PendingCommit`).
         let mut held = Vec::new();
+        let exactly_once = self.exactly_once();
         for t in self.tasks.values_mut() {
             partitions.push(t.partition);
             let offsets: Vec<SourceOffset> = self
@@ -531,16 +549,9 @@ impl Core {
                     source,
                 })?;
             let changes = t.engine.store_mut().take_changes();
-            if self.rt.guarantee == Guarantee::ExactlyOnce {
-                for c in &changes {
-                    self.outputs.send_change(
-                        &self.rt.changelog_topic,
-                        t.partition,
-                        &c.key,
-                        c.value.as_deref(),
-                        &id,
-                    )?;
-                }
+            if exactly_once {
+                self.outputs
+                    .send_changes(&self.rt.changelog_topic, t.partition, &changes, &id)?;
             } else {
                 held.push((t.partition, changes));
             }
@@ -550,7 +561,7 @@ impl Core {
             }
         }
         let epoch = self.outputs.seal();
-        if !self.exactly_once() {
+        if !exactly_once {
             self.pending.push_back(PendingCommit {
                 epoch,
                 changes: Some(held),
@@ -597,10 +608,7 @@ impl Core {
         consumer: &BaseConsumer<Ctx>,
         all: bool,
     ) -> Result<(), PipelineError> {
-        let started = Instant::now();
-        let mut warned = false;
         loop {
-            let mut moved = false;
             for i in 0..self.pending.len() {
                 let c = &mut self.pending[i];
                 if c.changes.is_none() {
@@ -612,18 +620,14 @@ impl Core {
                 self.outputs.check_failures()?;
                 let (changes, id) = (c.changes.take().unwrap_or_default(), c.id);
                 for (partition, records) in &changes {
-                    for r in records {
-                        self.outputs.send_change(
-                            &self.rt.changelog_topic,
-                            *partition,
-                            &r.key,
-                            r.value.as_deref(),
-                            &id,
-                        )?;
-                    }
+                    self.outputs.send_changes(
+                        &self.rt.changelog_topic,
+                        *partition,
+                        records,
+                        &id,
+                    )?;
                 }
                 self.pending[i].epoch = self.outputs.seal();
-                moved = true;
             }
             while let Some(c) = self.pending.front() {
                 if c.changes.is_some() || !self.outputs.acknowledged(c.epoch) {
@@ -641,24 +645,16 @@ impl Core {
                         .commit(&c.offsets, CommitMode::Async)
                         .map_err(KafkaError::Commit)?;
                 }
-                moved = true;
             }
             let wait = if all {
                 !self.pending.is_empty()
             } else {
                 self.pending.len() > MAX_PENDING_COMMITS
             };
-            if !wait {
-                return Ok(());
-            }
-            if !moved {
-                // Waiting for the brokers' acknowledgements (librdkafka retries until
-                // `message.timeout.ms`, then reports a failure).
-                std::thread::sleep(Duration::from_micros(250));
-                if !warned && started.elapsed() > Duration::from_secs(5) {
-                    tracing::warn!("outputs not acknowledged yet; waiting for the brokers");
-                    warned = true;
-                }
+            // The oldest commit holds the others up, whichever step it is at.
+            match self.pending.front() {
+                Some(c) if wait => self.outputs.wait_acknowledged(c.epoch),
+                _ => return Ok(()),
             }
         }
     }
@@ -934,17 +930,7 @@ impl Core {
             // new owner's restore point). Their work since the last complete commit is
             // redone by the new owner; the other tasks commit as usual.
             for c in &mut self.pending {
-                c.partitions.retain(|p| !parts.contains(p));
-                let mut kept = TopicPartitionList::new();
-                for e in c.offsets.elements() {
-                    if !parts.contains(&e.partition()) {
-                        let _ = kept.add_partition_offset(e.topic(), e.partition(), e.offset());
-                    }
-                }
-                c.offsets = kept;
-                if let Some(changes) = &mut c.changes {
-                    changes.retain(|(p, _)| !parts.contains(p));
-                }
+                c.forget(parts);
             }
             for p in parts {
                 self.tasks.remove(p);
@@ -1193,11 +1179,7 @@ pub fn run(
                     Ok(())
                 })?,
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error (retrying)"),
-                // Idle: write the commits whose records are acknowledged meanwhile.
-                None => with_core(&mut |c| {
-                    c.settle_commits(&consumer, false)
-                        .or_else(|e| c.recover(&consumer, e))
-                })?,
+                None => {}
             }
             if let Some(f) = failure.lock().ok().and_then(|f| f.clone()) {
                 return Err(PipelineError::Rebalance(f));

@@ -163,12 +163,8 @@ fn kill_9_and_restart_loses_nothing(broker: &Broker) {
     // No idle advance (the input pauses at the kill); flush events conclude every session.
     let input = with_flush_events(3, events(200, 100, 23));
     let (want_sessions, want_annotated) = offline(&input, dir.path());
-    let part = |k: &str| (k.trim_start_matches('u').parse::<i32>().unwrap()) % 3;
-    let records = |i: &[(String, String)]| -> Vec<Input> {
-        i.iter()
-            .map(|(k, v)| (Some(k.clone()), Some(v.as_bytes().to_vec()), Some(part(k))))
-            .collect()
-    };
+    let part = |k: &str| user_partition(k, 3);
+    let records = |i: &[(String, String)]| to_user_partitions(i, 3);
     // The second part arrives only after the kill, so the kill is mid-stream whatever the
     // speed of the first instance: sessions open at the kill continue after the restart.
     let (before, after) = input.split_at(input.len() * 3 / 5);
@@ -299,7 +295,7 @@ fn two_input_topics(broker: &Broker) {
     broker.create_topics(&[&second], 2);
     let input = events(60, 40, 17);
     let (want_sessions, _) = offline(&input, dir.path());
-    let part = |k: &str| k.trim_start_matches('u').parse::<i32>().unwrap() % 2;
+    let part = |k: &str| user_partition(k, 2);
     // Arrival order is kept within each topic; users are spread over both topics by event.
     let (app, web): (Vec<_>, Vec<_>) = input.iter().enumerate().partition(|(i, _)| i % 3 != 0);
     for (topic, part_of) in [(&t.input, &app), (&second, &web)] {
@@ -502,7 +498,6 @@ fn untrusted_local_state_is_rebuilt(broker: &Broker) {
     let group = "untrusted-group";
     let input = with_flush_events(3, events(60, 20, 37));
     let (want_sessions, want_annotated) = offline(&input, dir.path());
-    let part = |k: &str| (k.trim_start_matches('u').parse::<i32>().unwrap()) % 3;
     for p in 0..3 {
         let path = dir
             .path()
@@ -511,7 +506,7 @@ fn untrusted_local_state_is_rebuilt(broker: &Broker) {
             .join(format!("partition-{p}"));
         let mut s = RocksStore::open(&path, RocksOptions::default()).unwrap();
         s.enable_changelog();
-        for (k, _) in input.iter().filter(|(k, _)| part(k) == p) {
+        for (k, _) in input.iter().filter(|(k, _)| user_partition(k, 3) == p) {
             let junk = KeyState {
                 user: k.clone(),
                 created: 1000,
@@ -528,11 +523,7 @@ fn untrusted_local_state_is_rebuilt(broker: &Broker) {
         // The changelog does not exist yet: any checkpoint is beyond its end.
         s.write_staged(Some(1_000_000)).unwrap();
     }
-    let records: Vec<Input> = input
-        .iter()
-        .map(|(k, v)| (Some(k.clone()), Some(v.as_bytes().to_vec()), Some(part(k))))
-        .collect();
-    broker.produce(&t.input, &records);
+    broker.produce(&t.input, &to_user_partitions(&input, 3));
     let p = run_with(
         broker,
         &t,

@@ -69,14 +69,7 @@ fn start(broker: &Broker, t: &Topics, root: &Path, group: &str, id: &str, g: &st
 }
 
 fn produce(broker: &Broker, t: &Topics, chunk: &[(String, String)]) {
-    let part = |k: &str| k.trim_start_matches('u').parse::<i32>().unwrap() % PARTITIONS;
-    broker.produce(
-        &t.input,
-        &chunk
-            .iter()
-            .map(|(k, v)| (Some(k.clone()), Some(v.as_bytes().to_vec()), Some(part(k))))
-            .collect::<Vec<_>>(),
-    );
+    broker.produce(&t.input, &to_user_partitions(chunk, PARTITIONS));
 }
 
 fn n_of(value: &str) -> u64 {

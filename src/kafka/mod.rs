@@ -61,8 +61,8 @@ pub(crate) fn base_config(rt: &RuntimeSettings) -> ClientConfig {
 /// queue holds more than `queued.min.messages` (100,000) records and, by default, looks again
 /// only 1000 ms later (librdkafka issue 2879): a consumer that drains its queue faster than
 /// that, as ours does when it catches up with a backlog, then sits idle with records waiting on
-/// the broker. Measured here: at-least-once throughput 100k -> 129k events/s, restore 150k ->
-/// 340k records/s (`cargo bench --bench e2e`, see BENCHMARKS.md).
+/// the broker. It held back the benchmark's pass-through baseline most (about 150k -> 376-430k
+/// events/s) and the restore (157-251k -> 400-430k records/s); see BENCHMARKS.md.
 pub(crate) const FETCH_QUEUE_BACKOFF_MS: &str = "20";
 
 /// The consumer configuration: manual commits, cooperative-sticky assignment, EOF events (to

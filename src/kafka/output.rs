@@ -133,7 +133,7 @@ pub struct Outputs {
     producer: Arc<ThreadedProducer<DeliveryContext>>,
     state: Arc<DeliveryState>,
     /// The epoch records are sent in now.
-    epoch: AtomicU64,
+    epoch: u64,
     /// Every epoch up to this one is retired.
     retired: u64,
     /// Per changelog partition: the offset after its last changelog record of the retired
@@ -158,7 +158,7 @@ impl Outputs {
         Ok(Outputs {
             producer: Arc::new(producer),
             state,
-            epoch: AtomicU64::new(1),
+            epoch: 1,
             retired: 0,
             checkpoints: FxHashMap::default(),
         })
@@ -212,13 +212,28 @@ impl Outputs {
         self.enqueue(rec)
     }
 
+    /// Queues the changelog records of one commit of `partition`, in order.
+    pub fn send_changes(
+        &self,
+        topic: &str,
+        partition: i32,
+        changes: &[crate::store::Change],
+        commit_id: &[u8],
+    ) -> Result<(), KafkaError> {
+        for c in changes {
+            self.send_change(topic, partition, &c.key, c.value.as_deref(), commit_id)?;
+        }
+        Ok(())
+    }
+
     fn opaque(&self, kind: usize) -> usize {
-        (self.epoch.load(Ordering::Relaxed) as usize) << 1 | kind
+        (self.epoch as usize) << 1 | kind
     }
 
     /// Ends the current epoch and returns its number; later records belong to the next one.
-    pub fn seal(&self) -> u64 {
-        self.epoch.fetch_add(1, Ordering::Relaxed)
+    pub fn seal(&mut self) -> u64 {
+        self.epoch += 1;
+        self.epoch - 1
     }
 
     /// Whether every record of `epoch` and of every epoch before it has been acknowledged or
@@ -358,7 +373,6 @@ impl Outputs {
     /// `message.timeout.ms`); fails if any delivery failed for good.
     pub fn flush(&mut self) -> Result<(), KafkaError> {
         let epoch = self.seal();
-        self.wait_in_flight(None);
         self.wait_acknowledged(epoch);
         self.retire(epoch);
         self.check_failures()

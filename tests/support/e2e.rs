@@ -380,6 +380,22 @@ fn rec(m: &rdkafka::message::BorrowedMessage<'_>) -> Rec {
     }
 }
 
+/// The partition the tests give user `u<n>`: n modulo `partitions`.
+pub fn user_partition(user: &str, partitions: i32) -> i32 {
+    user.trim_start_matches('u').parse::<i32>().unwrap() % partitions
+}
+
+/// `input` as records to produce, keyed by user, each to its [`user_partition`].
+pub fn to_user_partitions(input: &[(String, String)], partitions: i32) -> Vec<Input> {
+    input
+        .iter()
+        .map(|(k, v)| {
+            let p = user_partition(k, partitions);
+            (Some(k.clone()), Some(v.as_bytes().to_vec()), Some(p))
+        })
+        .collect()
+}
+
 /// `input` plus, for each of `partitions` partitions, an excluded event a day after the last
 /// event (users `u<600000 + p>` land on partition p with the tests' user-number partitioning
 /// for 1, 2, 3 or 6 partitions), so that every watermark passes every session and they all
