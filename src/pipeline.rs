@@ -3,7 +3,7 @@
 //! produced to Kafka.
 //!
 //! Every `commit_interval` the pipeline moves time on in every task and commits: each task
-//! stages its state changes and publishes them to its changelog partition, then
+//! stages its state changes (the changelog records), then
 //!
 //! * **exactly-once**: the outputs, the changelog records and the input offsets of the interval
 //!   commit in one Kafka transaction; an abortable failure aborts it and rewinds every task to
@@ -14,14 +14,15 @@
 //!   that as fencing too), and a second one within [`FENCE_WINDOW`] stops the process.
 //!   Correctness never rests on this rule: a producer's offsets commit only with the consumer
 //!   group generation that owns the partitions (KIP-447);
-//! * **at-least-once**: the commit is staged; once every output sent up to it is
-//!   acknowledged, its changelog records are sent (so the changelog never holds a commit whose
-//!   outputs could still be lost), and once those are acknowledged too, its staged state is
-//!   written and its input offsets are committed to Kafka (for lag monitoring; the RocksDB
-//!   offsets are the truth). Up to [`MAX_PENDING_COMMITS`] commits may wait while consumption
-//!   goes on (currently none: see there); a rebalance and the shutdown wait for all of
-//!   them. After a crash the tasks resume from their last written commit and produce the
-//!   outputs since then again, identically, because the engine is deterministic.
+//! * **at-least-once**: outputs are not transactional; the commit is staged and consumption
+//!   goes on. Once every output sent up to it is acknowledged, it is handed to the
+//!   [`StateCommitter`], whose own transactional producer commits its changelog records and
+//!   input offsets in one transaction (so the changelog never holds a commit whose outputs
+//!   could still be lost, never part of one, and never one of a zombie: KIP-447 again). Up to
+//!   [`MAX_PENDING_COMMITS`] commits may be in flight; a rebalance and the shutdown wait for
+//!   all of them. A failed state transaction rewinds every task to its last written commit.
+//!   After a crash the tasks resume from their last written commit and produce the outputs
+//!   since then again, identically, because the engine is deterministic.
 //!
 //! Only then is the staged state written to RocksDB, with the changelog offset it reaches (the
 //! local checkpoint). So local state is always a committed prefix of the changelog: a task
@@ -39,11 +40,12 @@ use crate::engine::{
     StoreError,
 };
 use crate::kafka::changelog::Restorer;
+use crate::kafka::committer::{Job, JobOutcome, StateCommitter};
 use crate::kafka::output::{Outputs, TxnError};
 use crate::kafka::{self, KafkaError};
 use crate::metrics::{DeadLetterReason, Metrics, Outcome, OutputKind, RebalanceKind, TopicMetrics};
 use crate::store::{RocksOptions, RocksStore};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
@@ -73,31 +75,21 @@ pub enum PipelineError {
     Transaction(String),
 }
 
-/// At-least-once: how many staged commits may wait for their acknowledgements while the
-/// pipeline goes on consuming. Zero: every commit completes before consumption resumes.
-///
-/// The machinery pipelines (and was measured with 4), but an instance whose partitions are
-/// taken away while its commits wait (a broker failure long enough to expire its group
-/// session) can have changelog commits land after the new owner restored from the changelog;
-/// a later restore then applies both lineages. The at-least-once failover test caught it (a
-/// repeated event annotated with a different `seq`) in 2 of 7 runs with 4. Until restores can
-/// tell the live lineage from a dead one, commits do not overlap; see BENCHMARKS.md.
-pub const MAX_PENDING_COMMITS: usize = 0;
+/// At-least-once: how many staged commits may wait for their outputs' acknowledgements and
+/// their state transaction while the pipeline goes on consuming; one more stalls consumption
+/// until the oldest is done.
+pub const MAX_PENDING_COMMITS: usize = 3;
 
-/// At-least-once: a staged commit waiting for the acknowledgement of its records, in two
-/// steps. First its outputs: only once every output up to the commit is acknowledged are its
-/// changelog records sent, so a complete commit in the changelog (which another instance may
-/// restore and resume from) never stands for outputs that were lost in a crash. Then its
-/// changelog records: once they are acknowledged, its state is written locally and its input
-/// offsets are committed to Kafka.
+/// At-least-once: a staged commit, in two steps. First it waits for its outputs: only once
+/// every output up to it is acknowledged is it handed to the [`StateCommitter`], so a
+/// committed changelog transaction (which another instance may restore and resume from) never
+/// stands for outputs that were lost in a crash. Then it waits for that transaction; once it
+/// has committed, the commit's state is written locally with the changelog checkpoint.
 struct PendingCommit {
-    /// The output epoch whose acknowledgement it waits for (see [`Outputs::seal`]): the one
-    /// it ended, then the one in which its changelog records were sent.
+    /// The output epoch it ended (see [`Outputs::seal`]).
     epoch: u64,
-    /// Per task, the changelog records not sent yet (first step), none once sent.
+    /// Per task, the changelog records; none once handed over.
     changes: Option<Vec<(i32, Vec<crate::store::Change>)>>,
-    /// The commit id the changelog records carry.
-    id: [u8; 16],
     /// The input offsets it reaches.
     offsets: TopicPartitionList,
     /// The tasks that staged a batch in it.
@@ -106,7 +98,8 @@ struct PendingCommit {
 }
 
 impl PendingCommit {
-    /// Leaves `parts` out: nothing of theirs is sent, written or committed.
+    /// Leaves `parts` out of a commit not handed over yet: nothing of theirs is sent, written
+    /// or committed.
     fn forget(&mut self, parts: &[i32]) {
         self.partitions.retain(|p| !parts.contains(p));
         if let Some(changes) = &mut self.changes {
@@ -158,12 +151,14 @@ struct Core {
     tasks: BTreeMap<i32, Task>,
     /// At-least-once: staged commits, oldest first (see the module docs).
     pending: VecDeque<PendingCommit>,
+    /// At-least-once: the thread that commits the state transactions.
+    state: Option<StateCommitter>,
+    /// At-least-once: the first failed state transaction, until the commits after it are
+    /// all skipped.
+    commit_error: Option<TxnError>,
     out: Vec<Output>,
     buf: Vec<u8>,
     held: Vec<u8>,
-    /// Commit ids: this process's nonce and a counter.
-    nonce: u64,
-    commits: u64,
     /// This process's consumer client id, when the service chose it (see
     /// [`kafka::member_client_id`]).
     client_id: Option<String>,
@@ -258,7 +253,6 @@ impl Core {
             tracing::info!(
                 partition,
                 applied = r.applied,
-                discarded = r.discarded,
                 checkpoint = r.checkpoint,
                 seconds = secs,
                 records_per_second = (r.applied as f64 / secs.max(1e-9)) as u64,
@@ -518,10 +512,6 @@ impl Core {
     /// staged commit is written.
     fn commit(&mut self, consumer: &BaseConsumer<Ctx>, drain: bool) -> Result<(), PipelineError> {
         let started = Instant::now();
-        self.commits += 1;
-        let mut id = [0u8; 16];
-        id[..8].copy_from_slice(&self.nonce.to_be_bytes());
-        id[8..].copy_from_slice(&self.commits.to_be_bytes());
         let mut tpl = TopicPartitionList::new();
         let mut partitions = Vec::with_capacity(self.tasks.len());
         // At-least-once: the changelog records wait for the outputs (see `PendingCommit`).
@@ -551,7 +541,7 @@ impl Core {
             let changes = t.engine.store_mut().take_changes();
             if exactly_once {
                 self.outputs
-                    .send_changes(&self.rt.changelog_topic, t.partition, &changes, &id)?;
+                    .send_changes(&self.rt.changelog_topic, t.partition, &changes)?;
             } else {
                 held.push((t.partition, changes));
             }
@@ -565,7 +555,6 @@ impl Core {
             self.pending.push_back(PendingCommit {
                 epoch,
                 changes: Some(held),
-                id,
                 offsets: tpl,
                 partitions,
                 started,
@@ -590,7 +579,16 @@ impl Core {
         // Committed, so every record is acknowledged: their reports are being taken in.
         self.outputs.wait_acknowledged(epoch);
         self.outputs.retire(epoch);
-        self.write_commit(&partitions)?;
+        let checkpoints: Vec<(i32, Option<i64>)> = partitions
+            .iter()
+            .map(|p| (*p, self.outputs.changelog_next(*p)))
+            .collect();
+        self.write_commit(&partitions, |p| {
+            checkpoints
+                .iter()
+                .find(|(q, _)| *q == p)
+                .and_then(|(_, c)| *c)
+        })?;
         self.metrics.observe_commit(started.elapsed());
         if !self.closing {
             self.begin()?;
@@ -598,70 +596,151 @@ impl Core {
         Ok(())
     }
 
-    /// At-least-once: moves the staged commits on (see [`PendingCommit`]), in order: sends
-    /// the changelog records of those whose outputs are acknowledged, then writes those whose
-    /// changelog records are acknowledged and commits their input offsets to Kafka. Waits while
-    /// more than [`MAX_PENDING_COMMITS`] are staged, or until none is left with `all`. Fails if
-    /// a record could not be delivered: nothing after it may be written.
+    /// At-least-once: moves the staged commits on (see [`PendingCommit`]), in order: hands
+    /// those whose outputs are acknowledged to the state committer, and writes those whose
+    /// transaction has committed. Waits while more than [`MAX_PENDING_COMMITS`] are staged, or
+    /// until none is left with `all`. Fails if an output could not be delivered (nothing after
+    /// it may be committed). A failed state transaction takes every task back to its last
+    /// written commit (see [`Self::commit_failed`]).
     fn settle_commits(
         &mut self,
         consumer: &BaseConsumer<Ctx>,
         all: bool,
     ) -> Result<(), PipelineError> {
+        if self.state.is_none() {
+            return Ok(());
+        }
         loop {
-            for i in 0..self.pending.len() {
-                let c = &mut self.pending[i];
-                if c.changes.is_none() {
-                    continue;
-                }
-                if !self.outputs.acknowledged(c.epoch) {
-                    break;
-                }
-                self.outputs.check_failures()?;
-                let (changes, id) = (c.changes.take().unwrap_or_default(), c.id);
-                for (partition, records) in &changes {
-                    self.outputs.send_changes(
-                        &self.rt.changelog_topic,
-                        *partition,
-                        records,
-                        &id,
-                    )?;
-                }
-                self.pending[i].epoch = self.outputs.seal();
+            if self.commit_error.is_none() {
+                self.hand_over(consumer)?;
             }
-            while let Some(c) = self.pending.front() {
-                if c.changes.is_some() || !self.outputs.acknowledged(c.epoch) {
-                    break;
-                }
-                self.outputs.check_failures()?;
-                let Some(c) = self.pending.pop_front() else {
-                    break;
-                };
-                self.outputs.retire(c.epoch);
-                self.write_commit(&c.partitions)?;
-                self.metrics.observe_commit(c.started.elapsed());
-                if c.offsets.count() > 0 {
-                    consumer
-                        .commit(&c.offsets, CommitMode::Async)
-                        .map_err(KafkaError::Commit)?;
-                }
+            while let Some(o) = self.outcome(None)? {
+                self.settled(o)?;
+            }
+            if self.commit_error.is_some() && self.outstanding() == 0 {
+                return self.commit_failed(consumer);
             }
             let wait = if all {
                 !self.pending.is_empty()
             } else {
                 self.pending.len() > MAX_PENDING_COMMITS
             };
-            // The oldest commit holds the others up, whichever step it is at.
             match self.pending.front() {
-                Some(c) if wait => self.outputs.wait_acknowledged(c.epoch),
+                Some(c) if wait && c.changes.is_some() => self.outputs.wait_acknowledged(c.epoch),
+                Some(_) if wait => {
+                    if let Some(o) = self.outcome(Some(Duration::from_millis(1)))? {
+                        self.settled(o)?;
+                    }
+                }
                 _ => return Ok(()),
             }
         }
     }
 
+    /// Hands the staged commits whose outputs are all acknowledged to the state committer, in
+    /// order, with the consumer group generation of now.
+    fn hand_over(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), PipelineError> {
+        let Some(committer) = self.state.as_mut() else {
+            return Ok(());
+        };
+        for c in self.pending.iter_mut().filter(|c| c.changes.is_some()) {
+            if !self.outputs.acknowledged(c.epoch) {
+                break;
+            }
+            self.outputs.check_failures()?;
+            self.outputs.retire(c.epoch);
+            let group = consumer.group_metadata().ok_or_else(|| {
+                PipelineError::Rebalance("the consumer has no group metadata".into())
+            })?;
+            committer.submit(Job {
+                changes: c.changes.take().unwrap_or_default(),
+                offsets: c.offsets.clone(),
+                group,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn outcome(&mut self, wait: Option<Duration>) -> Result<Option<JobOutcome>, PipelineError> {
+        match self.state.as_mut() {
+            Some(c) => Ok(c.outcome(wait)?),
+            None => Ok(None),
+        }
+    }
+
+    fn outstanding(&self) -> usize {
+        self.state.as_ref().map_or(0, |c| c.outstanding())
+    }
+
+    /// The outcome of the oldest handed-over commit.
+    fn settled(&mut self, outcome: JobOutcome) -> Result<(), PipelineError> {
+        let Some(c) = self.pending.pop_front() else {
+            return Err(PipelineError::Transaction(
+                "a state commit ended that was never handed over".into(),
+            ));
+        };
+        match outcome {
+            JobOutcome::Committed(checkpoints) => {
+                self.write_commit(&c.partitions, |p| {
+                    checkpoints.iter().find(|(q, _)| *q == p).map(|(_, c)| *c)
+                })?;
+                self.metrics.observe_commit(c.started.elapsed());
+            }
+            JobOutcome::Failed(e) => {
+                self.metrics.transaction_aborted();
+                self.commit_error.get_or_insert(e);
+            }
+            JobOutcome::Skipped => {}
+        }
+        Ok(())
+    }
+
+    /// At-least-once: a state transaction failed (and every commit after it was skipped).
+    /// Every task goes back to its last written commit and input position, and consumes
+    /// again from there: the outputs since then are produced again, identically. A fenced
+    /// state producer stops the instance if another process has its instance id; otherwise
+    /// it is replaced, as for exactly-once (see [`Self::fenced`]).
+    fn commit_failed(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), PipelineError> {
+        let Some(e) = self.commit_error.take() else {
+            return Ok(());
+        };
+        self.pending.clear();
+        let new_producer = match e {
+            TxnError::Abortable(e) => {
+                tracing::warn!(error = %e, "state transaction failed: rewinding to the last commit");
+                false
+            }
+            TxnError::Fatal(e) => {
+                tracing::warn!(error = %e, "state producer failed: replacing it and rewinding to the last commit");
+                true
+            }
+            TxnError::Fenced(e) => {
+                self.check_fence(consumer, e)?;
+                true
+            }
+        };
+        if let Some(c) = self.state.as_mut() {
+            c.reset(new_producer)?;
+        }
+        self.rewind(consumer)
+    }
+
+    /// [`Self::settle_commits`] without waiting, if anything is pending.
+    fn settle_pending(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), PipelineError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.settle_commits(consumer, false)
+            .or_else(|e| self.recover(consumer, e))
+    }
+
     /// Writes the oldest staged commit of each of `partitions`, with its changelog
     /// checkpoint, and updates the tasks' metrics.
-    fn write_commit(&mut self, partitions: &[i32]) -> Result<(), PipelineError> {
+    fn write_commit(
+        &mut self,
+        partitions: &[i32],
+        checkpoint: impl Fn(i32) -> Option<i64>,
+    ) -> Result<(), PipelineError> {
         let now = wall_ms();
         for p in partitions {
             let Some(t) = self.tasks.get_mut(p) else {
@@ -669,7 +748,7 @@ impl Core {
             };
             t.engine
                 .store_mut()
-                .write_staged(self.outputs.changelog_next(t.partition))
+                .write_staged(checkpoint(t.partition))
                 .map_err(|source| PipelineError::Store {
                     partition: t.partition,
                     source,
@@ -750,6 +829,17 @@ impl Core {
     /// transaction that outlived its timeout while a broker was down. A second time means
     /// another running instance has the same transactional id: stop.
     fn fenced(&mut self, consumer: &BaseConsumer<Ctx>, e: String) -> Result<(), PipelineError> {
+        self.check_fence(consumer, e)?;
+        self.new_producer()?;
+        self.rewind(consumer)
+    }
+
+    /// After a fencing error: fails if the instance must stop (see [`Self::fenced`]).
+    fn check_fence(
+        &mut self,
+        consumer: &BaseConsumer<Ctx>,
+        e: String,
+    ) -> Result<(), PipelineError> {
         if let Some(other) = self.client_id.as_deref().and_then(|own| {
             kafka::other_member_with_our_id(consumer, &self.rt, own, Duration::from_secs(5))
         }) {
@@ -770,12 +860,11 @@ impl Core {
             "fenced: replacing the producer once; fenced again within the window, this \
              instance stops"
         );
-        self.new_producer()?;
-        self.rewind(consumer)
+        Ok(())
     }
 
     /// Reopens every task from its committed state and moves the consumer back to the
-    /// tasks' offsets, then begins a new transaction.
+    /// tasks' offsets, then (exactly-once) begins a new transaction.
     fn rewind(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), PipelineError> {
         let parts: Vec<i32> = self.tasks.keys().copied().collect();
         // Dropping a store discards its staged commit: RocksDB holds the committed state.
@@ -784,7 +873,10 @@ impl Core {
             self.open_task(p)?;
             self.seek_task(consumer, p)?;
         }
-        self.begin()
+        if self.exactly_once() {
+            self.begin()?;
+        }
+        Ok(())
     }
 
     /// Moves the consumer of a task's input partitions to the task's offsets (or, where the
@@ -838,9 +930,7 @@ impl Core {
             self.metrics
                 .set_restoring_partitions((new.len() - i - 1) as u64);
         }
-        if self.exactly_once() {
-            self.check_against_group(consumer, &new)?;
-        }
+        self.check_against_group(consumer, &new)?;
         for (ti, topic) in self.rt.input_topics.iter().enumerate() {
             for p in &parts {
                 if let Some(Some(n)) = self.tasks.get(p).map(|t| t.next[ti]) {
@@ -854,8 +944,8 @@ impl Core {
         Ok(())
     }
 
-    /// Exactly-once: the restored state must have the input offsets the group committed (in
-    /// the same transactions). A state behind them missed a commit that was still completing
+    /// The restored state must have the input offsets the group committed (in the same
+    /// transactions). A state behind them missed a commit that was still completing
     /// when the restore read the changelog: read the tail again.
     fn check_against_group(
         &mut self,
@@ -1127,6 +1217,13 @@ pub fn run(
         outputs.begin().map_err(txn_failed)?;
         tracing::info!(transactional_id = %kafka::transactional_id(&rt), "transactions initialised");
     }
+    let state = match rt.guarantee {
+        Guarantee::AtLeastOnce => Some(StateCommitter::start(
+            kafka::transactional_producer_config(&rt),
+            rt.changelog_topic.clone(),
+        )?),
+        Guarantee::ExactlyOnce => None,
+    };
     let restorer = Restorer::new(&rt)?;
     let decoder = Decoder::new(settings.decode);
     let topic_metrics = rt.input_topics.iter().map(|t| metrics.topic(t)).collect();
@@ -1142,12 +1239,12 @@ pub fn run(
         topic_metrics,
         tasks: BTreeMap::new(),
         pending: VecDeque::new(),
+        state,
+        commit_error: None,
         out: Vec::new(),
         buf: Vec::new(),
         held: Vec::new(),
-        nonce,
         client_id,
-        commits: 0,
         last_fence: None,
         closing: false,
     });
@@ -1171,15 +1268,16 @@ pub fn run(
     let mut serve = || -> Result<(), PipelineError> {
         while !shutdown.load(Ordering::Relaxed) {
             match consumer.poll(Duration::from_millis(20)) {
-                Some(Ok(m)) => {
-                    with_core(&mut |c| c.handle(&m).or_else(|e| c.recover(&consumer, e)))?
-                }
+                Some(Ok(m)) => with_core(&mut |c| {
+                    c.handle(&m).or_else(|e| c.recover(&consumer, e))?;
+                    c.settle_pending(&consumer)
+                })?,
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => with_core(&mut |c| {
                     c.caught_up(p);
                     Ok(())
                 })?,
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error (retrying)"),
-                None => {}
+                None => with_core(&mut |c| c.settle_pending(&consumer))?,
             }
             if let Some(f) = failure.lock().ok().and_then(|f| f.clone()) {
                 return Err(PipelineError::Rebalance(f));

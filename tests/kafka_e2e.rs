@@ -4,7 +4,7 @@
 //! - bad records land in the dead-letter topic with reasons while the partition keeps flowing;
 //! - kill -9 mid-stream (more input arrives after the kill), restart: every input is annotated
 //!   (repeats only identical), sessions equal the offline result;
-//! - a changelog restore applies whole commits and discards a commit cut short;
+//! - a changelog restore applies a compacted changelog (commits whose meta record is gone);
 //! - local state with a changelog checkpoint beyond the changelog's end is not trusted: it is
 //!   rebuilt from the changelog, and the run equals the offline result;
 //! - `sessionizer generate --topic` produces keyed events;
@@ -391,10 +391,12 @@ fn generate_produces_keyed_events_to_a_topic(broker: &Broker) {
     }
 }
 
-/// A changelog holding one complete commit and then the first records of another whose marker
-/// never came (an at-least-once crash in the middle of a commit): a restore applies the first
-/// and discards the rest, so the restored state is exactly the first commit's.
-fn restore_discards_a_commit_cut_short(broker: &Broker) {
+/// A changelog as log compaction leaves it: the records of a first commit without its last
+/// record (the partition meta record, superseded by the second commit's), then a second
+/// commit. A restore must apply both: the first commit's other records are still the latest
+/// values of their keys (grouping records by commit and waiting for each commit's marker
+/// would drop them).
+fn restore_applies_a_compacted_changelog(broker: &Broker) {
     use sessionizer::engine::{KeyState, PartitionMeta, SourceOffset, StateStore, UserStats};
     use sessionizer::kafka::{changelog::Restorer, output::Outputs};
     use sessionizer::store::{RocksOptions, RocksStore};
@@ -437,19 +439,18 @@ fn restore_discards_a_commit_cut_short(broker: &Broker) {
     src.commit(&meta(3), &[offset(20)]).unwrap();
     let second = src.take_changes();
     assert!(second.len() >= 3, "u1, u3 and the marker: {second:?}");
-    // Published like the pipeline does; the second commit loses its marker (the last record).
+    // Compacted: the first commit's u1 (rewritten by the second) and its meta record (the last
+    // record of every commit) are gone.
+    let kept: Vec<_> = first[..first.len() - 1]
+        .iter()
+        .filter(|c| !second.iter().any(|s| s.key == c.key))
+        .collect();
+    assert!(kept.len() >= 2, "u2 and u1's stats survive: {kept:?}");
+    let total = (kept.len() + second.len()) as u64;
     let mut out = Outputs::new(&sessionizer::kafka::plain_producer_config(&rt)).unwrap();
-    for (id, changes) in [(1u8, &first[..]), (2u8, &second[..second.len() - 1])] {
-        for c in changes {
-            out.send_change(
-                &rt.changelog_topic,
-                0,
-                &c.key,
-                c.value.as_deref(),
-                &[id; 16],
-            )
+    for c in kept.into_iter().chain(&second) {
+        out.send_change(&rt.changelog_topic, 0, &c.key, c.value.as_deref())
             .unwrap();
-        }
     }
     out.flush().unwrap();
     // Restored into an empty store.
@@ -458,31 +459,21 @@ fn restore_discards_a_commit_cut_short(broker: &Broker) {
         .unwrap()
         .restore(0, 0, &mut dst, &mut |_, _| {})
         .unwrap();
+    assert_eq!(r.applied, total, "every record is applied");
     assert_eq!(
-        r.applied,
-        first.len() as u64,
-        "the complete commit is applied"
+        r.checkpoint, total as i64,
+        "checkpoint after the last record"
     );
+    assert_eq!(dst.take_key("u1").unwrap(), Some(key("u1", 5)));
     assert_eq!(
-        r.discarded,
-        second.len() as u64 - 1,
-        "the cut commit is discarded"
+        dst.take_key("u2").unwrap(),
+        Some(key("u2", 2)),
+        "the first commit's surviving record"
     );
-    assert_eq!(
-        r.checkpoint,
-        first.len() as i64,
-        "checkpoint after the last marker"
-    );
-    assert_eq!(dst.take_key("u1").unwrap(), Some(key("u1", 1)));
-    assert_eq!(dst.take_key("u2").unwrap(), Some(key("u2", 2)));
-    assert_eq!(
-        dst.take_key("u3").unwrap(),
-        None,
-        "nothing of the cut commit"
-    );
+    assert_eq!(dst.take_key("u3").unwrap(), Some(key("u3", 6)));
     assert_eq!(dst.get_stats("u1").unwrap(), Some(stats));
-    assert_eq!(dst.load_meta().unwrap(), Some(meta(2)));
-    assert_eq!(dst.committed_offsets().unwrap(), vec![offset(10)]);
+    assert_eq!(dst.load_meta().unwrap(), Some(meta(3)));
+    assert_eq!(dst.committed_offsets().unwrap(), vec![offset(20)]);
 }
 
 /// Local state whose changelog checkpoint lies beyond the end of the changelog (a disk from
@@ -589,7 +580,7 @@ fn kafka_end_to_end() {
         broker_restart_is_survived(&broker);
     }
     if want("restore") {
-        restore_discards_a_commit_cut_short(&broker);
+        restore_applies_a_compacted_changelog(&broker);
     }
     if want("untrusted") {
         untrusted_local_state_is_rebuilt(&broker);

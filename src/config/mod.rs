@@ -69,6 +69,18 @@ pub struct DecodeSettings {
     pub annotation_field: String,
 }
 
+/// The default `kafka.commit_interval`. Exactly-once: 100 ms, since read_committed readers see
+/// outputs only once their transaction commits. At-least-once: 1 s, since outputs go out at
+/// once and the interval only bounds what is produced again after a crash; every commit costs
+/// a state transaction, and with 100 ms these halved the throughput in the end-to-end
+/// benchmark (BENCHMARKS.md).
+pub fn default_commit_interval(guarantee: Guarantee) -> &'static str {
+    match guarantee {
+        Guarantee::ExactlyOnce => "100ms",
+        Guarantee::AtLeastOnce => "1s",
+    }
+}
+
 /// Delivery guarantee of the streaming mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Guarantee {
@@ -451,7 +463,7 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
     let commit_interval = positive_duration(
         "kafka.commit_interval",
         k.commit_interval.as_deref(),
-        "100ms",
+        default_commit_interval(guarantee),
     )?;
     let changelog_topic = name(
         "kafka.changelog_topic",
@@ -599,7 +611,14 @@ fn effective(raw: &RawConfig) -> RawConfig {
     d(&mut e.kafka.dlq_topic, "events-dlq");
     d(&mut e.kafka.stats_topic, "user-session-stats");
     d(&mut e.kafka.guarantee, "exactly-once");
-    d(&mut e.kafka.commit_interval, "100ms");
+    let guarantee = match e.kafka.guarantee.as_deref() {
+        Some("at-least-once" | "at_least_once") => Guarantee::AtLeastOnce,
+        _ => Guarantee::ExactlyOnce,
+    };
+    d(
+        &mut e.kafka.commit_interval,
+        default_commit_interval(guarantee),
+    );
     let group = e.kafka.group.clone().unwrap_or_default();
     d(&mut e.kafka.changelog_topic, &format!("{group}-changelog"));
     d(&mut e.kafka.instance_id, &default_instance_id());
@@ -630,6 +649,24 @@ mod tests {
         assert_eq!(s.decode.default_timeout, 30 * 60_000);
         assert_eq!(s.engine.lateness_horizon, 72 * 3_600_000);
         assert_eq!(s.engine.annotate, AnnotateMode::OnArrival);
+    }
+
+    #[test]
+    fn the_commit_interval_defaults_by_guarantee() {
+        let mut r = RawConfig::default();
+        assert_eq!(
+            validate(&r).unwrap().runtime.commit_interval,
+            Duration::from_millis(100)
+        );
+        r.kafka.guarantee = Some("at-least-once".into());
+        let s = validate(&r).unwrap();
+        assert_eq!(s.runtime.commit_interval, Duration::from_secs(1));
+        assert_eq!(validate(&s.effective).unwrap().runtime, s.runtime);
+        r.kafka.commit_interval = Some("250ms".into());
+        assert_eq!(
+            validate(&r).unwrap().runtime.commit_interval,
+            Duration::from_millis(250)
+        );
     }
 
     #[test]

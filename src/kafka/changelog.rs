@@ -2,21 +2,22 @@
 //! state from one of its partitions.
 //!
 //! Partition `n` of the changelog holds the state of task `n` in the form of
-//! [`crate::store::changelog`]. A restore reads the partition with a read_committed consumer
-//! from the local checkpoint to its end and applies whole commits only (records are grouped by
-//! their commit-id header and applied when the commit marker arrives), so the restored state
-//! is always the state of one complete commit, with that commit's input offsets.
+//! [`crate::store::changelog`]. Every commit reaches it in a Kafka transaction (with the
+//! outputs for exactly-once, alone for at-least-once), so a restore reads the partition with a
+//! read_committed consumer from the local checkpoint to its end and applies every record: it
+//! sees whole commits only, and the state it ends with is that of the last commit, with that
+//! commit's input offsets. Records are not grouped by commit: log compaction removes the
+//! earlier commits' markers (the partition meta record is rewritten by every commit) but keeps
+//! their other records wherever no later commit rewrote the key.
 
-use super::output::COMMIT_HEADER;
 use super::KafkaError;
 use crate::config::RuntimeSettings;
-use crate::store::changelog::is_commit_marker;
 use crate::store::{Change, RocksStore};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
@@ -94,10 +95,8 @@ pub fn ensure_topic(
 /// What a restore did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Restored {
-    /// Records applied (in complete commits).
+    /// Records applied.
     pub applied: u64,
-    /// Records skipped: the prefix of a commit that never completed.
-    pub discarded: u64,
     /// The new local checkpoint.
     pub checkpoint: i64,
 }
@@ -192,41 +191,24 @@ impl Restorer {
             checkpoint: from,
             ..Restored::default()
         };
-        // The commit being read, and the complete commits not yet applied.
-        let mut commit: Vec<Change> = Vec::new();
-        let mut commit_id: Vec<u8> = Vec::new();
-        let mut complete: Vec<Change> = Vec::new();
+        // Read, not yet applied.
+        let mut batch: Vec<Change> = Vec::new();
         let mut last_progress = Instant::now();
         loop {
             match self.consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
-                    let id = m
-                        .headers()
-                        .and_then(|h| h.iter().find(|h| h.key == COMMIT_HEADER))
-                        .and_then(|h| h.value)
-                        .unwrap_or(&[]);
-                    if id != commit_id.as_slice() {
-                        r.discarded += commit.len() as u64;
-                        commit.clear();
-                        commit_id.clear();
-                        commit_id.extend_from_slice(id);
-                    }
-                    let key = m.key().unwrap_or(&[]);
-                    commit.push(Change {
-                        key: key.to_vec(),
+                    batch.push(Change {
+                        key: m.key().unwrap_or(&[]).to_vec(),
                         value: m.payload().map(<[u8]>::to_vec),
                     });
-                    if is_commit_marker(key) {
-                        complete.append(&mut commit);
-                        r.checkpoint = m.offset() + 1;
-                        if complete.len() >= APPLY_BATCH {
-                            store
-                                .apply_changes(&complete, r.checkpoint)
-                                .map_err(store_err)?;
-                            r.applied += complete.len() as u64;
-                            complete.clear();
-                            progress(r.applied, r.checkpoint);
-                        }
+                    r.checkpoint = m.offset() + 1;
+                    if batch.len() >= APPLY_BATCH {
+                        store
+                            .apply_changes(&batch, r.checkpoint)
+                            .map_err(store_err)?;
+                        r.applied += batch.len() as u64;
+                        batch.clear();
+                        progress(r.applied, r.checkpoint);
                     }
                 }
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) if p == partition => break,
@@ -239,12 +221,11 @@ impl Restorer {
                 }
             }
         }
-        r.discarded += commit.len() as u64;
-        if !complete.is_empty() {
+        if !batch.is_empty() {
             store
-                .apply_changes(&complete, r.checkpoint)
+                .apply_changes(&batch, r.checkpoint)
                 .map_err(store_err)?;
-            r.applied += complete.len() as u64;
+            r.applied += batch.len() as u64;
             progress(r.applied, r.checkpoint);
         }
         store.finish_restore().map_err(store_err)?;

@@ -3,6 +3,7 @@
 //! rebalances and client statistics to the pipeline.
 
 pub mod changelog;
+pub mod committer;
 pub mod output;
 pub mod watch;
 
@@ -91,13 +92,21 @@ pub fn consumer_config(rt: &RuntimeSettings) -> ClientConfig {
 /// The pipeline's producer configuration: [`plain_producer_config`], transactional (with id
 /// `<group>-<instance_id>`) for exactly-once.
 pub fn producer_config(rt: &RuntimeSettings) -> ClientConfig {
-    let mut c = plain_producer_config(rt);
     if rt.guarantee == crate::config::Guarantee::ExactlyOnce {
-        c.set("transactional.id", transactional_id(rt)).set(
-            "transaction.timeout.ms",
-            rt.transaction_timeout.as_millis().to_string(),
-        );
+        transactional_producer_config(rt)
+    } else {
+        plain_producer_config(rt)
     }
+}
+
+/// [`plain_producer_config`], transactional with id `<group>-<instance_id>`: the producer of
+/// everything for exactly-once, of the changelog (the state commits) for at-least-once.
+pub fn transactional_producer_config(rt: &RuntimeSettings) -> ClientConfig {
+    let mut c = plain_producer_config(rt);
+    c.set("transactional.id", transactional_id(rt)).set(
+        "transaction.timeout.ms",
+        rt.transaction_timeout.as_millis().to_string(),
+    );
     c
 }
 

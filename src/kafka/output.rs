@@ -25,8 +25,8 @@ use super::KafkaError;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
+use rdkafka::message::Message;
 use rdkafka::message::OwnedHeaders;
-use rdkafka::message::{Header, Message};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, TopicPartitionList};
 use rustc_hash::FxHashMap;
@@ -64,8 +64,6 @@ fn slot(epoch: u64) -> usize {
 
 /// Delivery opaque: the epoch shifted left by one, the low bit set for changelog records.
 const CHANGELOG: usize = 1;
-/// Header carrying the commit id on changelog records.
-pub const COMMIT_HEADER: &str = "sessionizer.commit";
 
 /// Producer context counting failed deliveries.
 pub struct DeliveryContext {
@@ -187,25 +185,18 @@ impl Outputs {
         self.enqueue(rec)
     }
 
-    /// Queues one changelog record for `partition` (a tombstone when `value` is none), tagged
-    /// with the commit id.
+    /// Queues one changelog record for `partition` (a tombstone when `value` is none).
     pub fn send_change(
         &self,
         topic: &str,
         partition: i32,
         key: &[u8],
         value: Option<&[u8]>,
-        commit_id: &[u8],
     ) -> Result<(), KafkaError> {
-        let h = OwnedHeaders::new_with_capacity(1).insert(Header {
-            key: COMMIT_HEADER,
-            value: Some(commit_id),
-        });
         let mut rec: BaseRecord<'_, [u8], [u8], usize> =
             BaseRecord::with_opaque_to(topic, self.opaque(CHANGELOG))
                 .partition(partition)
-                .key(key)
-                .headers(h);
+                .key(key);
         if let Some(v) = value {
             rec = rec.payload(v);
         }
@@ -218,10 +209,9 @@ impl Outputs {
         topic: &str,
         partition: i32,
         changes: &[crate::store::Change],
-        commit_id: &[u8],
     ) -> Result<(), KafkaError> {
         for c in changes {
-            self.send_change(topic, partition, &c.key, c.value.as_deref(), commit_id)?;
+            self.send_change(topic, partition, &c.key, c.value.as_deref())?;
         }
         Ok(())
     }

@@ -6,15 +6,9 @@
 //! RocksDB key, and replaying a changelog partition from any offset onto a database that was
 //! at that offset reproduces the database.
 //!
-//! Commit units. The last record of every commit is the partition meta record
-//! ([`is_commit_marker`]); the pipeline tags every record of a commit with the same commit id.
-//! A restore applies a commit's records only when its marker arrives with the same id, so the
-//! prefix of a commit cut short by a crash (possible in at-least-once mode, where changelog
-//! records are not transactional) is never applied. Known window (at-least-once only): if log
-//! compaction runs before the next commit rewrites the keys of such an orphaned prefix, an
-//! orphaned value can replace an older, committed one of the same key in the compacted log;
-//! nothing repairs that yet. Exactly-once has no orphans (read_committed never shows an
-//! aborted commit).
+//! Commits. The last record of every commit is the partition meta record (input offsets,
+//! watermark). Every commit reaches the changelog in a Kafka transaction, so a read_committed
+//! reader never sees part of one, and a restore applies every record it reads.
 
 /// One changelog record: the encoded key and the value (none = delete).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,29 +47,15 @@ pub(crate) fn change_key(cf: &str, key: &[u8]) -> Vec<u8> {
     k
 }
 
-/// Whether a changelog key is the partition meta record, the last record of every commit.
-pub fn is_commit_marker(key: &[u8]) -> bool {
-    key.first() == Some(&code_of(super::rocks::CF_META)) && &key[1..] == super::rocks::META_KEY
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn codes_round_trip_and_the_marker_is_recognised() {
+    fn codes_round_trip() {
         for (code, name) in CF_CODES {
             assert_eq!(cf_of(code_of(name)), Some(name));
             assert_eq!(change_key(name, b"k")[0], code);
         }
-        assert!(is_commit_marker(&change_key(
-            super::super::rocks::CF_META,
-            b"meta"
-        )));
-        assert!(!is_commit_marker(&change_key(
-            super::super::rocks::CF_KEYS,
-            b"meta"
-        )));
-        assert!(!is_commit_marker(&[]));
     }
 }

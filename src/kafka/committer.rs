@@ -1,0 +1,212 @@
+//! At-least-once state commits, off the consumer thread: a thread that owns a transactional
+//! producer for the changelog and commits each staged commit's changelog records together with
+//! its input offsets (`send_offsets_to_transaction`, with the consumer group generation that
+//! staged it) in one Kafka transaction.
+//!
+//! Delivery invariant. The pipeline hands a commit over only once every output sent before it
+//! is acknowledged, so a committed changelog transaction never stands for outputs that could
+//! still be lost. The transaction makes the commit atomic (a restore never sees part of one)
+//! and fences a zombie: once its partitions belong to a newer group generation, its offsets,
+//! and with them its changelog records, cannot commit (KIP-447). Jobs are committed in the
+//! order they are submitted; after a failure every later job is skipped until
+//! [`StateCommitter::reset`], because each builds on the state of the one before.
+
+use super::output::{Outputs, TxnError};
+use super::KafkaError;
+use crate::store::Change;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::TopicPartitionList;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// One staged commit: its changelog records per task, in order, and the input offsets it
+/// reaches.
+pub struct Job {
+    pub changes: Vec<(i32, Vec<Change>)>,
+    pub offsets: TopicPartitionList,
+    /// The consumer group generation that staged the commit.
+    pub group: ConsumerGroupMetadata,
+}
+
+/// What became of a job.
+#[derive(Debug)]
+pub enum JobOutcome {
+    /// Committed: the changelog checkpoint (next offset) of each task of the job.
+    Committed(Vec<(i32, i64)>),
+    /// The transaction failed (and was aborted where that is possible).
+    Failed(TxnError),
+    /// Not attempted: an earlier job failed.
+    Skipped,
+}
+
+enum Msg {
+    Job(Box<Job>),
+    Reset { new_producer: bool },
+}
+
+/// The committing thread and the channels to it.
+pub struct StateCommitter {
+    tx: Option<Sender<Msg>>,
+    rx: Receiver<JobOutcome>,
+    thread: Option<JoinHandle<()>>,
+    /// Jobs submitted whose outcome has not been taken yet.
+    outstanding: usize,
+}
+
+impl StateCommitter {
+    /// Creates the transactional producer of `config`, registers its transactional id
+    /// (fencing an older producer with the same id) and starts the thread.
+    pub fn start(config: ClientConfig, topic: String) -> Result<Self, KafkaError> {
+        let outputs = transactional(&config)?;
+        let (tx, jobs) = mpsc::channel();
+        let (done, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("state commits".into())
+            .spawn(move || serve(config, topic, outputs, jobs, done))
+            .map_err(|e| KafkaError::Changelog(format!("cannot start a thread: {e}")))?;
+        Ok(Self {
+            tx: Some(tx),
+            rx,
+            thread: Some(thread),
+            outstanding: 0,
+        })
+    }
+
+    pub fn submit(&mut self, job: Job) -> Result<(), KafkaError> {
+        self.send(Msg::Job(Box::new(job)))?;
+        self.outstanding += 1;
+        Ok(())
+    }
+
+    /// After a failure, once every outstanding outcome is taken: jobs are committed again,
+    /// with a new producer if `new_producer` (the old one was fenced or is unusable).
+    pub fn reset(&mut self, new_producer: bool) -> Result<(), KafkaError> {
+        self.send(Msg::Reset { new_producer })
+    }
+
+    fn send(&self, m: Msg) -> Result<(), KafkaError> {
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.send(m).ok())
+            .ok_or_else(|| KafkaError::Changelog("the state commit thread has stopped".into()))
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.outstanding
+    }
+
+    /// The next outcome, in submission order, if one is ready (or, with `wait`, once one is,
+    /// for at most `wait`).
+    pub fn outcome(&mut self, wait: Option<Duration>) -> Result<Option<JobOutcome>, KafkaError> {
+        if self.outstanding == 0 {
+            return Ok(None);
+        }
+        let r = match wait {
+            None => self.rx.try_recv().map_err(|e| match e {
+                mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
+                mpsc::TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+            }),
+            Some(w) => self.rx.recv_timeout(w),
+        };
+        match r {
+            Ok(o) => {
+                self.outstanding -= 1;
+                Ok(Some(o))
+            }
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(KafkaError::Changelog(
+                "the state commit thread has stopped".into(),
+            )),
+        }
+    }
+}
+
+impl Drop for StateCommitter {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn transactional(config: &ClientConfig) -> Result<Outputs, KafkaError> {
+    let outputs = Outputs::new(config)?;
+    outputs
+        .init_transactions()
+        .map_err(|e| KafkaError::Changelog(format!("state producer: {e:?}")))?;
+    Ok(outputs)
+}
+
+fn serve(
+    config: ClientConfig,
+    topic: String,
+    mut outputs: Outputs,
+    jobs: Receiver<Msg>,
+    done: Sender<JobOutcome>,
+) {
+    let mut failed = false;
+    let mut unusable = false;
+    for m in jobs {
+        let outcome = match m {
+            Msg::Reset { new_producer } => {
+                failed = false;
+                if new_producer || unusable {
+                    match transactional(&config) {
+                        Ok(o) => {
+                            outputs = o;
+                            unusable = false;
+                        }
+                        Err(e) => {
+                            // Every job fails until a later reset manages it.
+                            tracing::warn!(error = %e, "cannot replace the state producer");
+                            failed = true;
+                            unusable = true;
+                        }
+                    }
+                }
+                continue;
+            }
+            Msg::Job(_) if failed => JobOutcome::Skipped,
+            Msg::Job(job) => match commit(&mut outputs, &topic, *job) {
+                Ok(checkpoints) => JobOutcome::Committed(checkpoints),
+                Err(e) => {
+                    failed = true;
+                    if let TxnError::Abortable(_) = e {
+                        if let Err(a) = outputs.abort() {
+                            tracing::warn!(error = ?a, "aborting the state transaction failed");
+                            unusable = true;
+                        }
+                    } else {
+                        unusable = true;
+                    }
+                    JobOutcome::Failed(e)
+                }
+            },
+        };
+        if done.send(outcome).is_err() {
+            return;
+        }
+    }
+}
+
+fn commit(outputs: &mut Outputs, topic: &str, job: Job) -> Result<Vec<(i32, i64)>, TxnError> {
+    outputs.begin()?;
+    for (partition, changes) in &job.changes {
+        outputs
+            .send_changes(topic, *partition, changes)
+            .map_err(|e| TxnError::Abortable(e.to_string()))?;
+    }
+    let epoch = outputs.seal();
+    outputs.commit_transaction(&job.offsets, job.group)?;
+    // Committed, so every record is acknowledged: their reports are being taken in.
+    outputs.wait_acknowledged(epoch);
+    outputs.retire(epoch);
+    Ok(job
+        .changes
+        .iter()
+        .filter_map(|(p, _)| outputs.changelog_next(*p).map(|c| (*p, c)))
+        .collect())
+}
