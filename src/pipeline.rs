@@ -486,7 +486,6 @@ impl Core {
 
     /// Moves time on in every task, then commits everything (see the module docs).
     fn tick(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), PipelineError> {
-        self.settle_commits(consumer, false)?;
         let now = wall_ms();
         let parts: Vec<i32> = self.tasks.keys().copied().collect();
         for p in parts {
@@ -550,10 +549,9 @@ impl Core {
                     tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
             }
         }
-        let epoch = self.outputs.seal();
         if !exactly_once {
             self.pending.push_back(PendingCommit {
-                epoch,
+                epoch: self.outputs.seal(),
                 changes: Some(held),
                 offsets: tpl,
                 partitions,
@@ -565,8 +563,14 @@ impl Core {
             .group_metadata()
             .ok_or_else(|| PipelineError::Rebalance("the consumer has no group metadata".into()))?;
         let t0 = Instant::now();
-        match self.outputs.commit_transaction(&tpl, group) {
-            Ok(()) => self.metrics.observe_transaction_commit(t0.elapsed()),
+        let checkpoints = match self
+            .outputs
+            .commit_epoch(&tpl, group, partitions.iter().copied())
+        {
+            Ok(c) => {
+                self.metrics.observe_transaction_commit(t0.elapsed());
+                c
+            }
             Err(TxnError::Abortable(e) | TxnError::Fatal(e)) => {
                 tracing::warn!(error = %e, "transaction failed: aborting and rewinding");
                 return self.abort_and_rewind(consumer);
@@ -575,20 +579,8 @@ impl Core {
                 self.metrics.transaction_aborted();
                 return self.fenced(consumer, e);
             }
-        }
-        // Committed, so every record is acknowledged: their reports are being taken in.
-        self.outputs.wait_acknowledged(epoch);
-        self.outputs.retire(epoch);
-        let checkpoints: Vec<(i32, Option<i64>)> = partitions
-            .iter()
-            .map(|p| (*p, self.outputs.changelog_next(*p)))
-            .collect();
-        self.write_commit(&partitions, |p| {
-            checkpoints
-                .iter()
-                .find(|(q, _)| *q == p)
-                .and_then(|(_, c)| *c)
-        })?;
+        };
+        self.write_commit(&partitions, &checkpoints)?;
         self.metrics.observe_commit(started.elapsed());
         if !self.closing {
             self.begin()?;
@@ -614,7 +606,7 @@ impl Core {
             if self.commit_error.is_none() {
                 self.hand_over(consumer)?;
             }
-            while let Some(o) = self.outcome(None)? {
+            while let Some(o) = self.outcome(Duration::ZERO)? {
                 self.settled(o)?;
             }
             if self.commit_error.is_some() && self.outstanding() == 0 {
@@ -628,7 +620,7 @@ impl Core {
             match self.pending.front() {
                 Some(c) if wait && c.changes.is_some() => self.outputs.wait_acknowledged(c.epoch),
                 Some(_) if wait => {
-                    if let Some(o) = self.outcome(Some(Duration::from_millis(1)))? {
+                    if let Some(o) = self.outcome(Duration::from_millis(1))? {
                         self.settled(o)?;
                     }
                 }
@@ -661,7 +653,7 @@ impl Core {
         Ok(())
     }
 
-    fn outcome(&mut self, wait: Option<Duration>) -> Result<Option<JobOutcome>, PipelineError> {
+    fn outcome(&mut self, wait: Duration) -> Result<Option<JobOutcome>, PipelineError> {
         match self.state.as_mut() {
             Some(c) => Ok(c.outcome(wait)?),
             None => Ok(None),
@@ -681,9 +673,7 @@ impl Core {
         };
         match outcome {
             JobOutcome::Committed(checkpoints) => {
-                self.write_commit(&c.partitions, |p| {
-                    checkpoints.iter().find(|(q, _)| *q == p).map(|(_, c)| *c)
-                })?;
+                self.write_commit(&c.partitions, &checkpoints)?;
                 self.metrics.observe_commit(c.started.elapsed());
             }
             JobOutcome::Failed(e) => {
@@ -734,12 +724,12 @@ impl Core {
             .or_else(|e| self.recover(consumer, e))
     }
 
-    /// Writes the oldest staged commit of each of `partitions`, with its changelog
-    /// checkpoint, and updates the tasks' metrics.
+    /// Writes the oldest staged commit of each of `partitions`, with its changelog checkpoint
+    /// from `checkpoints`, and updates the tasks' metrics.
     fn write_commit(
         &mut self,
         partitions: &[i32],
-        checkpoint: impl Fn(i32) -> Option<i64>,
+        checkpoints: &[(i32, i64)],
     ) -> Result<(), PipelineError> {
         let now = wall_ms();
         for p in partitions {
@@ -748,7 +738,12 @@ impl Core {
             };
             t.engine
                 .store_mut()
-                .write_staged(checkpoint(t.partition))
+                .write_staged(
+                    checkpoints
+                        .iter()
+                        .find(|(q, _)| *q == t.partition)
+                        .map(|(_, c)| *c),
+                )
                 .map_err(|source| PipelineError::Store {
                     partition: t.partition,
                     source,
@@ -1015,10 +1010,11 @@ impl Core {
             }
             self.abort_and_rewind(consumer)?;
         } else if lost {
-            // At-least-once: another instance may own them already and have restored their
-            // state: nothing more of theirs goes to the changelog (it would land after the
-            // new owner's restore point). Their work since the last complete commit is
-            // redone by the new owner; the other tasks commit as usual.
+            // At-least-once: another instance may own them already. Commits not handed over
+            // yet leave them out (their state transaction would be refused: the group
+            // generation moved on); one already handed over commits or fails as a whole
+            // (the new owner's `check_against_group` waits for it). Their work since the
+            // last commit is redone by the new owner; the other tasks commit as usual.
             for c in &mut self.pending {
                 c.forget(parts);
             }

@@ -277,9 +277,6 @@ fn zombie_is_fenced(broker: &Broker) {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(!status.success(), "a fenced instance exits non-zero");
-    for l in old.log().lines().filter(|l| l.contains("instance ids")) {
-        eprintln!("zombie: {l}");
-    }
     assert!(
         old.log().contains("fenced") || old.log().contains("Fenced"),
         "the zombie says it was fenced:\n{}",

@@ -87,9 +87,21 @@ pub enum Guarantee {
     /// Kafka transactions: the outputs, the changelog records and the input offsets of a
     /// commit interval become visible to read_committed readers together, or not at all.
     ExactlyOnce,
-    /// State and input offsets commit atomically in RocksDB after the outputs are delivered;
-    /// after a crash, outputs since the last commit are produced again, identically.
+    /// Outputs are not transactional; once they are delivered, the state (changelog records)
+    /// and input offsets of a commit commit in one Kafka transaction, then in RocksDB. After a
+    /// crash, outputs since the last commit are produced again, identically.
     AtLeastOnce,
+}
+
+impl Guarantee {
+    /// The guarantee a `kafka.guarantee` value names.
+    fn parse(name: &str) -> Option<Self> {
+        match name {
+            "at-least-once" | "at_least_once" => Some(Guarantee::AtLeastOnce),
+            "exactly-once" | "exactly_once" => Some(Guarantee::ExactlyOnce),
+            _ => None,
+        }
+    }
 }
 
 /// The streaming mode's settings (Kafka and process).
@@ -450,16 +462,13 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
             return Err(invalid(key, format!("`{t}` is also an input topic")));
         }
     }
-    let guarantee = match k.guarantee.as_deref().unwrap_or("exactly-once") {
-        "at-least-once" | "at_least_once" => Guarantee::AtLeastOnce,
-        "exactly-once" | "exactly_once" => Guarantee::ExactlyOnce,
-        other => {
-            return Err(invalid(
-                "kafka.guarantee",
-                format!("`{other}` is not one of at-least-once, exactly-once"),
-            ))
-        }
-    };
+    let given = k.guarantee.as_deref().unwrap_or("exactly-once");
+    let guarantee = Guarantee::parse(given).ok_or_else(|| {
+        invalid(
+            "kafka.guarantee",
+            format!("`{given}` is not one of at-least-once, exactly-once"),
+        )
+    })?;
     let commit_interval = positive_duration(
         "kafka.commit_interval",
         k.commit_interval.as_deref(),
@@ -611,10 +620,12 @@ fn effective(raw: &RawConfig) -> RawConfig {
     d(&mut e.kafka.dlq_topic, "events-dlq");
     d(&mut e.kafka.stats_topic, "user-session-stats");
     d(&mut e.kafka.guarantee, "exactly-once");
-    let guarantee = match e.kafka.guarantee.as_deref() {
-        Some("at-least-once" | "at_least_once") => Guarantee::AtLeastOnce,
-        _ => Guarantee::ExactlyOnce,
-    };
+    let guarantee = e
+        .kafka
+        .guarantee
+        .as_deref()
+        .and_then(Guarantee::parse)
+        .unwrap_or(Guarantee::ExactlyOnce);
     d(
         &mut e.kafka.commit_interval,
         default_commit_interval(guarantee),

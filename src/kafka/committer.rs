@@ -1,7 +1,7 @@
 //! At-least-once state commits, off the consumer thread: a thread that owns a transactional
 //! producer for the changelog and commits each staged commit's changelog records together with
-//! its input offsets (`send_offsets_to_transaction`, with the consumer group generation that
-//! staged it) in one Kafka transaction.
+//! its input offsets (`send_offsets_to_transaction`, with the consumer group generation of the
+//! moment it was handed over) in one Kafka transaction.
 //!
 //! Delivery invariant. The pipeline hands a commit over only once every output sent before it
 //! is acknowledged, so a committed changelog transaction never stands for outputs that could
@@ -26,7 +26,7 @@ use std::time::Duration;
 pub struct Job {
     pub changes: Vec<(i32, Vec<Change>)>,
     pub offsets: TopicPartitionList,
-    /// The consumer group generation that staged the commit.
+    /// The consumer group generation when the commit was handed over.
     pub group: ConsumerGroupMetadata,
 }
 
@@ -97,20 +97,13 @@ impl StateCommitter {
         self.outstanding
     }
 
-    /// The next outcome, in submission order, if one is ready (or, with `wait`, once one is,
-    /// for at most `wait`).
-    pub fn outcome(&mut self, wait: Option<Duration>) -> Result<Option<JobOutcome>, KafkaError> {
+    /// The next outcome, in submission order, once one is ready, waiting at most `wait`
+    /// (`Duration::ZERO`: only if one is ready now).
+    pub fn outcome(&mut self, wait: Duration) -> Result<Option<JobOutcome>, KafkaError> {
         if self.outstanding == 0 {
             return Ok(None);
         }
-        let r = match wait {
-            None => self.rx.try_recv().map_err(|e| match e {
-                mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
-                mpsc::TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
-            }),
-            Some(w) => self.rx.recv_timeout(w),
-        };
-        match r {
+        match self.rx.recv_timeout(wait) {
             Ok(o) => {
                 self.outstanding -= 1;
                 Ok(Some(o))
@@ -199,14 +192,5 @@ fn commit(outputs: &mut Outputs, topic: &str, job: Job) -> Result<Vec<(i32, i64)
             .send_changes(topic, *partition, changes)
             .map_err(|e| TxnError::Abortable(e.to_string()))?;
     }
-    let epoch = outputs.seal();
-    outputs.commit_transaction(&job.offsets, job.group)?;
-    // Committed, so every record is acknowledged: their reports are being taken in.
-    outputs.wait_acknowledged(epoch);
-    outputs.retire(epoch);
-    Ok(job
-        .changes
-        .iter()
-        .filter_map(|(p, _)| outputs.changelog_next(*p).map(|c| (*p, c)))
-        .collect())
+    outputs.commit_epoch(&job.offsets, job.group, job.changes.iter().map(|(p, _)| *p))
 }

@@ -110,7 +110,7 @@ pub fn transactional_producer_config(rt: &RuntimeSettings) -> ClientConfig {
     c
 }
 
-/// A non-transactional producer configuration: idempotent, acks=all, lz4, 5 ms linger (every
+/// A non-transactional producer configuration: idempotent, acks=all, lz4, 5 ms linger (a
 /// commit waits for its records, so a longer linger would hold it up).
 pub fn plain_producer_config(rt: &RuntimeSettings) -> ClientConfig {
     let mut c = base_config(rt);

@@ -1,21 +1,20 @@
-//! The output side: one idempotent (and, for exactly-once, transactional) producer for every
-//! output topic and the changelog, with delivery tracking.
+//! The output side: an idempotent producer with delivery tracking. Exactly-once uses one,
+//! transactional, for every output topic and the changelog; at-least-once uses a plain one for
+//! the outputs and a transactional one for the changelog (see [`super::committer`]).
 //!
 //! Records are sent in numbered **epochs**: [`Outputs::seal`] ends the current one (the
 //! pipeline seals one per commit) and the next send opens the next. Delivery reports are
 //! counted per epoch, so the pipeline can tell when every record of a commit, and of every
 //! commit before it, is acknowledged ([`Outputs::acknowledged`]) while it goes on producing.
 //!
-//! Delivery invariants. At-least-once: [`Outputs::acknowledged`] (and [`Outputs::flush`])
-//! report an epoch's records as delivered only when every one of them has been acknowledged by
-//! the brokers (acks=all), and [`Outputs::check_failures`] reports any record that failed for
-//! good. The pipeline sends a commit's changelog records only after its outputs are delivered,
-//! and writes its state and commits its input offsets only after its changelog records are, so
-//! nothing is lost; after a crash the records since the last complete commit are produced
-//! again, identical (the engine is deterministic).
-//! Exactly-once: every record sent between [`Outputs::begin`] and a successful
-//! [`Outputs::commit_transaction`] becomes visible to read_committed readers together with the
-//! input offsets given to it, or none of them does.
+//! Delivery invariants. [`Outputs::acknowledged`] (and [`Outputs::flush`]) report an epoch's
+//! records as delivered only when every one of them has been acknowledged by the brokers
+//! (acks=all), and [`Outputs::check_failures`] reports any record that failed for good; the
+//! at-least-once pipeline commits a commit's state only after its outputs are delivered, so
+//! nothing is lost, and after a crash the records since the last commit are produced again,
+//! identical (the engine is deterministic). Transactional: every record sent between
+//! [`Outputs::begin`] and a successful [`Outputs::commit_epoch`] becomes visible to
+//! read_committed readers together with the input offsets given to it, or none of them does.
 //!
 //! Changelog records are sent with [`Outputs::send_change`]; their delivery reports give each
 //! changelog partition's next offset as of the last retired epoch
@@ -25,8 +24,7 @@ use super::KafkaError;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
-use rdkafka::message::Message;
-use rdkafka::message::OwnedHeaders;
+use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, TopicPartitionList};
 use rustc_hash::FxHashMap;
@@ -273,8 +271,28 @@ impl Outputs {
             .map_err(|e| txn_error("beginning a transaction", e))
     }
 
+    /// Ends the current epoch (see [`Self::seal`]) and commits the transaction with the input
+    /// offsets. Once it has committed, every record is acknowledged: waits until their reports
+    /// are taken in, retires the epoch and returns the changelog checkpoint of each of
+    /// `partitions` that has one.
+    pub fn commit_epoch(
+        &mut self,
+        offsets: &TopicPartitionList,
+        group: ConsumerGroupMetadata,
+        partitions: impl IntoIterator<Item = i32>,
+    ) -> Result<Vec<(i32, i64)>, TxnError> {
+        let epoch = self.seal();
+        self.commit_transaction(offsets, group)?;
+        self.wait_acknowledged(epoch);
+        self.retire(epoch);
+        Ok(partitions
+            .into_iter()
+            .filter_map(|p| self.changelog_next(p).map(|c| (p, c)))
+            .collect())
+    }
+
     /// Waits for every record of the transaction, adds the input offsets and commits.
-    pub fn commit_transaction(
+    fn commit_transaction(
         &self,
         offsets: &TopicPartitionList,
         group: ConsumerGroupMetadata,

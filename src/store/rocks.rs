@@ -21,7 +21,7 @@
 //!
 //! **Staged commits** (changelog mode, see [`RocksStore::enable_changelog`]). A commit may be
 //! staged (its batch built, not written) while the engine goes on: the pipeline writes it only
-//! once its changelog records and outputs are acknowledged, and may stage the next ones
+//! once its changelog records have committed to Kafka, and may stage the next ones
 //! meanwhile. Staged batches are written in order. An entry whose newest value is only in a
 //! staged batch stays in memory until that batch is written, so reads never fall through to a
 //! database that does not have it yet.
