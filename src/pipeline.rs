@@ -40,7 +40,7 @@ use crate::engine::{
     StoreError,
 };
 use crate::kafka::changelog::Restorer;
-use crate::kafka::committer::{Job, JobOutcome, StateCommitter};
+use crate::kafka::committer::{Job, JobOutcome, StateCommitter, TaskCommit};
 use crate::kafka::output::{Outputs, TxnError};
 use crate::kafka::{self, KafkaError};
 use crate::metrics::{DeadLetterReason, Metrics, Outcome, OutputKind, RebalanceKind, TopicMetrics};
@@ -88,8 +88,9 @@ pub const MAX_PENDING_COMMITS: usize = 3;
 struct PendingCommit {
     /// The output epoch it ended (see [`Outputs::seal`]).
     epoch: u64,
-    /// Per task, the changelog records; none once handed over.
-    changes: Option<Vec<(i32, Vec<crate::store::Change>)>>,
+    /// Per task, the changelog records (and the writer of its database); none once handed
+    /// over.
+    changes: Option<Vec<TaskCommit>>,
     /// The input offsets it reaches.
     offsets: TopicPartitionList,
     /// The tasks that staged a batch in it.
@@ -103,7 +104,7 @@ impl PendingCommit {
     fn forget(&mut self, parts: &[i32]) {
         self.partitions.retain(|p| !parts.contains(p));
         if let Some(changes) = &mut self.changes {
-            changes.retain(|(p, _)| !parts.contains(p));
+            changes.retain(|t| !parts.contains(&t.partition));
         }
         let mut kept = TopicPartitionList::new();
         for e in self.offsets.elements() {
@@ -194,6 +195,12 @@ impl Core {
     /// result.
     fn open_task(&mut self, partition: i32) -> Result<(), PipelineError> {
         let store_err = |source| PipelineError::Store { partition, source };
+        // A state commit in flight may still hold the partition's database open.
+        while self.outstanding() > 0 {
+            if let Some(o) = self.outcome(Duration::from_millis(100))? {
+                self.settled(o)?;
+            }
+        }
         let dir = self.state_dir(partition);
         let (low, high) = self.restorer.bounds(partition)?;
         let mut store = match RocksStore::open(&dir, RocksOptions::default()) {
@@ -513,7 +520,8 @@ impl Core {
         let started = Instant::now();
         let mut tpl = TopicPartitionList::new();
         let mut partitions = Vec::with_capacity(self.tasks.len());
-        // At-least-once: the changelog records wait for the outputs (see `PendingCommit`).
+        // Written once committed; at-least-once, the changelog records also wait for the
+        // outputs (see `PendingCommit`).
         let mut held = Vec::new();
         let exactly_once = self.exactly_once();
         for t in self.tasks.values_mut() {
@@ -541,9 +549,12 @@ impl Core {
             if exactly_once {
                 self.outputs
                     .send_changes(&self.rt.changelog_topic, t.partition, &changes)?;
-            } else {
-                held.push((t.partition, changes));
             }
+            held.push(TaskCommit {
+                partition: t.partition,
+                changes,
+                writer: t.engine.store().writer(),
+            });
             for o in &offsets {
                 let _ =
                     tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
@@ -580,7 +591,19 @@ impl Core {
                 return self.fenced(consumer, e);
             }
         };
-        self.write_commit(&partitions, &checkpoints)?;
+        for t in &held {
+            let checkpoint = checkpoints
+                .iter()
+                .find(|(p, _)| *p == t.partition)
+                .map(|(_, c)| *c);
+            t.writer
+                .write(&t.changes, checkpoint)
+                .map_err(|source| PipelineError::Store {
+                    partition: t.partition,
+                    source,
+                })?;
+        }
+        self.written(&partitions)?;
         self.metrics.observe_commit(started.elapsed());
         if !self.closing {
             self.begin()?;
@@ -645,7 +668,7 @@ impl Core {
                 PipelineError::Rebalance("the consumer has no group metadata".into())
             })?;
             committer.submit(Job {
-                changes: c.changes.take().unwrap_or_default(),
+                tasks: c.changes.take().unwrap_or_default(),
                 offsets: c.offsets.clone(),
                 group,
             })?;
@@ -672,9 +695,15 @@ impl Core {
             ));
         };
         match outcome {
-            JobOutcome::Committed(checkpoints) => {
-                self.write_commit(&c.partitions, &checkpoints)?;
+            JobOutcome::Committed(_) => {
+                self.written(&c.partitions)?;
                 self.metrics.observe_commit(c.started.elapsed());
+            }
+            JobOutcome::NotWritten { partition, error } => {
+                return Err(PipelineError::Store {
+                    partition,
+                    source: error,
+                });
             }
             JobOutcome::Failed(e) => {
                 self.metrics.transaction_aborted();
@@ -724,13 +753,9 @@ impl Core {
             .or_else(|e| self.recover(consumer, e))
     }
 
-    /// Writes the oldest staged commit of each of `partitions`, with its changelog checkpoint
-    /// from `checkpoints`, and updates the tasks' metrics.
-    fn write_commit(
-        &mut self,
-        partitions: &[i32],
-        checkpoints: &[(i32, i64)],
-    ) -> Result<(), PipelineError> {
+    /// The oldest staged commit of each of `partitions` is written to its database: tells
+    /// the stores, and updates the tasks' metrics.
+    fn written(&mut self, partitions: &[i32]) -> Result<(), PipelineError> {
         let now = wall_ms();
         for p in partitions {
             let Some(t) = self.tasks.get_mut(p) else {
@@ -738,12 +763,7 @@ impl Core {
             };
             t.engine
                 .store_mut()
-                .write_staged(
-                    checkpoints
-                        .iter()
-                        .find(|(q, _)| *q == t.partition)
-                        .map(|(_, c)| *c),
-                )
+                .staged_written()
                 .map_err(|source| PipelineError::Store {
                     partition: t.partition,
                     source,

@@ -433,7 +433,7 @@ fn restore_applies_a_compacted_changelog(broker: &Broker) {
     src.put_stats("u1", &stats).unwrap();
     src.commit(&meta(2), &[offset(10)]).unwrap();
     let first = src.take_changes();
-    src.write_staged(Some(first.len() as i64)).unwrap();
+    src.write_staged(&first, Some(first.len() as i64)).unwrap();
     src.put_key("u1", key("u1", 5)).unwrap();
     src.put_key("u3", key("u3", 6)).unwrap();
     src.commit(&meta(3), &[offset(20)]).unwrap();
@@ -511,8 +511,9 @@ fn untrusted_local_state_is_rebuilt(broker: &Broker) {
             next_offset: input.len() as i64 / 6,
         };
         s.commit(&PartitionMeta::default(), &[skip]).unwrap();
+        let changes = s.take_changes();
         // The changelog does not exist yet: any checkpoint is beyond its end.
-        s.write_staged(Some(1_000_000)).unwrap();
+        s.write_staged(&changes, Some(1_000_000)).unwrap();
     }
     broker.produce(&t.input, &to_user_partitions(&input, 3));
     let p = run_with(

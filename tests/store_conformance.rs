@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use sessionizer::engine::{
     KeyState, Millis, PartitionMeta, SourceOffset, StateStore, TimerKind, UserStats,
 };
-use sessionizer::store::{MemStore, RocksOptions, RocksStore};
+use sessionizer::store::{Change, MemStore, RocksOptions, RocksStore};
 use std::path::Path;
 use tempfile::TempDir;
 
@@ -408,9 +408,10 @@ fn run_model(ops: Vec<Op>, staged: bool) -> Result<(), TestCaseError> {
     let dir = TempDir::new().unwrap();
     let mut s = open_model_store(dir.path(), staged);
     let mut model = MemStore::new();
-    // The model as of the last commit written to the database, and as of each staged one.
+    // The model as of the last commit written to the database, and as of each staged one
+    // (with its changes, which the store's writer writes).
     let mut committed = MemStore::new();
-    let mut queue: std::collections::VecDeque<MemStore> = Default::default();
+    let mut queue: std::collections::VecDeque<(MemStore, Vec<Change>)> = Default::default();
     for op in ops {
         match op {
             Op::Update(k, v) => {
@@ -467,14 +468,16 @@ fn run_model(ops: Vec<Op>, staged: bool) -> Result<(), TestCaseError> {
                 model.commit(&meta(m), &offsets).unwrap();
                 s.commit(&meta(m), &offsets).unwrap();
                 if staged {
-                    queue.push_back(model.clone());
+                    queue.push_back((model.clone(), s.take_changes()));
                 } else {
                     committed = model.clone();
                 }
             }
             Op::WriteStaged => {
-                if let Some(next) = queue.pop_front() {
-                    s.write_staged(None).unwrap();
+                if let Some((next, changes)) = queue.pop_front() {
+                    // Written through a writer (as from another thread), then reported.
+                    s.writer().write(&changes, None).unwrap();
+                    s.staged_written().unwrap();
                     committed = next;
                 }
             }
@@ -492,15 +495,16 @@ fn run_model(ops: Vec<Op>, staged: bool) -> Result<(), TestCaseError> {
             s.committed_offsets().unwrap()
         );
     }
-    while queue.pop_front().is_some() {
-        s.write_staged(None).unwrap();
+    while let Some((_, changes)) = queue.pop_front() {
+        s.write_staged(&changes, None).unwrap();
     }
     compare_all(&mut model, &mut s)?;
     // Final commit + reopen: the durable state is the model's.
     model.commit(&meta(77), &[]).unwrap();
     s.commit(&meta(77), &[]).unwrap();
     if staged {
-        s.write_staged(None).unwrap();
+        let changes = s.take_changes();
+        s.write_staged(&changes, None).unwrap();
     }
     drop(s);
     let mut s = open_model_store(dir.path(), staged);

@@ -1,7 +1,8 @@
 //! At-least-once state commits, off the consumer thread: a thread that owns a transactional
 //! producer for the changelog and commits each staged commit's changelog records together with
 //! its input offsets (`send_offsets_to_transaction`, with the consumer group generation of the
-//! moment it was handed over) in one Kafka transaction.
+//! moment it was handed over) in one Kafka transaction, then writes the commit to the tasks'
+//! RocksDB databases with the changelog checkpoints it reached.
 //!
 //! Delivery invariant. The pipeline hands a commit over only once every output sent before it
 //! is acknowledged, so a committed changelog transaction never stands for outputs that could
@@ -9,11 +10,14 @@
 //! and fences a zombie: once its partitions belong to a newer group generation, its offsets,
 //! and with them its changelog records, cannot commit (KIP-447). Jobs are committed in the
 //! order they are submitted; after a failure every later job is skipped until
-//! [`StateCommitter::reset`], because each builds on the state of the one before.
+//! [`StateCommitter::reset`], because each builds on the state of the one before. A local
+//! write that fails stops the thread's work for good: a later commit written over the gap
+//! would claim a checkpoint the database does not reflect.
 
 use super::output::{Outputs, TxnError};
 use super::KafkaError;
-use crate::store::Change;
+use crate::engine::StoreError;
+use crate::store::{Change, StateWriter};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::TopicPartitionList;
@@ -21,10 +25,18 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// One staged commit: its changelog records per task, in order, and the input offsets it
-/// reaches.
+/// One task's part of a staged commit.
+pub struct TaskCommit {
+    pub partition: i32,
+    /// Its changelog records, in order.
+    pub changes: Vec<Change>,
+    /// Writes them to the task's database once they have committed.
+    pub writer: StateWriter,
+}
+
+/// One staged commit: its part of each task, and the input offsets it reaches.
 pub struct Job {
-    pub changes: Vec<(i32, Vec<Change>)>,
+    pub tasks: Vec<TaskCommit>,
     pub offsets: TopicPartitionList,
     /// The consumer group generation when the commit was handed over.
     pub group: ConsumerGroupMetadata,
@@ -33,8 +45,11 @@ pub struct Job {
 /// What became of a job.
 #[derive(Debug)]
 pub enum JobOutcome {
-    /// Committed: the changelog checkpoint (next offset) of each task of the job.
+    /// Committed, and written to each task's database with its changelog checkpoint (next
+    /// offset), listed here.
     Committed(Vec<(i32, i64)>),
+    /// Committed, but writing it to the database of task `partition` failed.
+    NotWritten { partition: i32, error: StoreError },
     /// The transaction failed (and was aborted where that is possible).
     Failed(TxnError),
     /// Not attempted: an earlier job failed.
@@ -142,10 +157,11 @@ fn serve(
 ) {
     let mut failed = false;
     let mut unusable = false;
+    let mut unwritable = false;
     for m in jobs {
         let outcome = match m {
             Msg::Reset { new_producer } => {
-                failed = false;
+                failed = unwritable;
                 if new_producer || unusable {
                     match transactional(&config) {
                         Ok(o) => {
@@ -164,7 +180,12 @@ fn serve(
             }
             Msg::Job(_) if failed => JobOutcome::Skipped,
             Msg::Job(job) => match commit(&mut outputs, &topic, *job) {
-                Ok(checkpoints) => JobOutcome::Committed(checkpoints),
+                Ok(Ok(checkpoints)) => JobOutcome::Committed(checkpoints),
+                Ok(Err((partition, error))) => {
+                    failed = true;
+                    unwritable = true;
+                    JobOutcome::NotWritten { partition, error }
+                }
                 Err(e) => {
                     failed = true;
                     if let TxnError::Abortable(_) = e {
@@ -185,12 +206,31 @@ fn serve(
     }
 }
 
-fn commit(outputs: &mut Outputs, topic: &str, job: Job) -> Result<Vec<(i32, i64)>, TxnError> {
+/// Commits a job's transaction, then writes each task's part locally: the checkpoints, or the
+/// task whose write failed.
+type Written = Result<Vec<(i32, i64)>, (i32, StoreError)>;
+
+fn commit(outputs: &mut Outputs, topic: &str, job: Job) -> Result<Written, TxnError> {
+    let Job {
+        tasks,
+        offsets,
+        group,
+    } = job;
     outputs.begin()?;
-    for (partition, changes) in &job.changes {
+    for t in &tasks {
         outputs
-            .send_changes(topic, *partition, changes)
+            .send_changes(topic, t.partition, &t.changes)
             .map_err(|e| TxnError::Abortable(e.to_string()))?;
     }
-    outputs.commit_epoch(&job.offsets, job.group, job.changes.iter().map(|(p, _)| *p))
+    let checkpoints = outputs.commit_epoch(&offsets, group, tasks.iter().map(|t| t.partition))?;
+    for t in &tasks {
+        let checkpoint = checkpoints
+            .iter()
+            .find(|(p, _)| *p == t.partition)
+            .map(|(_, c)| *c);
+        if let Err(e) = t.writer.write(&t.changes, checkpoint) {
+            return Ok(Err((t.partition, e)));
+        }
+    }
+    Ok(Ok(checkpoints))
 }

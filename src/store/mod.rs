@@ -10,7 +10,7 @@ mod encoding;
 
 pub use changelog::Change;
 pub use memory::MemStore;
-pub use rocks::{RocksOptions, RocksStore};
+pub use rocks::{RocksOptions, RocksStore, StateWriter};
 
 use crate::engine::Millis;
 use compact_str::CompactString;

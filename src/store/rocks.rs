@@ -9,9 +9,9 @@
 //! which writes every change since the previous commit *together with* the meta and the input
 //! offsets in one `WriteBatch` (one atomic `DB::write`). So after a restart the state is
 //! exactly that of the last successful commit, and it always matches the committed offsets:
-//! replaying the input from those offsets reproduces what was lost. Writes go through the WAL
-//! without `fsync`, so a committed batch survives a process crash; an OS crash may lose the
-//! last commits, but never tears one.
+//! replaying the input from those offsets reproduces what was lost. Outside changelog mode,
+//! writes go through the WAL without `fsync`, so a committed batch survives a process crash;
+//! an OS crash may lose the last commits, but never tears one.
 //!
 //! Uncommitted writes live in memory and reads see them: a write-back cache of decoded
 //! `KeyState`s / `UserStats` (dirty entries go into the next commit's batch; clean ones not
@@ -20,11 +20,18 @@
 //! mirrored entirely in memory (loaded at open) with the pending difference to the database.
 //!
 //! **Staged commits** (changelog mode, see [`RocksStore::enable_changelog`]). A commit may be
-//! staged (its batch built, not written) while the engine goes on: the pipeline writes it only
-//! once its changelog records have committed to Kafka, and may stage the next ones
-//! meanwhile. Staged batches are written in order. An entry whose newest value is only in a
-//! staged batch stays in memory until that batch is written, so reads never fall through to a
-//! database that does not have it yet.
+//! staged (its changes recorded, not written) while the engine goes on: the pipeline writes it
+//! only once its changelog records have committed to Kafka, and may stage the next ones
+//! meanwhile. The write may happen on another thread, through a [`StateWriter`]; the store
+//! learns of it from [`RocksStore::staged_written`]. Staged commits are written in order. An
+//! entry whose newest value is only in a staged commit stays in memory until the store learns
+//! that commit is written, so reads never fall through to a database that does not have it
+//! yet.
+//!
+//! In changelog mode every write goes without the write-ahead log: the changelog is the
+//! durable copy. After a crash the database is what its last (atomic) flush holds, a commit
+//! boundary with the changelog checkpoint it reached, and the pipeline replays the changelog
+//! from there. Closing the database flushes it.
 
 use super::changelog::{cf_of, change_key, Change};
 use super::encoding::{
@@ -45,6 +52,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub(crate) const CF_KEYS: &str = "keys";
 pub(crate) const CF_STATS: &str = "stats";
@@ -163,7 +171,7 @@ impl TimerIndex {
 
 /// The RocksDB state store. See the module documentation.
 pub struct RocksStore {
-    db: DB,
+    db: Arc<DB>,
     path: PathBuf,
     opts: RocksOptions,
     keys: FxHashMap<String, Cached<KeyState>>,
@@ -174,12 +182,13 @@ pub struct RocksStore {
     quiet: TimerIndex,
     /// Commit generation, bumped at each commit (starts at 1).
     gen: u64,
-    /// Changelog mode: `commit` stages its batch and records the changes (see
+    /// Changelog mode: `commit` only records the changes (see
     /// [`RocksStore::enable_changelog`]).
     capture: bool,
-    /// Staged commits not written yet, oldest first, with their generations.
-    staged: VecDeque<(u64, WriteBatch)>,
-    changes: Vec<Change>,
+    /// Generations of the staged commits not written yet, oldest first.
+    staged: VecDeque<u64>,
+    /// The changes of the newest staged commit, until taken.
+    changes: Option<Vec<Change>>,
     /// Restored records written without the write-ahead log and not flushed yet.
     unflushed: bool,
 }
@@ -236,7 +245,7 @@ impl RocksStore {
         let deadline = TimerIndex::load(&db, CF_DEADLINE)?;
         let quiet = TimerIndex::load(&db, CF_QUIET)?;
         Ok(Self {
-            db,
+            db: Arc::new(db),
             path: path.to_path_buf(),
             opts,
             keys: FxHashMap::default(),
@@ -247,7 +256,7 @@ impl RocksStore {
             gen: 1,
             capture: false,
             staged: VecDeque::new(),
-            changes: Vec::new(),
+            changes: None,
             unflushed: false,
         })
     }
@@ -264,17 +273,19 @@ impl RocksStore {
         }
     }
 
-    /// Changelog mode. From now on [`StateStore::commit`] does not write: it stages the batch
-    /// and records every write as a [`Change`]; the caller publishes [`Self::take_changes`]
-    /// and later calls [`Self::write_staged`] (or drops the store to discard every staged
-    /// commit). The store stays usable meanwhile, and further commits may be staged.
+    /// Changelog mode. From now on [`StateStore::commit`] does not write: it stages the commit
+    /// and records every write as a [`Change`]. The caller takes them with
+    /// [`Self::take_changes`] (before the next commit), publishes them, and later writes them
+    /// with [`Self::write_staged`], or with [`Self::writer`] and then
+    /// [`Self::staged_written`]; or drops the store to discard every staged commit. The store
+    /// stays usable meanwhile, and further commits may be staged.
     pub fn enable_changelog(&mut self) {
         self.capture = true;
     }
 
-    /// The changes of the staged commit, in write order; the commit marker comes last.
+    /// The changes of the newest staged commit, in write order; the commit marker comes last.
     pub fn take_changes(&mut self) -> Vec<Change> {
-        std::mem::take(&mut self.changes)
+        self.changes.take().unwrap_or_default()
     }
 
     /// Number of staged commits not written yet.
@@ -282,20 +293,36 @@ impl RocksStore {
         self.staged.len()
     }
 
-    /// Writes the oldest staged commit, with the changelog position it reaches (`checkpoint`:
-    /// the next changelog offset after this commit's records).
-    pub fn write_staged(&mut self, checkpoint: Option<i64>) -> Result<(), StoreError> {
-        let Some((gen, mut batch)) = self.staged.pop_front() else {
-            return Err(StoreError::Backend("no staged commit to write".into()));
-        };
-        if let Some(c) = checkpoint {
-            batch.put_cf(
-                cf(&self.db, CF_META)?,
-                CHECKPOINT_KEY,
-                encode_value(CF_META, &c)?,
-            );
+    /// A handle that writes this database's staged commits, from any thread.
+    pub fn writer(&self) -> StateWriter {
+        StateWriter {
+            db: Arc::clone(&self.db),
         }
-        self.write(gen, batch)
+    }
+
+    /// Writes the oldest staged commit, whose changes are `changes`, with the changelog
+    /// position it reaches (`checkpoint`: the next changelog offset after its records).
+    pub fn write_staged(
+        &mut self,
+        changes: &[Change],
+        checkpoint: Option<i64>,
+    ) -> Result<(), StoreError> {
+        if self.staged.is_empty() {
+            return Err(StoreError::Backend("no staged commit to write".into()));
+        }
+        self.writer().write(changes, checkpoint)?;
+        self.staged_written()
+    }
+
+    /// The oldest staged commit has been written (through [`Self::writer`]): what only it
+    /// held need not stay in memory any more.
+    pub fn staged_written(&mut self) -> Result<(), StoreError> {
+        let gen = self
+            .staged
+            .pop_front()
+            .ok_or_else(|| StoreError::Backend("no staged commit to write".into()))?;
+        self.settle_written(gen);
+        Ok(())
     }
 
     /// The next changelog offset this database reflects, if it was ever checkpointed.
@@ -307,33 +334,7 @@ impl RocksStore {
     /// Only for a freshly opened store that has not been used yet; call
     /// [`Self::finish_restore`] afterwards.
     pub fn apply_changes(&mut self, changes: &[Change], checkpoint: i64) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        for c in changes {
-            let (code, key) = c.key.split_first().ok_or_else(|| StoreError::Corrupt {
-                table: "changelog",
-                detail: "empty record key".into(),
-            })?;
-            let name = cf_of(*code).ok_or_else(|| StoreError::Corrupt {
-                table: "changelog",
-                detail: format!("unknown column family code {code}"),
-            })?;
-            let handle = cf(&self.db, name)?;
-            match &c.value {
-                Some(v) => batch.put_cf(handle, key, v),
-                None => batch.delete_cf(handle, key),
-            }
-        }
-        batch.put_cf(
-            cf(&self.db, CF_META)?,
-            CHECKPOINT_KEY,
-            encode_value(CF_META, &checkpoint)?,
-        );
-        // Without the write-ahead log: the checkpoint is in the same batch, so a crash before
-        // the flush in `finish_restore` loses the batch and its checkpoint together (the next
-        // open replays from the older checkpoint); atomic flush keeps the families in step.
-        let mut opts = WriteOptions::default();
-        opts.disable_wal(true);
-        self.db.write_opt(batch, &opts).map_err(backend)?;
+        self.writer().write(changes, Some(checkpoint))?;
         self.unflushed = true;
         Ok(())
     }
@@ -358,15 +359,13 @@ impl RocksStore {
         Ok(())
     }
 
-    /// Writes the batch of commit generation `gen` (every earlier one is written already).
-    fn write(&mut self, gen: u64, batch: WriteBatch) -> Result<(), StoreError> {
-        self.db.write(batch).map_err(backend)?;
-        // The database now has every value staged up to `gen`: those need not stay in memory.
+    /// The database has every value staged up to generation `gen`: those need not stay in
+    /// memory.
+    fn settle_written(&mut self, gen: u64) {
         let limit = self.opts.cache_keys;
         settle(&mut self.keys, limit, gen);
         settle(&mut self.stats, limit, gen);
         self.payloads.retain(|_, w| w.dirty || w.staged > gen);
-        Ok(())
     }
 
     /// The database directory.
@@ -418,17 +417,18 @@ impl RocksStore {
         }
     }
 
-    /// Builds the batch of everything uncommitted plus `offsets` and `meta` (last: the
-    /// changelog's commit marker), recording the changes in changelog mode. What goes into
-    /// the batch is marked clean and staged in generation `self.gen`.
-    fn build_batch(
+    /// Collects everything uncommitted plus `offsets` and `meta` (last: the changelog's commit
+    /// marker): as a write batch, or in changelog mode as the changes. What is collected is
+    /// marked clean and staged in generation `self.gen`.
+    fn collect_writes(
         &mut self,
         meta: &PartitionMeta,
         offsets: &[SourceOffset],
-    ) -> Result<WriteBatch, StoreError> {
-        let mut w = Writes {
-            batch: WriteBatch::default(),
-            changes: self.capture.then(Vec::new),
+    ) -> Result<Writes, StoreError> {
+        let mut w = if self.capture {
+            Writes::Changes(Vec::new())
+        } else {
+            Writes::Batch(WriteBatch::default())
         };
         let gen = self.gen;
         let keys_cf = cf(&self.db, CF_KEYS)?;
@@ -485,38 +485,83 @@ impl RocksStore {
             );
         }
         w.put(meta_cf, CF_META, META_KEY, encode_value(CF_META, meta)?);
-        if let Some(changes) = w.changes {
-            self.changes = changes;
-        }
-        Ok(w.batch)
+        Ok(w)
     }
 }
 
-/// A write batch being built, with its changelog form when asked for.
-struct Writes {
-    batch: WriteBatch,
-    changes: Option<Vec<Change>>,
+/// The writes of a commit being collected: a write batch, or (changelog mode) the changes.
+enum Writes {
+    Batch(WriteBatch),
+    Changes(Vec<Change>),
 }
 
 impl Writes {
     fn put(&mut self, handle: &ColumnFamily, cf: &str, key: &[u8], value: Vec<u8>) {
-        self.batch.put_cf(handle, key, &value);
-        if let Some(c) = &mut self.changes {
-            c.push(Change {
+        match self {
+            Writes::Batch(b) => b.put_cf(handle, key, &value),
+            Writes::Changes(c) => c.push(Change {
                 key: change_key(cf, key),
                 value: Some(value),
-            });
+            }),
         }
     }
 
     fn delete(&mut self, handle: &ColumnFamily, cf: &str, key: &[u8]) {
-        self.batch.delete_cf(handle, key);
-        if let Some(c) = &mut self.changes {
-            c.push(Change {
+        match self {
+            Writes::Batch(b) => b.delete_cf(handle, key),
+            Writes::Changes(c) => c.push(Change {
                 key: change_key(cf, key),
                 value: None,
-            });
+            }),
         }
+    }
+}
+
+/// Writes the staged commits of one [`RocksStore`]'s database, from any thread (see the
+/// module docs). Holding one keeps the database open.
+#[derive(Clone)]
+pub struct StateWriter {
+    db: Arc<DB>,
+}
+
+impl fmt::Debug for StateWriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StateWriter").finish_non_exhaustive()
+    }
+}
+
+impl StateWriter {
+    /// Writes `changes` (changelog records) and, if given, the changelog `checkpoint` they
+    /// reach, in one batch, without the write-ahead log: the changelog is the durable copy,
+    /// and the checkpoint in the same batch tells a reopened database where to replay from
+    /// (atomic flush keeps the column families in step).
+    pub fn write(&self, changes: &[Change], checkpoint: Option<i64>) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for c in changes {
+            let (code, key) = c.key.split_first().ok_or_else(|| StoreError::Corrupt {
+                table: "changelog",
+                detail: "empty record key".into(),
+            })?;
+            let name = cf_of(*code).ok_or_else(|| StoreError::Corrupt {
+                table: "changelog",
+                detail: format!("unknown column family code {code}"),
+            })?;
+            let handle = cf(&self.db, name)?;
+            match &c.value {
+                Some(v) => batch.put_cf(handle, key, v),
+                None => batch.delete_cf(handle, key),
+            }
+        }
+        if let Some(c) = checkpoint {
+            batch.put_cf(
+                cf(&self.db, CF_META)?,
+                CHECKPOINT_KEY,
+                encode_value(CF_META, &c)?,
+            );
+        }
+        let mut opts = WriteOptions::default();
+        opts.disable_wal(true);
+        self.db.write_opt(batch, &opts).map_err(backend)
     }
 }
 
@@ -718,16 +763,26 @@ impl StateStore for RocksStore {
         Ok(out)
     }
 
-    /// In changelog mode this only stages the batch (see [`RocksStore::enable_changelog`]).
+    /// In changelog mode this only stages the commit (see [`RocksStore::enable_changelog`]).
     fn commit(&mut self, meta: &PartitionMeta, offsets: &[SourceOffset]) -> Result<(), StoreError> {
-        let batch = self.build_batch(meta, offsets)?;
+        if self.changes.is_some() {
+            return Err(StoreError::Backend(
+                "the changes of the previous staged commit were never taken".into(),
+            ));
+        }
+        let writes = self.collect_writes(meta, offsets)?;
         let gen = self.gen;
         self.gen += 1;
-        if self.capture {
-            self.staged.push_back((gen, batch));
-            Ok(())
-        } else {
-            self.write(gen, batch)
+        match writes {
+            Writes::Changes(changes) => {
+                self.staged.push_back(gen);
+                self.changes = Some(changes);
+            }
+            Writes::Batch(batch) => {
+                self.db.write(batch).map_err(backend)?;
+                self.settle_written(gen);
+            }
         }
+        Ok(())
     }
 }
