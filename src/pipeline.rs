@@ -205,6 +205,8 @@ impl Core {
         let (low, high) = self.restorer.bounds(partition)?;
         let mut store = match RocksStore::open(&dir, RocksOptions::default()) {
             Ok(s) => s,
+            // Open elsewhere (a bug if in this process): never delete a database in use.
+            Err(e) if e.to_string().contains("LOCK") => return Err(store_err(e)),
             Err(e) => {
                 tracing::warn!(partition, error = %e, "local state unreadable: rebuilding it from the changelog");
                 RocksStore::destroy(&dir).map_err(store_err)?;
@@ -582,11 +584,14 @@ impl Core {
                 self.metrics.observe_transaction_commit(t0.elapsed());
                 c
             }
+            // The rewind reopens the databases: no writer may hold one open.
             Err(TxnError::Abortable(e) | TxnError::Fatal(e)) => {
+                drop(held);
                 tracing::warn!(error = %e, "transaction failed: aborting and rewinding");
                 return self.abort_and_rewind(consumer);
             }
             Err(TxnError::Fenced(e)) => {
+                drop(held);
                 self.metrics.transaction_aborted();
                 return self.fenced(consumer, e);
             }

@@ -562,8 +562,9 @@ impl Proc {
             }
             assert!(
                 start.elapsed() < Duration::from_secs(60),
-                "no exit after SIGTERM:\n{}",
-                self.log()
+                "no exit after SIGTERM:\n{}\nthreads:\n{}",
+                self.log(),
+                self.stacks()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
