@@ -299,7 +299,8 @@ impl Core {
         Ok(())
     }
 
-    fn handle(&mut self, m: &BorrowedMessage<'_>) -> Result<(), PipelineError> {
+    /// Handles one input record; `now` is the wall-clock time in ms.
+    fn handle(&mut self, m: &BorrowedMessage<'_>, now: i64) -> Result<(), PipelineError> {
         let Some(ti) = self.rt.input_topics.iter().position(|t| t == m.topic()) else {
             return Ok(());
         };
@@ -320,7 +321,6 @@ impl Core {
         }
         task.next[ti] = Some(offset + 1);
         task.caught_up = false;
-        let now = wall_ms();
         let payload = m.payload().unwrap_or(&[]);
         let key = m.key();
         let record_ts = m.timestamp().to_millis();
@@ -371,9 +371,7 @@ impl Core {
                 self.metrics.record_out(OutputKind::Annotated);
                 if let Some(ts) = record_ts {
                     self.metrics
-                        .observe_processing_latency(Duration::from_millis(
-                            (wall_ms() - ts).max(0) as u64
-                        ));
+                        .observe_processing_latency(Duration::from_millis((now - ts).max(0) as u64));
                 }
             }
             Disposition::Held => self.topic_metrics[ti].event(Outcome::Accepted),
@@ -1290,7 +1288,8 @@ pub fn run(
         while !shutdown.load(Ordering::Relaxed) {
             match consumer.poll(Duration::from_millis(20)) {
                 Some(Ok(m)) => with_core(&mut |c| {
-                    c.handle(&m).or_else(|e| c.recover(&consumer, e))?;
+                    c.handle(&m, wall_ms())
+                        .or_else(|e| c.recover(&consumer, e))?;
                     c.settle_pending(&consumer)
                 })?,
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => with_core(&mut |c| {

@@ -21,7 +21,7 @@ use crate::store::{Change, StateWriter};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::TopicPartitionList;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -118,7 +118,16 @@ impl StateCommitter {
         if self.outstanding == 0 {
             return Ok(None);
         }
-        match self.rx.recv_timeout(wait) {
+        let received = if wait.is_zero() {
+            // No clock read: this runs after every record.
+            self.rx.try_recv().map_err(|e| match e {
+                TryRecvError::Empty => RecvTimeoutError::Timeout,
+                TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+            })
+        } else {
+            self.rx.recv_timeout(wait)
+        };
+        match received {
             Ok(o) => {
                 self.outstanding -= 1;
                 Ok(Some(o))
