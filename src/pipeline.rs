@@ -371,7 +371,9 @@ impl Core {
                 self.metrics.record_out(OutputKind::Annotated);
                 if let Some(ts) = record_ts {
                     self.metrics
-                        .observe_processing_latency(Duration::from_millis((now - ts).max(0) as u64));
+                        .observe_processing_latency(
+                            Duration::from_millis((now - ts).max(0) as u64),
+                        );
                 }
             }
             Disposition::Held => self.topic_metrics[ti].event(Outcome::Accepted),

@@ -7,6 +7,9 @@
 //! - a changelog restore applies a compacted changelog (commits whose meta record is gone);
 //! - local state with a changelog checkpoint beyond the changelog's end is not trusted: it is
 //!   rebuilt from the changelog, and the run equals the offline result;
+//! - at-least-once, the state producer fenced mid-stream (another producer registers its
+//!   transactional id): the failed state transaction rewinds every task, the producer is
+//!   replaced, and nothing is lost (repeats only identical, sessions equal the offline result);
 //! - `sessionizer generate --topic` produces keyed events;
 //! - the broker stopped and restarted mid-run: the process recovers by itself, nothing lost.
 //!
@@ -214,6 +217,72 @@ fn kill_9_and_restart_loses_nothing(broker: &Broker) {
             }
             panic!("{} records read, {} of {} inputs annotated; missing by partition (count, first n, last n): {missing:?}; first log:\n{l1}\nlog:\n{}", r.len(), seen.len(), input.len(), p.log())
         });
+    let by_n = annotated_by_n(&annotated);
+    assert_eq!(by_n.len(), input.len(), "every input annotated");
+    let repeated_differently: Vec<_> = by_n.iter().filter(|(_, v)| v.len() > 1).collect();
+    assert!(
+        repeated_differently.is_empty(),
+        "repeats must be identical: {repeated_differently:?}"
+    );
+    let got: BTreeSet<String> = by_n.values().flat_map(|v| v.iter().cloned()).collect();
+    let want: BTreeSet<String> = want_annotated.into_iter().collect();
+    assert_eq!(got, want, "annotations equal the offline ones");
+    let want_s = session_set(&want_sessions);
+    let v = wait_sessions(broker, &t.sessions, want_s.len(), session_set, &[&p]);
+    assert_eq!(session_set(&v), want_s, "sessions equal the offline result");
+    assert_eq!(p.terminate(), 0);
+}
+
+fn fenced_state_producer_rewinds_and_loses_nothing(broker: &Broker) {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{BaseProducer, Producer};
+    let dir = tempfile::tempdir().unwrap();
+    let t = Topics::new(broker, "fence", 3);
+    let input = with_flush_events(3, events(200, 100, 31));
+    let (want_sessions, want_annotated) = offline(&input, dir.path());
+    let (before, after) = input.split_at(input.len() * 3 / 5);
+    broker.produce(&t.input, &to_user_partitions(before, 3));
+    let group = "fence-group";
+    let semantics = semantics("100h");
+    let extra = ["--guarantee", "at-least-once", "--instance-id", "fence-a"];
+    let p = run_with(
+        broker,
+        &t,
+        dir.path(),
+        group,
+        free_port(),
+        &semantics,
+        &extra,
+    );
+    broker.read_until(&t.annotated, Duration::from_secs(90), |r| {
+        r.len() >= input.len() / 5
+    });
+    // Another producer registers the state producer's transactional id (`<group>-<instance
+    // id>`): the open state transaction is aborted and the next one fails as fenced.
+    let intruder: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("transactional.id", format!("{group}-fence-a"))
+        .create()
+        .unwrap();
+    intruder.init_transactions(Duration::from_secs(60)).unwrap();
+    drop(intruder);
+    // The instance's next state transaction fails: it replaces the producer and rewinds every
+    // task (reopened from its last written commit: 3 openings at the start, 3 more).
+    let rewound = |log: &str| {
+        log.contains("fenced: replacing the producer once")
+            && log.matches("task opened").count() >= 6
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !rewound(&p.log()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the state producer was not fenced and replaced, or the tasks not rewound:\n{}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    broker.produce(&t.input, &to_user_partitions(after, 3));
+    let annotated = wait_annotated(broker, &t, input.len(), &[&p]);
     let by_n = annotated_by_n(&annotated);
     assert_eq!(by_n.len(), input.len(), "every input annotated");
     let repeated_differently: Vec<_> = by_n.iter().filter(|(_, v)| v.len() > 1).collect();
@@ -556,7 +625,8 @@ fn kafka_end_to_end() {
             "generate",
             "bounce",
             "restore",
-            "untrusted"
+            "untrusted",
+            "fenced"
         ]
         .contains(&only.as_str()),
         "E2E_ONLY=`{only}` names no scenario"
@@ -585,5 +655,8 @@ fn kafka_end_to_end() {
     }
     if want("untrusted") {
         untrusted_local_state_is_rebuilt(&broker);
+    }
+    if want("fenced") {
+        fenced_state_producer_rewinds_and_loses_nothing(&broker);
     }
 }
