@@ -41,10 +41,10 @@ use crate::engine::{
 };
 use crate::kafka::changelog::Restorer;
 use crate::kafka::committer::{Job, JobOutcome, StateCommitter, TaskCommit};
-use crate::kafka::output::{Outputs, TxnError};
+use crate::kafka::output::{checkpoint_of, Outputs, TxnError};
 use crate::kafka::{self, KafkaError};
 use crate::metrics::{DeadLetterReason, Metrics, Outcome, OutputKind, RebalanceKind, TopicMetrics};
-use crate::store::{RocksOptions, RocksStore};
+use crate::store::{Change, RocksOptions, RocksStore};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::statistics::Statistics;
@@ -88,9 +88,9 @@ pub const MAX_PENDING_COMMITS: usize = 3;
 struct PendingCommit {
     /// The output epoch it ended (see [`Outputs::seal`]).
     epoch: u64,
-    /// Per task, the changelog records (and the writer of its database); none once handed
-    /// over.
-    changes: Option<Vec<TaskCommit>>,
+    /// Per task, the changelog records; none once handed over (the job then holds them, with
+    /// a writer of the task's database).
+    changes: Option<Vec<(i32, Vec<Change>)>>,
     /// The input offsets it reaches.
     offsets: TopicPartitionList,
     /// The tasks that staged a batch in it.
@@ -104,7 +104,7 @@ impl PendingCommit {
     fn forget(&mut self, parts: &[i32]) {
         self.partitions.retain(|p| !parts.contains(p));
         if let Some(changes) = &mut self.changes {
-            changes.retain(|t| !parts.contains(&t.partition));
+            changes.retain(|(p, _)| !parts.contains(p));
         }
         let mut kept = TopicPartitionList::new();
         for e in self.offsets.elements() {
@@ -552,11 +552,7 @@ impl Core {
                 self.outputs
                     .send_changes(&self.rt.changelog_topic, t.partition, &changes)?;
             }
-            held.push(TaskCommit {
-                partition: t.partition,
-                changes,
-                writer: t.engine.store().writer(),
-            });
+            held.push((t.partition, changes));
             for o in &offsets {
                 let _ =
                     tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
@@ -584,29 +580,27 @@ impl Core {
                 self.metrics.observe_transaction_commit(t0.elapsed());
                 c
             }
-            // The rewind reopens the databases: no writer may hold one open.
             Err(TxnError::Abortable(e) | TxnError::Fatal(e)) => {
-                drop(held);
                 tracing::warn!(error = %e, "transaction failed: aborting and rewinding");
                 return self.abort_and_rewind(consumer);
             }
             Err(TxnError::Fenced(e)) => {
-                drop(held);
                 self.metrics.transaction_aborted();
                 return self.fenced(consumer, e);
             }
         };
-        for t in &held {
-            let checkpoint = checkpoints
-                .iter()
-                .find(|(p, _)| *p == t.partition)
-                .map(|(_, c)| *c);
-            t.writer
-                .write(&t.changes, checkpoint)
-                .map_err(|source| PipelineError::Store {
-                    partition: t.partition,
-                    source,
-                })?;
+        for (partition, changes) in &held {
+            if let Some(t) = self.tasks.get(partition) {
+                let checkpoint = checkpoint_of(&checkpoints, *partition);
+                t.engine
+                    .store()
+                    .writer()
+                    .write(changes, checkpoint)
+                    .map_err(|source| PipelineError::Store {
+                        partition: *partition,
+                        source,
+                    })?;
+            }
         }
         self.written(&partitions)?;
         self.metrics.observe_commit(started.elapsed());
@@ -672,8 +666,24 @@ impl Core {
             let group = consumer.group_metadata().ok_or_else(|| {
                 PipelineError::Rebalance("the consumer has no group metadata".into())
             })?;
+            // Each task's part goes with a writer of its database (held only while the job is
+            // in flight; `open_task` waits for it). Every task of a staged commit is still
+            // open: a rewind drops the staged commits, a lost partition is forgotten first.
+            let mut tasks = Vec::new();
+            for (partition, changes) in c.changes.take().unwrap_or_default() {
+                let t = self.tasks.get(&partition).ok_or_else(|| {
+                    PipelineError::Rebalance(format!(
+                        "partition {partition} closed while its commit was staged"
+                    ))
+                })?;
+                tasks.push(TaskCommit {
+                    partition,
+                    changes,
+                    writer: t.engine.store().writer(),
+                });
+            }
             committer.submit(Job {
-                tasks: c.changes.take().unwrap_or_default(),
+                tasks,
                 offsets: c.offsets.clone(),
                 group,
             })?;

@@ -217,20 +217,15 @@ fn kill_9_and_restart_loses_nothing(broker: &Broker) {
             }
             panic!("{} records read, {} of {} inputs annotated; missing by partition (count, first n, last n): {missing:?}; first log:\n{l1}\nlog:\n{}", r.len(), seen.len(), input.len(), p.log())
         });
-    let by_n = annotated_by_n(&annotated);
-    assert_eq!(by_n.len(), input.len(), "every input annotated");
-    let repeated_differently: Vec<_> = by_n.iter().filter(|(_, v)| v.len() > 1).collect();
-    assert!(
-        repeated_differently.is_empty(),
-        "repeats must be identical: {repeated_differently:?}"
+    equals_offline(
+        broker,
+        &t,
+        &annotated,
+        input.len(),
+        want_annotated,
+        &want_sessions,
+        p,
     );
-    let got: BTreeSet<String> = by_n.values().flat_map(|v| v.iter().cloned()).collect();
-    let want: BTreeSet<String> = want_annotated.into_iter().collect();
-    assert_eq!(got, want, "annotations equal the offline ones");
-    let want_s = session_set(&want_sessions);
-    let v = wait_sessions(broker, &t.sessions, want_s.len(), session_set, &[&p]);
-    assert_eq!(session_set(&v), want_s, "sessions equal the offline result");
-    assert_eq!(p.terminate(), 0);
 }
 
 fn fenced_state_producer_rewinds_and_loses_nothing(broker: &Broker) {
@@ -283,8 +278,31 @@ fn fenced_state_producer_rewinds_and_loses_nothing(broker: &Broker) {
     }
     broker.produce(&t.input, &to_user_partitions(after, 3));
     let annotated = wait_annotated(broker, &t, input.len(), &[&p]);
-    let by_n = annotated_by_n(&annotated);
-    assert_eq!(by_n.len(), input.len(), "every input annotated");
+    equals_offline(
+        broker,
+        &t,
+        &annotated,
+        input.len(),
+        want_annotated,
+        &want_sessions,
+        p,
+    );
+}
+
+/// At-least-once after a disruption: every one of the `inputs` inputs is annotated (repeats
+/// only identical), annotations and sessions equal the offline result, and `p` exits 0 on
+/// SIGTERM.
+fn equals_offline(
+    broker: &Broker,
+    t: &Topics,
+    annotated: &[Rec],
+    inputs: usize,
+    want_annotated: Vec<String>,
+    want_sessions: &[Value],
+    p: Proc,
+) {
+    let by_n = annotated_by_n(annotated);
+    assert_eq!(by_n.len(), inputs, "every input annotated");
     let repeated_differently: Vec<_> = by_n.iter().filter(|(_, v)| v.len() > 1).collect();
     assert!(
         repeated_differently.is_empty(),
@@ -293,7 +311,7 @@ fn fenced_state_producer_rewinds_and_loses_nothing(broker: &Broker) {
     let got: BTreeSet<String> = by_n.values().flat_map(|v| v.iter().cloned()).collect();
     let want: BTreeSet<String> = want_annotated.into_iter().collect();
     assert_eq!(got, want, "annotations equal the offline ones");
-    let want_s = session_set(&want_sessions);
+    let want_s = session_set(want_sessions);
     let v = wait_sessions(broker, &t.sessions, want_s.len(), session_set, &[&p]);
     assert_eq!(session_set(&v), want_s, "sessions equal the offline result");
     assert_eq!(p.terminate(), 0);

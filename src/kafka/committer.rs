@@ -14,7 +14,7 @@
 //! write that fails stops the thread's work for good: a later commit written over the gap
 //! would claim a checkpoint the database does not reflect.
 
-use super::output::{Outputs, TxnError};
+use super::output::{checkpoint_of, Outputs, TxnError};
 use super::KafkaError;
 use crate::engine::StoreError;
 use crate::store::{Change, StateWriter};
@@ -233,11 +233,10 @@ fn commit(outputs: &mut Outputs, topic: &str, job: Job) -> Result<Written, TxnEr
     }
     let checkpoints = outputs.commit_epoch(&offsets, group, tasks.iter().map(|t| t.partition))?;
     for t in &tasks {
-        let checkpoint = checkpoints
-            .iter()
-            .find(|(p, _)| *p == t.partition)
-            .map(|(_, c)| *c);
-        if let Err(e) = t.writer.write(&t.changes, checkpoint) {
+        if let Err(e) = t
+            .writer
+            .write(&t.changes, checkpoint_of(&checkpoints, t.partition))
+        {
             return Ok(Err((t.partition, e)));
         }
     }

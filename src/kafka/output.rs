@@ -253,7 +253,7 @@ impl Outputs {
     }
 
     /// The offset after the last changelog record of `partition` in the retired epochs.
-    pub fn changelog_next(&self, partition: i32) -> Option<i64> {
+    fn changelog_next(&self, partition: i32) -> Option<i64> {
         self.checkpoints.get(&partition).copied()
     }
 
@@ -413,6 +413,14 @@ impl Outputs {
         // for the in-flight count to reach zero is enough.
         wait_for(limit, || self.producer.in_flight_count() == 0);
     }
+}
+
+/// The checkpoint of `partition` among those [`Outputs::commit_epoch`] returned.
+pub fn checkpoint_of(checkpoints: &[(i32, i64)], partition: i32) -> Option<i64> {
+    checkpoints
+        .iter()
+        .find(|(p, _)| *p == partition)
+        .map(|(_, c)| *c)
 }
 
 /// Sleeps in 250 µs steps until `done` holds or `limit` has passed, warning once if that takes
