@@ -209,7 +209,8 @@ impl OutputKind {
         }
     }
 
-    fn index(self) -> usize {
+    /// Its position in [`Self::ALL`].
+    pub fn index(self) -> usize {
         self as usize
     }
 }

@@ -2,27 +2,30 @@
 //! number, each with its own RocksDB state backed by a changelog partition, and every output
 //! produced to Kafka.
 //!
-//! Every `commit_interval` the pipeline moves time on in every task and commits: each task
-//! stages its state changes (the changelog records), then
+//! Every `commit_interval` the pipeline moves time on in every task and stages a commit: each
+//! task's state changes (the changelog records) and input offsets. Staged commits are handed,
+//! in order, to the [`StateCommitter`], a thread with its own transactional producer, which
+//! commits each in one Kafka transaction while the consumer thread goes on with the next
+//! interval. Up to [`MAX_PENDING_COMMITS`] commits may be in flight; a rebalance and the
+//! shutdown wait for all of them.
 //!
-//! * **exactly-once**: the outputs, the changelog records and the input offsets of the interval
-//!   commit in one Kafka transaction; an abortable failure aborts it and rewinds every task to
-//!   its last committed state and input position. A fencing error stops the process if the
-//!   consumer group has a member of another process with the same instance id; otherwise it
-//!   replaces the producer and rewinds once (after a broker failure the transaction
-//!   coordinator can bump the epoch of a transaction that timed out, and librdkafka reports
-//!   that as fencing too), and a second one within [`FENCE_WINDOW`] stops the process.
-//!   Correctness never rests on this rule: a producer's offsets commit only with the consumer
-//!   group generation that owns the partitions (KIP-447);
-//! * **at-least-once**: outputs are not transactional; the commit is staged and consumption
-//!   goes on. Once every output sent up to it is acknowledged, it is handed to the
-//!   [`StateCommitter`], whose own transactional producer commits its changelog records and
-//!   input offsets in one transaction (so the changelog never holds a commit whose outputs
-//!   could still be lost, never part of one, and never one of a zombie: KIP-447 again). Up to
-//!   [`MAX_PENDING_COMMITS`] commits may be in flight; a rebalance and the shutdown wait for
-//!   all of them. A failed state transaction rewinds every task to its last written commit.
-//!   After a crash the tasks resume from their last written commit and produce the outputs
-//!   since then again, identically, because the engine is deterministic.
+//! * **exactly-once**: the outputs of an interval are buffered (see [`Sink`]) and go in its
+//!   transaction, with its changelog records and input offsets, so read_committed readers see
+//!   all of them or none;
+//! * **at-least-once**: outputs go out at once on an idempotent producer; a staged commit is
+//!   handed over only once every output sent up to it is acknowledged, so the changelog never
+//!   holds a commit whose outputs could still be lost. After a crash the tasks resume from
+//!   their last written commit and produce the outputs since then again, identically, because
+//!   the engine is deterministic.
+//!
+//! Either way the transaction makes a commit atomic and fences a zombie: a producer's offsets
+//! commit only with the consumer group generation that owns the partitions (KIP-447). A failed
+//! transaction skips every commit after it and rewinds every task to its last written commit
+//! and input position. A fencing error stops the process if the consumer group has a member of
+//! another process with the same instance id; otherwise it replaces the producer and rewinds
+//! once (after a broker failure the transaction coordinator can bump the epoch of a
+//! transaction that timed out, and librdkafka reports that as fencing too), and a second one
+//! within [`FENCE_WINDOW`] stops the process.
 //!
 //! Only then is the staged state written to RocksDB, with the changelog offset it reaches (the
 //! local checkpoint). So local state is always a committed prefix of the changelog: a task
@@ -41,7 +44,8 @@ use crate::engine::{
 };
 use crate::kafka::changelog::Restorer;
 use crate::kafka::committer::{Job, JobOutcome, StateCommitter, TaskCommit};
-use crate::kafka::output::{checkpoint_of, Outputs, TxnError};
+use crate::kafka::output::{Outputs, TxnError};
+use crate::kafka::sink::{output_topics, Batch, Sink};
 use crate::kafka::{self, KafkaError};
 use crate::metrics::{DeadLetterReason, Metrics, Outcome, OutputKind, RebalanceKind, TopicMetrics};
 use crate::store::{Change, RocksOptions, RocksStore};
@@ -75,22 +79,25 @@ pub enum PipelineError {
     Transaction(String),
 }
 
-/// At-least-once: how many staged commits may wait for their outputs' acknowledgements and
-/// their state transaction while the pipeline goes on consuming; one more stalls consumption
-/// until the oldest is done.
+/// How many staged commits may wait for their transaction (at-least-once, also for their
+/// outputs' acknowledgements) while the pipeline goes on consuming; one more stalls
+/// consumption until the oldest is done.
 pub const MAX_PENDING_COMMITS: usize = 3;
 
-/// At-least-once: a staged commit, in two steps. First it waits for its outputs: only once
+/// A staged commit, in two steps. At-least-once, first it waits for its outputs: only once
 /// every output up to it is acknowledged is it handed to the [`StateCommitter`], so a
 /// committed changelog transaction (which another instance may restore and resume from) never
-/// stands for outputs that were lost in a crash. Then it waits for that transaction; once it
-/// has committed, the commit's state is written locally with the changelog checkpoint.
+/// stands for outputs that were lost in a crash (exactly-once, it is handed over at once, with
+/// its outputs). Then it waits for that transaction; once it has committed, the commit's
+/// state is written locally with the changelog checkpoint.
 struct PendingCommit {
-    /// The output epoch it ended (see [`Outputs::seal`]).
+    /// At-least-once: the output epoch it ended (see [`Outputs::seal`]).
     epoch: u64,
     /// Per task, the changelog records; none once handed over (the job then holds them, with
     /// a writer of the task's database).
     changes: Option<Vec<(i32, Vec<Change>)>>,
+    /// Exactly-once: the outputs of its interval (handed over with the changes).
+    outputs: Batch,
     /// The input offsets it reaches.
     offsets: TopicPartitionList,
     /// The tasks that staged a batch in it.
@@ -142,20 +149,17 @@ struct Core {
     rt: RuntimeSettings,
     engine: EngineConfig,
     decoder: Decoder,
-    outputs: Outputs,
-    /// To replace the producer after a fatal (not fenced) transaction error.
-    producer_config: rdkafka::config::ClientConfig,
+    sink: Sink,
     restorer: Restorer,
     metrics: Arc<Metrics>,
     health: crate::http::Health,
     topic_metrics: Vec<TopicMetrics>,
     tasks: BTreeMap<i32, Task>,
-    /// At-least-once: staged commits, oldest first (see the module docs).
+    /// Staged commits, oldest first (see the module docs).
     pending: VecDeque<PendingCommit>,
-    /// At-least-once: the thread that commits the state transactions.
-    state: Option<StateCommitter>,
-    /// At-least-once: the first failed state transaction, until the commits after it are
-    /// all skipped.
+    /// The thread that commits the transactions.
+    state: StateCommitter,
+    /// The first failed transaction, until the commits after it are all skipped.
     commit_error: Option<TxnError>,
     out: Vec<Output>,
     buf: Vec<u8>,
@@ -361,14 +365,13 @@ impl Core {
                     ann.as_ref(),
                     &mut self.buf,
                 );
-                self.outputs.send(
-                    &self.rt.annotated_topic,
+                self.sink.send(
+                    OutputKind::Annotated,
                     Some(d.user.as_bytes()),
                     &self.buf,
                     Some(d.time),
                     None,
                 )?;
-                self.metrics.record_out(OutputKind::Annotated);
                 if let Some(ts) = record_ts {
                     self.metrics
                         .observe_processing_latency(
@@ -382,9 +385,8 @@ impl Core {
                 let h = header(OwnedHeaders::new(), "sessionizer.reason", reason.as_str());
                 let h = header(h, "sessionizer.watermark", &watermark.to_string());
                 let h = source_headers(h, m);
-                self.outputs
-                    .send(&self.rt.late_topic, key, payload, record_ts, Some(h))?;
-                self.metrics.record_out(OutputKind::Late);
+                self.sink
+                    .send(OutputKind::Late, key, payload, record_ts, Some(h))?;
             }
             Disposition::FutureTime => {
                 self.topic_metrics[ti].event(Outcome::DeadLetter(DeadLetterReason::FUTURE_TIME));
@@ -407,14 +409,13 @@ impl Core {
         let h = header(OwnedHeaders::new(), "sessionizer.reason", reason);
         let h = header(h, "sessionizer.error", error);
         let h = source_headers(h, m);
-        self.outputs.send(
-            &self.rt.dlq_topic,
+        self.sink.send(
+            OutputKind::DeadLetters,
             m.key(),
             m.payload().unwrap_or(&[]),
             m.timestamp().to_millis(),
             Some(h),
         )?;
-        self.metrics.record_out(OutputKind::DeadLetters);
         Ok(())
     }
 
@@ -439,47 +440,43 @@ impl Core {
                         Some(annotation),
                         &mut self.buf,
                     );
-                    self.outputs.send(
-                        &self.rt.annotated_topic,
+                    self.sink.send(
+                        OutputKind::Annotated,
                         Some(user),
                         &self.buf,
                         Some(*time),
                         None,
                     )?;
-                    self.metrics.record_out(OutputKind::Annotated);
                 }
                 Output::Session(s) => {
                     if let Some(j) = record_json(&self.decoder, o) {
-                        self.outputs.send(
-                            &self.rt.sessions_topic,
+                        self.sink.send(
+                            OutputKind::Sessions,
                             Some(s.user.as_bytes()),
                             &j,
                             Some(s.end),
                             None,
                         )?;
-                        self.metrics.record_out(OutputKind::Sessions);
                     }
                     let j = stats_json(&s.user, &s.stats);
-                    self.outputs.send(
-                        &self.rt.stats_topic,
+                    self.sink.send(
+                        OutputKind::Stats,
                         Some(s.user.as_bytes()),
                         &j,
                         Some(s.end),
                         None,
                     )?;
-                    self.metrics.record_out(OutputKind::Stats);
                     self.metrics.session_concluded(s);
                 }
                 Output::Merge { user, at, .. } | Output::Split { user, at, .. } => {
                     if let Some(j) = record_json(&self.decoder, o) {
-                        self.outputs.send(
-                            &self.rt.sessions_topic,
+                        self.sink.send(
+                            OutputKind::Sessions,
                             Some(user.as_bytes()),
                             &j,
                             Some(*at),
                             None,
                         )?;
-                        self.metrics.record_out(OutputKind::Sessions);
                     }
                 }
             }
@@ -516,16 +513,13 @@ impl Core {
         self.commit(consumer, drain)
     }
 
-    /// Commits every task (see the module docs). At-least-once, `drain` waits until every
-    /// staged commit is written.
+    /// Commits every task (see the module docs): stages the interval's commit and moves the
+    /// staged commits on. `drain` waits until every staged commit is written.
     fn commit(&mut self, consumer: &BaseConsumer<Ctx>, drain: bool) -> Result<(), PipelineError> {
         let started = Instant::now();
         let mut tpl = TopicPartitionList::new();
         let mut partitions = Vec::with_capacity(self.tasks.len());
-        // Written once committed; at-least-once, the changelog records also wait for the
-        // outputs (see `PendingCommit`).
-        let mut held = Vec::new();
-        let exactly_once = self.exactly_once();
+        let mut changes = Vec::with_capacity(self.tasks.len());
         for t in self.tasks.values_mut() {
             partitions.push(t.partition);
             let offsets: Vec<SourceOffset> = self
@@ -547,83 +541,37 @@ impl Core {
                     partition: t.partition,
                     source,
                 })?;
-            let changes = t.engine.store_mut().take_changes();
-            if exactly_once {
-                self.outputs
-                    .send_changes(&self.rt.changelog_topic, t.partition, &changes)?;
-            }
-            held.push((t.partition, changes));
+            changes.push((t.partition, t.engine.store_mut().take_changes()));
             for o in &offsets {
                 let _ =
                     tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
             }
         }
-        if !exactly_once {
-            self.pending.push_back(PendingCommit {
-                epoch: self.outputs.seal(),
-                changes: Some(held),
-                offsets: tpl,
-                partitions,
-                started,
-            });
-            return self.settle_commits(consumer, drain);
+        if let Some(o) = self.sink.outputs() {
+            o.keep_brokers();
         }
-        let group = consumer
-            .group_metadata()
-            .ok_or_else(|| PipelineError::Rebalance("the consumer has no group metadata".into()))?;
-        let t0 = Instant::now();
-        let checkpoints = match self
-            .outputs
-            .commit_epoch(&tpl, group, partitions.iter().copied())
-        {
-            Ok(c) => {
-                self.metrics.observe_transaction_commit(t0.elapsed());
-                c
-            }
-            Err(TxnError::Abortable(e) | TxnError::Fatal(e)) => {
-                tracing::warn!(error = %e, "transaction failed: aborting and rewinding");
-                return self.abort_and_rewind(consumer);
-            }
-            Err(TxnError::Fenced(e)) => {
-                self.metrics.transaction_aborted();
-                return self.fenced(consumer, e);
-            }
-        };
-        for (partition, changes) in &held {
-            if let Some(t) = self.tasks.get(partition) {
-                let checkpoint = checkpoint_of(&checkpoints, *partition);
-                t.engine
-                    .store()
-                    .writer()
-                    .write(changes, checkpoint)
-                    .map_err(|source| PipelineError::Store {
-                        partition: *partition,
-                        source,
-                    })?;
-            }
-        }
-        self.written(&partitions)?;
-        self.metrics.observe_commit(started.elapsed());
-        if !self.closing {
-            self.begin()?;
-        }
-        Ok(())
+        self.pending.push_back(PendingCommit {
+            epoch: self.sink.outputs().map_or(0, |o| o.seal()),
+            changes: Some(changes),
+            outputs: self.sink.take_batch(),
+            offsets: tpl,
+            partitions,
+            started,
+        });
+        self.settle_commits(consumer, drain)
     }
 
-    /// At-least-once: moves the staged commits on (see [`PendingCommit`]), in order: hands
-    /// those whose outputs are acknowledged to the state committer, and writes those whose
-    /// transaction has committed. Waits while more than [`MAX_PENDING_COMMITS`] are staged, or
-    /// until none is left with `all`. Fails if an output could not be delivered (nothing after
-    /// it may be committed). A failed state transaction takes every task back to its last
-    /// written commit (see [`Self::commit_failed`]).
+    /// Moves the staged commits on (see [`PendingCommit`]), in order: hands them to the state
+    /// committer (at-least-once, once their outputs are acknowledged), and takes in the
+    /// outcomes of those it committed. Waits while more than [`MAX_PENDING_COMMITS`] are
+    /// staged, or until none is left with `all`. Fails if an output could not be delivered
+    /// (nothing after it may be committed). A failed transaction takes every task back to
+    /// its last written commit (see [`Self::commit_failed`]).
     fn settle_commits(
         &mut self,
         consumer: &BaseConsumer<Ctx>,
         all: bool,
     ) -> Result<(), PipelineError> {
-        if self.state.is_none() {
-            return Ok(());
-        }
         loop {
             if self.commit_error.is_none() {
                 self.hand_over(consumer)?;
@@ -639,9 +587,11 @@ impl Core {
             } else {
                 self.pending.len() > MAX_PENDING_COMMITS
             };
-            match self.pending.front() {
-                Some(c) if wait && c.changes.is_some() => self.outputs.wait_acknowledged(c.epoch),
-                Some(_) if wait => {
+            let waiting_for_outputs = self.commit_error.is_none()
+                && self.pending.front().is_some_and(|c| c.changes.is_some());
+            match (self.pending.front(), self.sink.outputs()) {
+                (Some(c), Some(o)) if wait && waiting_for_outputs => o.wait_acknowledged(c.epoch),
+                (Some(_), _) if wait => {
                     if let Some(o) = self.outcome(Duration::from_millis(1))? {
                         self.settled(o)?;
                     }
@@ -651,18 +601,17 @@ impl Core {
         }
     }
 
-    /// Hands the staged commits whose outputs are all acknowledged to the state committer, in
-    /// order, with the consumer group generation of now.
+    /// Hands the staged commits to the state committer, in order, with the consumer group
+    /// generation of now; at-least-once, only those whose outputs are all acknowledged.
     fn hand_over(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), PipelineError> {
-        let Some(committer) = self.state.as_mut() else {
-            return Ok(());
-        };
         for c in self.pending.iter_mut().filter(|c| c.changes.is_some()) {
-            if !self.outputs.acknowledged(c.epoch) {
-                break;
+            if let Some(o) = self.sink.outputs() {
+                if !o.acknowledged(c.epoch) {
+                    break;
+                }
+                o.check_failures()?;
+                o.retire(c.epoch);
             }
-            self.outputs.check_failures()?;
-            self.outputs.retire(c.epoch);
             let group = consumer.group_metadata().ok_or_else(|| {
                 PipelineError::Rebalance("the consumer has no group metadata".into())
             })?;
@@ -682,9 +631,10 @@ impl Core {
                     writer: t.engine.store().writer(),
                 });
             }
-            committer.submit(Job {
+            self.state.submit(Job {
                 tasks,
                 offsets: c.offsets.clone(),
+                outputs: std::mem::take(&mut c.outputs),
                 group,
             })?;
         }
@@ -692,14 +642,11 @@ impl Core {
     }
 
     fn outcome(&mut self, wait: Duration) -> Result<Option<JobOutcome>, PipelineError> {
-        match self.state.as_mut() {
-            Some(c) => Ok(c.outcome(wait)?),
-            None => Ok(None),
-        }
+        Ok(self.state.outcome(wait)?)
     }
 
     fn outstanding(&self) -> usize {
-        self.state.as_ref().map_or(0, |c| c.outstanding())
+        self.state.outstanding()
     }
 
     /// The outcome of the oldest handed-over commit.
@@ -710,7 +657,8 @@ impl Core {
             ));
         };
         match outcome {
-            JobOutcome::Committed(_) => {
+            JobOutcome::Committed { took, .. } => {
+                self.metrics.observe_transaction_commit(took);
                 self.written(&c.partitions)?;
                 self.metrics.observe_commit(c.started.elapsed());
             }
@@ -729,11 +677,12 @@ impl Core {
         Ok(())
     }
 
-    /// At-least-once: a state transaction failed (and every commit after it was skipped).
-    /// Every task goes back to its last written commit and input position, and consumes
-    /// again from there: the outputs since then are produced again, identically. A fenced
-    /// state producer stops the instance if another process has its instance id; otherwise
-    /// it is replaced, as for exactly-once (see [`Self::fenced`]).
+    /// A state transaction failed (and every commit after it was skipped). Every task goes
+    /// back to its last written commit and input position, and consumes again from there:
+    /// the outputs since then are produced again, identically (exactly-once: for the first
+    /// time, as the failed transactions' outputs never became visible). A fenced producer
+    /// stops the instance if another process has its instance id; otherwise it is replaced
+    /// (see [`Self::check_fence`]).
     fn commit_failed(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), PipelineError> {
         let Some(e) = self.commit_error.take() else {
             return Ok(());
@@ -753,9 +702,7 @@ impl Core {
                 true
             }
         };
-        if let Some(c) = self.state.as_mut() {
-            c.reset(new_producer)?;
-        }
+        self.state.reset(new_producer)?;
         self.rewind(consumer)
     }
 
@@ -765,7 +712,6 @@ impl Core {
             return Ok(());
         }
         self.settle_commits(consumer, false)
-            .or_else(|e| self.recover(consumer, e))
     }
 
     /// The oldest staged commit of each of `partitions` is written to its database: tells
@@ -804,67 +750,13 @@ impl Core {
         Ok(())
     }
 
-    fn begin(&self) -> Result<(), PipelineError> {
-        self.outputs.begin().map_err(txn_failed)
-    }
-
-    /// Replaces the producer: the new one, with the same transactional id, aborts whatever
-    /// the old one left open.
-    fn new_producer(&mut self) -> Result<(), PipelineError> {
-        tracing::warn!("replacing the transactional producer");
-        self.outputs = Outputs::new(&self.producer_config)?;
-        self.outputs.init_transactions().map_err(txn_failed)
-    }
-
-    /// Exactly-once: a failure of the transaction or of the brokers is survived by aborting
-    /// and rewinding to the last commit; anything else (and every failure in at-least-once
-    /// mode, where a restart resumes from the last commit) is returned.
-    fn recover(
-        &mut self,
-        consumer: &BaseConsumer<Ctx>,
-        e: PipelineError,
-    ) -> Result<(), PipelineError> {
-        let recoverable = matches!(
-            e,
-            PipelineError::Kafka(
-                KafkaError::Produce(_) | KafkaError::Changelog(_) | KafkaError::Commit(_)
-            ) | PipelineError::Rebalance(_)
-        );
-        if !(self.exactly_once() && recoverable) {
-            return Err(e);
-        }
-        tracing::warn!(error = %e, "aborting the transaction and rewinding to the last commit");
-        self.abort_and_rewind(consumer)
-    }
-
-    /// Exactly-once: aborts the open transaction and takes every task back to its last
-    /// committed state and input position.
-    fn abort_and_rewind(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), PipelineError> {
-        self.metrics.transaction_aborted();
-        match self.outputs.abort() {
-            Ok(()) => {}
-            Err(TxnError::Fenced(e)) => return self.fenced(consumer, e),
-            Err(TxnError::Fatal(e) | TxnError::Abortable(e)) => {
-                tracing::warn!(error = %e, "abort failed");
-                self.new_producer()?;
-            }
-        }
-        self.rewind(consumer)
-    }
-
-    /// Exactly-once: the producer was fenced. If the consumer group has a member from
-    /// another process with this instance id, that one took over: stop. Otherwise (or when
-    /// the group cannot be described), the first time within [`FENCE_WINDOW`] the producer is
-    /// replaced and every task rewinds: the fencing may come from the coordinator aborting a
-    /// transaction that outlived its timeout while a broker was down. A second time means
-    /// another running instance has the same transactional id: stop.
-    fn fenced(&mut self, consumer: &BaseConsumer<Ctx>, e: String) -> Result<(), PipelineError> {
-        self.check_fence(consumer, e)?;
-        self.new_producer()?;
-        self.rewind(consumer)
-    }
-
-    /// After a fencing error: fails if the instance must stop (see [`Self::fenced`]).
+    /// After a fencing error: fails if the instance must stop. If the consumer group has a
+    /// member from another process with this instance id, that one took over: stop.
+    /// Otherwise (or when the group cannot be described), the first time within
+    /// [`FENCE_WINDOW`] the producer is replaced and every task rewinds: the fencing may come
+    /// from the coordinator aborting a transaction that outlived its timeout while a broker
+    /// was down. A second time means another running instance has the same transactional id:
+    /// stop.
     fn check_fence(
         &mut self,
         consumer: &BaseConsumer<Ctx>,
@@ -894,17 +786,15 @@ impl Core {
     }
 
     /// Reopens every task from its committed state and moves the consumer back to the
-    /// tasks' offsets, then (exactly-once) begins a new transaction.
+    /// tasks' offsets; the outputs buffered since the last commit are dropped.
     fn rewind(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), PipelineError> {
         let parts: Vec<i32> = self.tasks.keys().copied().collect();
         // Dropping a store discards its staged commit: RocksDB holds the committed state.
         self.tasks.clear();
+        self.sink.discard();
         for p in parts {
             self.open_task(p)?;
             self.seek_task(consumer, p)?;
-        }
-        if self.exactly_once() {
-            self.begin()?;
         }
         Ok(())
     }
@@ -1040,10 +930,15 @@ impl Core {
         if self.closing {
             // Everything was committed by the final tick.
         } else if lost && self.exactly_once() {
+            // Their outputs since the last commit are buffered with the other tasks': once
+            // the commits in flight are settled (those with their offsets fail: the group
+            // generation moved on), every other task rewinds to its last commit.
             for p in parts {
                 self.tasks.remove(p);
             }
-            self.abort_and_rewind(consumer)?;
+            self.settle_commits(consumer, true)?;
+            self.pending.clear();
+            self.rewind(consumer)?;
         } else if lost {
             // At-least-once: another instance may own them already. Commits not handed over
             // yet leave them out (their state transaction would be refused: the group
@@ -1057,11 +952,9 @@ impl Core {
                 self.tasks.remove(p);
             }
             tracing::warn!(partitions = ?parts, "partitions lost: their uncommitted work is dropped");
-            self.commit(consumer, true)
-                .or_else(|e| self.recover(consumer, e))?;
+            self.commit(consumer, true)?;
         } else {
-            self.commit(consumer, true)
-                .or_else(|e| self.recover(consumer, e))?;
+            self.commit(consumer, true)?;
         }
         let topics: Vec<&str> = self.rt.input_topics.iter().map(|s| s.as_str()).collect();
         for p in parts {
@@ -1069,14 +962,6 @@ impl Core {
             self.metrics.forget_partition(&topics, *p);
         }
         Ok(())
-    }
-}
-
-/// A transaction operation that failed where no recovery is attempted.
-fn txn_failed(e: TxnError) -> PipelineError {
-    match e {
-        TxnError::Fenced(e) => PipelineError::Fenced(e),
-        TxnError::Abortable(e) | TxnError::Fatal(e) => PipelineError::Transaction(e),
     }
 }
 
@@ -1098,6 +983,8 @@ struct Ctx {
     failure: Arc<Mutex<Option<String>>>,
     /// Reports input partitions that stop being fetched (see [`kafka::watch`]).
     watch: Mutex<kafka::watch::FetchWatch>,
+    /// See [`kafka::rebootstrap`].
+    brokers: kafka::rebootstrap::BrokerLoss,
 }
 
 impl Ctx {
@@ -1112,6 +999,7 @@ impl ClientContext for Ctx {
     }
 
     fn stats(&self, s: Statistics) {
+        self.brokers.observe(&s);
         for (topic, t) in &s.topics {
             for (p, part) in &t.partitions {
                 if *p >= 0 && part.consumer_lag >= 0 {
@@ -1212,6 +1100,7 @@ pub fn run(
         metrics: metrics.clone(),
         failure: failure.clone(),
         watch: Mutex::default(),
+        brokers: Default::default(),
     };
     let nonce = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1241,20 +1130,20 @@ pub fn run(
         guarantee = ?rt.guarantee,
         "topics checked"
     );
-    let producer_config = kafka::producer_config(&rt);
-    let outputs = Outputs::new(&producer_config)?;
-    if rt.guarantee == Guarantee::ExactlyOnce {
-        outputs.init_transactions().map_err(txn_failed)?;
-        outputs.begin().map_err(txn_failed)?;
-        tracing::info!(transactional_id = %kafka::transactional_id(&rt), "transactions initialised");
-    }
-    let state = match rt.guarantee {
-        Guarantee::AtLeastOnce => Some(StateCommitter::start(
-            kafka::transactional_producer_config(&rt),
-            rt.changelog_topic.clone(),
-        )?),
-        Guarantee::ExactlyOnce => None,
+    let sink = match rt.guarantee {
+        Guarantee::AtLeastOnce => Sink::direct(
+            &rt,
+            metrics.clone(),
+            Outputs::new(&kafka::plain_producer_config(&rt))?,
+        ),
+        Guarantee::ExactlyOnce => Sink::buffered(&rt, metrics.clone()),
     };
+    let state = StateCommitter::start(
+        kafka::transactional_producer_config(&rt),
+        rt.changelog_topic.clone(),
+        output_topics(&rt),
+    )?;
+    tracing::info!(transactional_id = %kafka::transactional_id(&rt), "transactions initialised");
     let restorer = Restorer::new(&rt)?;
     let decoder = Decoder::new(settings.decode);
     let topic_metrics = rt.input_topics.iter().map(|t| metrics.topic(t)).collect();
@@ -1262,8 +1151,7 @@ pub fn run(
         rt: rt.clone(),
         engine: settings.engine,
         decoder,
-        outputs,
-        producer_config,
+        sink,
         restorer,
         metrics: metrics.clone(),
         health: health.clone(),
@@ -1300,8 +1188,7 @@ pub fn run(
         while !shutdown.load(Ordering::Relaxed) {
             match consumer.poll(Duration::from_millis(20)) {
                 Some(Ok(m)) => with_core(&mut |c| {
-                    c.handle(&m, wall_ms())
-                        .or_else(|e| c.recover(&consumer, e))?;
+                    c.handle(&m, wall_ms())?;
                     c.settle_pending(&consumer)
                 })?,
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => with_core(&mut |c| {
@@ -1315,7 +1202,11 @@ pub fn run(
                 return Err(PipelineError::Rebalance(f));
             }
             if last_tick.elapsed() >= rt.commit_interval {
-                with_core(&mut |c| c.tick(&consumer).or_else(|e| c.recover(&consumer, e)))?;
+                consumer
+                    .context()
+                    .brokers
+                    .rebootstrap(consumer.client(), &rt.brokers);
+                with_core(&mut |c| c.tick(&consumer))?;
                 last_tick = Instant::now();
             }
         }

@@ -10,6 +10,7 @@
 //! earlier commits' markers (the partition meta record is rewritten by every commit) but keeps
 //! their other records wherever no later commit rewrote the key.
 
+use super::rebootstrap::BrokerLoss;
 use super::KafkaError;
 use crate::config::RuntimeSettings;
 use crate::store::{Change, RocksStore};
@@ -102,11 +103,18 @@ pub struct Restored {
 }
 
 /// Client context of the restore consumer: reaching the end of a partition is expected.
-pub struct RestoreContext;
+#[derive(Default)]
+pub struct RestoreContext {
+    brokers: BrokerLoss,
+}
 
 impl ClientContext for RestoreContext {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         super::log_client_error(error, reason, "changelog reader");
+    }
+
+    fn stats(&self, s: rdkafka::statistics::Statistics) {
+        self.brokers.observe(&s);
     }
 }
 
@@ -116,6 +124,7 @@ impl ConsumerContext for RestoreContext {}
 pub struct Restorer {
     consumer: BaseConsumer<RestoreContext>,
     topic: String,
+    bootstrap: String,
 }
 
 impl Restorer {
@@ -134,17 +143,27 @@ impl Restorer {
             .set("fetch.error.backoff.ms", "20")
             // See `FETCH_QUEUE_BACKOFF_MS`: a full local queue must not stop fetching for 1 s.
             .set("fetch.queue.backoff.ms", super::FETCH_QUEUE_BACKOFF_MS)
-            .set("max.partition.fetch.bytes", "10485760");
-        let consumer =
-            c.create_with_context(RestoreContext)
-                .map_err(|source| KafkaError::Client {
-                    what: "restore consumer",
-                    source,
-                })?;
+            .set("max.partition.fetch.bytes", "10485760")
+            .set("statistics.interval.ms", super::STATISTICS_INTERVAL_MS);
+        let consumer = c
+            .create_with_context(RestoreContext::default())
+            .map_err(|source| KafkaError::Client {
+                what: "restore consumer",
+                source,
+            })?;
         Ok(Self {
             consumer,
             topic: rt.changelog_topic.clone(),
+            bootstrap: rt.brokers.clone(),
         })
+    }
+
+    /// See [`BrokerLoss`].
+    fn keep_brokers(&self) {
+        self.consumer
+            .context()
+            .brokers
+            .rebootstrap(self.consumer.client(), &self.bootstrap);
     }
 
     /// Low and high watermarks of a changelog partition. Retries for up to a minute while
@@ -159,6 +178,7 @@ impl Restorer {
                 Ok(b) => return Ok(b),
                 Err(e) if started.elapsed() < Duration::from_secs(60) => {
                     tracing::warn!(partition, error = %e, "cannot read the changelog offsets yet (retrying)");
+                    self.keep_brokers();
                     std::thread::sleep(Duration::from_millis(500));
                 }
                 Err(e) => {
@@ -214,6 +234,7 @@ impl Restorer {
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) if p == partition => break,
                 Some(Err(e)) => tracing::warn!(error = %e, partition, "changelog read (retrying)"),
                 None => {
+                    self.keep_brokers();
                     if last_progress.elapsed() > Duration::from_secs(10) {
                         tracing::warn!(partition, "changelog restore waiting for the brokers");
                         last_progress = Instant::now();

@@ -1,20 +1,23 @@
-//! At-least-once state commits, off the consumer thread: a thread that owns a transactional
-//! producer for the changelog and commits each staged commit's changelog records together with
-//! its input offsets (`send_offsets_to_transaction`, with the consumer group generation of the
-//! moment it was handed over) in one Kafka transaction, then writes the commit to the tasks'
-//! RocksDB databases with the changelog checkpoints it reached.
+//! State commits, off the consumer thread: a thread that owns a transactional producer and
+//! commits each staged commit in one Kafka transaction: its changelog records, its input
+//! offsets (`send_offsets_to_transaction`, with the consumer group generation of the moment it
+//! was handed over) and, exactly-once, the outputs of its interval. Then it writes the commit
+//! to the tasks' RocksDB databases with the changelog checkpoints it reached.
 //!
-//! Delivery invariant. The pipeline hands a commit over only once every output sent before it
-//! is acknowledged, so a committed changelog transaction never stands for outputs that could
+//! Delivery invariant. Exactly-once, a commit's outputs are in its transaction, so they become
+//! visible to read_committed readers together with its state and offsets, or not at all.
+//! At-least-once, the pipeline hands a commit over only once every output sent before it is
+//! acknowledged, so a committed changelog transaction never stands for outputs that could
 //! still be lost. The transaction makes the commit atomic (a restore never sees part of one)
 //! and fences a zombie: once its partitions belong to a newer group generation, its offsets,
-//! and with them its changelog records, cannot commit (KIP-447). Jobs are committed in the
-//! order they are submitted; after a failure every later job is skipped until
-//! [`StateCommitter::reset`], because each builds on the state of the one before. A local
-//! write that fails stops the thread's work for good: a later commit written over the gap
-//! would claim a checkpoint the database does not reflect.
+//! and with them its changelog records and outputs, cannot commit (KIP-447). Jobs are
+//! committed in the order they are submitted; after a failure every later job is skipped
+//! until [`StateCommitter::reset`], because each builds on the state of the one before. A
+//! local write that fails stops the thread's work for good: a later commit written over the
+//! gap would claim a checkpoint the database does not reflect.
 
 use super::output::{checkpoint_of, Outputs, TxnError};
+use super::sink::{Batch, OutputTopics};
 use super::KafkaError;
 use crate::engine::StoreError;
 use crate::store::{Change, StateWriter};
@@ -23,7 +26,7 @@ use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::TopicPartitionList;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// One task's part of a staged commit.
 pub struct TaskCommit {
@@ -34,10 +37,12 @@ pub struct TaskCommit {
     pub writer: StateWriter,
 }
 
-/// One staged commit: its part of each task, and the input offsets it reaches.
+/// One staged commit: its part of each task, the input offsets it reaches and (exactly-once)
+/// its outputs.
 pub struct Job {
     pub tasks: Vec<TaskCommit>,
     pub offsets: TopicPartitionList,
+    pub outputs: Batch,
     /// The consumer group generation when the commit was handed over.
     pub group: ConsumerGroupMetadata,
 }
@@ -45,9 +50,12 @@ pub struct Job {
 /// What became of a job.
 #[derive(Debug)]
 pub enum JobOutcome {
-    /// Committed, and written to each task's database with its changelog checkpoint (next
-    /// offset), listed here.
-    Committed(Vec<(i32, i64)>),
+    /// Committed (the transaction took `took`), and written to each task's database with
+    /// its changelog checkpoint (next offset), listed in `checkpoints`.
+    Committed {
+        checkpoints: Vec<(i32, i64)>,
+        took: Duration,
+    },
     /// Committed, but writing it to the database of task `partition` failed.
     NotWritten { partition: i32, error: StoreError },
     /// The transaction failed (and was aborted where that is possible).
@@ -72,14 +80,23 @@ pub struct StateCommitter {
 
 impl StateCommitter {
     /// Creates the transactional producer of `config`, registers its transactional id
-    /// (fencing an older producer with the same id) and starts the thread.
-    pub fn start(config: ClientConfig, topic: String) -> Result<Self, KafkaError> {
+    /// (fencing an older producer with the same id) and starts the thread, which produces
+    /// changelog records to `changelog` and outputs to `topics`.
+    pub fn start(
+        config: ClientConfig,
+        changelog: String,
+        topics: OutputTopics,
+    ) -> Result<Self, KafkaError> {
         let outputs = transactional(&config)?;
         let (tx, jobs) = mpsc::channel();
         let (done, rx) = mpsc::channel();
+        let topics = Topics {
+            changelog,
+            outputs: topics,
+        };
         let thread = std::thread::Builder::new()
             .name("state commits".into())
-            .spawn(move || serve(config, topic, outputs, jobs, done))
+            .spawn(move || serve(config, topics, outputs, jobs, done))
             .map_err(|e| KafkaError::Changelog(format!("cannot start a thread: {e}")))?;
         Ok(Self {
             tx: Some(tx),
@@ -157,9 +174,15 @@ fn transactional(config: &ClientConfig) -> Result<Outputs, KafkaError> {
     Ok(outputs)
 }
 
+/// Where a job's records go.
+struct Topics {
+    changelog: String,
+    outputs: OutputTopics,
+}
+
 fn serve(
     config: ClientConfig,
-    topic: String,
+    topics: Topics,
     mut outputs: Outputs,
     jobs: Receiver<Msg>,
     done: Sender<JobOutcome>,
@@ -188,8 +211,8 @@ fn serve(
                 continue;
             }
             Msg::Job(_) if failed => JobOutcome::Skipped,
-            Msg::Job(job) => match commit(&mut outputs, &topic, *job) {
-                Ok(Ok(checkpoints)) => JobOutcome::Committed(checkpoints),
+            Msg::Job(job) => match commit(&mut outputs, &topics, *job) {
+                Ok(Ok((checkpoints, took))) => JobOutcome::Committed { checkpoints, took },
                 Ok(Err((partition, error))) => {
                     failed = true;
                     unwritable = true;
@@ -215,23 +238,29 @@ fn serve(
     }
 }
 
-/// Commits a job's transaction, then writes each task's part locally: the checkpoints, or the
-/// task whose write failed.
-type Written = Result<Vec<(i32, i64)>, (i32, StoreError)>;
+/// Commits a job's transaction, then writes each task's part locally: the checkpoints and how
+/// long the transaction took, or the task whose write failed.
+type Written = Result<(Vec<(i32, i64)>, Duration), (i32, StoreError)>;
 
-fn commit(outputs: &mut Outputs, topic: &str, job: Job) -> Result<Written, TxnError> {
+fn commit(outputs: &mut Outputs, topics: &Topics, job: Job) -> Result<Written, TxnError> {
     let Job {
         tasks,
         offsets,
+        outputs: batch,
         group,
     } = job;
+    let started = Instant::now();
+    let abortable = |e: KafkaError| TxnError::Abortable(e.to_string());
+    outputs.keep_brokers();
     outputs.begin()?;
+    batch.produce(outputs, &topics.outputs).map_err(abortable)?;
     for t in &tasks {
         outputs
-            .send_changes(topic, t.partition, &t.changes)
-            .map_err(|e| TxnError::Abortable(e.to_string()))?;
+            .send_changes(&topics.changelog, t.partition, &t.changes)
+            .map_err(abortable)?;
     }
     let checkpoints = outputs.commit_epoch(&offsets, group, tasks.iter().map(|t| t.partition))?;
+    let took = started.elapsed();
     for t in &tasks {
         if let Err(e) = t
             .writer
@@ -240,5 +269,5 @@ fn commit(outputs: &mut Outputs, topic: &str, job: Job) -> Result<Written, TxnEr
             return Ok(Err((t.partition, e)));
         }
     }
-    Ok(Ok(checkpoints))
+    Ok(Ok((checkpoints, took)))
 }

@@ -5,6 +5,8 @@
 pub mod changelog;
 pub mod committer;
 pub mod output;
+pub mod rebootstrap;
+pub mod sink;
 pub mod watch;
 
 use crate::config::RuntimeSettings;
@@ -66,6 +68,10 @@ pub(crate) fn base_config(rt: &RuntimeSettings) -> ClientConfig {
 /// events/s) and the restore (157-251k -> 400-430k records/s); see BENCHMARKS.md.
 pub(crate) const FETCH_QUEUE_BACKOFF_MS: &str = "20";
 
+/// `statistics.interval.ms` of every client: the statistics feed the lag metrics and
+/// [`rebootstrap::BrokerLoss`].
+pub(crate) const STATISTICS_INTERVAL_MS: &str = "5000";
+
 /// The consumer configuration: manual commits, cooperative-sticky assignment, EOF events (to
 /// know when a partition is caught up), read_committed, a short fetch-queue backoff (see
 /// [`FETCH_QUEUE_BACKOFF_MS`]).
@@ -77,7 +83,7 @@ pub fn consumer_config(rt: &RuntimeSettings) -> ClientConfig {
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed")
-        .set("statistics.interval.ms", "5000");
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
     for (k, v) in [
         ("auto.offset.reset", "earliest"),
         ("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS),
@@ -89,18 +95,8 @@ pub fn consumer_config(rt: &RuntimeSettings) -> ClientConfig {
     c
 }
 
-/// The pipeline's producer configuration: [`plain_producer_config`], transactional (with id
-/// `<group>-<instance_id>`) for exactly-once.
-pub fn producer_config(rt: &RuntimeSettings) -> ClientConfig {
-    if rt.guarantee == crate::config::Guarantee::ExactlyOnce {
-        transactional_producer_config(rt)
-    } else {
-        plain_producer_config(rt)
-    }
-}
-
-/// [`plain_producer_config`], transactional with id `<group>-<instance_id>`: the producer of
-/// everything for exactly-once, of the changelog (the state commits) for at-least-once.
+/// [`plain_producer_config`], transactional with id `<group>-<instance_id>`: the state
+/// committer's (see [`committer`]): changelog records, offsets and, exactly-once, the outputs.
 pub fn transactional_producer_config(rt: &RuntimeSettings) -> ClientConfig {
     let mut c = plain_producer_config(rt);
     c.set("transactional.id", transactional_id(rt)).set(
@@ -119,6 +115,7 @@ pub fn plain_producer_config(rt: &RuntimeSettings) -> ClientConfig {
         ("acks", "all"),
         ("linger.ms", "5"),
         ("compression.type", "lz4"),
+        ("statistics.interval.ms", STATISTICS_INTERVAL_MS),
     ] {
         if !rt.properties.contains_key(k) {
             c.set(k, v);

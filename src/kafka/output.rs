@@ -20,6 +20,7 @@
 //! changelog partition's next offset as of the last retired epoch
 //! ([`Outputs::changelog_next`]), the local checkpoint of the commit that epoch ends.
 
+use super::rebootstrap::BrokerLoss;
 use super::KafkaError;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::ConsumerGroupMetadata;
@@ -66,9 +67,14 @@ const CHANGELOG: usize = 1;
 /// Producer context counting failed deliveries.
 pub struct DeliveryContext {
     state: Arc<DeliveryState>,
+    brokers: BrokerLoss,
 }
 
-impl ClientContext for DeliveryContext {}
+impl ClientContext for DeliveryContext {
+    fn stats(&self, s: rdkafka::statistics::Statistics) {
+        self.brokers.observe(&s);
+    }
+}
 
 impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = usize;
@@ -132,6 +138,8 @@ pub struct Outputs {
     epoch: u64,
     /// Every epoch up to this one is retired.
     retired: u64,
+    /// `bootstrap.servers`, for [`Self::keep_brokers`].
+    bootstrap: String,
     /// Per changelog partition: the offset after its last changelog record of the retired
     /// epochs.
     checkpoints: FxHashMap<i32, i64>,
@@ -146,18 +154,32 @@ impl Outputs {
         let producer = config
             .create_with_context(DeliveryContext {
                 state: state.clone(),
+                brokers: BrokerLoss::default(),
             })
             .map_err(|source| KafkaError::Client {
                 what: "producer",
                 source,
             })?;
         Ok(Outputs {
+            bootstrap: config
+                .get("bootstrap.servers")
+                .unwrap_or_default()
+                .to_owned(),
             producer: Arc::new(producer),
             state,
             epoch: 1,
             retired: 0,
             checkpoints: FxHashMap::default(),
         })
+    }
+
+    /// Gives the producer its bootstrap servers again if it has lost every broker (see
+    /// [`BrokerLoss`]).
+    pub fn keep_brokers(&self) {
+        self.producer
+            .context()
+            .brokers
+            .rebootstrap(self.producer.client(), &self.bootstrap);
     }
 
     /// Queues one record; waits while the local queue is full.

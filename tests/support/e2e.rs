@@ -626,12 +626,25 @@ pub fn run_with(
         .arg(dir.join("state"))
         .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
         .args(extra)
-        .env("SESSIONIZER_LOG", "info")
+        .args(kafka_debug().into_iter().flatten())
+        .env(
+            "SESSIONIZER_LOG",
+            kafka_debug().map_or("info", |_| "info,librdkafka=debug"),
+        )
         .stdout(Stdio::null())
         .stderr(f)
         .spawn()
         .unwrap();
     Proc { child, log }
+}
+
+/// `E2E_KAFKA_DEBUG=cgrp,eos` (librdkafka `debug` contexts): the processes log them, for
+/// diagnosing a failed scenario from its log.
+fn kafka_debug() -> Option<[String; 2]> {
+    std::env::var("E2E_KAFKA_DEBUG")
+        .ok()
+        .filter(|d| !d.is_empty())
+        .map(|d| ["--kafka-property".to_owned(), format!("debug={d}")])
 }
 
 pub fn offline(input: &[(String, String)], dir: &Path) -> (Vec<Value>, Vec<String>) {
