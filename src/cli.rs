@@ -87,6 +87,10 @@ pub struct RuntimeArgs {
     /// Transaction timeout (exactly-once), e.g. 10s.
     #[arg(long, env = "SESSIONIZER_TRANSACTION_TIMEOUT")]
     pub transaction_timeout: Option<String>,
+    /// Standby copies kept per owned partition: the state of the next N partitions, warm for
+    /// a fast failover (default 0).
+    #[arg(long, env = "SESSIONIZER_STANDBY_REPLICAS")]
+    pub standby_replicas: Option<u32>,
     /// A librdkafka property KEY=VALUE for both clients (repeatable), e.g. security.protocol=SSL.
     #[arg(
         long = "kafka-property",
@@ -115,6 +119,7 @@ impl RuntimeArgs {
         k.changelog_topic = self.changelog_topic.clone();
         k.instance_id = self.instance_id.clone();
         k.transaction_timeout = self.transaction_timeout.clone();
+        k.standby_replicas = self.standby_replicas;
         let props: Vec<&String> = self
             .kafka_properties
             .iter()
@@ -433,8 +438,10 @@ pub fn main() -> ExitCode {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SESSIONIZER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: a log file or a log collector gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
         .with_writer(io::stderr);
     let json = json || std::env::var("SESSIONIZER_LOG_FORMAT").as_deref() == Ok("json");
     // A second initialisation (tests calling `run` twice) is harmless: keep the first.

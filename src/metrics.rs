@@ -76,13 +76,15 @@ pub const METRIC_TABLE: &str = "\
 | `sessionizer_watermark_lag_seconds` | gauge | `topic`, `partition` | wall clock minus watermark |
 | `sessionizer_consumer_lag_records` | gauge | `topic`, `partition` | records between the consumer position and the high watermark of the input partition |
 | `sessionizer_processing_latency_seconds` | histogram | | end-to-end latency, input record timestamp to its annotated record being handed to the producer |
-| `sessionizer_transaction_commit_seconds` | histogram | | time to commit a Kafka transaction (exactly-once) |
+| `sessionizer_transaction_commit_seconds` | histogram | | time to produce and commit one Kafka transaction (exactly-once: outputs, changelog records and offsets; at-least-once: changelog records and offsets) |
 | `sessionizer_transaction_aborts_total` | counter | | Kafka transactions aborted |
-| `sessionizer_commit_seconds` | histogram | | time from a commit being staged to its state and input offsets being written (one RocksDB write batch; at-least-once, this includes waiting for the acknowledgements) |
+| `sessionizer_commit_seconds` | histogram | | time from a commit being staged to its state and input offsets being written (waiting for the commits before it, its transaction and one RocksDB write batch; at-least-once, also the outputs' acknowledgements) |
 | `sessionizer_rebalances_total` | counter | `kind` | consumer-group rebalance callbacks: `assigned`, `revoked` |
 | `sessionizer_restore_records_total` | counter | `partition` | state records restored from the changelog |
 | `sessionizer_restoring_partitions` | gauge | | partitions currently restoring their state |
 | `sessionizer_state_size_bytes` | gauge | `partition` | estimated size of the partition's RocksDB state (live SST files + memtables) |
+| `sessionizer_standby_partitions` | gauge | | partitions of which this instance keeps a standby copy |
+| `sessionizer_standby_checkpoint` | gauge | `partition` | next changelog offset a standby copy reflects (compare with the changelog's end offset) |
 | `sessionizer_process_*` | counter / gauge | | process CPU seconds, resident and virtual memory bytes, open and max file descriptors, threads, start time (Linux) |
 ";
 
@@ -317,6 +319,8 @@ pub struct Metrics {
     rebalances: [IntCounter; 2],
     restore_records: IntCounterVec,
     restoring_partitions: IntGauge,
+    standby_partitions: IntGauge,
+    standby_checkpoint: IntGaugeVec,
     state_size: IntGaugeVec,
 }
 
@@ -524,6 +528,15 @@ impl Metrics {
             "sessionizer_restoring_partitions",
             "Partitions currently restoring their state from the changelog.",
         )?;
+        let standby_partitions = b.int_gauge(
+            "sessionizer_standby_partitions",
+            "Partitions of which this instance keeps a standby copy of the state.",
+        )?;
+        let standby_checkpoint = b.int_gauge_vec(
+            "sessionizer_standby_checkpoint",
+            "Next changelog offset a standby copy of the partition's state reflects.",
+            &["partition"],
+        )?;
         let state_size = b.int_gauge_vec(
             "sessionizer_state_size_bytes",
             "Estimated size of the partition's RocksDB state (live SST files and memtables), \
@@ -565,6 +578,8 @@ impl Metrics {
             rebalances,
             restore_records,
             restoring_partitions,
+            standby_partitions,
+            standby_checkpoint,
             state_size,
         })
     }
@@ -693,6 +708,25 @@ impl Metrics {
         self.restoring_partitions.set(saturating_i64(n));
     }
 
+    /// Sets how many standby copies this instance keeps.
+    pub fn set_standby_partitions(&self, n: u64) {
+        self.standby_partitions.set(saturating_i64(n));
+    }
+
+    /// Sets the changelog offset a standby copy of `partition` has reached.
+    pub fn set_standby_checkpoint(&self, partition: i32, next_offset: i64) {
+        self.standby_checkpoint
+            .with_label_values(&[partition.to_string()])
+            .set(next_offset);
+    }
+
+    /// A standby copy of `partition` is no longer kept.
+    pub fn forget_standby(&self, partition: i32) {
+        let _ = self
+            .standby_checkpoint
+            .remove_label_values(&[partition.to_string().as_str()]);
+    }
+
     /// Sets the RocksDB state size of a partition.
     pub fn set_state_size(&self, partition: i32, bytes: u64) {
         self.state_size
@@ -801,6 +835,7 @@ mod tests {
         m.set_consumer_lag("events", 0, 3);
         m.restore_records(0, 1);
         m.set_state_size(0, 1);
+        m.set_standby_checkpoint(1, 1);
         let families = m.registry().gather();
         let mut names = BTreeSet::new();
         for f in &families {

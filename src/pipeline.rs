@@ -46,6 +46,7 @@ use crate::kafka::changelog::Restorer;
 use crate::kafka::committer::{Job, JobOutcome, StateCommitter, TaskCommit};
 use crate::kafka::output::{Outputs, TxnError};
 use crate::kafka::sink::{output_topics, Batch, Sink};
+use crate::kafka::standby::{standby_set, Standbys};
 use crate::kafka::{self, KafkaError};
 use crate::metrics::{DeadLetterReason, Metrics, Outcome, OutputKind, RebalanceKind, TopicMetrics};
 use crate::store::{Change, RocksOptions, RocksStore};
@@ -167,6 +168,10 @@ struct Core {
     /// This process's consumer client id, when the service chose it (see
     /// [`kafka::member_client_id`]).
     client_id: Option<String>,
+    /// Standby copies of other partitions' state, if configured (see [`kafka::standby`]).
+    standbys: Option<Standbys>,
+    /// The input topics' partition count.
+    partitions: i32,
     /// When the producer was last replaced after a fencing error.
     last_fence: Option<Instant>,
     /// Shutting down after the final commit: the revocation when the consumer closes only
@@ -199,7 +204,10 @@ impl Core {
     /// result.
     fn open_task(&mut self, partition: i32) -> Result<(), PipelineError> {
         let store_err = |source| PipelineError::Store { partition, source };
-        // A state commit in flight may still hold the partition's database open.
+        // A standby copy, or a state commit in flight, may still hold the database open.
+        if let Some(s) = &self.standbys {
+            s.release(partition);
+        }
         while self.outstanding() > 0 {
             if let Some(o) = self.outcome(Duration::from_millis(100))? {
                 self.settled(o)?;
@@ -218,16 +226,7 @@ impl Core {
             }
         };
         let checkpoint = store.changelog_checkpoint().map_err(store_err)?;
-        let untrusted = match checkpoint {
-            None => store
-                .load_meta()
-                .map_err(store_err)?
-                .is_some()
-                .then_some("no changelog checkpoint"),
-            Some(c) if c > high => Some("checkpoint beyond the end of the changelog"),
-            Some(c) if c < low => Some("checkpoint before the start of the changelog"),
-            Some(_) => None,
-        };
+        let untrusted = kafka::changelog::distrust(&mut store, low, high).map_err(store_err)?;
         if let Some(why) = untrusted {
             tracing::warn!(
                 partition,
@@ -851,6 +850,8 @@ impl Core {
                 .set_restoring_partitions((new.len() - i - 1) as u64);
         }
         self.check_against_group(consumer, &new)?;
+        let owned: Vec<i32> = self.tasks.keys().copied().collect();
+        self.update_standbys(&owned);
         for (ti, topic) in self.rt.input_topics.iter().enumerate() {
             for p in &parts {
                 if let Some(Some(n)) = self.tasks.get(p).map(|t| t.next[ti]) {
@@ -961,7 +962,22 @@ impl Core {
             self.tasks.remove(p);
             self.metrics.forget_partition(&topics, *p);
         }
+        if !self.closing {
+            let owned: Vec<i32> = self.tasks.keys().copied().collect();
+            self.update_standbys(&owned);
+        }
         Ok(())
+    }
+
+    /// Keeps standby copies of the partitions after `owned` (see [`kafka::standby`]).
+    fn update_standbys(&self, owned: &[i32]) {
+        if let Some(s) = &self.standbys {
+            s.keep(standby_set(
+                owned,
+                self.partitions,
+                self.rt.standby_replicas,
+            ));
+        }
     }
 }
 
@@ -1145,6 +1161,11 @@ pub fn run(
     )?;
     tracing::info!(transactional_id = %kafka::transactional_id(&rt), "transactions initialised");
     let restorer = Restorer::new(&rt)?;
+    let standbys = if rt.standby_replicas > 0 {
+        Some(Standbys::start(&rt, metrics.clone())?)
+    } else {
+        None
+    };
     let decoder = Decoder::new(settings.decode);
     let topic_metrics = rt.input_topics.iter().map(|t| metrics.topic(t)).collect();
     *core.lock().map_err(|_| PipelineError::Poisoned)? = Some(Core {
@@ -1164,6 +1185,8 @@ pub fn run(
         buf: Vec::new(),
         held: Vec::new(),
         client_id,
+        standbys,
+        partitions: found.partitions,
         last_fence: None,
         closing: false,
     });

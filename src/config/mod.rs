@@ -120,6 +120,8 @@ pub struct RuntimeSettings {
     pub changelog_topic: String,
     pub instance_id: String,
     pub transaction_timeout: Duration,
+    /// Standby copies kept per owned partition (see [`crate::kafka::standby`]).
+    pub standby_replicas: u32,
     /// librdkafka properties passed through to the consumer and the producer.
     pub properties: std::collections::BTreeMap<String, String>,
     pub state_dir: PathBuf,
@@ -563,6 +565,7 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
         changelog_topic,
         instance_id,
         transaction_timeout,
+        standby_replicas: k.standby_replicas.unwrap_or(0),
         properties,
         state_dir,
         metrics_addr,
@@ -634,6 +637,7 @@ fn effective(raw: &RawConfig) -> RawConfig {
     d(&mut e.kafka.changelog_topic, &format!("{group}-changelog"));
     d(&mut e.kafka.instance_id, &default_instance_id());
     d(&mut e.kafka.transaction_timeout, "10s");
+    e.kafka.standby_replicas.get_or_insert(0);
     let props = e.kafka.properties.get_or_insert_with(Default::default);
     for (k, v) in props.iter_mut() {
         if is_secret(k) {

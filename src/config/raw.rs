@@ -48,6 +48,9 @@ pub struct RawKafka {
     /// Transaction timeout: how long a crashed instance's open transaction can block
     /// read_committed readers before the broker aborts it.
     pub transaction_timeout: Option<String>,
+    /// Partitions this instance keeps a warm copy of, per partition it owns (see README,
+    /// "Standby replicas").
+    pub standby_replicas: Option<u32>,
     /// Arbitrary librdkafka properties (security.protocol, sasl.*, ssl.*, ...), passed to both
     /// the consumer and the producer.
     pub properties: Option<std::collections::BTreeMap<String, String>>,
@@ -180,7 +183,8 @@ impl RawConfig {
                 commit_interval,
                 changelog_topic,
                 instance_id,
-                transaction_timeout
+                transaction_timeout,
+                standby_replicas
             ]
         );
         if let Some(p) = &over.kafka.properties {

@@ -23,6 +23,26 @@ use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
 
+/// Why local state cannot be trusted against its changelog partition, whose records span
+/// offsets `low..high`, if it cannot: it holds state but no checkpoint, or its checkpoint is
+/// outside the partition (the changelog was recreated or compacted past it).
+pub fn distrust(
+    store: &mut RocksStore,
+    low: i64,
+    high: i64,
+) -> Result<Option<&'static str>, crate::engine::StoreError> {
+    use crate::engine::StateStore;
+    Ok(match store.changelog_checkpoint()? {
+        None => store
+            .load_meta()?
+            .is_some()
+            .then_some("no changelog checkpoint"),
+        Some(c) if c > high => Some("checkpoint beyond the end of the changelog"),
+        Some(c) if c < low => Some("checkpoint before the start of the changelog"),
+        Some(_) => None,
+    })
+}
+
 /// Applied in batches of about this many records.
 const APPLY_BATCH: usize = 50_000;
 

@@ -7,6 +7,7 @@ pub mod committer;
 pub mod output;
 pub mod rebootstrap;
 pub mod sink;
+pub mod standby;
 pub mod watch;
 
 use crate::config::RuntimeSettings;

@@ -638,6 +638,23 @@ pub fn run_with(
     Proc { child, log }
 }
 
+/// Waits until `done` holds for the log of `p`, for at most 90 s; panics with the log
+/// otherwise, saying it waited for `what`.
+pub fn wait_log(p: &Proc, what: &str, done: impl Fn(&str) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let log = p.log();
+        if done(&log) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited in vain for {what}; log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// `E2E_KAFKA_DEBUG=cgrp,eos` (librdkafka `debug` contexts): the processes log them, for
 /// diagnosing a failed scenario from its log.
 fn kafka_debug() -> Option<[String; 2]> {
