@@ -210,7 +210,12 @@ fn serve(
                 }
                 continue;
             }
-            Msg::Job(_) if failed => JobOutcome::Skipped,
+            Msg::Job(job) if failed => {
+                // Dropped before its outcome is sent: its writers hold the databases open,
+                // and the pipeline reopens them once it has every outcome.
+                drop(job);
+                JobOutcome::Skipped
+            }
             Msg::Job(job) => match commit(&mut outputs, &topics, *job) {
                 Ok(Ok((checkpoints, took))) => JobOutcome::Committed { checkpoints, took },
                 Ok(Err((partition, error))) => {
@@ -220,15 +225,27 @@ fn serve(
                 }
                 Err(e) => {
                     failed = true;
-                    if let TxnError::Abortable(_) = e {
-                        if let Err(a) = outputs.abort() {
-                            tracing::warn!(error = ?a, "aborting the state transaction failed");
+                    JobOutcome::Failed(match e {
+                        TxnError::Abortable(e) => match outputs.abort() {
+                            Ok(()) => TxnError::Abortable(e),
+                            Err(a) => {
+                                tracing::warn!(error = ?a, "aborting the state transaction failed");
+                                unusable = true;
+                                // Fenced while aborting: another producer has the id, and
+                                // the pipeline must know (it may be the zombie).
+                                match a {
+                                    TxnError::Fenced(a) => TxnError::Fenced(format!("{e}; {a}")),
+                                    TxnError::Fatal(a) | TxnError::Abortable(a) => {
+                                        TxnError::Fatal(format!("{e}; {a}"))
+                                    }
+                                }
+                            }
+                        },
+                        e => {
                             unusable = true;
+                            e
                         }
-                    } else {
-                        unusable = true;
-                    }
-                    JobOutcome::Failed(e)
+                    })
                 }
             },
         };
