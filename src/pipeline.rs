@@ -174,6 +174,8 @@ struct Core {
     partitions: i32,
     /// When the producer was last replaced after a fencing error.
     last_fence: Option<Instant>,
+    /// Whether anything was consumed or concluded since the last commit (see [`Self::tick`]).
+    dirty: bool,
     /// Shutting down after the final commit: the revocation when the consumer closes only
     /// releases the tasks (there is nothing new to commit, and no transaction may be left
     /// open behind us).
@@ -324,6 +326,7 @@ impl Core {
         }
         task.next[ti] = Some(offset + 1);
         task.caught_up = false;
+        self.dirty = true;
         let payload = m.payload().unwrap_or(&[]);
         let key = m.key();
         let record_ts = m.timestamp().to_millis();
@@ -504,12 +507,30 @@ impl Core {
                         source,
                     })?;
             }
+            self.dirty |= !out.is_empty();
             let r = self.emit(&out);
             self.out = out;
             r?;
         }
         let drain = self.closing;
+        if !std::mem::take(&mut self.dirty) {
+            // Nothing consumed, nothing concluded: no transaction (an idle instance would
+            // otherwise commit every interval, and grow the changelog by a record and a
+            // transaction marker each time, only to move a wall-clock watermark on).
+            self.refresh_watermarks(now);
+            return self.settle_commits(consumer, drain);
+        }
         self.commit(consumer, drain)
+    }
+
+    /// Sets every task's watermark gauges (committed or not).
+    fn refresh_watermarks(&self, now: i64) {
+        for t in self.tasks.values() {
+            for topic in &self.rt.input_topics {
+                self.metrics
+                    .set_watermark(topic, t.partition, t.engine.watermark(), now);
+            }
+        }
     }
 
     /// Commits every task (see the module docs): stages the interval's commit and moves the
@@ -1188,6 +1209,7 @@ pub fn run(
         standbys,
         partitions: found.partitions,
         last_fence: None,
+        dirty: false,
         closing: false,
     });
     let topics: Vec<&str> = rt.input_topics.iter().map(|s| s.as_str()).collect();

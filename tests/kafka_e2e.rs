@@ -381,6 +381,111 @@ fn standby_copy_shortens_a_takeover(broker: &Broker) {
     );
 }
 
+/// The offsets of the committed records of `topic`'s partition 0, read from the beginning.
+fn committed_offsets(broker: &Broker, topic: &str) -> Vec<i64> {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::{Offset, TopicPartitionList};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("group.id", "compaction-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    c.assign(&tpl).unwrap();
+    let mut offsets = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => offsets.push(m.offset()),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return offsets,
+            Some(Err(e)) => eprintln!("compaction reader: {e}"),
+            None => {}
+        }
+    }
+    panic!("{topic} not read to its end within 60 s");
+}
+
+/// The changelog compacted by the broker's own log cleaner (segments rolled every 200 ms, cleaned as soon
+/// as the cleaner looks, tombstones dropped at once), not simulated: once the cleaner has
+/// removed superseded records, an instance without local state restores from what is left and
+/// carries on, and annotations and sessions equal the offline result.
+fn restore_after_broker_compaction(broker: &Broker) {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let t = Topics::new(broker, "compact", 1);
+    let group = "compact-group";
+    let changelog = format!("{group}-changelog");
+    broker.create_topics_with(
+        &[&changelog],
+        1,
+        &[
+            ("cleanup.policy", "compact"),
+            ("segment.bytes", "1048576"),
+            ("segment.ms", "200"),
+            ("min.cleanable.dirty.ratio", "0.01"),
+            ("min.compaction.lag.ms", "0"),
+            ("delete.retention.ms", "0"),
+        ],
+    );
+    // Few users with many events each, fed in chunks: every commit rewrites their keys.
+    let input = with_flush_events(1, events(20, 150, 47));
+    let (want_sessions, want_annotated) = offline(&input, d1.path());
+    let (first, second) = input.split_at(input.len() * 2 / 3);
+    let semantics = semantics("100h");
+    let a = run_with(broker, &t, d1.path(), group, free_port(), &semantics, &[]);
+    let chunks = 12;
+    let size = first.len().div_ceil(chunks);
+    let mut sent = 0;
+    for chunk in first.chunks(size) {
+        broker.produce(&t.input, &to_user_partitions(chunk, 1));
+        sent += chunk.len();
+        wait_annotated(broker, &t, sent, &[&a]);
+    }
+    // The cleaner has run once the records left are separated by more removed offsets than
+    // there are records (before it, the only gaps are one transaction marker per commit).
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let (records, removed) = loop {
+        let o = committed_offsets(broker, &changelog);
+        let removed: i64 = o.windows(2).map(|w| w[1] - w[0] - 1).sum();
+        if removed > o.len() as i64 {
+            break (o.len(), removed);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broker did not compact {changelog} within 120 s: {} records, {removed} \
+             offsets between them",
+            o.len()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    eprintln!("compaction: {records} records left, {removed} offsets between them");
+    assert_eq!(a.terminate(), 0);
+    // Another instance, without local state: it restores from the compacted changelog.
+    broker.produce(&t.input, &to_user_partitions(second, 1));
+    let b = run_with(broker, &t, d2.path(), group, free_port(), &semantics, &[]);
+    let annotated = wait_annotated(broker, &t, input.len(), &[&b]);
+    assert!(
+        b.log().contains("state restored"),
+        "the state was restored from the changelog:\n{}",
+        b.log()
+    );
+    equals_offline(
+        broker,
+        &t,
+        &annotated,
+        input.len(),
+        want_annotated,
+        &want_sessions,
+        b,
+    );
+}
+
 /// The value of `key=` on the first line of `log` containing `marker`.
 fn field(log: &str, marker: &str, key: &str) -> Option<String> {
     let line = log.lines().find(|l| l.contains(marker))?;
@@ -734,7 +839,8 @@ fn kafka_end_to_end() {
             "restore",
             "untrusted",
             "fenced",
-            "standby"
+            "standby",
+            "compact"
         ]
         .contains(&only.as_str()),
         "E2E_ONLY=`{only}` names no scenario"
@@ -769,5 +875,8 @@ fn kafka_end_to_end() {
     }
     if want("standby") {
         standby_copy_shortens_a_takeover(&broker);
+    }
+    if want("compact") {
+        restore_after_broker_compaction(&broker);
     }
 }

@@ -98,6 +98,11 @@ impl Broker {
     }
 
     pub fn create_topics(&self, names: &[&str], partitions: i32) {
+        self.create_topics_with(names, partitions, &[]);
+    }
+
+    /// [`Self::create_topics`] with topic configurations.
+    pub fn create_topics_with(&self, names: &[&str], partitions: i32, configs: &[(&str, &str)]) {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
             .create()
@@ -107,8 +112,12 @@ impl Broker {
             // Records carry event times from 2024: without retention.ms=-1 the brokers' time
             // retention would delete them while the test runs.
             .map(|n| {
-                NewTopic::new(n, partitions, TopicReplication::Fixed(self.replication))
-                    .set("retention.ms", "-1")
+                let mut t = NewTopic::new(n, partitions, TopicReplication::Fixed(self.replication))
+                    .set("retention.ms", "-1");
+                for (k, v) in configs {
+                    t = t.set(k, v);
+                }
+                t
             })
             .collect();
         let rt = tokio::runtime::Builder::new_current_thread()
