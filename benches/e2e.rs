@@ -314,6 +314,80 @@ fn downstream_latencies(bootstrap: &str, topic: &str, expected: usize) -> Vec<i6
     out
 }
 
+/// Sends `evs` to `topic` at `rate` events/s, each with the send time as event time, paced in
+/// bursts of at most 1 ms (a sleep per event would cost the load generator a third of a core,
+/// taken from the broker and the process it measures).
+fn paced_load(
+    p: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    evs: &[(String, Vec<u8>)],
+    rate: f64,
+) {
+    let t0 = Instant::now();
+    for (i, (k, v)) in evs.iter().enumerate() {
+        let due = Duration::from_secs_f64(i as f64 / rate);
+        if let Some(wait) = due.checked_sub(t0.elapsed()) {
+            if wait >= Duration::from_millis(1) {
+                std::thread::sleep(wait);
+            }
+        }
+        send(p, topic, k, &retime(v, now_ms()));
+    }
+    p.flush(Duration::from_secs(60)).unwrap();
+}
+
+/// p50 and p99 of `v` (sorted in place); -1 when empty.
+fn p50_p99(v: &mut [i64]) -> (i64, i64) {
+    v.sort_unstable();
+    let pct = |q: f64| v.get(((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1)));
+    (
+        pct(0.5).copied().unwrap_or(-1),
+        pct(0.99).copied().unwrap_or(-1),
+    )
+}
+
+/// The pass-through's latency at `rate`: the loop of [`pass_through`] (same client settings)
+/// between two topics of its own, fed the same kind of paced live stream for 10 s once it is
+/// consuming; returns the downstream p50 / p99 (send to forwarded record read), in ms.
+fn pass_through_latency(
+    bootstrap: &str,
+    p: &ThreadedProducer<DefaultProducerContext>,
+    rate: f64,
+) -> (i64, i64) {
+    let (input, out) = ("bench-lat-pt-in", "bench-lat-pt-out");
+    let total = (rate * 10.0) as usize;
+    let probes = PARTITIONS as usize;
+    let b = bootstrap.to_owned();
+    let forward = std::thread::spawn(move || pass_through(&b, input, out, probes + total));
+    // Start the load once every partition is being consumed: one probe per partition,
+    // forwarded.
+    let b = bootstrap.to_owned();
+    let reader = std::thread::spawn(move || downstream_latencies(&b, out, probes + total));
+    for (part, (k, v)) in events(PARTITIONS as u64, now_ms(), 3).iter().enumerate() {
+        let v = retime(v, now_ms());
+        let rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(input)
+            .partition(part as i32)
+            .key(k.as_str())
+            .payload(v.as_slice());
+        p.send(rec).map_err(|(e, _)| e).unwrap();
+    }
+    p.flush(Duration::from_secs(60)).unwrap();
+    let t = Instant::now();
+    while committed(bootstrap, "bench-passthrough", input) < probes as i64 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the pass-through did not forward the probes"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    paced_load(p, input, &events(total as u64, now_ms(), 2), rate);
+    forward.join().unwrap();
+    let mut lat = reader.join().unwrap();
+    // The probes' latency includes the group join: leave them out.
+    let mut lat = lat.split_off(probes.min(lat.len()));
+    p50_p99(&mut lat)
+}
+
 /// The upper bound of the histogram bucket holding quantile `q`.
 fn quantile(text: &str, name: &str, q: f64) -> f64 {
     let buckets = buckets(text, name);
@@ -386,6 +460,8 @@ fn main() {
         "bench-in".to_owned(),
         "bench-pt-out".to_owned(),
         "bench-lat-in".to_owned(),
+        "bench-lat-pt-in".to_owned(),
+        "bench-lat-pt-out".to_owned(),
     ];
     for p in ["bench-alo", "bench-eos", "bench-lat"] {
         topics.extend(OUTPUTS.iter().map(|o| format!("{p}-{o}")));
@@ -532,20 +608,8 @@ fn main() {
         let expected = total + PARTITIONS as usize;
         std::thread::spawn(move || downstream_latencies(&b, "bench-lat-annotated", expected))
     };
-    let t0 = Instant::now();
-    for (i, (k, v)) in evs.iter().enumerate() {
-        // Paced in bursts of at most 1 ms: a sleep per event would cost the load generator
-        // a third of a core, taken from the broker and the sessionizer it measures.
-        let due = Duration::from_secs_f64(i as f64 / rate);
-        if let Some(wait) = due.checked_sub(t0.elapsed()) {
-            if wait >= Duration::from_millis(1) {
-                std::thread::sleep(wait);
-            }
-        }
-        // A live stream: the event time is the send time.
-        send(&p, "bench-lat-in", k, &retime(v, now_ms()));
-    }
-    p.flush(Duration::from_secs(60)).unwrap();
+    // A live stream: the event time is the send time.
+    paced_load(&p, "bench-lat-in", &evs, rate);
     let t = Instant::now();
     while lat.events_in() < total as f64 + probes {
         assert!(
@@ -576,17 +640,15 @@ fn main() {
     );
     lat.stop();
     let mut e2e = reader.join().unwrap();
-    e2e.sort_unstable();
-    let pct = |q: f64| e2e.get(((e2e.len() as f64 * q) as usize).min(e2e.len().saturating_sub(1)));
-    let (e2e_p50, e2e_p99) = (
-        pct(0.5).copied().unwrap_or(-1),
-        pct(0.99).copied().unwrap_or(-1),
-    );
+    let (e2e_p50, e2e_p99) = p50_p99(&mut e2e);
     eprintln!(
         "e2e: downstream latency over {} records: p50 {e2e_p50} ms, p99 {e2e_p99} ms, max {} ms",
         e2e.len(),
         e2e.last().copied().unwrap_or(-1)
     );
+    // The baseline: the pass-through at the same rate.
+    let (pt_p50, pt_p99) = pass_through_latency(&bootstrap, &p, rate);
+    eprintln!("e2e: pass-through downstream latency: p50 {pt_p50} ms, p99 {pt_p99} ms");
     println!("| measure | value |");
     println!("|---|---|");
     println!("| events | {n} |");
@@ -615,6 +677,9 @@ fn main() {
     );
     println!(
         "| downstream latency at {rate:.0} events/s (send to annotated record read), p50 / p99 | {e2e_p50} ms / {e2e_p99} ms |"
+    );
+    println!(
+        "| pass-through downstream latency at {rate:.0} events/s (send to forwarded record read), p50 / p99 | {pt_p50} ms / {pt_p99} ms |"
     );
     if ours {
         let _ = kafka_sh(&["stop", "--dir", kdir.to_str().unwrap()]);
