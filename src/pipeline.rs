@@ -760,13 +760,10 @@ impl Core {
             t.reported = c;
             self.metrics
                 .set_open_sessions(t.partition, t.engine.open_sessions());
-            for topic in &self.rt.input_topics {
-                self.metrics
-                    .set_watermark(topic, t.partition, t.engine.watermark(), now);
-            }
             self.metrics
                 .set_state_size(t.partition, t.engine.store().approx_size_bytes());
         }
+        self.refresh_watermarks(now);
         Ok(())
     }
 
@@ -959,7 +956,6 @@ impl Core {
                 self.tasks.remove(p);
             }
             self.settle_commits(consumer, true)?;
-            self.pending.clear();
             self.rewind(consumer)?;
         } else if lost {
             // At-least-once: another instance may own them already. Commits not handed over

@@ -263,19 +263,14 @@ fn fenced_state_producer_rewinds_and_loses_nothing(broker: &Broker) {
     drop(intruder);
     // The instance's next state transaction fails: it replaces the producer and rewinds every
     // task (reopened from its last written commit: 3 openings at the start, 3 more).
-    let rewound = |log: &str| {
-        log.contains("fenced: replacing the producer once")
-            && log.matches("task opened").count() >= 6
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !rewound(&p.log()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the state producer was not fenced and replaced, or the tasks not rewound:\n{}",
-            p.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_log(
+        &p,
+        "the state producer fenced and replaced, and the tasks rewound",
+        |log| {
+            log.contains("fenced: replacing the producer once")
+                && log.matches("task opened").count() >= 6
+        },
+    );
     broker.produce(&t.input, &to_user_partitions(after, 3));
     let annotated = wait_annotated(broker, &t, input.len(), &[&p]);
     equals_offline(

@@ -122,15 +122,16 @@ pub struct Restored {
     pub checkpoint: i64,
 }
 
-/// Client context of the restore consumer: reaching the end of a partition is expected.
-#[derive(Default)]
-pub struct RestoreContext {
+/// Client context of a changelog reader (restore or standby): reaching the end of a partition
+/// is expected; its statistics feed [`BrokerLoss`].
+pub struct ReaderContext {
     brokers: BrokerLoss,
+    who: &'static str,
 }
 
-impl ClientContext for RestoreContext {
+impl ClientContext for ReaderContext {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        super::log_client_error(error, reason, "changelog reader");
+        super::log_client_error(error, reason, self.who);
     }
 
     fn stats(&self, s: rdkafka::statistics::Statistics) {
@@ -138,39 +139,72 @@ impl ClientContext for RestoreContext {
     }
 }
 
-impl ConsumerContext for RestoreContext {}
+impl ConsumerContext for ReaderContext {}
+
+/// A read_committed changelog reader outside the consumer group (group id
+/// `<group>-<role>`, partitions assigned by hand), with `tuning` on top; `who` names it in
+/// its error logs.
+pub(crate) fn reader(
+    rt: &RuntimeSettings,
+    role: &str,
+    who: &'static str,
+    tuning: &[(&str, &str)],
+) -> Result<BaseConsumer<ReaderContext>, KafkaError> {
+    let mut c: ClientConfig = super::base_config(rt);
+    c.set("group.id", format!("{}-{role}", rt.group))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", super::STATISTICS_INTERVAL_MS);
+    for (k, v) in tuning {
+        c.set(*k, *v);
+    }
+    c.create_with_context(ReaderContext {
+        brokers: BrokerLoss::default(),
+        who,
+    })
+    .map_err(|source| KafkaError::Client {
+        what: "changelog reader",
+        source,
+    })
+}
+
+/// Gives a changelog reader its bootstrap servers again if it has lost every broker (see
+/// [`BrokerLoss`]).
+pub(crate) fn keep_brokers(consumer: &BaseConsumer<ReaderContext>, bootstrap: &str) {
+    consumer
+        .context()
+        .brokers
+        .rebootstrap(consumer.client(), bootstrap);
+}
 
 /// Reads changelog partitions (a read_committed consumer outside the group).
 pub struct Restorer {
-    consumer: BaseConsumer<RestoreContext>,
+    consumer: BaseConsumer<ReaderContext>,
     topic: String,
     bootstrap: String,
 }
 
 impl Restorer {
     pub fn new(rt: &RuntimeSettings) -> Result<Self, KafkaError> {
-        let mut c: ClientConfig = super::base_config(rt);
-        c.set("group.id", format!("{}-restore", rt.group))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "true")
-            .set("isolation.level", "read_committed")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.max.bytes", "52428800")
-            // The end of a partition is known at once, not after the default 500 ms wait.
-            .set("fetch.wait.max.ms", "10")
-            // A restore waits for nothing else: retry a failed fetch quickly.
-            .set("fetch.error.backoff.ms", "20")
-            // See `FETCH_QUEUE_BACKOFF_MS`: a full local queue must not stop fetching for 1 s.
-            .set("fetch.queue.backoff.ms", super::FETCH_QUEUE_BACKOFF_MS)
-            .set("max.partition.fetch.bytes", "10485760")
-            .set("statistics.interval.ms", super::STATISTICS_INTERVAL_MS);
-        let consumer = c
-            .create_with_context(RestoreContext::default())
-            .map_err(|source| KafkaError::Client {
-                what: "restore consumer",
-                source,
-            })?;
+        let consumer = reader(
+            rt,
+            "restore",
+            "changelog reader",
+            &[
+                ("fetch.max.bytes", "52428800"),
+                // The end of a partition is known at once, not after the default 500 ms wait.
+                ("fetch.wait.max.ms", "10"),
+                // A restore waits for nothing else: retry a failed fetch quickly.
+                ("fetch.error.backoff.ms", "20"),
+                // See `FETCH_QUEUE_BACKOFF_MS`: a full local queue must not stop fetching
+                // for 1 s.
+                ("fetch.queue.backoff.ms", super::FETCH_QUEUE_BACKOFF_MS),
+                ("max.partition.fetch.bytes", "10485760"),
+            ],
+        )?;
         Ok(Self {
             consumer,
             topic: rt.changelog_topic.clone(),
@@ -180,10 +214,7 @@ impl Restorer {
 
     /// See [`BrokerLoss`].
     fn keep_brokers(&self) {
-        self.consumer
-            .context()
-            .brokers
-            .rebootstrap(self.consumer.client(), &self.bootstrap);
+        keep_brokers(&self.consumer, &self.bootstrap);
     }
 
     /// Low and high watermarks of a changelog partition. Retries for up to a minute while

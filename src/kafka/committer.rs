@@ -225,32 +225,34 @@ fn serve(
                 }
                 Err(e) => {
                     failed = true;
-                    JobOutcome::Failed(match e {
-                        TxnError::Abortable(e) => match outputs.abort() {
-                            Ok(()) => TxnError::Abortable(e),
-                            Err(a) => {
-                                tracing::warn!(error = ?a, "aborting the state transaction failed");
-                                unusable = true;
-                                // Fenced while aborting: another producer has the id, and
-                                // the pipeline must know (it may be the zombie).
-                                match a {
-                                    TxnError::Fenced(a) => TxnError::Fenced(format!("{e}; {a}")),
-                                    TxnError::Fatal(a) | TxnError::Abortable(a) => {
-                                        TxnError::Fatal(format!("{e}; {a}"))
-                                    }
-                                }
-                            }
-                        },
-                        e => {
-                            unusable = true;
-                            e
-                        }
-                    })
+                    let (e, usable) = abort_after(&outputs, e);
+                    unusable |= !usable;
+                    JobOutcome::Failed(e)
                 }
             },
         };
         if done.send(outcome).is_err() {
             return;
+        }
+    }
+}
+
+/// After a failed transaction: aborts it if it can be aborted. Returns the error to report and
+/// whether the producer is still usable. An abort that is fenced reports the fencing: another
+/// producer has the id, and the pipeline must know (this instance may be the zombie).
+fn abort_after(outputs: &Outputs, e: TxnError) -> (TxnError, bool) {
+    let TxnError::Abortable(e) = e else {
+        return (e, false);
+    };
+    match outputs.abort() {
+        Ok(()) => (TxnError::Abortable(e), true),
+        Err(a) => {
+            tracing::warn!(error = ?a, "aborting the state transaction failed");
+            let reported = match a {
+                TxnError::Fenced(a) => TxnError::Fenced(format!("{e}; {a}")),
+                TxnError::Fatal(a) | TxnError::Abortable(a) => TxnError::Fatal(format!("{e}; {a}")),
+            };
+            (reported, false)
         }
     }
 }

@@ -17,16 +17,14 @@
 //! and the copy's thread never opens a partition the pipeline owns: the set it is given
 //! ([`Standbys::keep`]) leaves them out, and commands are served in order.
 
-use super::changelog::distrust;
-use super::rebootstrap::BrokerLoss;
+use super::changelog::{distrust, keep_brokers, reader, ReaderContext};
 use super::KafkaError;
 use crate::config::RuntimeSettings;
 use crate::metrics::Metrics;
 use crate::store::{Change, RocksOptions, RocksStore};
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
@@ -64,41 +62,10 @@ pub struct Standbys {
     thread: Option<JoinHandle<()>>,
 }
 
-/// Client context of the standby consumer.
-#[derive(Default)]
-struct StandbyContext {
-    brokers: BrokerLoss,
-}
-
-impl ClientContext for StandbyContext {
-    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        super::log_client_error(error, reason, "standby reader");
-    }
-
-    fn stats(&self, s: rdkafka::statistics::Statistics) {
-        self.brokers.observe(&s);
-    }
-}
-
-impl ConsumerContext for StandbyContext {}
-
 impl Standbys {
     /// Starts the thread; copies live in `<state_dir>/<group>/partition-<n>`, like tasks.
     pub fn start(rt: &RuntimeSettings, metrics: Arc<Metrics>) -> Result<Self, KafkaError> {
-        let mut c: ClientConfig = super::base_config(rt);
-        c.set("group.id", format!("{}-standby", rt.group))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "true")
-            .set("isolation.level", "read_committed")
-            .set("auto.offset.reset", "earliest")
-            .set("statistics.interval.ms", super::STATISTICS_INTERVAL_MS);
-        let consumer: BaseConsumer<StandbyContext> = c
-            .create_with_context(StandbyContext::default())
-            .map_err(|source| KafkaError::Client {
-                what: "standby consumer",
-                source,
-            })?;
+        let consumer = reader(rt, "standby", "standby reader", &[])?;
         let copies = Copies {
             consumer,
             topic: rt.changelog_topic.clone(),
@@ -156,7 +123,7 @@ struct Copy {
 }
 
 struct Copies {
-    consumer: BaseConsumer<StandbyContext>,
+    consumer: BaseConsumer<ReaderContext>,
     topic: String,
     bootstrap: String,
     dir: PathBuf,
@@ -232,10 +199,7 @@ impl Copies {
                     for p in parts {
                         self.apply(p);
                     }
-                    self.consumer
-                        .context()
-                        .brokers
-                        .rebootstrap(self.consumer.client(), &self.bootstrap);
+                    keep_brokers(&self.consumer, &self.bootstrap);
                 }
             }
         }
