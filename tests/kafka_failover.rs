@@ -116,7 +116,8 @@ fn check_outputs(
         assert_eq!(
             distinct.len(),
             1,
-            "input {n}: repeats must be identical: {distinct:#?}"
+            "input {n}: repeats must be identical: {distinct:#?}\n{}",
+            user_history(&copies[0], &annotated, want_annotated)
         );
         if exactly_once {
             assert_eq!(copies.len(), 1, "input {n} seen {} times", copies.len());
@@ -143,6 +144,29 @@ fn check_outputs(
             "every session published exactly once"
         );
     }
+}
+
+/// For a failure message: every annotation of the user of `value`, in the order a reader saw
+/// them (per partition, the order they were written), with their source offsets, and the
+/// offline annotations of that user.
+fn user_history(value: &str, annotated: &[Rec], want_annotated: &[String]) -> String {
+    let user_of = |v: &str| serde_json::from_str::<Value>(v).unwrap()["user_id"].clone();
+    let user = user_of(value);
+    let mut out = format!("annotations of user {user} (source partition/offset: value):\n");
+    for r in annotated.iter().filter(|r| user_of(&r.value) == user) {
+        let h = |k: &str| r.headers.get(k).cloned().unwrap_or_default();
+        out.push_str(&format!(
+            "  {}/{}: {}\n",
+            h("sessionizer.source.partition"),
+            h("sessionizer.source.offset"),
+            r.value
+        ));
+    }
+    out.push_str("offline:\n");
+    for v in want_annotated.iter().filter(|v| user_of(v) == user) {
+        out.push_str(&format!("  {v}\n"));
+    }
+    out
 }
 
 /// Produces `input` to the input topic at about `rate` records/s, in arrival order, so that

@@ -567,7 +567,12 @@ impl Proc {
         let start = Instant::now();
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
-                return s.code().unwrap_or(-1);
+                let code = s.code().unwrap_or(-1);
+                if code != 0 {
+                    // Shown with the failure: why the process did not exit cleanly.
+                    eprintln!("exit code {code} after SIGTERM; log:\n{}", self.log());
+                }
+                return code;
             }
             assert!(
                 start.elapsed() < Duration::from_secs(60),
@@ -584,6 +589,13 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // `E2E_KEEP_LOGS=DIR`: keep each process's log past the test's temporary directory.
+        if let Some(keep) = std::env::var_os("E2E_KEEP_LOGS") {
+            if let Some(name) = self.log.file_name() {
+                let _ = std::fs::create_dir_all(&keep);
+                let _ = std::fs::copy(&self.log, Path::new(&keep).join(name));
+            }
+        }
     }
 }
 
