@@ -26,6 +26,9 @@
 //! once (after a broker failure the transaction coordinator can bump the epoch of a
 //! transaction that timed out, and librdkafka reports that as fencing too), and a second one
 //! within [`FENCE_WINDOW`] stops the process.
+//! A rewind reads the changelog only once the failed transaction has ended: a transaction
+//! whose commit failed on the client may still commit on the brokers (a broker died with the
+//! reply), and a restore that stopped before it would leave the task behind its changelog.
 //!
 //! Only then is the staged state written to RocksDB, with the changelog offset it reaches (the
 //! local checkpoint). So local state is always a committed prefix of the changelog: a task
@@ -702,7 +705,9 @@ impl Core {
     /// the outputs since then are produced again, identically (exactly-once: for the first
     /// time, as the failed transactions' outputs never became visible). A fenced producer
     /// stops the instance if another process has its instance id; otherwise it is replaced
-    /// (see [`Self::check_fence`]).
+    /// (see [`Self::check_fence`]). The rewind reads the changelog only once the failed
+    /// transaction is aborted or the replacement producer is registered, which ends it (see
+    /// [`StateCommitter::reset`]); a producer that cannot be replaced stops the instance.
     fn commit_failed(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), PipelineError> {
         let Some(e) = self.commit_error.take() else {
             return Ok(());

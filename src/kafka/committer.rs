@@ -69,10 +69,16 @@ enum Msg {
     Reset { new_producer: bool },
 }
 
+/// Attempts at registering a replacement producer (each bounded by the transaction API
+/// timeout) before [`StateCommitter::reset`] gives up.
+const REPLACE_ATTEMPTS: u32 = 3;
+
 /// The committing thread and the channels to it.
 pub struct StateCommitter {
     tx: Option<Sender<Msg>>,
     rx: Receiver<JobOutcome>,
+    /// The end of each [`Msg::Reset`]: whether the producer is usable again.
+    resets: Receiver<Result<(), String>>,
     thread: Option<JoinHandle<()>>,
     /// Jobs submitted whose outcome has not been taken yet.
     outstanding: usize,
@@ -90,17 +96,30 @@ impl StateCommitter {
         let outputs = transactional(&config)?;
         let (tx, jobs) = mpsc::channel();
         let (done, rx) = mpsc::channel();
+        let (reset_done, resets) = mpsc::channel();
         let topics = Topics {
             changelog,
             outputs: topics,
         };
         let thread = std::thread::Builder::new()
             .name("state commits".into())
-            .spawn(move || serve(config, topics, outputs, jobs, done))
+            .spawn(move || {
+                serve(
+                    config,
+                    topics,
+                    outputs,
+                    jobs,
+                    Replies {
+                        outcomes: done,
+                        resets: reset_done,
+                    },
+                )
+            })
             .map_err(|e| KafkaError::Changelog(format!("cannot start a thread: {e}")))?;
         Ok(Self {
             tx: Some(tx),
             rx,
+            resets,
             thread: Some(thread),
             outstanding: 0,
         })
@@ -113,9 +132,27 @@ impl StateCommitter {
     }
 
     /// After a failure, once every outstanding outcome is taken: jobs are committed again,
-    /// with a new producer if `new_producer` (the old one was fenced or is unusable).
+    /// with a new producer if `new_producer` (the old one was fenced or is unusable, or its
+    /// abort failed). Returns once that is done, and fails if no producer could be registered.
+    ///
+    /// Waiting matters: until a new producer has registered the transactional id, the failed
+    /// transaction may still be open, or committing (a commit whose reply was lost when a
+    /// broker died). A restore that read the changelog meanwhile would stop before it (a
+    /// read_committed reader stops at the first open transaction) and miss it if it then
+    /// commits: the task would go on from an older state while the changelog, and any later
+    /// restore, has that commit. Registering the id makes the coordinator finish that
+    /// transaction first (commit or abort, markers written).
     pub fn reset(&mut self, new_producer: bool) -> Result<(), KafkaError> {
-        self.send(Msg::Reset { new_producer })
+        self.send(Msg::Reset { new_producer })?;
+        match self.resets.recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(KafkaError::Changelog(format!(
+                "cannot replace the state producer: {e}"
+            ))),
+            Err(_) => Err(KafkaError::Changelog(
+                "the state commit thread has stopped".into(),
+            )),
+        }
     }
 
     fn send(&self, m: Msg) -> Result<(), KafkaError> {
@@ -180,12 +217,18 @@ struct Topics {
     outputs: OutputTopics,
 }
 
+/// Where the thread answers.
+struct Replies {
+    outcomes: Sender<JobOutcome>,
+    resets: Sender<Result<(), String>>,
+}
+
 fn serve(
     config: ClientConfig,
     topics: Topics,
     mut outputs: Outputs,
     jobs: Receiver<Msg>,
-    done: Sender<JobOutcome>,
+    replies: Replies,
 ) {
     let mut failed = false;
     let mut unusable = false;
@@ -194,19 +237,23 @@ fn serve(
         let outcome = match m {
             Msg::Reset { new_producer } => {
                 failed = unwritable;
+                let mut reply = Ok(());
                 if new_producer || unusable {
-                    match transactional(&config) {
+                    match replace(&config) {
                         Ok(o) => {
                             outputs = o;
                             unusable = false;
                         }
                         Err(e) => {
                             // Every job fails until a later reset manages it.
-                            tracing::warn!(error = %e, "cannot replace the state producer");
                             failed = true;
                             unusable = true;
+                            reply = Err(e.to_string());
                         }
                     }
+                }
+                if replies.resets.send(reply).is_err() {
+                    return;
                 }
                 continue;
             }
@@ -231,8 +278,23 @@ fn serve(
                 }
             },
         };
-        if done.send(outcome).is_err() {
+        if replies.outcomes.send(outcome).is_err() {
             return;
+        }
+    }
+}
+
+/// A new transactional producer for `config`, in up to [`REPLACE_ATTEMPTS`] attempts.
+fn replace(config: &ClientConfig) -> Result<Outputs, KafkaError> {
+    let mut attempt = 1;
+    loop {
+        match transactional(config) {
+            Ok(o) => return Ok(o),
+            Err(e) if attempt < REPLACE_ATTEMPTS => {
+                tracing::warn!(error = %e, attempt, "cannot replace the state producer yet");
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
         }
     }
 }
