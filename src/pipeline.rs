@@ -127,6 +127,10 @@ impl PendingCommit {
     }
 }
 
+/// How long a newly assigned partition waits for the group's committed offsets (see
+/// [`Core::check_against_group`]) before the instance gives up.
+const GROUP_OFFSETS_WAIT: Duration = Duration::from_secs(60);
+
 /// A second fencing error within this time of the first stops the instance.
 pub const FENCE_WINDOW: Duration = Duration::from_secs(60);
 
@@ -906,12 +910,23 @@ impl Core {
             }
         }
         // One lookup for all of them: it waits while a transaction that carries their offsets
-        // is still completing (bounded, since this runs inside the rebalance).
-        let committed = match consumer.committed_offsets(q, Duration::from_secs(10)) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(?partitions, error = %e, "cannot read the group's committed offsets");
-                return Ok(());
+        // is still completing. Going on without it could start from a state that misses such
+        // a transaction, once it commits: retried up to `GROUP_OFFSETS_WAIT` (this runs inside
+        // the rebalance), then the instance stops.
+        let started = Instant::now();
+        let committed = loop {
+            match consumer.committed_offsets(q.clone(), Duration::from_secs(10)) {
+                Ok(c) => break c,
+                Err(e) if started.elapsed() < GROUP_OFFSETS_WAIT => {
+                    tracing::warn!(?partitions, error = %e, "cannot read the group's committed offsets yet (retrying)");
+                }
+                Err(e) => {
+                    return Err(PipelineError::Rebalance(format!(
+                        "cannot read the group's committed offsets of partitions \
+                         {partitions:?} for {} s: {e}",
+                        GROUP_OFFSETS_WAIT.as_secs()
+                    )))
+                }
             }
         };
         for &partition in partitions {
