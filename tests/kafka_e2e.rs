@@ -4,6 +4,7 @@
 //! - bad records land in the dead-letter topic with reasons while the partition keeps flowing;
 //! - kill -9 mid-stream (more input arrives after the kill), restart: every input is annotated
 //!   (repeats only identical), sessions equal the offline result;
+//! - an existing changelog topic that is not compacted stops the start with a clear error;
 //! - a changelog restore applies a compacted changelog (commits whose meta record is gone);
 //! - local state with a changelog checkpoint beyond the changelog's end is not trusted: it is
 //!   rebuilt from the changelog, and the run equals the offline result;
@@ -623,7 +624,39 @@ fn two_input_topics(broker: &Broker) {
     let third = "multi-in-three".to_owned();
     broker.create_topics(&[&third], 3);
     let bad = format!("{},{third}", t.input);
-    let out = Command::new(BIN)
+    let err = refused_start(broker, &t, &bad, &dir.path().join("bad"), &[]);
+    assert!(
+        err.contains("not co-partitioned") && err.contains("multi-in-three: 3 partitions"),
+        "{err}"
+    );
+
+    // An existing changelog topic that is not compacted: a clear error and exit 1.
+    let deleting = "multi-deleting-changelog";
+    broker.create_topics_with(&[deleting], 2, &[("cleanup.policy", "delete")]);
+    let err = refused_start(
+        broker,
+        &t,
+        &t.input,
+        &dir.path().join("bad2"),
+        &["--changelog-topic", deleting],
+    );
+    assert!(
+        err.contains(deleting) && err.contains("cleanup.policy `delete`"),
+        "{err}"
+    );
+}
+
+/// Runs `sessionizer run` on `inputs`, which must refuse to start: exit code 1 within 60 s.
+/// Returns its standard error.
+fn refused_start(
+    broker: &Broker,
+    t: &Topics,
+    inputs: &str,
+    state_dir: &std::path::Path,
+    extra: &[&str],
+) -> String {
+    let log = state_dir.with_extension("log");
+    let mut child = Command::new(BIN)
         .args([
             "run",
             "--brokers",
@@ -631,20 +664,34 @@ fn two_input_topics(broker: &Broker) {
             "--group",
             "multi-bad",
         ])
-        .args(["--input-topics", &bad, "--annotated-topic", &t.annotated])
+        .args(["--input-topics", inputs, "--annotated-topic", &t.annotated])
         .args(["--sessions-topic", &t.sessions, "--late-topic", &t.late])
         .args(["--dlq-topic", &t.dlq, "--stats-topic", &t.stats])
         .arg("--state-dir")
-        .arg(dir.path().join("bad"))
+        .arg(state_dir)
         .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
-        .output()
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("not co-partitioned") && err.contains("multi-in-three: 3 partitions"),
-        "{err}"
-    );
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!(
+                "still running after 60 s instead of refusing to start:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let err = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.code(), Some(1), "{err}");
+    err
 }
 
 fn generate_produces_keyed_events_to_a_topic(broker: &Broker) {

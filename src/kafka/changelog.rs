@@ -46,6 +46,10 @@ pub fn distrust(
 /// Applied in batches of about this many records.
 const APPLY_BATCH: usize = 50_000;
 
+/// How long [`ensure_topic`] keeps asking for the configuration of a topic that exists but is
+/// not described yet.
+const DESCRIBE_WAIT: Duration = Duration::from_secs(15);
+
 /// Creates the changelog topic if it is missing (compacted, `partitions` partitions, the
 /// brokers' default replication), or checks that the existing one is compacted and has
 /// `partitions` partitions.
@@ -94,14 +98,41 @@ pub fn ensure_topic(
              replay it) or point kafka.changelog_topic elsewhere"
         ))),
         Some(_) => {
-            let described = runtime
-                .block_on(admin.describe_configs([&ResourceSpecifier::Topic(topic)], &opts))
-                .map_err(|e| KafkaError::Changelog(format!("cannot describe `{topic}`: {e}")))?;
-            let policy = described
-                .into_iter()
-                .flatten()
-                .find_map(|r| r.get("cleanup.policy").and_then(|e| e.value.clone()))
-                .unwrap_or_default();
+            // Just created by another instance, the topic may not be known yet to the broker
+            // that answers (the describe then fails for it, or lists no policy): asked again
+            // for a while; only a policy that is there and not compacting is an error.
+            let started = Instant::now();
+            let policy = loop {
+                let described = runtime
+                    .block_on(admin.describe_configs([&ResourceSpecifier::Topic(topic)], &opts))
+                    .map_err(|e| {
+                        KafkaError::Changelog(format!("cannot describe `{topic}`: {e}"))
+                    })?;
+                let found = described.into_iter().find_map(|r| match r {
+                    Ok(c) => c
+                        .get("cleanup.policy")
+                        .and_then(|e| e.value.clone())
+                        .filter(|v| !v.is_empty())
+                        .map(Ok),
+                    Err(e) => Some(Err(e)),
+                });
+                match found {
+                    Some(Ok(policy)) => break policy,
+                    _ if started.elapsed() < DESCRIBE_WAIT => {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Some(Err(e)) => {
+                        return Err(KafkaError::Changelog(format!(
+                            "cannot describe `{topic}`: {e}"
+                        )))
+                    }
+                    None => {
+                        return Err(KafkaError::Changelog(format!(
+                            "changelog topic `{topic}`: its description has no cleanup.policy"
+                        )))
+                    }
+                }
+            };
             if !policy.split(',').any(|p| p.trim() == "compact") {
                 return Err(KafkaError::Changelog(format!(
                     "changelog topic `{topic}` has cleanup.policy `{policy}`; it must be \
