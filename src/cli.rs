@@ -101,6 +101,9 @@ pub struct RuntimeArgs {
     /// Log format: human or json.
     #[arg(long, env = "SESSIONIZER_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// How long a graceful shutdown may wait for its final commit, e.g. 30s.
+    #[arg(long, env = "SESSIONIZER_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Option<String>,
 }
 
 impl RuntimeArgs {
@@ -138,6 +141,7 @@ impl RuntimeArgs {
         r.service.state_dir = self.state_dir.clone();
         r.service.metrics_addr = self.metrics_addr.clone();
         r.service.log_format = self.log_format.clone();
+        r.service.shutdown_timeout = self.shutdown_timeout.clone();
         Ok(())
     }
 }

@@ -187,6 +187,11 @@ struct Core {
     /// releases the tasks (there is nothing new to commit, and no transaction may be left
     /// open behind us).
     closing: bool,
+    /// Shutting down: when the final commit must be done (`service.shutdown_timeout`).
+    deadline: Option<Instant>,
+    /// The final commit was given up at the deadline; its transaction may still be running
+    /// on the state committer's thread, which is then left behind, not waited for.
+    abandoned: bool,
 }
 
 fn header(h: OwnedHeaders, key: &str, value: &str) -> OwnedHeaders {
@@ -616,8 +621,29 @@ impl Core {
             };
             let waiting_for_outputs = self.commit_error.is_none()
                 && self.pending.front().is_some_and(|c| c.changes.is_some());
+            let left = self
+                .deadline
+                .map(|d| d.saturating_duration_since(Instant::now()));
+            if wait && left.is_some_and(|l| l.is_zero()) {
+                tracing::warn!(
+                    timeout_s = self.rt.shutdown_timeout.as_secs_f64(),
+                    staged = self.pending.len(),
+                    waiting_for = if waiting_for_outputs {
+                        "output acknowledgements"
+                    } else {
+                        "the state transaction"
+                    },
+                    "the final commit did not complete within service.shutdown_timeout: stopping \
+                     without it (the partitions' next owner redoes the work since the last commit)"
+                );
+                self.abandoned = true;
+                self.pending.clear();
+                return Ok(());
+            }
             match (self.pending.front(), self.sink.outputs()) {
-                (Some(c), Some(o)) if wait && waiting_for_outputs => o.wait_acknowledged(c.epoch),
+                (Some(c), Some(o)) if wait && waiting_for_outputs => {
+                    o.wait_acknowledged(c.epoch, left)
+                }
                 (Some(_), _) if wait => {
                     if let Some(o) = self.outcome(Duration::from_millis(1))? {
                         self.settled(o)?;
@@ -717,6 +743,17 @@ impl Core {
             return Ok(());
         };
         self.pending.clear();
+        if self.closing {
+            // Nothing is rewound on the way out: the partitions' next owner (maybe this
+            // instance, restarted) resumes from the last commit. Fencing by another running
+            // instance with this id is still reported.
+            if let TxnError::Fenced(e) = e {
+                self.check_fence(consumer, e)?;
+            } else {
+                tracing::warn!(error = ?e, "the final state transaction failed: stopping without it (the partitions' next owner redoes the work since the last commit)");
+            }
+            return Ok(());
+        }
         let new_producer = match e {
             TxnError::Abortable(e) => {
                 tracing::warn!(error = %e, "state transaction failed: rewinding to the last commit");
@@ -1227,6 +1264,8 @@ pub fn run(
         last_fence: None,
         dirty: false,
         closing: false,
+        deadline: None,
+        abandoned: false,
     });
     let topics: Vec<&str> = rt.input_topics.iter().map(|s| s.as_str()).collect();
     consumer
@@ -1275,10 +1314,17 @@ pub fn run(
         health.set_ready(false, "shutting down");
         with_core(&mut |c| {
             c.closing = true;
+            c.deadline = Some(Instant::now() + rt.shutdown_timeout);
             c.tick(&consumer)
         })
     };
     let result = serve();
+    if let Ok(mut g) = core.lock() {
+        if let Some(c) = g.as_mut().filter(|c| c.abandoned) {
+            // Its thread may be stuck in a transaction until the brokers answer.
+            c.state.detach();
+        }
+    }
     if result.is_err() {
         // Nothing more may be committed: closing the consumer must not run a commit in the
         // revocation callback.

@@ -19,7 +19,7 @@
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 mod support;
 
@@ -562,6 +562,122 @@ fn broker_restart_is_survived(broker: &Broker) {
     );
 }
 
+/// SIGTERM while the broker is away, with a final commit that cannot complete (sessions that
+/// concluded on the wall clock after the broker stopped): the process gives up on it after
+/// `--shutdown-timeout` and exits 0 instead of waiting for the brokers. Restarted once the
+/// broker is back, it redoes the work since its last commit: every session is published.
+fn shutdown_while_the_broker_is_away(broker: &Broker) {
+    let Some(d) = broker.dir() else {
+        eprintln!("external broker: skipping the shutdown-while-away scenario");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let t = Topics::new(broker, "away", 1);
+    // Events of now: their sessions conclude 20 s after their last event, on the wall clock
+    // (a caught-up partition's watermark follows it after 1 s), once the broker is gone.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let users = 20;
+    let input: Vec<(Option<String>, Option<Vec<u8>>, Option<i32>)> = (0..users * 5)
+        .map(|i| {
+            let (u, k) = (i % users, i / users);
+            let v = format!(
+                r#"{{"user_id":"w{u}","timestamp":{},"event":"view"}}"#,
+                now + k * 100
+            );
+            (Some(format!("w{u}")), Some(v.into_bytes()), None)
+        })
+        .collect();
+    broker.produce(&t.input, &input);
+    let semantics = [
+        "--timeout",
+        "20s",
+        "--allowed-lateness",
+        "0s",
+        "--quiet-period",
+        "0s",
+        "--idle-after",
+        "1s",
+    ];
+    let port = free_port();
+    let start = |port| {
+        run_with(
+            broker,
+            &t,
+            dir.path(),
+            "away-group",
+            port,
+            &semantics,
+            &["--shutdown-timeout", "5s"],
+        )
+    };
+    let p = start(port);
+    broker.read_until(&t.annotated, Duration::from_secs(60), |r| {
+        r.len() >= input.len()
+    });
+    let out = kafka_sh(&["stop", "--dir", d]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let concluded = |m: &str| metric(m, "sessionizer_sessions_concluded_total");
+    assert_eq!(
+        concluded(&scrape(port)),
+        0.0,
+        "sessions concluded before the broker stopped: the scenario needs them after"
+    );
+    wait_metrics(port, |m| concluded(m) >= users as f64);
+    let stopping = Instant::now();
+    let log = p.log.clone();
+    let code = p.terminate();
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("did not complete within service.shutdown_timeout"),
+        "the final commit was given up:\n{log}"
+    );
+    assert!(
+        stopping.elapsed() < Duration::from_secs(30),
+        "stopped in {:?}, with a 5 s shutdown timeout",
+        stopping.elapsed()
+    );
+    let out = kafka_sh(&["start-node", "1", "--dir", d]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = start(free_port());
+    let got = wait_sessions(broker, &t.sessions, users as usize, session_set, &[&p]);
+    let sessions: BTreeSet<String> = got
+        .iter()
+        .filter(|s| s["type"] == "session")
+        .map(|s| format!("{}|{}", s["user_id"], s["event_count"]))
+        .collect();
+    assert_eq!(sessions.len(), users as usize, "{sessions:?}");
+    assert!(sessions.iter().all(|s| s.ends_with("|5")), "{sessions:?}");
+    assert_eq!(p.terminate(), 0);
+}
+
+/// Waits until the /metrics text on `port` satisfies `done`, for at most 60 s.
+fn wait_metrics(port: u16, done: impl Fn(&str) -> bool) {
+    let started = Instant::now();
+    loop {
+        let m = scrape(port);
+        if done(&m) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "metrics never got there:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Two co-partitioned input topics (app events on one, web events on the other, both keyed by
 /// user): the sessions are those of the offline run over both; every input is annotated once.
 /// Input topics with different partition counts are refused at start.
@@ -882,7 +998,8 @@ fn kafka_end_to_end() {
             "untrusted",
             "fenced",
             "standby",
-            "compact"
+            "compact",
+            "away"
         ]
         .contains(&only.as_str()),
         "E2E_ONLY=`{only}` names no scenario"
@@ -920,5 +1037,8 @@ fn kafka_end_to_end() {
     }
     if want("compact") {
         restore_after_broker_compaction(&broker);
+    }
+    if want("away") {
+        shutdown_while_the_broker_is_away(&broker);
     }
 }

@@ -127,6 +127,9 @@ pub struct RuntimeSettings {
     pub state_dir: PathBuf,
     pub metrics_addr: std::net::SocketAddr,
     pub json_logs: bool,
+    /// How long a graceful shutdown waits for its final commit before it gives up on it (the
+    /// partitions' next owner then redoes the work since the last commit).
+    pub shutdown_timeout: Duration,
 }
 
 /// librdkafka properties the service sets itself; configuring them is an error.
@@ -551,6 +554,11 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
             ))
         }
     };
+    let shutdown_timeout = positive_duration(
+        "service.shutdown_timeout",
+        s.shutdown_timeout.as_deref(),
+        "30s",
+    )?;
     Ok(RuntimeSettings {
         brokers,
         group,
@@ -570,6 +578,7 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
         state_dir,
         metrics_addr,
         json_logs,
+        shutdown_timeout,
     })
 }
 
@@ -647,6 +656,7 @@ fn effective(raw: &RawConfig) -> RawConfig {
     d(&mut e.service.state_dir, "./sessionizer-state");
     d(&mut e.service.metrics_addr, "127.0.0.1:9464");
     d(&mut e.service.log_format, "human");
+    d(&mut e.service.shutdown_timeout, "30s");
     e
 }
 

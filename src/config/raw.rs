@@ -66,6 +66,8 @@ pub struct RawService {
     pub metrics_addr: Option<String>,
     /// Log format: human or json.
     pub log_format: Option<String>,
+    /// How long a graceful shutdown may wait for its final commit.
+    pub shutdown_timeout: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -196,7 +198,7 @@ impl RawConfig {
         overlay!(
             self.service,
             over.service,
-            [state_dir, metrics_addr, log_format]
+            [state_dir, metrics_addr, log_format, shutdown_timeout]
         );
     }
 }

@@ -166,6 +166,13 @@ impl StateCommitter {
         self.outstanding
     }
 
+    /// Leaves the thread to finish on its own (shutdown gave up on it): dropping this no
+    /// longer waits for it.
+    pub fn detach(&mut self) {
+        self.tx.take();
+        self.thread.take();
+    }
+
     /// The next outcome, in submission order, once one is ready, waiting at most `wait`
     /// (`Duration::ZERO`: only if one is ready now).
     pub fn outcome(&mut self, wait: Duration) -> Result<Option<JobOutcome>, KafkaError> {

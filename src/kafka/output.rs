@@ -252,10 +252,11 @@ impl Outputs {
         (self.retired + 1..=epoch).all(|e| self.state.unacked[slot(e)].load(Ordering::Acquire) == 0)
     }
 
-    /// Waits until [`Self::acknowledged`]`(epoch)`. Keeps waiting while the brokers are
-    /// unreachable (librdkafka retries until `message.timeout.ms`, then reports a failure).
-    pub fn wait_acknowledged(&self, epoch: u64) {
-        wait_for(None, || self.acknowledged(epoch));
+    /// Waits until [`Self::acknowledged`]`(epoch)`, or `limit` has passed. Without a limit it
+    /// keeps waiting while the brokers are unreachable (librdkafka retries until
+    /// `message.timeout.ms`, then reports a failure).
+    pub fn wait_acknowledged(&self, epoch: u64, limit: Option<Duration>) {
+        wait_for(limit, || self.acknowledged(epoch));
     }
 
     /// Retires every epoch up to `epoch` (they must be [acknowledged](Self::acknowledged)):
@@ -305,7 +306,7 @@ impl Outputs {
     ) -> Result<Vec<(i32, i64)>, TxnError> {
         let epoch = self.seal();
         self.commit_transaction(offsets, group)?;
-        self.wait_acknowledged(epoch);
+        self.wait_acknowledged(epoch, None);
         self.retire(epoch);
         Ok(partitions
             .into_iter()
@@ -403,7 +404,7 @@ impl Outputs {
     /// `message.timeout.ms`); fails if any delivery failed for good.
     pub fn flush(&mut self) -> Result<(), KafkaError> {
         let epoch = self.seal();
-        self.wait_acknowledged(epoch);
+        self.wait_acknowledged(epoch, None);
         self.retire(epoch);
         self.check_failures()
     }
