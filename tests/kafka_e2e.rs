@@ -5,6 +5,8 @@
 //! - kill -9 mid-stream (more input arrives after the kill), restart: every input is annotated
 //!   (repeats only identical), sessions equal the offline result;
 //! - an existing changelog topic that is not compacted stops the start with a clear error;
+//! - SIGTERM while the broker is away: the final commit is given up after
+//!   `--shutdown-timeout` and the process exits 0; restarted, it loses nothing;
 //! - a changelog restore applies a compacted changelog (commits whose meta record is gone);
 //! - local state with a changelog checkpoint beyond the changelog's end is not trusted: it is
 //!   rebuilt from the changelog, and the run equals the offline result;
