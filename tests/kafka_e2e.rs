@@ -582,17 +582,23 @@ fn shutdown_while_the_broker_is_away(broker: &Broker) {
         .unwrap()
         .as_millis() as u64;
     let users = 20;
-    let input: Vec<(Option<String>, Option<Vec<u8>>, Option<i32>)> = (0..users * 5)
+    let input: Vec<(String, String)> = (0..users * 5)
         .map(|i| {
             let (u, k) = (i % users, i / users);
             let v = format!(
                 r#"{{"user_id":"w{u}","timestamp":{},"event":"view"}}"#,
                 now + k * 100
             );
-            (Some(format!("w{u}")), Some(v.into_bytes()), None)
+            (format!("w{u}"), v)
         })
         .collect();
-    broker.produce(&t.input, &input);
+    broker.produce(
+        &t.input,
+        &input
+            .iter()
+            .map(|(k, v)| (Some(k.clone()), Some(v.as_bytes().to_vec()), None))
+            .collect::<Vec<_>>(),
+    );
     let semantics = [
         "--timeout",
         "20s",
