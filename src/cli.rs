@@ -539,6 +539,10 @@ fn create(path: &Path) -> Result<BufWriter<File>, CliError> {
         .map_err(|e| CliError::Runtime(format!("cannot create {}: {e}", path.display())))
 }
 
+/// How much longer than `service.shutdown_timeout` a stop may take before the process exits
+/// without finishing it.
+const STOP_MARGIN: std::time::Duration = std::time::Duration::from_secs(15);
+
 fn run_stream(a: RunArgs) -> Result<(), CliError> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
@@ -567,6 +571,10 @@ fn run_stream(a: RunArgs) -> Result<(), CliError> {
         }
     });
     let flag = shutdown.clone();
+    // The final commit waits at most `shutdown_timeout`; whatever else blocks the way out (a
+    // consumer leaving a group whose coordinator is gone, a restore in progress) gets
+    // `STOP_MARGIN` more, then the process exits 1, as a crash would: nothing is lost.
+    let stop_by = settings.runtime.shutdown_timeout + STOP_MARGIN;
     tokio_rt.spawn(async move {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -582,6 +590,13 @@ fn run_stream(a: RunArgs) -> Result<(), CliError> {
         }
         tracing::info!("signal received");
         flag.store(true, Ordering::Relaxed);
+        tokio::time::sleep(stop_by).await;
+        tracing::error!(
+            seconds = stop_by.as_secs(),
+            "not stopped yet: exiting now (as a crash would; the partitions' next owner resumes \
+             from the last commit)"
+        );
+        std::process::exit(1);
     });
     tracing::info!(metrics = %format!("http://{bound}/metrics"), "sessionizer starting");
     let result = crate::pipeline::run(settings, metrics, health, shutdown);

@@ -127,8 +127,9 @@ impl PendingCommit {
     }
 }
 
-/// How long a newly assigned partition waits for the group's committed offsets (see
-/// [`Core::check_against_group`]) before the instance gives up.
+/// How long a newly assigned partition waits at least for the group's committed offsets (see
+/// [`Core::check_against_group`]; twice the transaction timeout if that is longer) before the
+/// instance gives up.
 const GROUP_OFFSETS_WAIT: Duration = Duration::from_secs(60);
 
 /// A second fencing error within this time of the first stops the instance.
@@ -951,17 +952,20 @@ impl Core {
         // a transaction, once it commits: retried up to `GROUP_OFFSETS_WAIT` (this runs inside
         // the rebalance), then the instance stops.
         let started = Instant::now();
+        // A crashed owner's open transaction holds them until the coordinator aborts it.
+        let wait = GROUP_OFFSETS_WAIT.max(self.rt.transaction_timeout * 2);
         let committed = loop {
             match consumer.committed_offsets(q.clone(), Duration::from_secs(10)) {
                 Ok(c) => break c,
-                Err(e) if started.elapsed() < GROUP_OFFSETS_WAIT => {
+                Err(e) if started.elapsed() < wait => {
                     tracing::warn!(?partitions, error = %e, "cannot read the group's committed offsets yet (retrying)");
+                    std::thread::sleep(Duration::from_millis(500));
                 }
                 Err(e) => {
                     return Err(PipelineError::Rebalance(format!(
                         "cannot read the group's committed offsets of partitions \
                          {partitions:?} for {} s: {e}",
-                        GROUP_OFFSETS_WAIT.as_secs()
+                        wait.as_secs()
                     )))
                 }
             }
@@ -1320,7 +1324,10 @@ pub fn run(
     };
     let result = serve();
     if let Ok(mut g) = core.lock() {
-        if let Some(c) = g.as_mut().filter(|c| c.abandoned) {
+        if let Some(c) = g
+            .as_mut()
+            .filter(|c| c.abandoned || (result.is_err() && c.state.outstanding() > 0))
+        {
             // Its thread may be stuck in a transaction until the brokers answer.
             c.state.detach();
         }

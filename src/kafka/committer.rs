@@ -24,7 +24,9 @@ use crate::store::{Change, StateWriter};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::TopicPartitionList;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -79,6 +81,8 @@ pub struct StateCommitter {
     rx: Receiver<JobOutcome>,
     /// The end of each [`Msg::Reset`]: whether the producer is usable again.
     resets: Receiver<Result<(), String>>,
+    /// Set by [`Self::detach`]: the thread no longer writes to the databases.
+    left_behind: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     /// Jobs submitted whose outcome has not been taken yet.
     outstanding: usize,
@@ -97,6 +101,8 @@ impl StateCommitter {
         let (tx, jobs) = mpsc::channel();
         let (done, rx) = mpsc::channel();
         let (reset_done, resets) = mpsc::channel();
+        let left_behind = Arc::new(AtomicBool::new(false));
+        let stop = left_behind.clone();
         let topics = Topics {
             changelog,
             outputs: topics,
@@ -113,6 +119,7 @@ impl StateCommitter {
                         outcomes: done,
                         resets: reset_done,
                     },
+                    &stop,
                 )
             })
             .map_err(|e| KafkaError::Changelog(format!("cannot start a thread: {e}")))?;
@@ -120,6 +127,7 @@ impl StateCommitter {
             tx: Some(tx),
             rx,
             resets,
+            left_behind,
             thread: Some(thread),
             outstanding: 0,
         })
@@ -168,7 +176,10 @@ impl StateCommitter {
 
     /// Leaves the thread to finish on its own (shutdown gave up on it): dropping this no
     /// longer waits for it.
+    /// A job it is still committing is not written locally: the process is on its way out,
+    /// and the local checkpoint simply stays behind (the changelog has the commit).
     pub fn detach(&mut self) {
+        self.left_behind.store(true, Ordering::Relaxed);
         self.tx.take();
         self.thread.take();
     }
@@ -236,6 +247,7 @@ fn serve(
     mut outputs: Outputs,
     jobs: Receiver<Msg>,
     replies: Replies,
+    left_behind: &AtomicBool,
 ) {
     let mut failed = false;
     let mut unusable = false;
@@ -270,7 +282,7 @@ fn serve(
                 drop(job);
                 JobOutcome::Skipped
             }
-            Msg::Job(job) => match commit(&mut outputs, &topics, *job) {
+            Msg::Job(job) => match commit(&mut outputs, &topics, *job, left_behind) {
                 Ok(Ok((checkpoints, took))) => JobOutcome::Committed { checkpoints, took },
                 Ok(Err((partition, error))) => {
                     failed = true;
@@ -330,7 +342,12 @@ fn abort_after(outputs: &Outputs, e: TxnError) -> (TxnError, bool) {
 /// long the transaction took, or the task whose write failed.
 type Written = Result<(Vec<(i32, i64)>, Duration), (i32, StoreError)>;
 
-fn commit(outputs: &mut Outputs, topics: &Topics, job: Job) -> Result<Written, TxnError> {
+fn commit(
+    outputs: &mut Outputs,
+    topics: &Topics,
+    job: Job,
+    left_behind: &AtomicBool,
+) -> Result<Written, TxnError> {
     let Job {
         tasks,
         offsets,
@@ -349,6 +366,9 @@ fn commit(outputs: &mut Outputs, topics: &Topics, job: Job) -> Result<Written, T
     }
     let checkpoints = outputs.commit_epoch(&offsets, group, tasks.iter().map(|t| t.partition))?;
     let took = started.elapsed();
+    if left_behind.load(Ordering::Relaxed) {
+        return Ok(Ok((checkpoints, took)));
+    }
     for t in &tasks {
         if let Err(e) = t
             .writer
