@@ -127,6 +127,10 @@ impl PendingCommit {
     }
 }
 
+/// How many times a restored task whose state is behind the group's committed offsets reads
+/// the changelog tail again (see [`Core::check_against_group`]).
+const TAIL_ATTEMPTS: u32 = 10;
+
 /// How long a newly assigned partition waits at least for the group's committed offsets (see
 /// [`Core::check_against_group`]; twice the transaction timeout if that is longer) before the
 /// instance gives up.
@@ -856,8 +860,14 @@ impl Core {
         // Dropping a store discards its staged commit: RocksDB holds the committed state.
         self.tasks.clear();
         self.sink.discard();
-        for p in parts {
+        for &p in &parts {
             self.open_task(p)?;
+        }
+        // A transaction that failed on the client may have committed on the brokers (its
+        // offsets with it), and after a broker failure the restore can stop short of it: the
+        // new partition leader may not report those records yet.
+        self.check_against_group(consumer, &parts, false)?;
+        for p in parts {
             self.seek_task(consumer, p)?;
         }
         Ok(())
@@ -914,7 +924,7 @@ impl Core {
             self.metrics
                 .set_restoring_partitions((new.len() - i - 1) as u64);
         }
-        self.check_against_group(consumer, &new)?;
+        self.check_against_group(consumer, &new, true)?;
         let owned: Vec<i32> = self.tasks.keys().copied().collect();
         self.update_standbys(&owned);
         for (ti, topic) in self.rt.input_topics.iter().enumerate() {
@@ -933,10 +943,15 @@ impl Core {
     /// The restored state must have the input offsets the group committed (in the same
     /// transactions). A state behind them missed a commit that was still completing
     /// when the restore read the changelog: read the tail again.
+    ///
+    /// The lookup of the committed offsets is retried: at most [`GROUP_OFFSETS_WAIT`] (or
+    /// twice the transaction timeout) when `bounded` (inside a rebalance; then the instance
+    /// stops), otherwise for as long as the brokers are away (a rewind).
     fn check_against_group(
         &mut self,
         consumer: &BaseConsumer<Ctx>,
         partitions: &[i32],
+        bounded: bool,
     ) -> Result<(), PipelineError> {
         if partitions.is_empty() {
             return Ok(());
@@ -949,16 +964,19 @@ impl Core {
         }
         // One lookup for all of them: it waits while a transaction that carries their offsets
         // is still completing. Going on without it could start from a state that misses such
-        // a transaction, once it commits: retried up to `GROUP_OFFSETS_WAIT` (this runs inside
-        // the rebalance), then the instance stops.
+        // a transaction, once it commits.
         let started = Instant::now();
+        let mut warned: Option<Instant> = None;
         // A crashed owner's open transaction holds them until the coordinator aborts it.
         let wait = GROUP_OFFSETS_WAIT.max(self.rt.transaction_timeout * 2);
         let committed = loop {
             match consumer.committed_offsets(q.clone(), Duration::from_secs(10)) {
                 Ok(c) => break c,
-                Err(e) if started.elapsed() < wait => {
-                    tracing::warn!(?partitions, error = %e, "cannot read the group's committed offsets yet (retrying)");
+                Err(e) if !bounded || started.elapsed() < wait => {
+                    if warned.is_none_or(|w| w.elapsed() > Duration::from_secs(10)) {
+                        tracing::warn!(?partitions, error = %e, "cannot read the group's committed offsets yet (retrying)");
+                        warned = Some(Instant::now());
+                    }
                     std::thread::sleep(Duration::from_millis(500));
                 }
                 Err(e) => {
@@ -971,7 +989,7 @@ impl Core {
             }
         };
         for &partition in partitions {
-            for attempt in 0..3 {
+            for attempt in 0..TAIL_ATTEMPTS {
                 let Some(t) = self.tasks.get(&partition) else {
                     break;
                 };
@@ -987,11 +1005,16 @@ impl Core {
                 if !behind {
                     break;
                 }
-                if attempt == 2 {
+                if attempt + 1 == TAIL_ATTEMPTS {
                     tracing::error!(partition, "restored state stays behind the group's committed offsets (changelog lost or truncated?): continuing from the state's offsets");
                     break;
                 }
                 tracing::warn!(partition, attempt, "restored state is behind the group's committed offsets: reading the changelog tail again");
+                if attempt > 0 {
+                    // A new partition leader's high watermark can lag behind the records it
+                    // has for a moment after a broker failure.
+                    std::thread::sleep(Duration::from_secs(1));
+                }
                 self.tasks.remove(&partition);
                 self.open_task(partition)?;
             }
