@@ -188,11 +188,8 @@ struct Core {
     last_fence: Option<Instant>,
     /// Whether anything was consumed or concluded since the last commit (see [`Self::tick`]).
     dirty: bool,
-    /// Shutting down after the final commit: the revocation when the consumer closes only
-    /// releases the tasks (there is nothing new to commit, and no transaction may be left
-    /// open behind us).
-    closing: bool,
-    /// Shutting down: when the final commit must be done (`service.shutdown_timeout`).
+    /// Shutting down (see [`Self::closing`]): when the final commit must be done
+    /// (`service.shutdown_timeout`).
     deadline: Option<Instant>,
     /// The final commit was given up at the deadline; its transaction may still be running
     /// on the state committer's thread, which is then left behind, not waited for.
@@ -212,6 +209,13 @@ impl Core {
             .state_dir
             .join(&self.rt.group)
             .join(format!("partition-{partition}"))
+    }
+
+    /// Shutting down after the final commit: the revocation when the consumer closes only
+    /// releases the tasks (there is nothing new to commit, and no transaction may be left
+    /// open behind us).
+    fn closing(&self) -> bool {
+        self.deadline.is_some()
     }
 
     fn exactly_once(&self) -> bool {
@@ -529,7 +533,7 @@ impl Core {
             self.out = out;
             r?;
         }
-        let drain = self.closing;
+        let drain = self.closing();
         if !std::mem::take(&mut self.dirty) {
             // Nothing consumed, nothing concluded: no transaction (an idle instance would
             // otherwise commit every interval, and grow the changelog by a record and a
@@ -748,7 +752,7 @@ impl Core {
             return Ok(());
         };
         self.pending.clear();
-        if self.closing {
+        if self.closing() {
             // Nothing is rewound on the way out: the partitions' next owner (maybe this
             // instance, restarted) resumes from the last commit. Fencing by another running
             // instance with this id is still reported.
@@ -1030,7 +1034,7 @@ impl Core {
         parts: &[i32],
         lost: bool,
     ) -> Result<(), PipelineError> {
-        if self.closing {
+        if self.closing() {
             // Everything was committed by the final tick.
         } else if lost && self.exactly_once() {
             // Their outputs since the last commit are buffered with the other tasks': once
@@ -1063,7 +1067,7 @@ impl Core {
             self.tasks.remove(p);
             self.metrics.forget_partition(&topics, *p);
         }
-        if !self.closing {
+        if !self.closing() {
             let owned: Vec<i32> = self.tasks.keys().copied().collect();
             self.update_standbys(&owned);
         }
@@ -1290,7 +1294,6 @@ pub fn run(
         partitions: found.partitions,
         last_fence: None,
         dirty: false,
-        closing: false,
         deadline: None,
         abandoned: false,
     });
@@ -1340,7 +1343,6 @@ pub fn run(
         tracing::info!("shutting down: finishing the batch and committing");
         health.set_ready(false, "shutting down");
         with_core(&mut |c| {
-            c.closing = true;
             c.deadline = Some(Instant::now() + rt.shutdown_timeout);
             c.tick(&consumer)
         })

@@ -590,19 +590,13 @@ fn shutdown_while_the_broker_is_away(broker: &Broker, guarantee: &str) {
         .map(|i| {
             let (u, k) = (i % users, i / users);
             let v = format!(
-                r#"{{"user_id":"w{u}","timestamp":{},"event":"view"}}"#,
+                r#"{{"user_id":"u{u}","timestamp":{},"event":"view"}}"#,
                 now + k * 100
             );
-            (format!("w{u}"), v)
+            (format!("u{u}"), v)
         })
         .collect();
-    broker.produce(
-        &t.input,
-        &input
-            .iter()
-            .map(|(k, v)| (Some(k.clone()), Some(v.as_bytes().to_vec()), None))
-            .collect::<Vec<_>>(),
-    );
+    broker.produce(&t.input, &to_user_partitions(&input, 1));
     let semantics = [
         "--timeout",
         "25s",
@@ -801,7 +795,7 @@ fn refused_start(
     extra: &[&str],
 ) -> String {
     let log = state_dir.with_extension("log");
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args([
             "run",
             "--brokers",
@@ -820,21 +814,12 @@ fn refused_start(
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            panic!(
-                "still running after 60 s instead of refusing to start:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let err = std::fs::read_to_string(&log).unwrap_or_default();
+    let mut p = Proc { child, log };
+    let status = p.wait_exit(
+        Duration::from_secs(60),
+        "still running after 60 s instead of refusing to start",
+    );
+    let err = p.log();
     assert_eq!(status.code(), Some(1), "{err}");
     err
 }

@@ -292,18 +292,7 @@ fn zombie_is_fenced(broker: &Broker) {
     wait_annotated(broker, &t, n, &[&new]);
     signal(&old, "-CONT");
     // The zombie must notice it was fenced and stop, without publishing anything.
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = old.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(90),
-            "the zombie did not stop:\n{}",
-            old.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = old.wait_exit(Duration::from_secs(90), "the zombie did not stop");
     assert!(!status.success(), "a fenced instance exits non-zero");
     assert!(
         old.log().contains("fenced") || old.log().contains("Fenced"),

@@ -560,28 +560,37 @@ impl Proc {
             Err(e) => format!("(no stacks: gdb: {e})\n"),
         }
     }
-    pub fn terminate(mut self) -> i32 {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+    /// Waits until the process exits, for at most `limit`; panics otherwise, with its log
+    /// and its threads' stacks, saying it waited for `what`.
+    pub fn wait_exit(&mut self, limit: Duration, what: &str) -> std::process::ExitStatus {
         let start = Instant::now();
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
-                let code = s.code().unwrap_or(-1);
-                if code != 0 {
-                    // Shown with the failure: why the process did not exit cleanly.
-                    eprintln!("exit code {code} after SIGTERM; log:\n{}", self.log());
-                }
-                return code;
+                return s;
             }
             assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "no exit after SIGTERM:\n{}\nthreads:\n{}",
+                start.elapsed() < limit,
+                "{what}:\n{}\nthreads:\n{}",
                 self.log(),
                 self.stacks()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    pub fn terminate(mut self) -> i32 {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let code = self
+            .wait_exit(Duration::from_secs(60), "no exit after SIGTERM")
+            .code()
+            .unwrap_or(-1);
+        if code != 0 {
+            // Shown with the failure: why the process did not exit cleanly.
+            eprintln!("exit code {code} after SIGTERM; log:\n{}", self.log());
+        }
+        code
     }
 }
 
