@@ -1,7 +1,5 @@
 //! End-to-end benchmark against a real Apache Kafka broker on this machine (started with
-//! `scripts/kafka.sh` on free 127.0.0.1 ports, or `KAFKA_BOOTSTRAP_SERVERS`): in one run,
-//! Throughput is measured from process (or thread) start until the consumer group has committed
-//! every input offset, which both only do after their outputs are acknowledged.
+//! `scripts/kafka.sh` on free 127.0.0.1 ports, or `KAFKA_BOOTSTRAP_SERVERS`), in one run:
 //! 1. throughput of a plain consume-and-produce pass-through (same client settings as the
 //!    sessionizer: the same consumer and producer configuration, commits every 100 ms after a
 //!    flush) over N pre-loaded records;
@@ -15,12 +13,19 @@
 //!    time, to the annotated record being handed to the producer) of a live stream at a fixed
 //!    rate of half the measured at-least-once throughput.
 //!
+//! Throughput is measured from process (or thread) start until the consumer group has committed
+//! every input offset, which both only do after their outputs are acknowledged; it is also
+//! reported from the first record taken (read from the sessionizer's metrics endpoint every
+//! 20 ms), which leaves out the start-up: process start, topic checks, group join, opening the
+//! state. Committed offsets are read every 20 ms by one long-lived client per group.
+//!
 //! The pass-through uses the non-transactional producer configuration, so the exactly-once
 //! ratio is against a non-transactional baseline.
 //!
-//! Run: `cargo bench --bench e2e` (E2E_EVENTS, default 1000000; E2E_LATENCY_RATE overrides the
-//! latency phase's rate). Under `cargo test` it does
-//! nothing.
+//! Run: `cargo bench --bench e2e` (E2E_EVENTS, default 1000000; E2E_ROUNDS, default 1, repeats
+//! steps 1 and 2 that many times, alternating, each with groups of its own, and reports the
+//! median ratios; E2E_LATENCY_RATE overrides the latency phase's rate, by default half the
+//! median at-least-once rate). Under `cargo test` it does nothing.
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -119,11 +124,12 @@ fn runtime_settings(bootstrap: &str, group: &str) -> sessionizer::config::Runtim
     validate(&raw).unwrap().runtime
 }
 
-/// Consume `topic` from the start and produce every record to `out` unchanged, committing
-/// (after a flush) every 100 ms, until `n` records are through. Returns the elapsed time.
-fn pass_through(bootstrap: &str, topic: &str, out: &str, n: usize) -> Duration {
-    let rt = runtime_settings(bootstrap, "bench-passthrough");
-    let started = Instant::now();
+/// Consume `topic` from the start as `group` and produce every record to `out` unchanged,
+/// committing (after a flush) every 100 ms, until `n` records are through. Returns when it
+/// took its first record.
+fn pass_through(bootstrap: &str, group: &str, topic: &str, out: &str, n: usize) -> Instant {
+    let rt = runtime_settings(bootstrap, group);
+    let mut first = None;
     let consumer: BaseConsumer = sessionizer::kafka::consumer_config(&rt).create().unwrap();
     let mut outputs = Outputs::new(&sessionizer::kafka::plain_producer_config(&rt)).unwrap();
     consumer.subscribe(&[topic]).unwrap();
@@ -132,6 +138,7 @@ fn pass_through(bootstrap: &str, topic: &str, out: &str, n: usize) -> Duration {
     let mut next: Vec<i64> = vec![-1; PARTITIONS as usize];
     while seen < n {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) {
+            first.get_or_insert_with(Instant::now);
             outputs
                 .send(
                     out,
@@ -164,7 +171,7 @@ fn pass_through(bootstrap: &str, topic: &str, out: &str, n: usize) -> Duration {
             last = Instant::now();
         }
     }
-    started.elapsed()
+    first.unwrap_or_else(Instant::now)
 }
 
 /// The event with its `timestamp` field set to `t`.
@@ -175,46 +182,108 @@ fn retime(v: &[u8], t: i64) -> Vec<u8> {
     format!("{}{t}{}", &text[..at], &text[end..]).into_bytes()
 }
 
-/// Sum of the committed offsets of `group` on `topic` (all partitions).
-fn committed(bootstrap: &str, group: &str, topic: &str) -> i64 {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition(topic, p);
-    }
-    c.committed_offsets(tpl, Duration::from_secs(5))
-        .map(|t| {
-            t.elements()
-                .iter()
-                .map(|e| match e.offset() {
-                    Offset::Offset(o) => o,
-                    _ => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
+/// Reads groups' committed offsets, with one long-lived client per group: a client created
+/// for every look (50 a second) would take CPU from the processes being measured.
+#[derive(Default)]
+struct Committed {
+    clients: std::collections::HashMap<String, BaseConsumer>,
 }
 
-/// Waits until `group` has committed `n` records of `topic`; the time since `started`.
-fn until_committed(
-    bootstrap: &str,
-    group: &str,
-    topic: &str,
-    n: usize,
-    started: Instant,
-) -> Duration {
-    while committed(bootstrap, group, topic) < n as i64 {
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "{group} too slow"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+impl Committed {
+    /// Sum of the committed offsets of `group` on `topic` (all partitions).
+    fn sum(&mut self, bootstrap: &str, group: &str, topic: &str) -> i64 {
+        let c = self.clients.entry(group.to_owned()).or_insert_with(|| {
+            ClientConfig::new()
+                .set("bootstrap.servers", bootstrap)
+                .set("group.id", group)
+                .create()
+                .unwrap()
+        });
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..PARTITIONS {
+            tpl.add_partition(topic, p);
+        }
+        c.committed_offsets(tpl, Duration::from_secs(5))
+            .map(|t| {
+                t.elements()
+                    .iter()
+                    .map(|e| match e.offset() {
+                        Offset::Offset(o) => o,
+                        _ => 0,
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
     }
-    started.elapsed()
+
+    /// Waits until `group` has committed `n` records of `topic`; the time since `started`.
+    fn wait(
+        &mut self,
+        bootstrap: &str,
+        group: &str,
+        topic: &str,
+        n: usize,
+        started: Instant,
+    ) -> Duration {
+        while self.sum(bootstrap, group, topic) < n as i64 {
+            assert!(
+                started.elapsed() < Duration::from_secs(600),
+                "{group} too slow"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        started.elapsed()
+    }
+}
+
+/// One throughput measurement: `n` records, all committed `total` after the start, the first
+/// taken `first` after it.
+#[derive(Clone, Copy)]
+struct Measure {
+    n: usize,
+    total: Duration,
+    first: Duration,
+}
+
+impl Measure {
+    fn new(n: usize, total: Duration, first: Duration) -> Self {
+        Measure { n, total, first }
+    }
+
+    /// Records per second, start (process or thread) to the last offset committed.
+    fn rate(&self) -> f64 {
+        self.n as f64 / self.total.as_secs_f64()
+    }
+
+    /// Records per second, first record taken to the last offset committed: without the
+    /// start-up (process start, topic checks, group join, opening the state).
+    fn steady_rate(&self) -> f64 {
+        self.n as f64 / (self.total - self.first.min(self.total)).as_secs_f64()
+    }
+}
+
+impl std::fmt::Display for Measure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.0} events/s ({:.2} s; first record after {:.2} s: {:.0} events/s from it)",
+            self.rate(),
+            self.total.as_secs_f64(),
+            self.first.as_secs_f64(),
+            self.steady_rate()
+        )
+    }
+}
+
+/// The median of `v` (the mean of the middle two when even).
+fn median(v: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = v.collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 struct Run {
@@ -227,6 +296,7 @@ impl Run {
         bootstrap: &str,
         input: &str,
         prefix: &str,
+        group: &str,
         state: &std::path::Path,
         guarantee: &str,
         log: Option<&std::path::Path>,
@@ -234,13 +304,7 @@ impl Run {
         let port = free_port();
         let t = |s: &str| format!("{prefix}-{s}");
         let child = Command::new(BIN)
-            .args([
-                "run",
-                "--brokers",
-                bootstrap,
-                "--group",
-                &format!("{prefix}-group"),
-            ])
+            .args(["run", "--brokers", bootstrap, "--group", group])
             .args([
                 "--input-topics",
                 input,
@@ -281,6 +345,19 @@ impl Run {
 
     fn events_in(&self) -> f64 {
         metric(&scrape(self.port), "sessionizer_events_total{")
+    }
+
+    /// Waits until the process has taken its first input record; the time since `started`
+    /// (the metrics endpoint is read every 20 ms until then).
+    fn first_record(&self, started: Instant) -> Duration {
+        while self.events_in() < 1.0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "no record consumed"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        started.elapsed()
     }
 
     fn stop(mut self) {
@@ -358,7 +435,9 @@ fn pass_through_latency(
     let total = (rate * 10.0) as usize;
     let probes = PARTITIONS as usize;
     let b = bootstrap.to_owned();
-    let forward = std::thread::spawn(move || pass_through(&b, input, out, probes + total));
+    let forward = std::thread::spawn(move || {
+        pass_through(&b, "bench-lat-passthrough", input, out, probes + total)
+    });
     // Start the load once every partition is being consumed: one probe per partition,
     // forwarded.
     let b = bootstrap.to_owned();
@@ -373,7 +452,8 @@ fn pass_through_latency(
     }
     p.flush(Duration::from_secs(60)).unwrap();
     let t = Instant::now();
-    while committed(bootstrap, "bench-passthrough", input) < probes as i64 {
+    let mut committed = Committed::default();
+    while committed.sum(bootstrap, "bench-lat-passthrough", input) < probes as i64 {
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "the pass-through did not forward the probes"
@@ -491,37 +571,56 @@ fn main() {
             .unwrap();
         c.commit(&tpl, CommitMode::Sync).unwrap();
     }
-    let started = Instant::now();
-    let b = bootstrap.clone();
-    let worker = std::thread::spawn(move || pass_through(&b, "bench-in", "bench-pt-out", n));
-    let pt = until_committed(&bootstrap, "bench-passthrough", "bench-in", n, started);
-    let _ = worker.join();
-    let pt_rate = n as f64 / pt.as_secs_f64();
-    eprintln!(
-        "e2e: pass-through {:.1} s = {:.0} events/s",
-        pt.as_secs_f64(),
-        pt_rate
-    );
-
-    let mut rates = Vec::new();
-    for (guarantee, prefix) in [
-        ("at-least-once", "bench-alo"),
-        ("exactly-once", "bench-eos"),
-    ] {
+    let rounds: usize = std::env::var("E2E_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let mut committed = Committed::default();
+    let mut results: Vec<[Measure; 3]> = Vec::new();
+    let mut eos_group = String::new();
+    for round in 1..=rounds {
+        let sfx = if rounds == 1 {
+            String::new()
+        } else {
+            format!("-{round}")
+        };
+        let group = format!("bench-passthrough{sfx}");
         let started = Instant::now();
-        let state = tmp.path().join(prefix);
-        let run = Run::start(&bootstrap, "bench-in", prefix, &state, guarantee, None);
-        let group = format!("{prefix}-group");
-        let took = until_committed(&bootstrap, &group, "bench-in", n, started);
-        run.stop();
-        let rate = n as f64 / took.as_secs_f64();
-        eprintln!(
-            "e2e: sessionizer run ({guarantee}) {:.1} s = {rate:.0} events/s",
-            took.as_secs_f64()
-        );
-        rates.push((guarantee, rate, took));
+        let (b, g) = (bootstrap.clone(), group.clone());
+        let worker =
+            std::thread::spawn(move || pass_through(&b, &g, "bench-in", "bench-pt-out", n));
+        let took = committed.wait(&bootstrap, &group, "bench-in", n, started);
+        let first = worker.join().unwrap();
+        let pt = Measure::new(n, took, first - started);
+        eprintln!("e2e: round {round}: pass-through {pt}");
+        let mut runs = Vec::new();
+        for (guarantee, prefix) in [
+            ("at-least-once", "bench-alo"),
+            ("exactly-once", "bench-eos"),
+        ] {
+            let group = format!("{prefix}-group{sfx}");
+            let state = tmp.path().join(format!("{prefix}{sfx}"));
+            let started = Instant::now();
+            let run = Run::start(
+                &bootstrap, "bench-in", prefix, &group, &state, guarantee, None,
+            );
+            let first = run.first_record(started);
+            let took = committed.wait(&bootstrap, &group, "bench-in", n, started);
+            run.stop();
+            let m = Measure::new(n, took, first);
+            eprintln!(
+                "e2e: round {round}: sessionizer run ({guarantee}) {m}, ratio to pass-through {:.2} \
+                 (from the first record: {:.2})",
+                m.rate() / pt.rate(),
+                m.steady_rate() / pt.steady_rate()
+            );
+            runs.push(m);
+            eos_group = group;
+        }
+        results.push([pt, runs[0], runs[1]]);
     }
-    let sz_rate = rates[0].1;
+    let sz_rate = median(results.iter().map(|r| r[1].rate()));
 
     // Restore: the exactly-once group again, on a machine without its state.
     let log = tmp.path().join("restore.log");
@@ -529,6 +628,7 @@ fn main() {
         &bootstrap,
         "bench-in",
         "bench-eos",
+        &eos_group,
         &tmp.path().join("bench-eos-restore"),
         "exactly-once",
         Some(&log),
@@ -575,6 +675,7 @@ fn main() {
         &bootstrap,
         "bench-lat-in",
         "bench-lat",
+        "bench-lat-group",
         &tmp.path().join("lat"),
         "at-least-once",
         None,
@@ -652,16 +753,29 @@ fn main() {
     println!("| measure | value |");
     println!("|---|---|");
     println!("| events | {n} |");
-    println!(
-        "| pass-through | {pt_rate:.0} events/s ({:.1} s) |",
-        pt.as_secs_f64()
-    );
-    for (guarantee, rate, took) in &rates {
-        println!(
-            "| sessionizer run, {guarantee} | {rate:.0} events/s ({:.1} s), ratio to pass-through {:.2} |",
-            took.as_secs_f64(),
-            rate / pt_rate
-        );
+    for (i, [pt, alo, eos]) in results.iter().enumerate() {
+        let r = if rounds == 1 {
+            String::new()
+        } else {
+            format!(", round {}", i + 1)
+        };
+        println!("| pass-through{r} | {pt} |");
+        for (guarantee, m) in [("at-least-once", alo), ("exactly-once", eos)] {
+            println!(
+                "| sessionizer run, {guarantee}{r} | {m}; ratio to pass-through {:.2} (from the first record: {:.2}) |",
+                m.rate() / pt.rate(),
+                m.steady_rate() / pt.steady_rate()
+            );
+        }
+    }
+    if rounds > 1 {
+        for (guarantee, i) in [("at-least-once", 1), ("exactly-once", 2)] {
+            println!(
+                "| median ratio over {rounds} rounds, {guarantee} | {:.2} (from the first record: {:.2}) |",
+                median(results.iter().map(|r| r[i].rate() / r[0].rate())),
+                median(results.iter().map(|r| r[i].steady_rate() / r[0].steady_rate()))
+            );
+        }
     }
     println!(
         "| restore from the changelog | {restore_rate:.0} records/s ({:.0} records, {:.2} s) |",
