@@ -17,7 +17,11 @@
 //! every input offset, which both only do after their outputs are acknowledged; it is also
 //! reported from the first record taken (read from the sessionizer's metrics endpoint every
 //! 20 ms), which leaves out the start-up: process start, topic checks, group join, opening the
-//! state. Committed offsets are read every 20 ms by one long-lived client per group.
+//! state. Committed offsets are read every 20 ms by one long-lived client per group. Each
+//! throughput measure also reports the CPU time per event (user + system, from `/proc`) of the
+//! client (the sessionizer process; for the pass-through, the whole bench process, offsets
+//! reader included) and of the broker (every `kafka.Kafka` process on the machine): unlike
+//! the rates, these barely depend on what else the machine is doing.
 //!
 //! The pass-through uses the non-transactional producer configuration, so the exactly-once
 //! ratio is against a non-transactional baseline.
@@ -243,11 +247,25 @@ struct Measure {
     n: usize,
     total: Duration,
     first: Duration,
+    /// CPU seconds of the measured client (the pass-through's whole bench process, or the
+    /// sessionizer process) and of the broker over the measurement.
+    cpu: Cpu,
 }
 
 impl Measure {
-    fn new(n: usize, total: Duration, first: Duration) -> Self {
-        Measure { n, total, first }
+    fn new(n: usize, total: Duration, first: Duration, cpu: Cpu) -> Self {
+        Measure {
+            n,
+            total,
+            first,
+            cpu,
+        }
+    }
+
+    /// CPU microseconds per record: the client's, the broker's.
+    fn cpu_per_record(&self) -> (f64, f64) {
+        let per = |s: f64| s * 1e6 / self.n as f64;
+        (per(self.cpu.client), per(self.cpu.broker))
     }
 
     /// Records per second, start (process or thread) to the last offset committed.
@@ -266,13 +284,65 @@ impl std::fmt::Display for Measure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:.0} events/s ({:.2} s; first record after {:.2} s: {:.0} events/s from it)",
+            "{:.0} events/s ({:.2} s; first record after {:.2} s: {:.0} events/s from it; CPU \
+             per event {:.2} µs client + {:.2} µs broker)",
             self.rate(),
             self.total.as_secs_f64(),
             self.first.as_secs_f64(),
-            self.steady_rate()
+            self.steady_rate(),
+            self.cpu_per_record().0,
+            self.cpu_per_record().1
         )
     }
+}
+
+/// CPU seconds (user + system) of a client and of the broker(s).
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    client: f64,
+    broker: f64,
+}
+
+/// Clock ticks per second of `/proc`'s CPU times (`getconf CLK_TCK`; 100 if that fails).
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// CPU seconds (user + system) used so far by process `pid`, from `/proc/<pid>/stat`; 0 when
+/// it is gone.
+fn cpu_secs(pid: u32, ticks: f64) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The fields after the command name (in parentheses, which may hold spaces): utime and
+    // stime are fields 14 and 15 of the line, 12th and 13th after the name.
+    let rest = s.rfind(')').map_or("", |i| &s[i + 1..]);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum::<f64>() / ticks
+}
+
+/// CPU seconds used so far by every Kafka broker process on this machine.
+fn broker_cpu(ticks: f64) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.windows(11).any(|w| w == b"kafka.Kafka"))
+        })
+        .map(|pid| cpu_secs(pid, ticks))
+        .sum()
 }
 
 /// The median of `v` (the mean of the middle two when even).
@@ -341,6 +411,11 @@ impl Run {
             .spawn()
             .unwrap();
         Run { child, port }
+    }
+
+    /// CPU seconds the process has used so far.
+    fn cpu(&self, ticks: f64) -> f64 {
+        cpu_secs(self.child.id(), ticks)
     }
 
     fn events_in(&self) -> f64 {
@@ -555,27 +630,27 @@ fn main() {
     p.flush(Duration::from_secs(60)).unwrap();
     eprintln!("e2e: {n} events loaded into bench-in ({PARTITIONS} partitions)");
 
-    // Warm-up: the first group on a fresh broker creates the offsets topic; don't bill that
-    // to whichever side runs first.
+    // Warm-up: a full pass-through of the input, untimed. The first group on a fresh broker
+    // creates the offsets topic, and the broker's JVM compiles its fetch path only once it
+    // serves one: a first pass ran at a third of the speed of the next ones (2026-11-23).
+    // Don't bill either to whichever side runs first.
     {
-        let rt = runtime_settings(&bootstrap, "bench-warmup");
-        let c: BaseConsumer = sessionizer::kafka::consumer_config(&rt).create().unwrap();
-        c.subscribe(&["bench-in"]).unwrap();
+        let (b, g) = (bootstrap.clone(), "bench-warmup".to_owned());
         let t = Instant::now();
-        while c.assignment().map_or(0, |a| a.count()) == 0 && t.elapsed() < Duration::from_secs(60)
-        {
-            let _ = c.poll(Duration::from_millis(50));
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset("bench-in", 0, Offset::Offset(0))
+        std::thread::spawn(move || pass_through(&b, &g, "bench-in", "bench-pt-out", n))
+            .join()
             .unwrap();
-        c.commit(&tpl, CommitMode::Sync).unwrap();
+        eprintln!(
+            "e2e: warm-up pass-through took {:.2} s (not counted)",
+            t.elapsed().as_secs_f64()
+        );
     }
     let rounds: usize = std::env::var("E2E_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1)
         .max(1);
+    let ticks = clock_ticks();
     let mut committed = Committed::default();
     let mut results: Vec<[Measure; 3]> = Vec::new();
     let mut eos_group = String::new();
@@ -586,13 +661,18 @@ fn main() {
             format!("-{round}")
         };
         let group = format!("bench-passthrough{sfx}");
+        let (me, broker0) = (cpu_secs(std::process::id(), ticks), broker_cpu(ticks));
         let started = Instant::now();
         let (b, g) = (bootstrap.clone(), group.clone());
         let worker =
             std::thread::spawn(move || pass_through(&b, &g, "bench-in", "bench-pt-out", n));
         let took = committed.wait(&bootstrap, &group, "bench-in", n, started);
         let first = worker.join().unwrap();
-        let pt = Measure::new(n, took, first - started);
+        let cpu = Cpu {
+            client: cpu_secs(std::process::id(), ticks) - me,
+            broker: broker_cpu(ticks) - broker0,
+        };
+        let pt = Measure::new(n, took, first - started, cpu);
         eprintln!("e2e: round {round}: pass-through {pt}");
         let mut runs = Vec::new();
         for (guarantee, prefix) in [
@@ -607,8 +687,12 @@ fn main() {
             );
             let first = run.first_record(started);
             let took = committed.wait(&bootstrap, &group, "bench-in", n, started);
+            let cpu = Cpu {
+                client: run.cpu(ticks),
+                broker: broker_cpu(ticks) - broker0,
+            };
             run.stop();
-            let m = Measure::new(n, took, first);
+            let m = Measure::new(n, took, first, cpu);
             eprintln!(
                 "e2e: round {round}: sessionizer run ({guarantee}) {m}, ratio to pass-through {:.2} \
                  (from the first record: {:.2})",
@@ -776,6 +860,18 @@ fn main() {
                 median(results.iter().map(|r| r[i].steady_rate() / r[0].steady_rate()))
             );
         }
+    }
+    for (what, i) in [
+        ("pass-through", 0),
+        ("sessionizer run, at-least-once", 1),
+        ("sessionizer run, exactly-once", 2),
+    ] {
+        println!(
+            "| CPU per event, {what} (median{}) | {:.2} µs client + {:.2} µs broker |",
+            if rounds > 1 { " of the rounds" } else { "" },
+            median(results.iter().map(|r| r[i].cpu_per_record().0)),
+            median(results.iter().map(|r| r[i].cpu_per_record().1))
+        );
     }
     println!(
         "| restore from the changelog | {restore_rate:.0} records/s ({:.0} records, {:.2} s) |",
