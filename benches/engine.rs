@@ -1,6 +1,6 @@
 //! Criterion benchmarks of the engine alone (no I/O beyond the state store): a realistic mix of
 //! 100k users, a 30 minute timeout and mild disorder, with the in-memory store and with the
-//! RocksDB store. Also prints the memory held per open session (heap bytes counted by a
+//! RocksDB store; and the decoding of generated JSON events (`codec/decode`). Also prints the memory held per open session (heap bytes counted by a
 //! wrapping allocator, for the in-memory store) and RocksDB bytes per open session.
 //!
 //! Run: `cargo bench --bench engine` (see BENCHMARKS.md).
@@ -255,7 +255,38 @@ fn memory_report() {
     );
 }
 
-criterion_group!(benches, bench_engine);
+/// The codec's share of the per-record work: decoding 100,000 events of the generator's model
+/// (the JSON the end-to-end benchmark sends) with the default decode settings.
+fn bench_decode(c: &mut Criterion) {
+    use sessionizer::generate::{Generator, GeneratorConfig};
+    const N: u64 = 100_000;
+    let records: Vec<Vec<u8>> = Generator::new(GeneratorConfig {
+        users: 10_000,
+        count: Some(N),
+        start: T0,
+        seed: 1,
+        ..GeneratorConfig::default()
+    })
+    .expect("generator")
+    .map(|e| serde_json::to_vec(&e).expect("json"))
+    .collect();
+    let settings = sessionizer::config::validate(&Default::default()).expect("defaults");
+    let decoder = sessionizer::codec::decode::Decoder::new(settings.decode);
+    let mut g = c.benchmark_group("codec");
+    g.throughput(Throughput::Elements(N));
+    g.sample_size(20);
+    g.bench_function("decode", |b| {
+        b.iter(|| {
+            records
+                .iter()
+                .filter(|r| decoder.decode(r, None, None).is_ok())
+                .count()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_engine, bench_decode);
 
 fn main() {
     // The memory report runs with `cargo bench` unless a benchmark filter is given.
