@@ -552,6 +552,16 @@ mod tests {
         d.decode(s.as_bytes(), None, None).unwrap_err().reason()
     }
 
+    proptest::proptest! {
+        /// The bracket count that spares the exact scan never changes the verdict: texts
+        /// made mostly of brackets, quotes and escapes, often with more than 64 openings.
+        #[test]
+        fn too_deep_is_the_exact_scan(s in "[\\[\\]{}\"\\\\a]{0,300}") {
+            let b = s.as_bytes();
+            proptest::prop_assert_eq!(too_deep(b), nesting_depth(b) > MAX_DEPTH);
+        }
+    }
+
     #[test]
     fn time_formats() {
         let d = decoder(|_| {});
