@@ -19,9 +19,15 @@
 //! 20 ms), which leaves out the start-up: process start, topic checks, group join, opening the
 //! state. Committed offsets are read every 20 ms by one long-lived client per group. Each
 //! throughput measure also reports the CPU time per event (user + system, from `/proc`) of the
-//! client (the sessionizer process; for the pass-through, the whole bench process, offsets
-//! reader included) and of the broker (every `kafka.Kafka` process on the machine): unlike
-//! the rates, these barely depend on what else the machine is doing.
+//! client (the sessionizer process; for the pass-through, the whole bench process: the
+//! offsets reader's and the idle load producer's small share is billed to the baseline, not
+//! to the sessionizer) and of the broker (the one the benchmark started; with
+//! `KAFKA_BOOTSTRAP_SERVERS`, every `kafka.Kafka` process on the machine), each from just
+//! before its start until its last offset is committed.
+//!
+//! Before the rounds, an untimed pass-through of all the records and one transaction warm the
+//! broker up (its JVM compiles the fetch path only once it serves one; the first transaction
+//! creates the transaction state topic).
 //!
 //! The pass-through uses the non-transactional producer configuration, so the exactly-once
 //! ratio is against a non-transactional baseline.
@@ -220,6 +226,12 @@ impl Committed {
             .unwrap_or(0)
     }
 
+    /// Drops the client of `group` (an idle client still costs the bench process CPU, which
+    /// the pass-through's figure would carry).
+    fn done(&mut self, group: &str) {
+        self.clients.remove(group);
+    }
+
     /// Waits until `group` has committed `n` records of `topic`; the time since `started`.
     fn wait(
         &mut self,
@@ -313,12 +325,10 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// CPU seconds (user + system) used so far by process `pid`, from `/proc/<pid>/stat`; 0 when
-/// it is gone.
-fn cpu_secs(pid: u32, ticks: f64) -> f64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
+/// CPU seconds (user + system) used so far by process `pid`, from `/proc/<pid>/stat`; none
+/// when it is gone.
+fn cpu_secs(pid: u32, ticks: f64) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The fields after the command name (in parentheses, which may hold spaces): utime and
     // stime are fields 14 and 15 of the line, 12th and 13th after the name.
     let rest = s.rfind(')').map_or("", |i| &s[i + 1..]);
@@ -328,20 +338,30 @@ fn cpu_secs(pid: u32, ticks: f64) -> f64 {
         .take(2)
         .filter_map(|v| v.parse().ok())
         .collect();
-    f.iter().sum::<f64>() / ticks
+    (f.len() == 2).then(|| f.iter().sum::<f64>() / ticks)
 }
 
-/// CPU seconds used so far by every Kafka broker process on this machine.
-fn broker_cpu(ticks: f64) -> f64 {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0.0;
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+/// The broker processes whose CPU time is counted: the one this benchmark started (its pid
+/// file), or, with `KAFKA_BOOTSTRAP_SERVERS`, every `kafka.Kafka` process on the machine.
+fn broker_pids(kafka_dir: Option<&std::path::Path>) -> Vec<u32> {
+    if let Some(dir) = kafka_dir {
+        let pid = std::fs::read_to_string(dir.join("node1").join("kafka.pid")).unwrap();
+        return vec![pid.trim().parse().unwrap()];
+    }
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
                 .is_ok_and(|c| c.windows(11).any(|w| w == b"kafka.Kafka"))
         })
-        .map(|pid| cpu_secs(pid, ticks))
+        .collect()
+}
+
+/// CPU seconds used so far by the brokers `pids` (each must still be running).
+fn broker_cpu(pids: &[u32], ticks: f64) -> f64 {
+    pids.iter()
+        .map(|&pid| cpu_secs(pid, ticks).expect("a broker exited during the benchmark"))
         .sum()
 }
 
@@ -413,9 +433,9 @@ impl Run {
         Run { child, port }
     }
 
-    /// CPU seconds the process has used so far.
+    /// CPU seconds the process has used so far (it must still be running).
     fn cpu(&self, ticks: f64) -> f64 {
-        cpu_secs(self.child.id(), ticks)
+        cpu_secs(self.child.id(), ticks).expect("the sessionizer exited before it was stopped")
     }
 
     fn events_in(&self) -> f64 {
@@ -644,6 +664,18 @@ fn main() {
             "e2e: warm-up pass-through took {:.2} s (not counted)",
             t.elapsed().as_secs_f64()
         );
+        // And one transaction: the first transactional producer on a fresh broker creates the
+        // transaction state topic, which both sessionizer runs (at-least-once commits its
+        // state in transactions too) would otherwise wait for in the first round.
+        let rt = runtime_settings(&bootstrap, "bench-warmup");
+        let tp: ThreadedProducer<DefaultProducerContext> =
+            sessionizer::kafka::transactional_producer_config(&rt)
+                .create()
+                .unwrap();
+        tp.init_transactions(Duration::from_secs(60)).unwrap();
+        tp.begin_transaction().unwrap();
+        send(&tp, "bench-pt-out", "warm-up", b"{}");
+        tp.commit_transaction(Duration::from_secs(60)).unwrap();
     }
     let rounds: usize = std::env::var("E2E_ROUNDS")
         .ok()
@@ -651,6 +683,7 @@ fn main() {
         .unwrap_or(1)
         .max(1);
     let ticks = clock_ticks();
+    let brokers = broker_pids(ours.then_some(kdir.as_path()));
     let mut committed = Committed::default();
     let mut results: Vec<[Measure; 3]> = Vec::new();
     let mut eos_group = String::new();
@@ -661,16 +694,18 @@ fn main() {
             format!("-{round}")
         };
         let group = format!("bench-passthrough{sfx}");
-        let (me, broker0) = (cpu_secs(std::process::id(), ticks), broker_cpu(ticks));
+        let me = || cpu_secs(std::process::id(), ticks).expect("own CPU time");
+        let (me0, broker0) = (me(), broker_cpu(&brokers, ticks));
         let started = Instant::now();
         let (b, g) = (bootstrap.clone(), group.clone());
         let worker =
             std::thread::spawn(move || pass_through(&b, &g, "bench-in", "bench-pt-out", n));
         let took = committed.wait(&bootstrap, &group, "bench-in", n, started);
+        committed.done(&group);
         let first = worker.join().unwrap();
         let cpu = Cpu {
-            client: cpu_secs(std::process::id(), ticks) - me,
-            broker: broker_cpu(ticks) - broker0,
+            client: me() - me0,
+            broker: broker_cpu(&brokers, ticks) - broker0,
         };
         let pt = Measure::new(n, took, first - started, cpu);
         eprintln!("e2e: round {round}: pass-through {pt}");
@@ -681,15 +716,17 @@ fn main() {
         ] {
             let group = format!("{prefix}-group{sfx}");
             let state = tmp.path().join(format!("{prefix}{sfx}"));
+            let broker0 = broker_cpu(&brokers, ticks);
             let started = Instant::now();
             let run = Run::start(
                 &bootstrap, "bench-in", prefix, &group, &state, guarantee, None,
             );
             let first = run.first_record(started);
             let took = committed.wait(&bootstrap, &group, "bench-in", n, started);
+            committed.done(&group);
             let cpu = Cpu {
                 client: run.cpu(ticks),
-                broker: broker_cpu(ticks) - broker0,
+                broker: broker_cpu(&brokers, ticks) - broker0,
             };
             run.stop();
             let m = Measure::new(n, took, first, cpu);

@@ -1,7 +1,8 @@
 //! Criterion benchmarks of the engine alone (no I/O beyond the state store): a realistic mix of
 //! 100k users, a 30 minute timeout and mild disorder, with the in-memory store and with the
-//! RocksDB store; and the decoding of generated JSON events (`codec/decode`). Also prints the memory held per open session (heap bytes counted by a
-//! wrapping allocator, for the in-memory store) and RocksDB bytes per open session.
+//! RocksDB store; and the decoding of generated JSON events (`codec/decode`). Also prints the
+//! memory held per open session (heap bytes counted by a wrapping allocator, for the in-memory
+//! store) and RocksDB bytes per open session.
 //!
 //! Run: `cargo bench --bench engine` (see BENCHMARKS.md).
 

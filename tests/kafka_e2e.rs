@@ -783,6 +783,65 @@ fn two_input_topics(broker: &Broker) {
         err.contains(deleting) && err.contains("cleanup.policy `delete`"),
         "{err}"
     );
+
+    // An input topic that never appears: a clear error and exit 1, after the wait for it.
+    let err = refused_start(broker, &t, "multi-missing", &dir.path().join("bad3"), &[]);
+    assert!(
+        err.contains("waiting for it to appear")
+            && err.contains("topic `multi-missing` does not exist"),
+        "{err}"
+    );
+
+    // An input topic created just after the start (a script racing the instance, or a
+    // cluster whose brokers do not all know the topic yet): the instance waits for it.
+    let appear = Topics {
+        input: "appear-in".to_owned(),
+        annotated: "appear-annotated".to_owned(),
+        sessions: "appear-sessions".to_owned(),
+        late: "appear-late".to_owned(),
+        dlq: "appear-dlq".to_owned(),
+        stats: "appear-stats".to_owned(),
+    };
+    broker.create_topics(
+        &[
+            &appear.annotated,
+            &appear.sessions,
+            &appear.late,
+            &appear.dlq,
+            &appear.stats,
+        ],
+        2,
+    );
+    let appear_dir = dir.path().join("appear");
+    std::fs::create_dir_all(&appear_dir).unwrap();
+    let p = run(
+        broker,
+        &appear,
+        &appear_dir,
+        "appear-group",
+        free_port(),
+        &[],
+    );
+    wait_log(&p, "the wait for the missing input topic", |l| {
+        l.contains("waiting for it to appear")
+    });
+    broker.create_topics(&[&appear.input], 2);
+    let few = events(5, 4, 23);
+    broker.produce(&appear.input, &to_user_partitions(&few, 2));
+    let got = broker
+        .try_read_until(&appear.annotated, Duration::from_secs(90), |r| {
+            annotated_by_n(r).len() >= few.len()
+        })
+        .unwrap_or_else(|r| {
+            panic!(
+                "{} of {} inputs annotated:\n{}",
+                annotated_by_n(&r).len(),
+                few.len(),
+                report(&[&p])
+            )
+        });
+    assert_eq!(annotated_by_n(&got).len(), few.len());
+    assert_eq!(p.terminate(), 0);
 }
 
 /// Runs `sessionizer run` on `inputs`, which must refuse to start: exit code 1 within 60 s.

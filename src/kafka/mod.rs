@@ -180,9 +180,40 @@ pub fn transactional_id(rt: &RuntimeSettings) -> String {
     format!("{}-{}", rt.group, rt.instance_id)
 }
 
+/// How long [`check_topics`] waits for a missing topic to appear: a topic created just before
+/// the start (by a script, or by another instance) may not be in every broker's metadata yet.
+pub const TOPIC_APPEAR_WAIT: Duration = Duration::from_secs(10);
+
 /// Checks that every input and output topic exists and that the input topics have the same
 /// number of partitions, and looks up the changelog topic.
+///
+/// A missing topic is looked for again every 250 ms for [`TOPIC_APPEAR_WAIT`] before the
+/// error is returned.
 pub fn check_topics<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    rt: &RuntimeSettings,
+    timeout: Duration,
+) -> Result<TopicCheck, KafkaError> {
+    let deadline = std::time::Instant::now() + TOPIC_APPEAR_WAIT;
+    let mut logged = false;
+    loop {
+        match check_topics_once(consumer, rt, timeout) {
+            Err(KafkaError::MissingTopic(t)) if std::time::Instant::now() < deadline => {
+                if !std::mem::replace(&mut logged, true) {
+                    tracing::info!(
+                        topic = %t,
+                        wait_s = TOPIC_APPEAR_WAIT.as_secs(),
+                        "topic not in the metadata yet: waiting for it to appear"
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn check_topics_once<C: rdkafka::consumer::ConsumerContext>(
     consumer: &BaseConsumer<C>,
     rt: &RuntimeSettings,
     timeout: Duration,
