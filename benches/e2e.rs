@@ -652,7 +652,7 @@ fn main() {
 
     // Warm-up: a full pass-through of the input, untimed. The first group on a fresh broker
     // creates the offsets topic, and the broker's JVM compiles its fetch path only once it
-    // serves one: a first pass ran at a third of the speed of the next ones (2026-11-23).
+    // serves one: a first pass ran at 0.38-0.40 of the speed of the next ones (2026-11-23).
     // Don't bill either to whichever side runs first.
     {
         let (b, g) = (bootstrap.clone(), "bench-warmup".to_owned());
