@@ -854,6 +854,15 @@ fn main() {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    eprintln!(
+        "e2e: latency phase: ticks (consumption stopped): {}",
+        cumulative(&text, "sessionizer_tick_seconds")
+            .iter()
+            .filter(|(le, _)| *le <= 1.0)
+            .map(|(le, f)| format!("<= {:.1} ms: {:.0} %", le * 1000.0, f * 100.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let commit_p99 = quantile(&text, "sessionizer_commit_seconds", 0.99);
     let commits = metric(&text, "sessionizer_commit_seconds_count");
     eprintln!(

@@ -79,6 +79,7 @@ pub const METRIC_TABLE: &str = "\
 | `sessionizer_transaction_commit_seconds` | histogram | | time to produce and commit one Kafka transaction (exactly-once: outputs, changelog records and offsets; at-least-once: changelog records and offsets) |
 | `sessionizer_transaction_aborts_total` | counter | | Kafka transactions aborted |
 | `sessionizer_commit_seconds` | histogram | | time from a commit being staged to its state and input offsets being written (waiting for the commits before it, its transaction and one RocksDB write batch; at-least-once, also the outputs' acknowledgements) |
+| `sessionizer_tick_seconds` | histogram | | time the consumer thread spends at each commit interval moving time on, concluding sessions and staging the commit; no input is taken meanwhile |
 | `sessionizer_rebalances_total` | counter | `kind` | consumer-group rebalance callbacks: `assigned`, `revoked` |
 | `sessionizer_restore_records_total` | counter | `partition` | state records restored from the changelog |
 | `sessionizer_restoring_partitions` | gauge | | partitions currently restoring their state |
@@ -314,6 +315,7 @@ pub struct Metrics {
     consumer_lag: IntGaugeVec,
     processing_latency: Histogram,
     transaction_commit: Histogram,
+    tick: Histogram,
     transaction_aborts: IntCounter,
     commit: Histogram,
     rebalances: [IntCounter; 2],
@@ -513,6 +515,14 @@ impl Metrics {
             &COMMIT_BUCKETS,
         )?;
 
+        let tick = b.histogram(
+            "sessionizer_tick_seconds",
+            "Time the consumer thread spends at each commit interval moving time on, \
+             concluding sessions and staging the commit (no input is taken meanwhile), in \
+             seconds.",
+            &LATENCY_BUCKETS,
+        )?;
+
         let rebalances = b.counter_vec(
             "sessionizer_rebalances_total",
             "Consumer-group rebalance callbacks, by kind (assigned, revoked).",
@@ -573,6 +583,7 @@ impl Metrics {
             consumer_lag,
             processing_latency,
             transaction_commit,
+            tick,
             transaction_aborts,
             commit,
             rebalances,
@@ -689,6 +700,11 @@ impl Metrics {
     /// Observes the time a state + offsets commit took.
     pub fn observe_commit(&self, took: Duration) {
         self.commit.observe(took.as_secs_f64());
+    }
+
+    /// Observes the time one tick of the consumer thread took (see `sessionizer_tick_seconds`).
+    pub fn observe_tick(&self, took: Duration) {
+        self.tick.observe(took.as_secs_f64());
     }
 
     /// Counts a rebalance callback.

@@ -1336,7 +1336,12 @@ pub fn run(
                     .context()
                     .brokers
                     .rebootstrap(consumer.client(), &rt.brokers);
-                with_core(&mut |c| c.tick(&consumer))?;
+                with_core(&mut |c| {
+                    let started = Instant::now();
+                    let r = c.tick(&consumer);
+                    c.metrics.observe_tick(started.elapsed());
+                    r
+                })?;
                 last_tick = Instant::now();
             }
         }

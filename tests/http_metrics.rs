@@ -300,6 +300,7 @@ fn record_some(m: &Metrics) {
     m.observe_transaction_commit(Duration::from_millis(20));
     m.transaction_aborted();
     m.observe_commit(Duration::from_millis(2));
+    m.observe_tick(Duration::from_millis(3));
     m.rebalance(RebalanceKind::Assigned);
     m.rebalance(RebalanceKind::Assigned);
     m.rebalance(RebalanceKind::Revoked);
@@ -422,6 +423,14 @@ async fn scraped_metrics_match_what_was_counted() {
     );
     assert_eq!(e.must("sessionizer_transaction_aborts_total", &[]), 1.0);
     assert_eq!(e.must("sessionizer_commit_seconds_count", &[]), 1.0);
+    assert_eq!(
+        e.must("sessionizer_tick_seconds_bucket", &[("le", "0.0025")]),
+        0.0
+    );
+    assert_eq!(
+        e.must("sessionizer_tick_seconds_bucket", &[("le", "0.005")]),
+        1.0
+    );
     let rebalances = "sessionizer_rebalances_total";
     assert_eq!(e.must(rebalances, &[("kind", "assigned")]), 2.0);
     assert_eq!(e.must(rebalances, &[("kind", "revoked")]), 1.0);
