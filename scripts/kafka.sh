@@ -272,6 +272,9 @@ write_server_properties() {
     echo "offsets.topic.replication.factor=$rf"
     echo "transaction.state.log.replication.factor=$rf"
     echo "transaction.state.log.min.isr=$isr"
+    # Every topic: with acks=all, a write is acknowledged once two replicas have it (three
+    # nodes), so one broker's death can neither lose it nor take its partition offline.
+    echo "min.insync.replicas=$isr"
     echo "share.coordinator.state.topic.replication.factor=$rf"
     echo "share.coordinator.state.topic.min.isr=$isr"
     echo "group.initial.rebalance.delay.ms=0"

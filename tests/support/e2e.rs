@@ -229,9 +229,9 @@ impl Broker {
         (c, n)
     }
 
-    /// For a failure message: the consumer groups' lag, the transactions the brokers know
-    /// of, and the producers of every partition of `topic` (an open transaction holds back
-    /// what read_committed readers see).
+    /// For a failure message: the topic's leaders and in-sync replicas, the consumer groups'
+    /// lag, the transactions the brokers know of, and the producers of every partition of
+    /// `topic` (an open transaction holds back what read_committed readers see).
     pub fn diagnose(&self, topic: &str) -> String {
         let Some(dir) = self.dir() else {
             return String::new();
@@ -258,6 +258,8 @@ impl Broker {
                 String::from_utf8_lossy(&o.stderr)
             ));
         };
+        // Leaders and in-sync replicas: a partition whose only in-sync replica died is offline.
+        tool("topics", &["--describe", "--topic", topic]);
         tool("consumer-groups", &["--describe", "--all-groups"]);
         tool("transactions", &["list"]);
         let (_, n) = self.reader(topic, false);
