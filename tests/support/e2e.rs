@@ -466,8 +466,12 @@ pub fn wait_annotated(broker: &Broker, t: &Topics, count: usize, procs: &[&Proc]
         })
         .unwrap_or_else(|r| {
             panic!(
-                "{} of {count} inputs annotated; brokers:\n{}\nprocesses:\n{}",
+                "{} of {count} inputs annotated ({} annotated records; {} late, {} dead \
+                 letters); brokers:\n{}\nprocesses:\n{}",
                 annotated_by_n(&r).len(),
+                r.len(),
+                broker.read_all(&t.late).len(),
+                broker.read_all(&t.dlq).len(),
                 broker.diagnose(&t.annotated),
                 report(procs)
             )
