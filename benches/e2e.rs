@@ -23,7 +23,8 @@
 //! offsets reader's and the idle load producer's small share is billed to the baseline, not
 //! to the sessionizer) and of the broker (the one the benchmark started; with
 //! `KAFKA_BOOTSTRAP_SERVERS`, every `kafka.Kafka` process on the machine), each from just
-//! before its start until its last offset is committed.
+//! before its start until its last offset is committed. (`scripts/cpu-sample.py` samples the
+//! same `/proc` counters every second, per process and per thread, for a run's time profile.)
 //!
 //! Before the rounds, an untimed pass-through of all the records and one transaction warm the
 //! broker up (its JVM compiles the fetch path only once it serves one; the first transaction
@@ -274,6 +275,15 @@ impl Measure {
         }
     }
 
+    /// This measure's ratio to `baseline`'s, from the start and from the first record.
+    fn against(&self, baseline: &Measure) -> String {
+        format!(
+            "ratio to pass-through {:.2} (from the first record: {:.2})",
+            self.rate() / baseline.rate(),
+            self.steady_rate() / baseline.steady_rate()
+        )
+    }
+
     /// CPU microseconds per record: the client's, the broker's.
     fn cpu_per_record(&self) -> (f64, f64) {
         let per = |s: f64| s * 1e6 / self.n as f64;
@@ -294,16 +304,15 @@ impl Measure {
 
 impl std::fmt::Display for Measure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (client, broker) = self.cpu_per_record();
         write!(
             f,
             "{:.0} events/s ({:.2} s; first record after {:.2} s: {:.0} events/s from it; CPU \
-             per event {:.2} µs client + {:.2} µs broker)",
+             per event {client:.2} µs client + {broker:.2} µs broker)",
             self.rate(),
             self.total.as_secs_f64(),
             self.first.as_secs_f64(),
             self.steady_rate(),
-            self.cpu_per_record().0,
-            self.cpu_per_record().1
         )
     }
 }
@@ -573,11 +582,23 @@ fn quantile(text: &str, name: &str, q: f64) -> f64 {
         .map_or(f64::NAN, |b| b.0)
 }
 
-/// Each bucket's upper bound with the fraction of observations at or below it.
-fn cumulative(text: &str, name: &str) -> Vec<(f64, f64)> {
+/// A histogram's buckets up to 1 s, each as its upper bound and the share of observations at
+/// or below it, in per cent with `decimals` decimals: "<= 5.0 ms: 12.17 %, ...".
+fn distribution(text: &str, name: &str, decimals: usize) -> String {
     let buckets = buckets(text, name);
     let total = buckets.last().map_or(0.0, |b| b.1).max(1.0);
-    buckets.iter().map(|(le, c)| (*le, c / total)).collect()
+    buckets
+        .iter()
+        .filter(|(le, _)| *le <= 1.0)
+        .map(|(le, c)| {
+            format!(
+                "<= {:.1} ms: {:.decimals$} %",
+                le * 1000.0,
+                c / total * 100.0
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A histogram's buckets: upper bound and cumulative count, in order.
@@ -731,10 +752,8 @@ fn main() {
             run.stop();
             let m = Measure::new(n, took, first, cpu);
             eprintln!(
-                "e2e: round {round}: sessionizer run ({guarantee}) {m}, ratio to pass-through {:.2} \
-                 (from the first record: {:.2})",
-                m.rate() / pt.rate(),
-                m.steady_rate() / pt.steady_rate()
+                "e2e: round {round}: sessionizer run ({guarantee}) {m}, {}",
+                m.against(&pt)
             );
             runs.push(m);
             eos_group = group;
@@ -847,21 +866,11 @@ fn main() {
     );
     eprintln!(
         "e2e: latency distribution: {}",
-        cumulative(&text, "sessionizer_processing_latency_seconds")
-            .iter()
-            .filter(|(le, _)| *le <= 1.0)
-            .map(|(le, f)| format!("<= {:.1} ms: {:.2} %", le * 1000.0, f * 100.0))
-            .collect::<Vec<_>>()
-            .join(", ")
+        distribution(&text, "sessionizer_processing_latency_seconds", 2)
     );
     eprintln!(
         "e2e: latency phase: ticks (consumption stopped): {}",
-        cumulative(&text, "sessionizer_tick_seconds")
-            .iter()
-            .filter(|(le, _)| *le <= 1.0)
-            .map(|(le, f)| format!("<= {:.1} ms: {:.0} %", le * 1000.0, f * 100.0))
-            .collect::<Vec<_>>()
-            .join(", ")
+        distribution(&text, "sessionizer_tick_seconds", 0)
     );
     let commit_p99 = quantile(&text, "sessionizer_commit_seconds", 0.99);
     let commits = metric(&text, "sessionizer_commit_seconds_count");
@@ -892,9 +901,8 @@ fn main() {
         println!("| pass-through{r} | {pt} |");
         for (guarantee, m) in [("at-least-once", alo), ("exactly-once", eos)] {
             println!(
-                "| sessionizer run, {guarantee}{r} | {m}; ratio to pass-through {:.2} (from the first record: {:.2}) |",
-                m.rate() / pt.rate(),
-                m.steady_rate() / pt.steady_rate()
+                "| sessionizer run, {guarantee}{r} | {m}; {} |",
+                m.against(pt)
             );
         }
     }

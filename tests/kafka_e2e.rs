@@ -794,24 +794,8 @@ fn two_input_topics(broker: &Broker) {
 
     // An input topic created just after the start (a script racing the instance, or a
     // cluster whose brokers do not all know the topic yet): the instance waits for it.
-    let appear = Topics {
-        input: "appear-in".to_owned(),
-        annotated: "appear-annotated".to_owned(),
-        sessions: "appear-sessions".to_owned(),
-        late: "appear-late".to_owned(),
-        dlq: "appear-dlq".to_owned(),
-        stats: "appear-stats".to_owned(),
-    };
-    broker.create_topics(
-        &[
-            &appear.annotated,
-            &appear.sessions,
-            &appear.late,
-            &appear.dlq,
-            &appear.stats,
-        ],
-        2,
-    );
+    let appear = Topics::named("appear");
+    appear.create_outputs(broker, 2);
     let appear_dir = dir.path().join("appear");
     std::fs::create_dir_all(&appear_dir).unwrap();
     let p = run(
@@ -828,18 +812,7 @@ fn two_input_topics(broker: &Broker) {
     broker.create_topics(&[&appear.input], 2);
     let few = events(5, 4, 23);
     broker.produce(&appear.input, &to_user_partitions(&few, 2));
-    let got = broker
-        .try_read_until(&appear.annotated, Duration::from_secs(90), |r| {
-            annotated_by_n(r).len() >= few.len()
-        })
-        .unwrap_or_else(|r| {
-            panic!(
-                "{} of {} inputs annotated:\n{}",
-                annotated_by_n(&r).len(),
-                few.len(),
-                report(&[&p])
-            )
-        });
+    let got = wait_annotated(broker, &appear, few.len(), &[&p]);
     assert_eq!(annotated_by_n(&got).len(), few.len());
     assert_eq!(p.terminate(), 0);
 }

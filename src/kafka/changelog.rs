@@ -46,10 +46,6 @@ pub fn distrust(
 /// Applied in batches of about this many records.
 const APPLY_BATCH: usize = 50_000;
 
-/// How long [`ensure_topic`] keeps asking for the configuration of a topic that exists but is
-/// not described yet.
-const DESCRIBE_WAIT: Duration = Duration::from_secs(15);
-
 /// Creates the changelog topic if it is missing (compacted, `partitions` partitions, the
 /// brokers' default replication), or checks that the existing one is compacted and has
 /// `partitions` partitions.
@@ -118,8 +114,8 @@ pub fn ensure_topic(
                 });
                 match found {
                     Some(Ok(policy)) => break policy,
-                    _ if started.elapsed() < DESCRIBE_WAIT => {
-                        std::thread::sleep(Duration::from_millis(200));
+                    _ if started.elapsed() < super::PROPAGATION_WAIT => {
+                        std::thread::sleep(super::PROPAGATION_POLL);
                     }
                     Some(Err(e)) => {
                         return Err(KafkaError::Changelog(format!(

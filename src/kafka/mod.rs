@@ -180,21 +180,26 @@ pub fn transactional_id(rt: &RuntimeSettings) -> String {
     format!("{}-{}", rt.group, rt.instance_id)
 }
 
-/// How long [`check_topics`] waits for a missing topic to appear: a topic created just before
-/// the start (by a script, or by another instance) may not be in every broker's metadata yet.
-pub const TOPIC_APPEAR_WAIT: Duration = Duration::from_secs(10);
+/// How long a topic created just before the start (by a script, or by another instance) may
+/// take to appear in the metadata and configuration every broker serves: start-up asks again,
+/// every [`PROPAGATION_POLL`], for this long before it reports the topic missing
+/// ([`check_topics`]) or not described ([`changelog::ensure_topic`]).
+pub const PROPAGATION_WAIT: Duration = Duration::from_secs(15);
+
+/// How often start-up asks again while it waits for [`PROPAGATION_WAIT`].
+pub const PROPAGATION_POLL: Duration = Duration::from_millis(200);
 
 /// Checks that every input and output topic exists and that the input topics have the same
 /// number of partitions, and looks up the changelog topic.
 ///
-/// A missing topic is looked for again every 250 ms for [`TOPIC_APPEAR_WAIT`] before the
-/// error is returned.
+/// A missing topic is looked for again for [`PROPAGATION_WAIT`] before the error is
+/// returned.
 pub fn check_topics<C: rdkafka::consumer::ConsumerContext>(
     consumer: &BaseConsumer<C>,
     rt: &RuntimeSettings,
     timeout: Duration,
 ) -> Result<TopicCheck, KafkaError> {
-    let deadline = std::time::Instant::now() + TOPIC_APPEAR_WAIT;
+    let deadline = std::time::Instant::now() + PROPAGATION_WAIT;
     let mut logged = false;
     loop {
         match check_topics_once(consumer, rt, timeout) {
@@ -202,11 +207,11 @@ pub fn check_topics<C: rdkafka::consumer::ConsumerContext>(
                 if !std::mem::replace(&mut logged, true) {
                     tracing::info!(
                         topic = %t,
-                        wait_s = TOPIC_APPEAR_WAIT.as_secs(),
+                        wait_s = PROPAGATION_WAIT.as_secs(),
                         "topic not in the metadata yet: waiting for it to appear"
                     );
                 }
-                std::thread::sleep(Duration::from_millis(250));
+                std::thread::sleep(PROPAGATION_POLL);
             }
             r => return r,
         }

@@ -517,27 +517,41 @@ pub struct Topics {
 }
 
 impl Topics {
+    /// The topics named after `prefix`, all created with `partitions` partitions.
     pub fn new(broker: &Broker, prefix: &str, partitions: i32) -> Topics {
-        let t = Topics {
+        let t = Topics::named(prefix);
+        let mut all = vec![t.input.as_str()];
+        all.extend(t.outputs());
+        broker.create_topics(&all, partitions);
+        t
+    }
+
+    /// The topic names for `prefix`, none created.
+    pub fn named(prefix: &str) -> Topics {
+        Topics {
             input: format!("{prefix}-in"),
             annotated: format!("{prefix}-annotated"),
             sessions: format!("{prefix}-sessions"),
             late: format!("{prefix}-late"),
             dlq: format!("{prefix}-dlq"),
             stats: format!("{prefix}-stats"),
-        };
-        broker.create_topics(
-            &[
-                &t.input,
-                &t.annotated,
-                &t.sessions,
-                &t.late,
-                &t.dlq,
-                &t.stats,
-            ],
-            partitions,
-        );
-        t
+        }
+    }
+
+    /// Creates the output topics (not the input).
+    pub fn create_outputs(&self, broker: &Broker, partitions: i32) {
+        broker.create_topics(&self.outputs(), partitions);
+    }
+
+    fn outputs(&self) -> [&str; 5] {
+        [
+            &self.annotated,
+            &self.sessions,
+            &self.late,
+            &self.dlq,
+            &self.stats,
+        ]
+        .map(String::as_str)
     }
 }
 
