@@ -264,6 +264,10 @@ fn fenced_state_producer_rewinds_and_loses_nothing(broker: &Broker) {
         .unwrap();
     intruder.init_transactions(Duration::from_secs(60)).unwrap();
     drop(intruder);
+    // The rest of the input: an instance that has already committed everything it read (an
+    // idle interval commits nothing) meets the fence only with its next transaction, which
+    // this input brings about.
+    broker.produce(&t.input, &to_user_partitions(after, 3));
     // The instance's next state transaction fails: it replaces the producer and rewinds every
     // task (reopened from its last written commit: 3 openings at the start, 3 more).
     wait_log(
@@ -274,7 +278,6 @@ fn fenced_state_producer_rewinds_and_loses_nothing(broker: &Broker) {
                 && log.matches("task opened").count() >= 6
         },
     );
-    broker.produce(&t.input, &to_user_partitions(after, 3));
     let annotated = wait_annotated(broker, &t, input.len(), &[&p]);
     equals_offline(
         broker,
