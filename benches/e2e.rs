@@ -31,7 +31,9 @@
 //! creates the transaction state topic).
 //!
 //! The pass-through uses the non-transactional producer configuration, so the exactly-once
-//! ratio is against a non-transactional baseline.
+//! ratio is against a non-transactional baseline. It runs on the sessionizer binary's
+//! allocator (jemalloc for every allocation of the process, see `src/main.rs`), so that the
+//! allocator is not a difference between the two.
 //!
 //! Run: `cargo bench --bench e2e` (E2E_EVENTS, default 1000000; E2E_ROUNDS, default 1, repeats
 //! steps 1 and 2 that many times, alternating, each with groups of its own, and reports the
@@ -50,6 +52,11 @@ use sessionizer::generate::{Generator, GeneratorConfig};
 use sessionizer::kafka::output::Outputs;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The allocator of the sessionizer binary (see `src/main.rs`), for the pass-through.
+#[cfg(all(unix, not(target_env = "musl")))]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[path = "../tests/support/kafka.rs"]
 mod kafka_support;
