@@ -518,8 +518,8 @@ impl Metrics {
         let tick = b.histogram(
             "sessionizer_tick_seconds",
             "Time the consumer thread spends at each commit interval moving time on, \
-             concluding sessions and staging the commit (no input is taken meanwhile), in \
-             seconds.",
+             concluding sessions and staging the commit, and at each time step between \
+             commits moving time on (no input is taken meanwhile), in seconds.",
             &LATENCY_BUCKETS,
         )?;
 

@@ -3,7 +3,8 @@
 //! produced to Kafka.
 //!
 //! Every `commit_interval` the pipeline moves time on in every task and stages a commit: each
-//! task's state changes (the changelog records) and input offsets. Staged commits are handed,
+//! task's state changes (the changelog records) and input offsets. Between commits it also
+//! moves time on every [`TIME_STEP`], so that sessions are concluded in small steps. Staged commits are handed,
 //! in order, to the [`StateCommitter`], a thread with its own transactional producer, which
 //! commits each in one Kafka transaction while the consumer thread goes on with the next
 //! interval. Up to [`MAX_PENDING_COMMITS`] commits may be in flight; a rebalance and the
@@ -135,6 +136,11 @@ const TAIL_ATTEMPTS: u32 = 10;
 /// [`Core::check_against_group`]; twice the transaction timeout if that is longer) before the
 /// instance gives up.
 const GROUP_OFFSETS_WAIT: Duration = Duration::from_secs(60);
+
+/// How often time moves on in every task between two commits, when the commit interval is
+/// longer (at-least-once's default is 1 s): what falls due is concluded in small steps
+/// instead of one long stop of the consumer thread per commit interval.
+pub const TIME_STEP: Duration = Duration::from_millis(100);
 
 /// A second fencing error within this time of the first stops the instance.
 pub const FENCE_WINDOW: Duration = Duration::from_secs(60);
@@ -513,8 +519,8 @@ impl Core {
         }
     }
 
-    /// Moves time on in every task, then commits everything (see the module docs).
-    fn tick(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), PipelineError> {
+    /// Moves time on in every task (concluding what is due) and sends what that outputs.
+    fn advance(&mut self) -> Result<(), PipelineError> {
         let now = wall_ms();
         let parts: Vec<i32> = self.tasks.keys().copied().collect();
         for p in parts {
@@ -533,6 +539,13 @@ impl Core {
             self.out = out;
             r?;
         }
+        Ok(())
+    }
+
+    /// Moves time on in every task, then commits everything (see the module docs).
+    fn tick(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), PipelineError> {
+        self.advance()?;
+        let now = wall_ms();
         let drain = self.closing();
         if !std::mem::take(&mut self.dirty) {
             // Nothing consumed, nothing concluded: no transaction (an idle instance would
@@ -1314,6 +1327,7 @@ pub fn run(
             }
         };
     let mut last_tick = Instant::now();
+    let mut last_step = last_tick;
     let mut serve = || -> Result<(), PipelineError> {
         while !shutdown.load(Ordering::Relaxed) {
             match consumer.poll(Duration::from_millis(20)) {
@@ -1343,6 +1357,15 @@ pub fn run(
                     r
                 })?;
                 last_tick = Instant::now();
+                last_step = last_tick;
+            } else if last_step.elapsed() >= TIME_STEP {
+                with_core(&mut |c| {
+                    let started = Instant::now();
+                    let r = c.advance();
+                    c.metrics.observe_tick(started.elapsed());
+                    r
+                })?;
+                last_step = Instant::now();
             }
         }
         tracing::info!("shutting down: finishing the batch and committing");
