@@ -79,7 +79,7 @@ pub const METRIC_TABLE: &str = "\
 | `sessionizer_transaction_commit_seconds` | histogram | | time to produce and commit one Kafka transaction (exactly-once: outputs, changelog records and offsets; at-least-once: changelog records and offsets) |
 | `sessionizer_transaction_aborts_total` | counter | | Kafka transactions aborted |
 | `sessionizer_commit_seconds` | histogram | | time from a commit being staged to its state and input offsets being written (waiting for the commits before it, its transaction and one RocksDB write batch; at-least-once, also the outputs' acknowledgements) |
-| `sessionizer_tick_seconds` | histogram | | time the consumer thread spends at each commit interval moving time on, concluding sessions and staging the commit; no input is taken meanwhile |
+| `sessionizer_tick_seconds` | histogram | | time the consumer thread spends at each commit interval moving time on, concluding sessions and staging the commit, and, when the commit interval is longer than 100 ms, at each 100 ms time step between commits moving time on; no input is taken meanwhile |
 | `sessionizer_rebalances_total` | counter | `kind` | consumer-group rebalance callbacks: `assigned`, `revoked` |
 | `sessionizer_restore_records_total` | counter | `partition` | state records restored from the changelog |
 | `sessionizer_restoring_partitions` | gauge | | partitions currently restoring their state |

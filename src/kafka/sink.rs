@@ -41,6 +41,10 @@ struct Held {
 /// the one being filled.
 const SPARE_BATCHES: usize = crate::pipeline::MAX_PENDING_COMMITS + 1;
 
+/// A spare batch buffer of up to this many bytes is always reused (see
+/// [`Batch::reuse_or_size_like`]).
+const KEEP_BYTES: usize = 16 << 20;
+
 /// Emptied batches' buffers, returned by [`Batch`]'s drop (on the state committer's thread,
 /// once produced) for the next interval: a fresh multi-megabyte buffer every interval cost
 /// the consumer thread a page fault per 4 KiB it filled.
@@ -76,9 +80,15 @@ impl Drop for Batch {
 
 impl Batch {
     /// An empty batch, from `spares` if one is there (else with room for one like `other`),
-    /// which returns to `spares` when dropped.
+    /// which returns to `spares` when dropped. A spare more than twice the size `other` needed
+    /// (and over [`KEEP_BYTES`]) is freed instead, so a burst does not hold memory for good.
     fn reuse_or_size_like(spares: &Spares, other: &Batch) -> Self {
-        let spare = spares.lock().ok().and_then(|mut s| s.pop());
+        let limit = (2 * other.bytes.len()).max(KEEP_BYTES);
+        let spare = spares
+            .lock()
+            .ok()
+            .and_then(|mut s| s.pop())
+            .filter(|b| b.bytes.capacity() <= limit);
         let mut b = spare.unwrap_or_else(|| Batch {
             bytes: Vec::with_capacity(other.bytes.len()),
             records: Vec::with_capacity(other.records.len()),
@@ -241,6 +251,24 @@ mod tests {
         assert!(again.is_empty() && again.bytes.is_empty());
         assert_eq!(again.bytes.capacity(), bytes);
         assert_eq!(again.records.capacity(), records);
+        assert!(spares.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_spare_far_larger_than_needed_is_freed() {
+        let spares = Spares::default();
+        let mut big = Batch::reuse_or_size_like(&spares, &Batch::default());
+        big.push(
+            OutputKind::Annotated,
+            None,
+            &vec![0; 3 * KEEP_BYTES],
+            None,
+            None,
+        );
+        drop(big);
+        assert_eq!(spares.lock().unwrap().len(), 1);
+        let next = Batch::reuse_or_size_like(&spares, &Batch::default());
+        assert!(next.bytes.capacity() < KEEP_BYTES);
         assert!(spares.lock().unwrap().is_empty());
     }
 
