@@ -518,8 +518,9 @@ impl Metrics {
         let tick = b.histogram(
             "sessionizer_tick_seconds",
             "Time the consumer thread spends at each commit interval moving time on, \
-             concluding sessions and staging the commit, and at each time step between \
-             commits moving time on (no input is taken meanwhile), in seconds.",
+             concluding sessions and staging the commit, and, when the commit interval is \
+             longer than 100 ms, at each 100 ms time step between commits moving time on (no \
+             input is taken meanwhile), in seconds.",
             &LATENCY_BUCKETS,
         )?;
 

@@ -4,11 +4,11 @@
 //!
 //! Every `commit_interval` the pipeline moves time on in every task and stages a commit: each
 //! task's state changes (the changelog records) and input offsets. Between commits it also
-//! moves time on every [`TIME_STEP`], so that sessions are concluded in small steps. Staged commits are handed,
-//! in order, to the [`StateCommitter`], a thread with its own transactional producer, which
-//! commits each in one Kafka transaction while the consumer thread goes on with the next
-//! interval. Up to [`MAX_PENDING_COMMITS`] commits may be in flight; a rebalance and the
-//! shutdown wait for all of them.
+//! moves time on every [`TIME_STEP`], so that sessions are concluded in small steps. Staged
+//! commits are handed, in order, to the [`StateCommitter`], a thread with its own
+//! transactional producer, which commits each in one Kafka transaction while the consumer
+//! thread goes on with the next interval. Up to [`MAX_PENDING_COMMITS`] commits may be in
+//! flight; a rebalance and the shutdown wait for all of them.
 //!
 //! * **exactly-once**: the outputs of an interval are buffered (see [`Sink`]) and go in its
 //!   transaction, with its changelog records and input offsets, so read_committed readers see
@@ -1345,27 +1345,28 @@ pub fn run(
             if let Some(f) = failure.lock().ok().and_then(|f| f.clone()) {
                 return Err(PipelineError::Rebalance(f));
             }
-            if last_tick.elapsed() >= rt.commit_interval {
-                consumer
-                    .context()
-                    .brokers
-                    .rebootstrap(consumer.client(), &rt.brokers);
+            let commit_due = last_tick.elapsed() >= rt.commit_interval;
+            if commit_due || last_step.elapsed() >= TIME_STEP {
+                if commit_due {
+                    consumer
+                        .context()
+                        .brokers
+                        .rebootstrap(consumer.client(), &rt.brokers);
+                }
                 with_core(&mut |c| {
                     let started = Instant::now();
-                    let r = c.tick(&consumer);
-                    c.metrics.observe_tick(started.elapsed());
-                    r
-                })?;
-                last_tick = Instant::now();
-                last_step = last_tick;
-            } else if last_step.elapsed() >= TIME_STEP {
-                with_core(&mut |c| {
-                    let started = Instant::now();
-                    let r = c.advance();
+                    let r = if commit_due {
+                        c.tick(&consumer)
+                    } else {
+                        c.advance()
+                    };
                     c.metrics.observe_tick(started.elapsed());
                     r
                 })?;
                 last_step = Instant::now();
+                if commit_due {
+                    last_tick = last_step;
+                }
             }
         }
         tracing::info!("shutting down: finishing the batch and committing");
