@@ -928,6 +928,14 @@ impl Core {
         let mut parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
         parts.sort_unstable();
         parts.dedup();
+        if self.closing() {
+            // Assigned while the consumer closes (another member left at the same time):
+            // nothing more is consumed, so nothing is opened. Restoring them would only hold
+            // the shutdown up, waiting for the group's offsets with a broker away; their next
+            // owner opens them.
+            tracing::info!(partitions = ?parts, "shutting down: partitions assigned now are left to their next owner");
+            return Ok(());
+        }
         let new: Vec<i32> = parts
             .iter()
             .copied()
