@@ -38,7 +38,8 @@
 //! Run: `cargo bench --bench e2e` (E2E_EVENTS, default 1000000; E2E_ROUNDS, default 1, repeats
 //! steps 1 and 2 that many times, alternating, each with groups of its own, and reports the
 //! median ratios; E2E_LATENCY_RATE overrides the latency phase's rate, by default half the
-//! median at-least-once rate). Under `cargo test` it does nothing.
+//! median at-least-once rate; E2E_ROUNDS=0 with E2E_LATENCY_RATE runs the latency phases
+//! only). Under `cargo test` it does nothing.
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -50,6 +51,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use sessionizer::config::{raw::RawConfig, validate};
 use sessionizer::generate::{Generator, GeneratorConfig};
 use sessionizer::kafka::output::Outputs;
+use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -481,7 +483,8 @@ impl Run {
 
 /// Reads `topic` from the start until `expected` records have arrived (or 120 s pass) and
 /// returns, for each, the milliseconds from its timestamp to its arrival.
-fn downstream_latencies(bootstrap: &str, topic: &str, expected: usize) -> Vec<i64> {
+/// Downstream latency of each record read from `topic`: (arrival time, latency), in ms.
+fn downstream_latencies(bootstrap: &str, topic: &str, expected: usize) -> Vec<(i64, i64)> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "bench-lat-reader")
@@ -495,7 +498,8 @@ fn downstream_latencies(bootstrap: &str, topic: &str, expected: usize) -> Vec<i6
     while out.len() < expected && t.elapsed() < Duration::from_secs(120) {
         if let Some(Ok(m)) = c.poll(Duration::from_millis(50)) {
             if let Some(ts) = m.timestamp().to_millis() {
-                out.push(now_ms() - ts);
+                let now = now_ms();
+                out.push((now, now - ts));
             }
         }
     }
@@ -522,6 +526,30 @@ fn paced_load(
         send(p, topic, k, &retime(v, now_ms()));
     }
     p.flush(Duration::from_secs(60)).unwrap();
+}
+
+/// The latencies of `v` over time, one line per second of arrival: records, p99 and max (ms).
+/// Tells a steady delay from a few stalls, which a p99 over the whole phase cannot.
+fn over_time(v: &[(i64, i64)]) -> String {
+    let Some(start) = v.iter().map(|(at, _)| *at).min() else {
+        return String::new();
+    };
+    let mut seconds: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    for (at, lat) in v {
+        seconds.entry((at - start) / 1000).or_default().push(*lat);
+    }
+    seconds
+        .into_iter()
+        .map(|(s, mut l)| {
+            let (_, p99) = p50_p99(&mut l);
+            format!(
+                "{s}s: {} p99 {p99} max {}",
+                l.len(),
+                l.last().unwrap_or(&-1)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// p50 and p99 of `v` (sorted in place); -1 when empty.
@@ -575,8 +603,12 @@ fn pass_through_latency(
     forward.join().unwrap();
     let mut lat = reader.join().unwrap();
     // The probes' latency includes the group join: leave them out.
-    let mut lat = lat.split_off(probes.min(lat.len()));
-    p50_p99(&mut lat)
+    let lat = lat.split_off(probes.min(lat.len()));
+    eprintln!(
+        "e2e: pass-through downstream latency over time: {}",
+        over_time(&lat)
+    );
+    p50_p99(&mut lat.into_iter().map(|(_, l)| l).collect::<Vec<_>>())
 }
 
 /// The upper bound of the histogram bucket holding quantile `q`.
@@ -625,6 +657,54 @@ fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
         .collect();
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     buckets
+}
+
+/// The exactly-once group started again without its state: every partition restores from
+/// the changelog. Returns the records applied per second of restore (from its log lines).
+fn restore(bootstrap: &str, dir: &std::path::Path, group: &str) -> (f64, f64) {
+    let log = dir.join("restore.log");
+    let restore = Run::start(
+        bootstrap,
+        "bench-in",
+        "bench-eos",
+        group,
+        &dir.join("bench-eos-restore"),
+        "exactly-once",
+        Some(&log),
+    );
+    let t = Instant::now();
+    let restored = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["fields"]["message"] == "state restored")
+            .collect();
+        if lines.len() >= PARTITIONS as usize {
+            break lines
+                .iter()
+                .map(|v| {
+                    let f = &v["fields"];
+                    (
+                        f["applied"].as_f64().unwrap_or(0.0),
+                        f["seconds"].as_f64().unwrap_or(0.0),
+                    )
+                })
+                .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "restore too slow:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    restore.stop();
+    let restore_rate = restored.0 / restored.1.max(1e-9);
+    eprintln!(
+        "e2e: restore {:.0} records in {:.2} s = {restore_rate:.0} records/s",
+        restored.0, restored.1
+    );
+    restored
 }
 
 fn main() {
@@ -708,8 +788,11 @@ fn main() {
     let rounds: usize = std::env::var("E2E_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
-        .max(1);
+        .unwrap_or(1);
+    assert!(
+        rounds > 0 || std::env::var("E2E_LATENCY_RATE").is_ok(),
+        "E2E_ROUNDS=0 (latency only) needs E2E_LATENCY_RATE"
+    );
     let ticks = clock_ticks();
     let brokers = broker_pids(ours.then_some(kdir.as_path()));
     let mut committed = Committed::default();
@@ -770,48 +853,12 @@ fn main() {
     let sz_rate = median(results.iter().map(|r| r[1].rate()));
 
     // Restore: the exactly-once group again, on a machine without its state.
-    let log = tmp.path().join("restore.log");
-    let restore = Run::start(
-        &bootstrap,
-        "bench-in",
-        "bench-eos",
-        &eos_group,
-        &tmp.path().join("bench-eos-restore"),
-        "exactly-once",
-        Some(&log),
-    );
-    let t = Instant::now();
-    let restored = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["fields"]["message"] == "state restored")
-            .collect();
-        if lines.len() >= PARTITIONS as usize {
-            break lines
-                .iter()
-                .map(|v| {
-                    let f = &v["fields"];
-                    (
-                        f["applied"].as_f64().unwrap_or(0.0),
-                        f["seconds"].as_f64().unwrap_or(0.0),
-                    )
-                })
-                .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(600),
-            "restore too slow:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    let restored = if rounds > 0 {
+        restore(&bootstrap, tmp.path(), &eos_group)
+    } else {
+        (f64::NAN, f64::NAN)
     };
-    restore.stop();
     let restore_rate = restored.0 / restored.1.max(1e-9);
-    eprintln!(
-        "e2e: restore {:.0} records in {:.2} s = {restore_rate:.0} records/s",
-        restored.0, restored.1
-    );
 
     // Latency at half the measured sessionizer rate, for 10 s, events timed "now".
     let rate = std::env::var("E2E_LATENCY_RATE")
@@ -886,7 +933,9 @@ fn main() {
         commit_p99 * 1000.0
     );
     lat.stop();
-    let mut e2e = reader.join().unwrap();
+    let e2e = reader.join().unwrap();
+    eprintln!("e2e: downstream latency over time: {}", over_time(&e2e));
+    let mut e2e: Vec<i64> = e2e.into_iter().map(|(_, l)| l).collect();
     let (e2e_p50, e2e_p99) = p50_p99(&mut e2e);
     eprintln!(
         "e2e: downstream latency over {} records: p50 {e2e_p50} ms, p99 {e2e_p99} ms, max {} ms",
@@ -922,22 +971,24 @@ fn main() {
             );
         }
     }
-    for (what, i) in [
-        ("pass-through", 0),
-        ("sessionizer run, at-least-once", 1),
-        ("sessionizer run, exactly-once", 2),
-    ] {
+    if rounds > 0 {
+        for (what, i) in [
+            ("pass-through", 0),
+            ("sessionizer run, at-least-once", 1),
+            ("sessionizer run, exactly-once", 2),
+        ] {
+            println!(
+                "| CPU per event, {what} (median{}) | {:.2} µs client + {:.2} µs broker |",
+                if rounds > 1 { " of the rounds" } else { "" },
+                median(results.iter().map(|r| r[i].cpu_per_record().0)),
+                median(results.iter().map(|r| r[i].cpu_per_record().1))
+            );
+        }
         println!(
-            "| CPU per event, {what} (median{}) | {:.2} µs client + {:.2} µs broker |",
-            if rounds > 1 { " of the rounds" } else { "" },
-            median(results.iter().map(|r| r[i].cpu_per_record().0)),
-            median(results.iter().map(|r| r[i].cpu_per_record().1))
+            "| restore from the changelog | {restore_rate:.0} records/s ({:.0} records, {:.2} s) |",
+            restored.0, restored.1
         );
     }
-    println!(
-        "| restore from the changelog | {restore_rate:.0} records/s ({:.0} records, {:.2} s) |",
-        restored.0, restored.1
-    );
     println!(
         "| latency at {rate:.0} events/s, p50 (bucket upper bound) | <= {:.1} ms |",
         p50 * 1000.0
