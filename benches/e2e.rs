@@ -151,7 +151,7 @@ fn pass_through(bootstrap: &str, group: &str, topic: &str, out: &str, n: usize) 
     let rt = runtime_settings(bootstrap, group);
     let mut first = None;
     let consumer: BaseConsumer = sessionizer::kafka::consumer_config(&rt).create().unwrap();
-    let mut outputs = Outputs::new(&sessionizer::kafka::plain_producer_config(&rt)).unwrap();
+    let mut outputs = Outputs::new(&sessionizer::kafka::output_producer_config(&rt)).unwrap();
     consumer.subscribe(&[topic]).unwrap();
     let mut seen = 0usize;
     let mut last = Instant::now();

@@ -501,9 +501,10 @@ fn generate_to_kafka(a: &GenerateArgs, generator: Generator, topic: &str) -> Res
     };
     runtime.apply(&mut raw)?;
     let settings = config::validate(&raw)?;
-    let mut outputs =
-        crate::kafka::output::Outputs::new(&crate::kafka::plain_producer_config(&settings.runtime))
-            .map_err(|e| CliError::Runtime(e.to_string()))?;
+    let mut outputs = crate::kafka::output::Outputs::new(
+        &crate::kafka::idempotent_producer_config(&settings.runtime),
+    )
+    .map_err(|e| CliError::Runtime(e.to_string()))?;
     let mut value = Vec::with_capacity(256);
     let mut failure = None;
     let n = generate::for_each_paced(generator, a.rate, |ev| {

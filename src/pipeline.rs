@@ -13,9 +13,9 @@
 //! * **exactly-once**: the outputs of an interval are buffered (see [`Sink`]) and go in its
 //!   transaction, with its changelog records and input offsets, so read_committed readers see
 //!   all of them or none;
-//! * **at-least-once**: outputs go out at once on an idempotent producer; a staged commit is
-//!   handed over only once every output sent up to it is acknowledged, so the changelog never
-//!   holds a commit whose outputs could still be lost. After a crash the tasks resume from
+//! * **at-least-once**: outputs go out at once (see [`kafka::output_producer_config`]); a
+//!   staged commit is handed over only once every output sent up to it is acknowledged, so
+//!   the changelog never holds a commit whose outputs could still be lost. After a crash the tasks resume from
 //!   their last written commit and produce the outputs since then again, identically, because
 //!   the engine is deterministic.
 //!
@@ -1276,7 +1276,7 @@ pub fn run(
         Guarantee::AtLeastOnce => Sink::direct(
             &rt,
             metrics.clone(),
-            Outputs::new(&kafka::plain_producer_config(&rt))?,
+            Outputs::new(&kafka::output_producer_config(&rt))?,
         ),
         Guarantee::ExactlyOnce => Sink::buffered(&rt, metrics.clone()),
     };

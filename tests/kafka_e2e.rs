@@ -935,7 +935,7 @@ fn restore_applies_a_compacted_changelog(broker: &Broker) {
         .collect();
     assert!(kept.len() >= 2, "u2 and u1's stats survive: {kept:?}");
     let total = (kept.len() + second.len()) as u64;
-    let mut out = Outputs::new(&sessionizer::kafka::plain_producer_config(&rt)).unwrap();
+    let mut out = Outputs::new(&sessionizer::kafka::idempotent_producer_config(&rt)).unwrap();
     for c in kept.into_iter().chain(&second) {
         out.send_change(&rt.changelog_topic, 0, &c.key, c.value.as_deref())
             .unwrap();

@@ -96,10 +96,10 @@ pub fn consumer_config(rt: &RuntimeSettings) -> ClientConfig {
     c
 }
 
-/// [`plain_producer_config`], transactional with id `<group>-<instance_id>`: the state
+/// [`idempotent_producer_config`], transactional with id `<group>-<instance_id>`: the state
 /// committer's (see [`committer`]): changelog records, offsets and, exactly-once, the outputs.
 pub fn transactional_producer_config(rt: &RuntimeSettings) -> ClientConfig {
-    let mut c = plain_producer_config(rt);
+    let mut c = idempotent_producer_config(rt);
     c.set("transactional.id", transactional_id(rt)).set(
         "transaction.timeout.ms",
         rt.transaction_timeout.as_millis().to_string(),
@@ -107,12 +107,50 @@ pub fn transactional_producer_config(rt: &RuntimeSettings) -> ClientConfig {
     c
 }
 
-/// A non-transactional producer configuration: idempotent, acks=all, lz4, 5 ms linger (a
+/// An idempotent producer configuration ([`producer_defaults`] plus idempotence): a retry
+/// never writes a record twice. For records that must be written exactly once outside a
+/// transaction (`sessionizer generate --topic`).
+pub fn idempotent_producer_config(rt: &RuntimeSettings) -> ClientConfig {
+    let mut c = producer_defaults(rt);
+    if !rt.properties.contains_key("enable.idempotence") {
+        c.set("enable.idempotence", "true");
+    }
+    c
+}
+
+/// The at-least-once output producer ([`producer_defaults`], not idempotent, one request in
+/// flight per broker connection). The benchmark's pass-through uses it too.
+///
+/// Why not idempotent: librdkafka's idempotent producer keeps at most one produce request in
+/// flight per partition (it counts the messages in flight against the limit of five requests,
+/// see librdkafka pull request 4989), and while a partition with a batch ready waits for that
+/// request's acknowledgement, its broker thread polls without sleeping. When the brokers
+/// answer more slowly than the linger, the output producer's broker thread burnt a core
+/// that the brokers needed, slowing their answers further (BENCHMARKS.md, eighth session).
+///
+/// What at-least-once keeps: one request in flight per connection keeps each partition's
+/// records in order across retries (a failed request is retried before the next one is
+/// sent), so a user's records, and the compacted stats topic's latest value, stay in order.
+/// A retry after a lost acknowledgement can write a record twice; at-least-once already
+/// allows repeats, and a repeat is the identical record.
+pub fn output_producer_config(rt: &RuntimeSettings) -> ClientConfig {
+    let mut c = producer_defaults(rt);
+    for (k, v) in [
+        ("enable.idempotence", "false"),
+        ("max.in.flight.requests.per.connection", "1"),
+    ] {
+        if !rt.properties.contains_key(k) {
+            c.set(k, v);
+        }
+    }
+    c
+}
+
+/// What every producer sets unless `kafka.properties` does: acks=all, lz4, 5 ms linger (a
 /// commit waits for its records, so a longer linger would hold it up).
-pub fn plain_producer_config(rt: &RuntimeSettings) -> ClientConfig {
+fn producer_defaults(rt: &RuntimeSettings) -> ClientConfig {
     let mut c = base_config(rt);
     for (k, v) in [
-        ("enable.idempotence", "true"),
         ("acks", "all"),
         ("linger.ms", "5"),
         ("compression.type", "lz4"),
@@ -265,4 +303,45 @@ fn check_topics_once<C: rdkafka::consumer::ConsumerContext>(
         partitions: first,
         changelog_partitions: partitions(&rt.changelog_topic),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{raw::RawConfig, validate};
+
+    fn settings(properties: &[(&str, &str)]) -> RuntimeSettings {
+        let mut raw = RawConfig::default();
+        raw.kafka.brokers = Some("127.0.0.1:9092".into());
+        raw.kafka.group = Some("g".into());
+        let mut rt = validate(&raw).expect("valid").runtime;
+        for (k, v) in properties {
+            rt.properties.insert((*k).into(), (*v).into());
+        }
+        rt
+    }
+
+    #[test]
+    fn output_producer_keeps_order_without_idempotence() {
+        let c = output_producer_config(&settings(&[]));
+        assert_eq!(c.get("enable.idempotence"), Some("false"));
+        assert_eq!(c.get("max.in.flight.requests.per.connection"), Some("1"));
+        assert_eq!(c.get("acks"), Some("all"));
+        // kafka.properties win.
+        let c = output_producer_config(&settings(&[("enable.idempotence", "true")]));
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+    }
+
+    #[test]
+    fn transactional_and_generator_producers_are_idempotent() {
+        let rt = settings(&[]);
+        for c in [
+            idempotent_producer_config(&rt),
+            transactional_producer_config(&rt),
+        ] {
+            assert_eq!(c.get("enable.idempotence"), Some("true"));
+            assert_eq!(c.get("max.in.flight.requests.per.connection"), None);
+            assert_eq!(c.get("linger.ms"), Some("5"));
+        }
+    }
 }
