@@ -11,7 +11,10 @@
 //! 4. processing latency (p50/p99 from the sessionizer's own
 //!    `sessionizer_processing_latency_seconds` histogram: Kafka record timestamp, i.e. send
 //!    time, to the annotated record being handed to the producer) of a live stream at a fixed
-//!    rate of half the measured at-least-once throughput.
+//!    rate of half the measured at-least-once throughput, and its downstream latency (send to
+//!    the annotated record read), per second too; then the pass-through's downstream latency
+//!    on the same kind of stream. An untimed pass-through of such a stream runs before both,
+//!    so that neither meets a broker whose JIT has not compiled the live-stream paths yet.
 //!
 //! Throughput is measured from process (or thread) start until the consumer group has committed
 //! every input offset, which both only do after their outputs are acknowledged; it is also
@@ -487,7 +490,7 @@ impl Run {
 fn downstream_latencies(bootstrap: &str, topic: &str, expected: usize) -> Vec<(i64, i64)> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", "bench-lat-reader")
+        .set("group.id", format!("bench-lat-reader-{topic}"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()
@@ -563,20 +566,19 @@ fn p50_p99(v: &mut [i64]) -> (i64, i64) {
 }
 
 /// The pass-through's latency at `rate`: the loop of [`pass_through`] (same client settings)
-/// between two topics of its own, fed the same kind of paced live stream for 10 s once it is
+/// from `input` to `out`, fed the same kind of paced live stream for 10 s once it is
 /// consuming; returns the downstream p50 / p99 (send to forwarded record read), in ms.
 fn pass_through_latency(
     bootstrap: &str,
     p: &ThreadedProducer<DefaultProducerContext>,
     rate: f64,
+    (input, out): (&'static str, &'static str),
 ) -> (i64, i64) {
-    let (input, out) = ("bench-lat-pt-in", "bench-lat-pt-out");
+    let group = format!("{input}-passthrough");
     let total = (rate * 10.0) as usize;
     let probes = PARTITIONS as usize;
     let b = bootstrap.to_owned();
-    let forward = std::thread::spawn(move || {
-        pass_through(&b, "bench-lat-passthrough", input, out, probes + total)
-    });
+    let forward = std::thread::spawn(move || pass_through(&b, &group, input, out, probes + total));
     // Start the load once every partition is being consumed: one probe per partition,
     // forwarded.
     let b = bootstrap.to_owned();
@@ -592,7 +594,7 @@ fn pass_through_latency(
     p.flush(Duration::from_secs(60)).unwrap();
     let t = Instant::now();
     let mut committed = Committed::default();
-    while committed.sum(bootstrap, "bench-lat-passthrough", input) < probes as i64 {
+    while committed.sum(bootstrap, &format!("{input}-passthrough"), input) < probes as i64 {
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "the pass-through did not forward the probes"
@@ -605,7 +607,7 @@ fn pass_through_latency(
     // The probes' latency includes the group join: leave them out.
     let lat = lat.split_off(probes.min(lat.len()));
     eprintln!(
-        "e2e: pass-through downstream latency over time: {}",
+        "e2e: {input} -> {out}: downstream latency over time: {}",
         over_time(&lat)
     );
     p50_p99(&mut lat.into_iter().map(|(_, l)| l).collect::<Vec<_>>())
@@ -707,6 +709,11 @@ fn restore(bootstrap: &str, dir: &std::path::Path, group: &str) -> (f64, f64) {
     restored
 }
 
+/// Input and output topics of the latency phases' pass-throughs: the untimed warm-up and the
+/// baseline.
+const LAT_WARM_UP: (&str, &str) = ("bench-lat-warm-in", "bench-lat-warm-out");
+const LAT_PASS_THROUGH: (&str, &str) = ("bench-lat-pt-in", "bench-lat-pt-out");
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         eprintln!("e2e: skipped (run it with `cargo bench --bench e2e`)");
@@ -743,8 +750,10 @@ fn main() {
         "bench-in".to_owned(),
         "bench-pt-out".to_owned(),
         "bench-lat-in".to_owned(),
-        "bench-lat-pt-in".to_owned(),
-        "bench-lat-pt-out".to_owned(),
+        LAT_WARM_UP.0.to_owned(),
+        LAT_WARM_UP.1.to_owned(),
+        LAT_PASS_THROUGH.0.to_owned(),
+        LAT_PASS_THROUGH.1.to_owned(),
     ];
     for p in ["bench-alo", "bench-eos", "bench-lat"] {
         topics.extend(OUTPUTS.iter().map(|o| format!("{p}-{o}")));
@@ -865,6 +874,12 @@ fn main() {
         .ok()
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or((sz_rate / 2.0).max(100.0));
+    // Warm-up: the broker's JIT compiles its paths for a live stream (small batches, fetches
+    // waiting at the log end) only once it serves one. Without this, the broker's compiler
+    // took 20-50 % of a core throughout the sessionizer's latency phase, which ran first, and
+    // little during the pass-through's (2026-11-23, eighth session).
+    let (w50, w99) = pass_through_latency(&bootstrap, &p, rate, LAT_WARM_UP);
+    eprintln!("e2e: latency warm-up (a pass-through, not counted): p50 {w50} ms, p99 {w99} ms");
     let lat = Run::start(
         &bootstrap,
         "bench-lat-in",
@@ -933,7 +948,9 @@ fn main() {
         commit_p99 * 1000.0
     );
     lat.stop();
-    let e2e = reader.join().unwrap();
+    let mut e2e = reader.join().unwrap();
+    // The probes' latency includes the group join: leave them out (as the pass-through does).
+    let e2e = e2e.split_off((probes as usize).min(e2e.len()));
     eprintln!("e2e: downstream latency over time: {}", over_time(&e2e));
     let mut e2e: Vec<i64> = e2e.into_iter().map(|(_, l)| l).collect();
     let (e2e_p50, e2e_p99) = p50_p99(&mut e2e);
@@ -943,7 +960,7 @@ fn main() {
         e2e.last().copied().unwrap_or(-1)
     );
     // The baseline: the pass-through at the same rate.
-    let (pt_p50, pt_p99) = pass_through_latency(&bootstrap, &p, rate);
+    let (pt_p50, pt_p99) = pass_through_latency(&bootstrap, &p, rate, LAT_PASS_THROUGH);
     eprintln!("e2e: pass-through downstream latency: p50 {pt_p50} ms, p99 {pt_p99} ms");
     println!("| measure | value |");
     println!("|---|---|");

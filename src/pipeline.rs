@@ -152,6 +152,30 @@ fn wall_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Wall-clock milliseconds derived from a monotonic clock reading, anchored to the system
+/// clock again at every time step: the per-record path reads one clock, not two (clock reads
+/// were 8 % of the consumer thread's samples in a profile of the latency phase, three per
+/// record). Between anchors it is off by at most the system clock's adjustments of one step.
+struct WallClock {
+    at: Instant,
+    wall: i64,
+}
+
+impl WallClock {
+    fn anchored() -> Self {
+        WallClock {
+            at: Instant::now(),
+            wall: wall_ms(),
+        }
+    }
+
+    fn ms(&self, now: Instant) -> i64 {
+        let since = now.saturating_duration_since(self.at).as_millis();
+        self.wall
+            .saturating_add(i64::try_from(since).unwrap_or(i64::MAX))
+    }
+}
+
 /// One task: the engine of one partition number (of every co-partitioned input topic).
 struct Task {
     partition: i32,
@@ -1336,11 +1360,14 @@ pub fn run(
         };
     let mut last_tick = Instant::now();
     let mut last_step = last_tick;
+    let mut clock = WallClock::anchored();
     let mut serve = || -> Result<(), PipelineError> {
         while !shutdown.load(Ordering::Relaxed) {
-            match consumer.poll(Duration::from_millis(20)) {
+            let polled = consumer.poll(Duration::from_millis(20));
+            let now = Instant::now();
+            match polled {
                 Some(Ok(m)) => with_core(&mut |c| {
-                    c.handle(&m, wall_ms())?;
+                    c.handle(&m, clock.ms(now))?;
                     c.settle_pending(&consumer)
                 })?,
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => with_core(&mut |c| {
@@ -1353,8 +1380,8 @@ pub fn run(
             if let Some(f) = failure.lock().ok().and_then(|f| f.clone()) {
                 return Err(PipelineError::Rebalance(f));
             }
-            let commit_due = last_tick.elapsed() >= rt.commit_interval;
-            if commit_due || last_step.elapsed() >= TIME_STEP {
+            let commit_due = now.saturating_duration_since(last_tick) >= rt.commit_interval;
+            if commit_due || now.saturating_duration_since(last_step) >= TIME_STEP {
                 if commit_due {
                     consumer
                         .context()
@@ -1372,6 +1399,7 @@ pub fn run(
                     r
                 })?;
                 last_step = Instant::now();
+                clock = WallClock::anchored();
                 if commit_due {
                     last_tick = last_step;
                 }
@@ -1403,4 +1431,26 @@ pub fn run(
     }
     drop(consumer);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wall_clock_follows_the_monotonic_clock_from_its_anchor() {
+        let c = WallClock {
+            at: Instant::now(),
+            wall: 1_000,
+        };
+        assert_eq!(c.ms(c.at), 1_000);
+        assert_eq!(c.ms(c.at + Duration::from_millis(250)), 1_250);
+        // A reading from before the anchor is the anchor's time.
+        assert_eq!(
+            c.ms(c.at.checked_sub(Duration::from_millis(5)).unwrap_or(c.at)),
+            1_000
+        );
+        let a = WallClock::anchored();
+        assert!((a.ms(Instant::now()) - wall_ms()).abs() < 1_000);
+    }
 }
