@@ -56,6 +56,8 @@ use sessionizer::generate::{Generator, GeneratorConfig};
 use sessionizer::kafka::output::Outputs;
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The allocator of the sessionizer binary (see `src/main.rs`), for the pass-through.
@@ -487,7 +489,13 @@ impl Run {
 /// Reads `topic` from the start until `expected` records have arrived (or 120 s pass) and
 /// returns, for each, the milliseconds from its timestamp to its arrival.
 /// Downstream latency of each record read from `topic`: (arrival time, latency), in ms.
-fn downstream_latencies(bootstrap: &str, topic: &str, expected: usize) -> Vec<(i64, i64)> {
+/// Counts the records read so far in `seen`.
+fn downstream_latencies(
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+    seen: Arc<AtomicUsize>,
+) -> Vec<(i64, i64)> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", format!("bench-lat-reader-{topic}"))
@@ -503,6 +511,7 @@ fn downstream_latencies(bootstrap: &str, topic: &str, expected: usize) -> Vec<(i
             if let Some(ts) = m.timestamp().to_millis() {
                 let now = now_ms();
                 out.push((now, now - ts));
+                seen.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -555,6 +564,19 @@ fn over_time(v: &[(i64, i64)]) -> String {
         .join("; ")
 }
 
+/// Waits until the downstream reader has read `n` records (the probes: it is then assigned
+/// its partitions, so its group join is not billed to the first records of the load).
+fn wait_seen(seen: &AtomicUsize, n: usize) {
+    let t = Instant::now();
+    while seen.load(Ordering::Relaxed) < n {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the downstream reader did not read the probes"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// p50 and p99 of `v` (sorted in place); -1 when empty.
 fn p50_p99(v: &mut [i64]) -> (i64, i64) {
     v.sort_unstable();
@@ -582,7 +604,9 @@ fn pass_through_latency(
     // Start the load once every partition is being consumed: one probe per partition,
     // forwarded.
     let b = bootstrap.to_owned();
-    let reader = std::thread::spawn(move || downstream_latencies(&b, out, probes + total));
+    let seen = Arc::new(AtomicUsize::new(0));
+    let s = seen.clone();
+    let reader = std::thread::spawn(move || downstream_latencies(&b, out, probes + total, s));
     for (part, (k, v)) in events(PARTITIONS as u64, now_ms(), 3).iter().enumerate() {
         let v = retime(v, now_ms());
         let rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(input)
@@ -601,6 +625,7 @@ fn pass_through_latency(
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    wait_seen(&seen, probes);
     paced_load(p, input, &events(total as u64, now_ms(), 2), rate);
     forward.join().unwrap();
     let mut lat = reader.join().unwrap();
@@ -889,8 +914,17 @@ fn main() {
         "at-least-once",
         None,
     );
+    // A downstream reader of the annotated topic: event time (= send time) to the annotated
+    // record arriving, the whole way through both producers' batching and the broker.
+    let total = (rate * 10.0) as usize;
+    let seen = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let (b, s) = (bootstrap.clone(), seen.clone());
+        let expected = total + PARTITIONS as usize;
+        std::thread::spawn(move || downstream_latencies(&b, "bench-lat-annotated", expected, s))
+    };
     // Start the load once every partition is being consumed: one probe event per partition,
-    // seen by the sessionizer.
+    // seen by the sessionizer and by the downstream reader.
     for (part, (k, v)) in events(PARTITIONS as u64, now_ms(), 3).iter().enumerate() {
         let v = retime(v, now_ms());
         let rec: BaseRecord<'_, str, [u8]> = BaseRecord::to("bench-lat-in")
@@ -909,15 +943,8 @@ fn main() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let total = (rate * 10.0) as usize;
     let evs = events(total as u64, now_ms(), 2);
-    // A downstream reader of the annotated topic: event time (= send time) to the annotated
-    // record arriving, the whole way through both producers' batching and the broker.
-    let reader = {
-        let b = bootstrap.clone();
-        let expected = total + PARTITIONS as usize;
-        std::thread::spawn(move || downstream_latencies(&b, "bench-lat-annotated", expected))
-    };
+    wait_seen(&seen, PARTITIONS as usize);
     // A live stream: the event time is the send time.
     paced_load(&p, "bench-lat-in", &evs, rate);
     let t = Instant::now();

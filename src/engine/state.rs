@@ -79,7 +79,8 @@ pub struct KeyState {
     pub created: u64,
     /// Number of events ever accepted for the key (the arrival tie-break).
     pub arrivals: u64,
-    /// Open events, sorted by `EvKey`.
+    /// Open events, sorted by `EvKey` (serialized in a compact form, see `compact`).
+    #[serde(with = "super::compact")]
     pub events: Vec<OpenEvent>,
     /// Open sessions, in event order.
     pub sessions: Vec<OpenSession>,
