@@ -378,6 +378,17 @@ impl RocksStore {
         self.keys.len()
     }
 
+    /// Flushes every column family's memtable and compacts it fully: what is left on disk is
+    /// one version of each live record (for size measurements; not used in service).
+    pub fn flush_and_compact(&self) -> Result<(), StoreError> {
+        for name in COLUMN_FAMILIES {
+            let h = cf(&self.db, name)?;
+            self.db.flush_cf(h).map_err(backend)?;
+            self.db.compact_range_cf(h, None::<&[u8]>, None::<&[u8]>);
+        }
+        Ok(())
+    }
+
     /// Approximate size of the database: SST files plus memtables, over all column families.
     pub fn approx_size_bytes(&self) -> u64 {
         COLUMN_FAMILIES
