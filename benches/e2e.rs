@@ -156,7 +156,7 @@ fn pass_through(bootstrap: &str, group: &str, topic: &str, out: &str, n: usize) 
     let rt = runtime_settings(bootstrap, group);
     let mut first = None;
     let consumer: BaseConsumer = sessionizer::kafka::consumer_config(&rt).create().unwrap();
-    let mut outputs = Outputs::new(&sessionizer::kafka::output_producer_config(&rt)).unwrap();
+    let mut outputs = Outputs::new(&sessionizer::kafka::idempotent_producer_config(&rt)).unwrap();
     consumer.subscribe(&[topic]).unwrap();
     let mut seen = 0usize;
     let mut last = Instant::now();
@@ -487,9 +487,8 @@ impl Run {
 }
 
 /// Reads `topic` from the start until `expected` records have arrived (or 120 s pass) and
-/// returns, for each, the milliseconds from its timestamp to its arrival.
-/// Downstream latency of each record read from `topic`: (arrival time, latency), in ms.
-/// Counts the records read so far in `seen`.
+/// returns, for each, its arrival time and the milliseconds from its timestamp to its
+/// arrival. Counts the records read so far in `seen`.
 fn downstream_latencies(
     bootstrap: &str,
     topic: &str,
@@ -824,8 +823,8 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
     assert!(
-        rounds > 0 || std::env::var("E2E_LATENCY_RATE").is_ok(),
-        "E2E_ROUNDS=0 (latency only) needs E2E_LATENCY_RATE"
+        rounds > 0 || std::env::var("E2E_LATENCY_RATE").is_ok_and(|r| r.parse::<f64>().is_ok()),
+        "E2E_ROUNDS=0 (latency only) needs E2E_LATENCY_RATE (events/s)"
     );
     let ticks = clock_ticks();
     let brokers = broker_pids(ours.then_some(kdir.as_path()));

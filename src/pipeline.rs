@@ -13,9 +13,9 @@
 //! * **exactly-once**: the outputs of an interval are buffered (see [`Sink`]) and go in its
 //!   transaction, with its changelog records and input offsets, so read_committed readers see
 //!   all of them or none;
-//! * **at-least-once**: outputs go out at once (see [`kafka::output_producer_config`]); a
-//!   staged commit is handed over only once every output sent up to it is acknowledged, so
-//!   the changelog never holds a commit whose outputs could still be lost. After a crash the tasks resume from
+//! * **at-least-once**: outputs go out at once on an idempotent producer; a staged commit is
+//!   handed over only once every output sent up to it is acknowledged, so the changelog never
+//!   holds a commit whose outputs could still be lost. After a crash the tasks resume from
 //!   their last written commit and produce the outputs since then again, identically, because
 //!   the engine is deterministic.
 //!
@@ -155,7 +155,8 @@ fn wall_ms() -> i64 {
 /// Wall-clock milliseconds derived from a monotonic clock reading, anchored to the system
 /// clock again at every time step: the per-record path reads one clock, not two (clock reads
 /// were 8 % of the consumer thread's samples in a profile of the latency phase, three per
-/// record). Between anchors it is off by at most the system clock's adjustments of one step.
+/// record). Between anchors it is off by at most the system clock's adjustments since the
+/// last anchor (usually one time step; longer when a rebalance holds the loop in `poll`).
 struct WallClock {
     at: Instant,
     wall: i64,
@@ -1300,7 +1301,7 @@ pub fn run(
         Guarantee::AtLeastOnce => Sink::direct(
             &rt,
             metrics.clone(),
-            Outputs::new(&kafka::output_producer_config(&rt))?,
+            Outputs::new(&kafka::idempotent_producer_config(&rt))?,
         ),
         Guarantee::ExactlyOnce => Sink::buffered(&rt, metrics.clone()),
     };

@@ -83,6 +83,9 @@ impl Reader<'_> {
         for shift in (0..64).step_by(7) {
             let (&b, rest) = self.bytes.split_first().ok_or(Malformed("truncated"))?;
             self.bytes = rest;
+            if shift == 63 && b > 1 {
+                return Err(Malformed("varint longer than 64 bits"));
+            }
             v |= u64::from(b & 0x7f) << shift;
             if b & 0x80 == 0 {
                 return Ok(v);
@@ -153,7 +156,7 @@ impl<'de> Visitor<'de> for EventsVisitor {
 
     /// Self-describing formats without byte strings (JSON) write them as a sequence.
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
         while let Some(b) = seq.next_element::<u8>()? {
             bytes.push(b);
         }
@@ -231,6 +234,16 @@ mod tests {
             decode(&[0xff; 11]),
             Err(Malformed("varint longer than 64 bits"))
         );
+        // A tenth byte may only hold the 64th bit.
+        let mut overlong = vec![0xffu8; 9];
+        overlong.push(0x02);
+        assert_eq!(
+            Reader { bytes: &overlong }.varint(),
+            Err(Malformed("varint longer than 64 bits"))
+        );
+        let mut max = vec![0xffu8; 9];
+        max.push(0x01);
+        assert_eq!(Reader { bytes: &max }.varint(), Ok(u64::MAX));
         // Rank out of range.
         assert_eq!(
             decode(&[1, 0, 0x80, 0x04, 0, 0, 0]),

@@ -19,6 +19,12 @@ pub enum StoreError {
     Backend(String),
     #[error("corrupt state record in {table}: {detail}")]
     Corrupt { table: &'static str, detail: String },
+    #[error(
+        "the state was written in format {found} and this build reads format {expected}: stop \
+         every instance, delete their state directories and the changelog topic, and start \
+         again (README, Status)"
+    )]
+    Format { found: u32, expected: u32 },
 }
 
 /// The two timer indexes.

@@ -108,40 +108,24 @@ pub fn transactional_producer_config(rt: &RuntimeSettings) -> ClientConfig {
 }
 
 /// An idempotent producer configuration ([`producer_defaults`] plus idempotence): a retry
-/// never writes a record twice. For records that must be written exactly once outside a
-/// transaction (`sessionizer generate --topic`).
+/// neither writes a record twice nor reorders a partition. The at-least-once outputs (and the
+/// benchmark's pass-through), `sessionizer generate --topic`, and the base of the
+/// transactional one.
+///
+/// Its cost: librdkafka's idempotent producer keeps one produce request in flight per
+/// partition (it counts the messages in flight against its limit of five requests, see
+/// librdkafka pull request 4989), and while a partition with a batch ready waits for that
+/// request's acknowledgement, its broker thread polls without sleeping. When the brokers
+/// answer more slowly than the linger, that thread takes CPU the brokers need
+/// (BENCHMARKS.md, eighth session). A producer that is not idempotent does not spin, but
+/// librdkafka can then reorder a partition's records when it retries a request (its
+/// documentation of `retries` says so; `max.in.flight.requests.per.connection=1` does not
+/// prevent it, a later request may already be built), which would let the compacted stats
+/// topic keep an older value as the latest: the outputs stay idempotent.
 pub fn idempotent_producer_config(rt: &RuntimeSettings) -> ClientConfig {
     let mut c = producer_defaults(rt);
     if !rt.properties.contains_key("enable.idempotence") {
         c.set("enable.idempotence", "true");
-    }
-    c
-}
-
-/// The at-least-once output producer ([`producer_defaults`], not idempotent, one request in
-/// flight per broker connection). The benchmark's pass-through uses it too.
-///
-/// Why not idempotent: librdkafka's idempotent producer keeps at most one produce request in
-/// flight per partition (it counts the messages in flight against the limit of five requests,
-/// see librdkafka pull request 4989), and while a partition with a batch ready waits for that
-/// request's acknowledgement, its broker thread polls without sleeping. When the brokers
-/// answer more slowly than the linger, the output producer's broker thread burnt a core
-/// that the brokers needed, slowing their answers further (BENCHMARKS.md, eighth session).
-///
-/// What at-least-once keeps: one request in flight per connection keeps each partition's
-/// records in order across retries (a failed request is retried before the next one is
-/// sent), so a user's records, and the compacted stats topic's latest value, stay in order.
-/// A retry after a lost acknowledgement can write a record twice; at-least-once already
-/// allows repeats, and a repeat is the identical record.
-pub fn output_producer_config(rt: &RuntimeSettings) -> ClientConfig {
-    let mut c = producer_defaults(rt);
-    for (k, v) in [
-        ("enable.idempotence", "false"),
-        ("max.in.flight.requests.per.connection", "1"),
-    ] {
-        if !rt.properties.contains_key(k) {
-            c.set(k, v);
-        }
     }
     c
 }
@@ -322,18 +306,16 @@ mod tests {
     }
 
     #[test]
-    fn output_producer_keeps_order_without_idempotence() {
-        let c = output_producer_config(&settings(&[]));
-        assert_eq!(c.get("enable.idempotence"), Some("false"));
-        assert_eq!(c.get("max.in.flight.requests.per.connection"), Some("1"));
+    fn kafka_properties_override_the_producer_defaults() {
+        let c = idempotent_producer_config(&settings(&[("linger.ms", "20")]));
+        assert_eq!(c.get("linger.ms"), Some("20"));
         assert_eq!(c.get("acks"), Some("all"));
-        // kafka.properties win.
-        let c = output_producer_config(&settings(&[("enable.idempotence", "true")]));
-        assert_eq!(c.get("enable.idempotence"), Some("true"));
+        let c = idempotent_producer_config(&settings(&[("enable.idempotence", "false")]));
+        assert_eq!(c.get("enable.idempotence"), Some("false"));
     }
 
     #[test]
-    fn transactional_and_generator_producers_are_idempotent() {
+    fn every_producer_is_idempotent() {
         let rt = settings(&[]);
         for c in [
             idempotent_producer_config(&rt),

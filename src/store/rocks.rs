@@ -3,7 +3,8 @@
 //! Column families: `keys` (scope key -> `KeyState`), `stats` (user -> `UserStats`),
 //! `deadline_timers` / `quiet_timers` (encoded `(at, key)` -> empty), `payloads` (encoded
 //! `(key, tie)` -> bytes) and `meta` (`b"meta"` -> `PartitionMeta`, encoded `(topic,
-//! partition)` -> next offset). Layouts are in [`super::encoding`]; values are `postcard`.
+//! partition)` -> next offset, `b"state-format"` -> [`STATE_FORMAT`], checked on open and
+//! after a restore). Layouts are in [`super::encoding`]; values are `postcard`.
 //!
 //! **Durability invariant.** Nothing reaches the database except in [`StateStore::commit`],
 //! which writes every change since the previous commit *together with* the meta and the input
@@ -71,6 +72,13 @@ const COLUMN_FAMILIES: [&str; 6] = [
 pub(crate) const META_KEY: &[u8] = b"meta";
 /// Meta key of the local checkpoint: the next changelog offset this database reflects.
 const CHECKPOINT_KEY: &[u8] = b"changelog-checkpoint";
+/// Meta key of the state format, written with every commit (so every committed state, and
+/// every changelog, has it), checked on open and after a restore.
+const FORMAT_KEY: &[u8] = b"state-format";
+/// The encoding of the records: 1, key states with their open events field by field (before
+/// 2026-11-23, commit 7c2b21f; those databases have no format key); 2, open events in the
+/// compact form of `engine::compact`.
+pub const STATE_FORMAT: u32 = 2;
 const BLOCK_CACHE_BYTES: usize = 32 << 20;
 
 /// Tuning of a [`RocksStore`].
@@ -86,6 +94,25 @@ impl Default for RocksOptions {
         Self {
             cache_keys: 100_000,
         }
+    }
+}
+
+/// Fails unless the database is empty or holds state of [`STATE_FORMAT`]: committed state
+/// without a format key is format 1.
+fn check_format(db: &DB) -> Result<(), StoreError> {
+    let meta = cf(db, CF_META)?;
+    let found = match db.get_pinned_cf(meta, FORMAT_KEY).map_err(backend)? {
+        Some(v) => decode_value::<u32>(CF_META, &v)?,
+        None if db.get_pinned_cf(meta, META_KEY).map_err(backend)?.is_some() => 1,
+        None => return Ok(()),
+    };
+    if found == STATE_FORMAT {
+        Ok(())
+    } else {
+        Err(StoreError::Format {
+            found,
+            expected: STATE_FORMAT,
+        })
     }
 }
 
@@ -242,6 +269,7 @@ impl RocksStore {
             .into_iter()
             .map(|name| ColumnFamilyDescriptor::new(name, cf_opts.clone()));
         let db = DB::open_cf_descriptors(&db_opts, path, descriptors).map_err(backend)?;
+        check_format(&db)?;
         let deadline = TimerIndex::load(&db, CF_DEADLINE)?;
         let quiet = TimerIndex::load(&db, CF_QUIET)?;
         Ok(Self {
@@ -351,6 +379,7 @@ impl RocksStore {
                 .flush_cfs_opt(&handles, &FlushOptions::default())
                 .map_err(backend)?;
         }
+        check_format(&self.db)?;
         self.deadline = TimerIndex::load(&self.db, CF_DEADLINE)?;
         self.quiet = TimerIndex::load(&self.db, CF_QUIET)?;
         self.keys.clear();
@@ -495,6 +524,12 @@ impl RocksStore {
                 encode_value(CF_META, &o.next_offset)?,
             );
         }
+        w.put(
+            meta_cf,
+            CF_META,
+            FORMAT_KEY,
+            encode_value(CF_META, &STATE_FORMAT)?,
+        );
         w.put(meta_cf, CF_META, META_KEY, encode_value(CF_META, meta)?);
         Ok(w)
     }
@@ -761,7 +796,7 @@ impl StateStore for RocksStore {
             .iterator_cf(cf(&self.db, CF_META)?, IteratorMode::Start)
         {
             let (k, v) = item.map_err(backend)?;
-            if &*k == META_KEY || &*k == CHECKPOINT_KEY {
+            if &*k == META_KEY || &*k == CHECKPOINT_KEY || &*k == FORMAT_KEY {
                 continue;
             }
             let (topic, partition) = decode_offset_key(CF_META, &k)?;
@@ -795,5 +830,88 @@ impl StateStore for RocksStore {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offset(next_offset: i64) -> SourceOffset {
+        SourceOffset {
+            topic: "in".into(),
+            partition: 0,
+            next_offset,
+        }
+    }
+
+    fn format_error(r: Result<RocksStore, StoreError>) -> Option<u32> {
+        match r {
+            Err(StoreError::Format { found, expected }) => {
+                assert_eq!(expected, STATE_FORMAT);
+                Some(found)
+            }
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn committed_state_carries_its_format() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = RocksStore::open(dir.path(), RocksOptions::default()).expect("open");
+        s.commit(&PartitionMeta::default(), &[offset(7)])
+            .expect("commit");
+        drop(s);
+        let mut s = RocksStore::open(dir.path(), RocksOptions::default()).expect("reopen");
+        // The format key is not an input offset.
+        assert_eq!(s.committed_offsets().expect("offsets"), vec![offset(7)]);
+        let meta = cf(&s.db, CF_META).expect("meta");
+        let v =
+            s.db.get_cf(meta, FORMAT_KEY)
+                .expect("get")
+                .expect("format key");
+        assert_eq!(decode_value::<u32>(CF_META, &v).ok(), Some(STATE_FORMAT));
+    }
+
+    #[test]
+    fn state_of_another_format_is_refused() {
+        // Committed state without a format key: written before formats were recorded (1).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = RocksStore::open(dir.path(), RocksOptions::default()).expect("open");
+        let meta = cf(&s.db, CF_META).expect("meta");
+        let m = encode_value(CF_META, &PartitionMeta::default()).expect("encode");
+        s.db.put_cf(meta, META_KEY, m).expect("put");
+        drop(s);
+        assert_eq!(
+            format_error(RocksStore::open(dir.path(), RocksOptions::default())),
+            Some(1)
+        );
+        // A newer format.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = RocksStore::open(dir.path(), RocksOptions::default()).expect("open");
+        let meta = cf(&s.db, CF_META).expect("meta");
+        let v = encode_value(CF_META, &(STATE_FORMAT + 1)).expect("encode");
+        s.db.put_cf(meta, FORMAT_KEY, v).expect("put");
+        drop(s);
+        assert_eq!(
+            format_error(RocksStore::open(dir.path(), RocksOptions::default())),
+            Some(STATE_FORMAT + 1)
+        );
+    }
+
+    #[test]
+    fn a_changelog_of_another_format_is_refused_after_restore() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = RocksStore::open(dir.path(), RocksOptions::default()).expect("open");
+        let m = encode_value(CF_META, &PartitionMeta::default()).expect("encode");
+        let old = [Change {
+            key: change_key(CF_META, META_KEY),
+            value: Some(m),
+        }];
+        s.apply_changes(&old, 1).expect("apply");
+        assert!(matches!(
+            s.finish_restore(),
+            Err(StoreError::Format { found: 1, .. })
+        ));
     }
 }
