@@ -563,6 +563,31 @@ fn over_time(v: &[(i64, i64)]) -> String {
         .join("; ")
 }
 
+/// Sends one probe event to each partition of `topic`, timed now, and waits for their
+/// acknowledgements: a latency phase starts its load once the probes have gone through.
+fn send_probes(p: &ThreadedProducer<DefaultProducerContext>, topic: &str) {
+    for (part, (k, v)) in events(PARTITIONS as u64, now_ms(), 3).iter().enumerate() {
+        let v = retime(v, now_ms());
+        let rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic)
+            .partition(part as i32)
+            .key(k.as_str())
+            .payload(v.as_slice());
+        p.send(rec).map_err(|(e, _)| e).unwrap();
+    }
+    p.flush(Duration::from_secs(60)).unwrap();
+}
+
+/// The downstream latencies a reader collected, without the probes' (their latency includes
+/// the group join), after printing them per second under `label`.
+fn without_probes(mut read: Vec<(i64, i64)>, label: &str) -> Vec<i64> {
+    let load = read.split_off((PARTITIONS as usize).min(read.len()));
+    eprintln!(
+        "e2e: {label}: downstream latency over time: {}",
+        over_time(&load)
+    );
+    load.into_iter().map(|(_, l)| l).collect()
+}
+
 /// Waits until the downstream reader has read `n` records (the probes: it is then assigned
 /// its partitions, so its group join is not billed to the first records of the load).
 fn wait_seen(seen: &AtomicUsize, n: usize) {
@@ -598,26 +623,18 @@ fn pass_through_latency(
     let group = format!("{input}-passthrough");
     let total = (rate * 10.0) as usize;
     let probes = PARTITIONS as usize;
-    let b = bootstrap.to_owned();
-    let forward = std::thread::spawn(move || pass_through(&b, &group, input, out, probes + total));
+    let (b, g) = (bootstrap.to_owned(), group.clone());
+    let forward = std::thread::spawn(move || pass_through(&b, &g, input, out, probes + total));
     // Start the load once every partition is being consumed: one probe per partition,
     // forwarded.
     let b = bootstrap.to_owned();
     let seen = Arc::new(AtomicUsize::new(0));
     let s = seen.clone();
     let reader = std::thread::spawn(move || downstream_latencies(&b, out, probes + total, s));
-    for (part, (k, v)) in events(PARTITIONS as u64, now_ms(), 3).iter().enumerate() {
-        let v = retime(v, now_ms());
-        let rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(input)
-            .partition(part as i32)
-            .key(k.as_str())
-            .payload(v.as_slice());
-        p.send(rec).map_err(|(e, _)| e).unwrap();
-    }
-    p.flush(Duration::from_secs(60)).unwrap();
+    send_probes(p, input);
     let t = Instant::now();
     let mut committed = Committed::default();
-    while committed.sum(bootstrap, &format!("{input}-passthrough"), input) < probes as i64 {
+    while committed.sum(bootstrap, &group, input) < probes as i64 {
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "the pass-through did not forward the probes"
@@ -627,14 +644,8 @@ fn pass_through_latency(
     wait_seen(&seen, probes);
     paced_load(p, input, &events(total as u64, now_ms(), 2), rate);
     forward.join().unwrap();
-    let mut lat = reader.join().unwrap();
-    // The probes' latency includes the group join: leave them out.
-    let lat = lat.split_off(probes.min(lat.len()));
-    eprintln!(
-        "e2e: {input} -> {out}: downstream latency over time: {}",
-        over_time(&lat)
-    );
-    p50_p99(&mut lat.into_iter().map(|(_, l)| l).collect::<Vec<_>>())
+    let mut lat = without_probes(reader.join().unwrap(), &format!("{input} -> {out}"));
+    p50_p99(&mut lat)
 }
 
 /// The upper bound of the histogram bucket holding quantile `q`.
@@ -686,7 +697,8 @@ fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
 }
 
 /// The exactly-once group started again without its state: every partition restores from
-/// the changelog. Returns the records applied per second of restore (from its log lines).
+/// the changelog. Returns the records applied and the seconds the restores took, summed over
+/// the partitions (from its "state restored" log lines).
 fn restore(bootstrap: &str, dir: &std::path::Path, group: &str) -> (f64, f64) {
     let log = dir.join("restore.log");
     let restore = Run::start(
@@ -924,15 +936,7 @@ fn main() {
     };
     // Start the load once every partition is being consumed: one probe event per partition,
     // seen by the sessionizer and by the downstream reader.
-    for (part, (k, v)) in events(PARTITIONS as u64, now_ms(), 3).iter().enumerate() {
-        let v = retime(v, now_ms());
-        let rec: BaseRecord<'_, str, [u8]> = BaseRecord::to("bench-lat-in")
-            .partition(part as i32)
-            .key(k.as_str())
-            .payload(v.as_slice());
-        p.send(rec).map_err(|(e, _)| e).unwrap();
-    }
-    p.flush(Duration::from_secs(60)).unwrap();
+    send_probes(&p, "bench-lat-in");
     let probes = PARTITIONS as f64;
     let t = Instant::now();
     while lat.events_in() < probes {
@@ -974,11 +978,7 @@ fn main() {
         commit_p99 * 1000.0
     );
     lat.stop();
-    let mut e2e = reader.join().unwrap();
-    // The probes' latency includes the group join: leave them out (as the pass-through does).
-    let e2e = e2e.split_off((probes as usize).min(e2e.len()));
-    eprintln!("e2e: downstream latency over time: {}", over_time(&e2e));
-    let mut e2e: Vec<i64> = e2e.into_iter().map(|(_, l)| l).collect();
+    let mut e2e = without_probes(reader.join().unwrap(), "sessionizer");
     let (e2e_p50, e2e_p99) = p50_p99(&mut e2e);
     eprintln!(
         "e2e: downstream latency over {} records: p50 {e2e_p50} ms, p99 {e2e_p99} ms, max {} ms",

@@ -163,9 +163,10 @@ struct WallClock {
 }
 
 impl WallClock {
-    fn anchored() -> Self {
+    /// Anchored at `at`, a reading taken just now.
+    fn anchored_at(at: Instant) -> Self {
         WallClock {
-            at: Instant::now(),
+            at,
             wall: wall_ms(),
         }
     }
@@ -1361,7 +1362,7 @@ pub fn run(
         };
     let mut last_tick = Instant::now();
     let mut last_step = last_tick;
-    let mut clock = WallClock::anchored();
+    let mut clock = WallClock::anchored_at(last_tick);
     let mut serve = || -> Result<(), PipelineError> {
         while !shutdown.load(Ordering::Relaxed) {
             let polled = consumer.poll(Duration::from_millis(20));
@@ -1400,7 +1401,7 @@ pub fn run(
                     r
                 })?;
                 last_step = Instant::now();
-                clock = WallClock::anchored();
+                clock = WallClock::anchored_at(last_step);
                 if commit_due {
                     last_tick = last_step;
                 }
@@ -1451,7 +1452,7 @@ mod tests {
             c.ms(c.at.checked_sub(Duration::from_millis(5)).unwrap_or(c.at)),
             1_000
         );
-        let a = WallClock::anchored();
+        let a = WallClock::anchored_at(Instant::now());
         assert!((a.ms(Instant::now()) - wall_ms()).abs() < 1_000);
     }
 }

@@ -1,4 +1,4 @@
-//! The output side: a producer with delivery tracking. Exactly-once uses one,
+//! The output side: an idempotent producer with delivery tracking. Exactly-once uses one,
 //! transactional, for every output topic and the changelog; at-least-once uses a plain one for
 //! the outputs and a transactional one for the changelog (see [`super::committer`]).
 //!
