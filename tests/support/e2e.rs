@@ -457,6 +457,28 @@ pub fn semantics(idle_after: &'static str) -> Vec<&'static str> {
     ]
 }
 
+/// The late records by reason and source partition, with their first source offset and the
+/// watermarks they met: " [too_late p3: 2318 from offset 83, watermark 1717..1718]".
+fn late_summary(late: &[Rec]) -> String {
+    let mut by: BTreeMap<(String, String), (usize, i64, i64, i64)> = BTreeMap::new();
+    for r in late {
+        let h = |k: &str| r.headers.get(k).cloned().unwrap_or_default();
+        let num = |k: &str| h(k).parse::<i64>().unwrap_or(-1);
+        let e = by
+            .entry((h("sessionizer.reason"), h("sessionizer.source.partition")))
+            .or_insert((0, i64::MAX, i64::MAX, i64::MIN));
+        e.0 += 1;
+        e.1 = e.1.min(num("sessionizer.source.offset"));
+        e.2 = e.2.min(num("sessionizer.watermark"));
+        e.3 = e.3.max(num("sessionizer.watermark"));
+    }
+    by.iter()
+        .map(|((reason, p), (n, offset, w0, w1))| {
+            format!(" [{reason} p{p}: {n} from offset {offset}, watermark {w0}..{w1}]")
+        })
+        .collect()
+}
+
 /// Reads the annotated topic until `count` distinct inputs are annotated and returns what was
 /// read; panics at the deadline with broker diagnostics and the logs of `procs`.
 pub fn wait_annotated(broker: &Broker, t: &Topics, count: usize, procs: &[&Proc]) -> Vec<Rec> {
@@ -465,12 +487,14 @@ pub fn wait_annotated(broker: &Broker, t: &Topics, count: usize, procs: &[&Proc]
             annotated_by_n(r).len() >= count
         })
         .unwrap_or_else(|r| {
+            let late = broker.read_all(&t.late);
             panic!(
-                "{} of {count} inputs annotated ({} annotated records; {} late, {} dead \
+                "{} of {count} inputs annotated ({} annotated records; {} late{}, {} dead \
                  letters); brokers:\n{}\nprocesses:\n{}",
                 annotated_by_n(&r).len(),
                 r.len(),
-                broker.read_all(&t.late).len(),
+                late.len(),
+                late_summary(&late),
                 broker.read_all(&t.dlq).len(),
                 broker.diagnose(&t.annotated),
                 report(procs)
