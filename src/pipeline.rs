@@ -186,6 +186,8 @@ struct Task {
     next: Vec<Option<i64>>,
     /// Reached the end of the partition and nothing arrived since.
     caught_up: bool,
+    /// Reached the end of the partition at least once since the task opened (logged once).
+    reached_end: bool,
     reported: Counters,
 }
 
@@ -351,6 +353,7 @@ impl Core {
                 engine,
                 next,
                 caught_up: false,
+                reached_end: false,
                 reported: Counters::default(),
             },
         );
@@ -542,6 +545,9 @@ impl Core {
     fn caught_up(&mut self, partition: i32) {
         if let Some(t) = self.tasks.get_mut(&partition) {
             t.caught_up = true;
+            if !std::mem::replace(&mut t.reached_end, true) {
+                tracing::info!(partition, next = ?t.next, "caught up: reached the end of the partition");
+            }
         }
     }
 

@@ -434,6 +434,26 @@ fn an_idle_caught_up_partition_concludes_by_wall_clock_and_a_lagging_one_does_no
 }
 
 #[test]
+fn a_partition_empty_when_caught_up_does_not_make_old_events_late() {
+    // A task opened on an empty partition is caught up at once; a backfill of events days
+    // old arriving later must meet no wall-clock watermark.
+    let mut e = engine(|c| c.idle_after = 10_000);
+    let mut out = Vec::new();
+    let now = BASE + 5 * 24 * 60 * MIN;
+    e.advance(now, true, &mut out).unwrap();
+    e.advance(now + 60 * MIN, true, &mut out).unwrap();
+    assert_eq!(e.watermark(), i64::MIN, "nothing seen, nothing to conclude");
+    let d = e
+        .process(
+            &ev("u", BASE, EventClass::Engagement),
+            now + 60 * MIN,
+            &mut out,
+        )
+        .unwrap();
+    assert!(matches!(d, Disposition::Annotated(_)), "{d:?}");
+}
+
+#[test]
 fn late_reasons_are_reported() {
     let mut e = engine(|c| c.lateness_horizon = 120 * MIN);
     let mut out = Vec::new();

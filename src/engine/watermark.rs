@@ -3,8 +3,11 @@
 //! Each input source (topic partition) of the task tracks the largest event time it has seen
 //! and when (wall clock) it last delivered an event. The watermark is the minimum over the
 //! sources that are not idle of (max event time - allowed lateness); it never goes back. When
-//! the task is caught up and every source has been idle for `idle_after`, the watermark moves
-//! up to `now - allowed lateness`, so a quiet partition still concludes its sessions.
+//! the task is caught up, some source has delivered an event, and every source has been idle
+//! for `idle_after`, the watermark moves up to `now - allowed lateness`, so a quiet partition
+//! still concludes its sessions. A task that has seen no event has nothing to conclude and
+//! never follows the wall clock: the first events of a partition that was empty when the task
+//! opened (a backfill of old data, say) must not meet a watermark of "now".
 
 use super::types::Millis;
 use serde::{Deserialize, Serialize};
@@ -80,14 +83,19 @@ impl Watermark {
     }
 
     /// Moves the watermark on with wall-clock time: idle sources stop holding it back, and a
-    /// caught-up task whose sources are all idle advances it to `now - allowed lateness`.
+    /// caught-up task whose sources are all idle, one of which has delivered an event,
+    /// advances it to `now - allowed lateness`.
     pub fn advance(&mut self, now: Millis, caught_up: bool, p: &WatermarkParams) {
         self.recompute(now, p);
+        // Not `all` alone: it holds for no sources at all, and a task that has seen nothing
+        // would jump to the wall clock on its first end-of-partition, making every later
+        // event of an older input late.
+        let delivered = self.sources.iter().any(|s| s.max_time != Millis::MIN);
         let all_idle = self
             .sources
             .iter()
             .all(|s| now.saturating_sub(s.last_arrival) >= p.idle_after);
-        if caught_up && all_idle {
+        if caught_up && delivered && all_idle {
             self.raise(now.saturating_sub(p.allowed_lateness));
         }
     }
@@ -198,5 +206,33 @@ mod tests {
         );
         w.advance(50_000, true, &P);
         assert_eq!(w.get(), 49_900);
+    }
+
+    #[test]
+    fn a_task_that_has_seen_nothing_never_follows_the_wall_clock() {
+        let mut w = Watermark::default();
+        w.advance(50_000, true, &P);
+        assert_eq!(w.get(), Millis::MIN, "no source: nothing to conclude");
+        w.expect_source(0, 0);
+        w.expect_source(1, 0);
+        w.advance(50_000, true, &P);
+        assert_eq!(
+            w.get(),
+            Millis::MIN,
+            "expected sources that never delivered"
+        );
+        // The first event, however old, meets no watermark and moves it itself.
+        w.observe(0, 5_000, 50_001, &P);
+        assert_eq!(
+            w.get(),
+            4_900,
+            "source 1, silent for long, is idle: source 0 decides"
+        );
+        w.advance(60_000, true, &P);
+        assert_eq!(
+            w.get(),
+            59_900,
+            "both idle, one has delivered: the wall clock"
+        );
     }
 }

@@ -458,7 +458,7 @@ pub fn semantics(idle_after: &'static str) -> Vec<&'static str> {
 }
 
 /// The late records by reason and source partition, with their first source offset and the
-/// watermarks they met: " [too_late p3: 2318 from offset 83, watermark 1717..1718]".
+/// watermarks they met: " [beyond_horizon p0: 1174 from offset 0, watermark 1795477697455..1795477697455]".
 fn late_summary(late: &[Rec]) -> String {
     let mut by: BTreeMap<(String, String), (usize, i64, i64, i64)> = BTreeMap::new();
     for r in late {
