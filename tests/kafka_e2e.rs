@@ -730,7 +730,9 @@ fn backfill_after_an_empty_start(broker: &Broker) {
     });
     // Time moves on in every task at each tick: two more ticks, and the caught-up empty task
     // has been advanced at least once.
+    wait_metrics(port, |m| m.contains("sessionizer_tick_seconds_count"));
     let ticks = metric(&scrape(port), "sessionizer_tick_seconds_count");
+    assert!(ticks > 0.0, "a tick ran before");
     wait_metrics(port, |m| {
         metric(m, "sessionizer_tick_seconds_count") >= ticks + 2.0
     });

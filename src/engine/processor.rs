@@ -78,7 +78,8 @@ pub struct Engine<S: StateStore> {
 impl<S: StateStore> Engine<S> {
     /// Opens an engine on `store`, resuming from its last commit if there is one.
     pub fn open(cfg: EngineConfig, mut store: S) -> Result<Self, StoreError> {
-        let meta = store.load_meta()?.unwrap_or_default();
+        let mut meta = store.load_meta()?.unwrap_or_default();
+        meta.watermark = std::mem::take(&mut meta.watermark).restored();
         Ok(Engine {
             wm: cfg.watermark_params(),
             bounds: cfg.boundaries(),

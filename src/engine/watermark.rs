@@ -100,6 +100,16 @@ impl Watermark {
         }
     }
 
+    /// For a watermark read back from stored state: one that no delivered event stands for
+    /// is dropped. Builds before the rule above could raise an empty task's watermark to the
+    /// wall clock; with no event seen, no session or timer depends on it.
+    pub fn restored(mut self) -> Self {
+        if !self.sources.iter().any(|s| s.max_time != Millis::MIN) {
+            self.current = None;
+        }
+        self
+    }
+
     fn recompute(&mut self, now: Millis, p: &WatermarkParams) {
         let active = self
             .sources
@@ -234,5 +244,17 @@ mod tests {
             59_900,
             "both idle, one has delivered: the wall clock"
         );
+    }
+
+    #[test]
+    fn a_stored_watermark_without_a_delivered_event_is_dropped() {
+        let stale = Watermark {
+            sources: vec![],
+            current: Some(1_795_000_000_000),
+        };
+        assert_eq!(stale.restored().get(), Millis::MIN);
+        let mut w = Watermark::default();
+        w.observe(0, 5_000, 0, &P);
+        assert_eq!(w.clone().restored(), w, "a founded one is kept");
     }
 }
