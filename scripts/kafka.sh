@@ -5,7 +5,7 @@
 # Every listener is bound to 127.0.0.1. See scripts/kafka/README.md for details.
 #
 #   scripts/kafka.sh fetch
-#   scripts/kafka.sh start [--nodes 1|3] [--dir DIR] [--port BASE] [--prop key=value]...
+#   scripts/kafka.sh start [--nodes 1|3] [--dir DIR] [--port BASE] [--sasl] [--prop key=value]...
 #   scripts/kafka.sh stop [--dir DIR] [--clean]
 #   scripts/kafka.sh status [--dir DIR]
 #   scripts/kafka.sh kill-node N [--dir DIR]
@@ -30,6 +30,9 @@ KAFKA_HEAP="${KAFKA_HEAP:--Xms256m -Xmx512m}"
 KAFKA_JVM_OPTS="${KAFKA_JVM_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true}"
 KAFKA_TOOLS_HEAP="${KAFKA_TOOLS_HEAP:--Xmx256m}"
 READY_LINE="Kafka Server started"
+# The one user of the SASL listeners (`start --sasl`), for tests and trials: not a secret.
+SASL_USER="sessionizer"
+SASL_PASSWORD="sessionizer-secret"
 
 PROG="scripts/kafka.sh"
 
@@ -42,9 +45,12 @@ usage: $PROG <command> [options]
 
 commands:
   fetch                         download the Kafka jars (once) into the cache
-  start [--nodes 1|3] [--dir DIR] [--port BASE] [--prop key=value]...
+  start [--nodes 1|3] [--dir DIR] [--port BASE] [--sasl] [--prop key=value]...
                                 format and start a fresh cluster (wipes DIR's previous cluster),
-                                wait until every node is ready, print bootstrap servers last
+                                wait until every node is ready, print bootstrap servers last;
+                                --sasl adds a SASL_PLAINTEXT listener per node on the ports
+                                after the others (PLAIN and SCRAM-SHA-256/512, one user:
+                                $SASL_USER / $SASL_PASSWORD; see 'bootstrap --sasl')
   stop [--dir DIR] [--clean]    stop all nodes (SIGTERM, then SIGKILL after ${STOP_TIMEOUT}s);
                                 --clean also deletes DIR
   status [--dir DIR]            show which nodes run (exit 0 only if all nodes run)
@@ -53,7 +59,9 @@ commands:
   topics [--dir DIR] -- ARGS    org.apache.kafka.tools.TopicCommand ARGS
   tool NAME|CLASS [--dir DIR] -- ARGS
                                 run a Kafka CLI tool (NAME below, or a main class)
-  bootstrap [--dir DIR]         print the bootstrap servers of the cluster in DIR
+  bootstrap [--dir DIR] [--sasl]
+                                print the bootstrap servers of the cluster in DIR (--sasl: of
+                                its SASL_PLAINTEXT listeners)
   libs                          fetch if needed, print the jar directory
 
 tool NAMEs: $(printf '%s\n' "${!TOOL_ALIASES[@]}" | sort | tr '\n' ' ')
@@ -203,10 +211,17 @@ random_cluster_id() {
 node_dir() { printf '%s/node%s\n' "$DIR" "$1"; }
 broker_port() { echo $((BASE_PORT + 2 * ($1 - 1))); }
 controller_port() { echo $((BASE_PORT + 2 * ($1 - 1) + 1)); }
+sasl_port() { echo $((BASE_PORT + 2 * NODES + $1 - 1)); }
 
 bootstrap_servers() {
   local n out=""
   for ((n = 1; n <= NODES; n++)); do out+="${out:+,}127.0.0.1:$(broker_port "$n")"; done
+  printf '%s\n' "$out"
+}
+
+sasl_bootstrap_servers() {
+  local n out=""
+  for ((n = 1; n <= NODES; n++)); do out+="${out:+,}127.0.0.1:$(sasl_port "$n")"; done
   printf '%s\n' "$out"
 }
 
@@ -261,11 +276,22 @@ write_server_properties() {
       echo "# static KRaft quorum"
       echo "controller.quorum.voters=$voters"
     fi
-    echo "listeners=PLAINTEXT://127.0.0.1:$(broker_port "$n"),CONTROLLER://127.0.0.1:$(controller_port "$n")"
-    echo "advertised.listeners=PLAINTEXT://127.0.0.1:$(broker_port "$n")"
+    if ((SASL)); then
+      # Clients may also connect with SASL (PLAIN or SCRAM); the brokers talk PLAINTEXT.
+      echo "listeners=PLAINTEXT://127.0.0.1:$(broker_port "$n"),CONTROLLER://127.0.0.1:$(controller_port "$n"),SASL_PLAINTEXT://127.0.0.1:$(sasl_port "$n")"
+      echo "advertised.listeners=PLAINTEXT://127.0.0.1:$(broker_port "$n"),SASL_PLAINTEXT://127.0.0.1:$(sasl_port "$n")"
+      echo "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT"
+      echo "sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512"
+      echo "listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$SASL_USER=\"$SASL_PASSWORD\";"
+      echo "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;"
+      echo "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;"
+    else
+      echo "listeners=PLAINTEXT://127.0.0.1:$(broker_port "$n"),CONTROLLER://127.0.0.1:$(controller_port "$n")"
+      echo "advertised.listeners=PLAINTEXT://127.0.0.1:$(broker_port "$n")"
+      echo "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+    fi
     echo "controller.listener.names=CONTROLLER"
     echo "inter.broker.listener.name=PLAINTEXT"
-    echo "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
     echo "log.dirs=$nd/data"
     echo "num.partitions=1"
     echo "default.replication.factor=$rf"
@@ -374,7 +400,7 @@ parse_dir_only() {  # [--dir DIR] ; sets DIR and REST (after an optional "--")
 }
 
 cmd_start() {
-  NODES=1; BASE_PORT=$DEFAULT_PORT; DIR="$DEFAULT_DIR"; EXTRA_PROPS=()
+  NODES=1; BASE_PORT=$DEFAULT_PORT; DIR="$DEFAULT_DIR"; EXTRA_PROPS=(); SASL=0
   while (($#)); do
     case "$1" in
       --nodes) [[ $# -ge 2 ]] || die "--nodes needs a value"; NODES="$2"; shift 2 ;;
@@ -385,13 +411,15 @@ cmd_start() {
       --port=*) BASE_PORT="${1#--port=}"; shift ;;
       --prop) [[ $# -ge 2 ]] || die "--prop needs key=value"; EXTRA_PROPS+=("$2"); shift 2 ;;
       --prop=*) EXTRA_PROPS+=("${1#--prop=}"); shift ;;
+      --sasl) SASL=1; shift ;;
       -h|--help) usage; exit 0 ;;
       *) die "start: unknown argument '$1'" ;;
     esac
   done
   [[ "$NODES" == 1 || "$NODES" == 3 ]] || die "--nodes must be 1 or 3 (got '$NODES')"
-  if ! [[ "$BASE_PORT" =~ ^[0-9]+$ ]] || ((BASE_PORT < 1024 || BASE_PORT + 2 * NODES > 65535)); then
-    die "--port must be a number in 1024..$((65535 - 2 * NODES)) (got '$BASE_PORT')"
+  local span=$((2 * NODES + SASL * NODES))
+  if ! [[ "$BASE_PORT" =~ ^[0-9]+$ ]] || ((BASE_PORT < 1024 || BASE_PORT + span > 65535)); then
+    die "--port must be a number in 1024..$((65535 - span)) (got '$BASE_PORT')"
   fi
   local p
   for p in "${EXTRA_PROPS[@]+"${EXTRA_PROPS[@]}"}"; do
@@ -414,7 +442,10 @@ cmd_start() {
 
   ensure_libs
   local ports=()
-  for ((n = 1; n <= NODES; n++)); do ports+=("$(broker_port "$n")" "$(controller_port "$n")"); done
+  for ((n = 1; n <= NODES; n++)); do
+    ports+=("$(broker_port "$n")" "$(controller_port "$n")")
+    ((SASL)) && ports+=("$(sasl_port "$n")")
+  done
   check_ports_free "${ports[@]}"
 
   rm -rf "$DIR"
@@ -427,6 +458,7 @@ cmd_start() {
     echo "CLUSTER_ID=$CLUSTER_ID"
     printf 'STATE_LIBS=%q\n' "$LIBS"
     echo "KAFKA_VERSION=$(kafka_version)"
+    echo "SASL=$SASL"
   } >"$DIR/cluster.env"
 
   info "formatting $NODES node(s) in $DIR (cluster id $CLUSTER_ID, Kafka $(kafka_version))"
@@ -437,6 +469,9 @@ cmd_start() {
     write_server_properties "$n"
     local extra=()
     ((NODES == 1)) && extra=(--standalone)
+    # SCRAM credentials live in the cluster metadata: written at format time.
+    ((SASL)) && extra+=(--add-scram "SCRAM-SHA-256=[name=$SASL_USER,password=$SASL_PASSWORD]" \
+      --add-scram "SCRAM-SHA-512=[name=$SASL_USER,password=$SASL_PASSWORD]")
     # shellcheck disable=SC2086
     "$JAVA" $KAFKA_TOOLS_HEAP "-Dlog4j2.configurationFile=$TOOLS_LOG4J" -cp "$LIBS/*" \
       kafka.tools.StorageTool format -t "$CLUSTER_ID" -c "$nd/server.properties" "${extra[@]+"${extra[@]}"}" \
@@ -462,6 +497,7 @@ cmd_start() {
     exit 1
   fi
   info "cluster of $NODES node(s) ready in $((SECONDS - START_S))s; logs: $DIR/node*/kafka.log"
+  ((SASL)) && info "SASL_PLAINTEXT listeners (user $SASL_USER, password $SASL_PASSWORD): $(sasl_bootstrap_servers)"
   bootstrap_servers
 }
 
@@ -564,7 +600,13 @@ cmd_bootstrap() {
   parse_dir_only "$@"
   [[ -f "$DIR/cluster.env" ]] || die "no cluster in $DIR"
   read_state
-  bootstrap_servers
+  case "${REST[*]-}" in
+    "") bootstrap_servers ;;
+    --sasl)
+      ((${SASL:-0})) || die "the cluster in $DIR has no SASL listeners (start it with --sasl)"
+      sasl_bootstrap_servers ;;
+    *) die "bootstrap: unexpected argument(s): ${REST[*]}" ;;
+  esac
 }
 
 run_tool() {  # run_tool CLASS ARGS...  (DIR already set)

@@ -1159,6 +1159,8 @@ struct Ctx {
     watch: Mutex<kafka::watch::FetchWatch>,
     /// See [`kafka::rebootstrap`].
     brokers: kafka::rebootstrap::BrokerLoss,
+    /// Authentication or TLS failures, for the start-up check.
+    security: kafka::SecurityFailure,
 }
 
 impl Ctx {
@@ -1169,6 +1171,7 @@ impl Ctx {
 
 impl ClientContext for Ctx {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.security.observe(&error, reason);
         kafka::log_client_error(error, reason, "kafka client");
     }
 
@@ -1269,12 +1272,14 @@ pub fn run(
     let rt = settings.runtime.clone();
     let core = Arc::new(Mutex::new(None));
     let failure = Arc::new(Mutex::new(None));
+    let security = kafka::SecurityFailure::default();
     let ctx = Ctx {
         core: core.clone(),
         metrics: metrics.clone(),
         failure: failure.clone(),
         watch: Mutex::default(),
         brokers: Default::default(),
+        security: security.clone(),
     };
     let nonce = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1293,7 +1298,7 @@ pub fn run(
                 what: "consumer",
                 source,
             })?;
-    let found = kafka::check_topics(&consumer, &rt, Duration::from_secs(15))?;
+    let found = kafka::check_topics(&consumer, &rt, Duration::from_secs(15), &security)?;
     kafka::changelog::ensure_topic(&rt, found.changelog_partitions, found.partitions)?;
     tracing::info!(
         brokers = %rt.brokers,

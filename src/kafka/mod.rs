@@ -1,6 +1,7 @@
 //! Kafka clients: configuration of the consumer and the producer from the validated settings,
-//! start-up checks of the topics (exist, co-partitioned), and the consumer context that hands
-//! rebalances and client statistics to the pipeline.
+//! start-up checks of the brokers (reachable, credentials accepted) and the topics (exist,
+//! co-partitioned), and the consumer context that hands rebalances and client statistics to
+//! the pipeline.
 
 pub mod changelog;
 pub mod committer;
@@ -14,7 +15,9 @@ use crate::config::RuntimeSettings;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::metadata::Metadata;
-use std::time::Duration;
+use rdkafka::types::RDKafkaErrorCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Start-up and client errors of the Kafka side.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +32,11 @@ pub enum KafkaError {
         brokers: String,
         source: rdkafka::error::KafkaError,
     },
+    #[error(
+        "cannot connect to the Kafka brokers `{brokers}`: {reason} (check security.protocol, \
+         sasl.* and ssl.* in kafka.properties)"
+    )]
+    Security { brokers: String, reason: String },
     #[error("topic `{0}` does not exist; create it first (see README, \"Streaming mode\")")]
     MissingTopic(String),
     #[error("input topics are not co-partitioned: {0}")]
@@ -51,6 +59,35 @@ pub(crate) fn log_client_error(error: rdkafka::error::KafkaError, reason: &str, 
         e => tracing::warn!(error = %e, reason, "{who} error (retrying)"),
     }
 }
+
+/// The first security failure (authentication, TLS) a client reported, for start-up to stop
+/// with at once instead of waiting out the metadata timeout and calling the brokers
+/// unreachable. Shared between a client's context, which observes its errors, and the check.
+#[derive(Clone, Debug, Default)]
+pub struct SecurityFailure(Arc<Mutex<Option<String>>>);
+
+impl SecurityFailure {
+    /// Keeps `reason` if `error` is an authentication or TLS failure (the first one only).
+    pub fn observe(&self, error: &rdkafka::error::KafkaError, reason: &str) {
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
+        ) {
+            if let Ok(mut first) = self.0.lock() {
+                first.get_or_insert_with(|| reason.to_owned());
+            }
+        }
+    }
+
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|f| f.clone())
+    }
+}
+
+/// How long the first metadata request of the start-up check may take before the client's
+/// errors are looked at and the request is made again (each time with twice as long, so a
+/// large cluster's slow answer still fits, until the check's timeout).
+const METADATA_SLICE: Duration = Duration::from_secs(1);
 
 pub(crate) fn base_config(rt: &RuntimeSettings) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -211,21 +248,25 @@ pub const PROPAGATION_WAIT: Duration = Duration::from_secs(15);
 /// How often start-up asks again while it waits for [`PROPAGATION_WAIT`].
 pub const PROPAGATION_POLL: Duration = Duration::from_millis(200);
 
-/// Checks that every input and output topic exists and that the input topics have the same
-/// number of partitions, and looks up the changelog topic.
+/// Checks that the brokers answer (with the credentials given), that every input and output
+/// topic exists and that the input topics have the same number of partitions, and looks up the
+/// changelog topic.
 ///
-/// A missing topic is looked for again for [`PROPAGATION_WAIT`] before the error is
-/// returned.
+/// A security failure that `consumer`'s context reports to `security` ends the check at once
+/// ([`KafkaError::Security`]); brokers that do not answer within `timeout` are
+/// [`KafkaError::Unreachable`]. A missing topic is looked for again for [`PROPAGATION_WAIT`]
+/// before the error is returned.
 pub fn check_topics<C: rdkafka::consumer::ConsumerContext>(
     consumer: &BaseConsumer<C>,
     rt: &RuntimeSettings,
     timeout: Duration,
+    security: &SecurityFailure,
 ) -> Result<TopicCheck, KafkaError> {
-    let deadline = std::time::Instant::now() + PROPAGATION_WAIT;
+    let deadline = Instant::now() + PROPAGATION_WAIT;
     let mut logged = false;
     loop {
-        match check_topics_once(consumer, rt, timeout) {
-            Err(KafkaError::MissingTopic(t)) if std::time::Instant::now() < deadline => {
+        match check_topics_once(consumer, rt, timeout, security) {
+            Err(KafkaError::MissingTopic(t)) if Instant::now() < deadline => {
                 if !std::mem::replace(&mut logged, true) {
                     tracing::info!(
                         topic = %t,
@@ -240,18 +281,49 @@ pub fn check_topics<C: rdkafka::consumer::ConsumerContext>(
     }
 }
 
+/// The cluster's metadata, asked for in growing slices from [`METADATA_SLICE`] until
+/// `timeout`. Between two, the consumer's queued events are served, so that its context sees
+/// the errors of the failed connections (the context hands security failures to `security`).
+fn fetch_metadata<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    rt: &RuntimeSettings,
+    timeout: Duration,
+    security: &SecurityFailure,
+) -> Result<Metadata, KafkaError> {
+    let deadline = Instant::now() + timeout;
+    let mut slice = METADATA_SLICE;
+    loop {
+        let wait = slice.min(deadline.saturating_duration_since(Instant::now()));
+        slice *= 2;
+        match consumer.fetch_metadata(None, wait) {
+            Ok(md) => return Ok(md),
+            Err(source) => {
+                // Not subscribed yet: no record can come, only the client's events.
+                let _ = consumer.poll(Duration::ZERO);
+                if let Some(reason) = security.get() {
+                    return Err(KafkaError::Security {
+                        brokers: rt.brokers.clone(),
+                        reason,
+                    });
+                }
+                if Instant::now() >= deadline {
+                    return Err(KafkaError::Unreachable {
+                        brokers: rt.brokers.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+}
+
 fn check_topics_once<C: rdkafka::consumer::ConsumerContext>(
     consumer: &BaseConsumer<C>,
     rt: &RuntimeSettings,
     timeout: Duration,
+    security: &SecurityFailure,
 ) -> Result<TopicCheck, KafkaError> {
-    let md: Metadata =
-        consumer
-            .fetch_metadata(None, timeout)
-            .map_err(|source| KafkaError::Unreachable {
-                brokers: rt.brokers.clone(),
-                source,
-            })?;
+    let md = fetch_metadata(consumer, rt, timeout, security)?;
     let partitions = |name: &str| -> Option<i32> {
         md.topics()
             .iter()
@@ -325,5 +397,23 @@ mod tests {
             assert_eq!(c.get("max.in.flight.requests.per.connection"), None);
             assert_eq!(c.get("linger.ms"), Some("5"));
         }
+    }
+
+    #[test]
+    fn security_failures_are_kept_first_one_only_and_other_errors_ignored() {
+        use rdkafka::error::KafkaError as Rd;
+        let f = SecurityFailure::default();
+        f.observe(
+            &Rd::Global(RDKafkaErrorCode::BrokerTransportFailure),
+            "refused",
+        );
+        assert_eq!(f.get(), None, "not a security failure");
+        let seen = f.clone();
+        f.observe(
+            &Rd::Global(RDKafkaErrorCode::Authentication),
+            "SASL: bad password",
+        );
+        f.observe(&Rd::Global(RDKafkaErrorCode::SSL), "TLS: bad certificate");
+        assert_eq!(seen.get().as_deref(), Some("SASL: bad password"));
     }
 }

@@ -36,11 +36,16 @@ fn free_ports(nodes: u16) -> u16 {
     if nodes == 1 {
         return free_port_pair();
     }
+    free_port_run(2 * nodes)
+}
+
+/// A base port P with P..P+count free on 127.0.0.1.
+fn free_port_run(count: u16) -> u16 {
     for _ in 0..200 {
         // Below the ephemeral range (32768+ on Linux), so that a client connection cannot
         // take the port of a node that is down and restarted later.
         let p = 20_000 + (rand_u32() % 12_000) as u16;
-        if (p..p + 2 * nodes).all(|q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok()) {
+        if (p..p + count).all(|q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok()) {
             return p;
         }
     }
@@ -62,11 +67,30 @@ impl Broker {
 
     /// A fresh local cluster of `nodes` (1 or 3) nodes.
     pub fn start_nodes(nodes: u16) -> Broker {
+        Self::start_with(nodes, free_ports(nodes), &[])
+    }
+
+    /// A fresh single node that also has a SASL_PLAINTEXT listener (`scripts/kafka.sh start
+    /// --sasl`: PLAIN and SCRAM, user `sessionizer`, password `sessionizer-secret`), and the
+    /// bootstrap servers of that listener. The tests' own clients use the PLAINTEXT one.
+    pub fn start_sasl() -> (Broker, String) {
+        let b = Self::start_with(1, free_port_run(3), &["--sasl"]);
+        let out = kafka_sh(&["bootstrap", "--dir", b.dir().unwrap(), "--sasl"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let sasl = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (b, sasl)
+    }
+
+    fn start_with(nodes: u16, port: u16, extra: &[&str]) -> Broker {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("kafka");
-        let port = free_ports(nodes).to_string();
+        let port = port.to_string();
         let n = nodes.to_string();
-        let out = kafka_sh(&[
+        let mut args = vec![
             "start",
             "--nodes",
             &n,
@@ -74,7 +98,9 @@ impl Broker {
             dir.to_str().unwrap(),
             "--port",
             &port,
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let out = kafka_sh(&args);
         assert!(
             out.status.success(),
             "kafka start failed: {}",
@@ -682,12 +708,25 @@ pub fn run_with(
     semantics: &[&str],
     extra: &[&str],
 ) -> Proc {
+    run_on(&broker.bootstrap, t, dir, group, port, semantics, extra)
+}
+
+/// [`run_with`] with the bootstrap servers given (another listener of the broker).
+pub fn run_on(
+    bootstrap: &str,
+    t: &Topics,
+    dir: &Path,
+    group: &str,
+    port: u16,
+    semantics: &[&str],
+    extra: &[&str],
+) -> Proc {
     let log = dir.join(format!("run-{}.log", rand_u32()));
     let f = std::fs::File::create(&log).unwrap();
     let child = Command::new(BIN)
         .arg("run")
         .args(semantics)
-        .args(["--brokers", &broker.bootstrap, "--group", group])
+        .args(["--brokers", bootstrap, "--group", group])
         .args([
             "--input-topics",
             &t.input,
