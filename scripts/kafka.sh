@@ -5,7 +5,7 @@
 # Every listener is bound to 127.0.0.1. See scripts/kafka/README.md for details.
 #
 #   scripts/kafka.sh fetch
-#   scripts/kafka.sh start [--nodes 1|3] [--dir DIR] [--port BASE] [--sasl] [--prop key=value]...
+#   scripts/kafka.sh start [--nodes 1|3] [--dir DIR] [--port BASE] [--sasl] [--tls] [--prop key=value]...
 #   scripts/kafka.sh stop [--dir DIR] [--clean]
 #   scripts/kafka.sh status [--dir DIR]
 #   scripts/kafka.sh kill-node N [--dir DIR]
@@ -45,12 +45,15 @@ usage: $PROG <command> [options]
 
 commands:
   fetch                         download the Kafka jars (once) into the cache
-  start [--nodes 1|3] [--dir DIR] [--port BASE] [--sasl] [--prop key=value]...
+  start [--nodes 1|3] [--dir DIR] [--port BASE] [--sasl] [--tls] [--prop key=value]...
                                 format and start a fresh cluster (wipes DIR's previous cluster),
                                 wait until every node is ready, print bootstrap servers last;
                                 --sasl adds a SASL_PLAINTEXT listener per node on the ports
                                 after the others (PLAIN and SCRAM-SHA-256/512, one user:
-                                $SASL_USER / $SASL_PASSWORD; see 'bootstrap --sasl')
+                                $SASL_USER / $SASL_PASSWORD; see 'bootstrap --sasl');
+                                --tls adds an SSL listener per node after those, with a
+                                certificate for 127.0.0.1 signed by a CA made for the
+                                cluster (DIR/tls/ca.pem; see 'bootstrap --tls')
   stop [--dir DIR] [--clean]    stop all nodes (SIGTERM, then SIGKILL after ${STOP_TIMEOUT}s);
                                 --clean also deletes DIR
   status [--dir DIR]            show which nodes run (exit 0 only if all nodes run)
@@ -59,9 +62,9 @@ commands:
   topics [--dir DIR] -- ARGS    org.apache.kafka.tools.TopicCommand ARGS
   tool NAME|CLASS [--dir DIR] -- ARGS
                                 run a Kafka CLI tool (NAME below, or a main class)
-  bootstrap [--dir DIR] [--sasl]
+  bootstrap [--dir DIR] [--sasl|--tls]
                                 print the bootstrap servers of the cluster in DIR (--sasl: of
-                                its SASL_PLAINTEXT listeners)
+                                its SASL_PLAINTEXT listeners, --tls: of its SSL listeners)
   libs                          fetch if needed, print the jar directory
 
 tool NAMEs: $(printf '%s\n' "${!TOOL_ALIASES[@]}" | sort | tr '\n' ' ')
@@ -212,6 +215,7 @@ node_dir() { printf '%s/node%s\n' "$DIR" "$1"; }
 broker_port() { echo $((BASE_PORT + 2 * ($1 - 1))); }
 controller_port() { echo $((BASE_PORT + 2 * ($1 - 1) + 1)); }
 sasl_port() { echo $((BASE_PORT + 2 * NODES + $1 - 1)); }
+tls_port() { echo $((BASE_PORT + 2 * NODES + ${SASL:-0} * NODES + $1 - 1)); }
 
 bootstrap_servers() {
   local n out=""
@@ -223,6 +227,37 @@ sasl_bootstrap_servers() {
   local n out=""
   for ((n = 1; n <= NODES; n++)); do out+="${out:+,}127.0.0.1:$(sasl_port "$n")"; done
   printf '%s\n' "$out"
+}
+
+tls_bootstrap_servers() {
+  local n out=""
+  for ((n = 1; n <= NODES; n++)); do out+="${out:+,}127.0.0.1:$(tls_port "$n")"; done
+  printf '%s\n' "$out"
+}
+
+# The password of the test certificates' key stores (they guard nothing: a cluster for tests).
+TLS_STORE_PASSWORD="sessionizer-tls"
+
+# A CA for this cluster and a certificate for 127.0.0.1 signed by it, in DIR/tls: ca.pem (what
+# clients trust, `ssl.ca.location`) and broker.p12 (the brokers' key store). Made with the
+# JDK's keytool.
+make_tls_material() {
+  local d="$DIR/tls" keytool pw="$TLS_STORE_PASSWORD"
+  keytool="$(dirname "$(readlink -f "$JAVA")")/keytool"
+  [[ -x "$keytool" ]] || die "--tls needs keytool next to $JAVA"
+  mkdir -p "$d"
+  {
+    "$keytool" -genkeypair -alias ca -keyalg RSA -keysize 2048 -dname "CN=sessionizer test CA" \
+      -ext bc:c -validity 30 -keystore "$d/ca.p12" -storetype PKCS12 -storepass "$pw" -keypass "$pw" &&
+    "$keytool" -exportcert -alias ca -keystore "$d/ca.p12" -storepass "$pw" -rfc -file "$d/ca.pem" &&
+    "$keytool" -genkeypair -alias broker -keyalg RSA -keysize 2048 -dname "CN=127.0.0.1" \
+      -validity 30 -keystore "$d/broker.p12" -storetype PKCS12 -storepass "$pw" -keypass "$pw" &&
+    "$keytool" -certreq -alias broker -keystore "$d/broker.p12" -storepass "$pw" -file "$d/broker.csr" &&
+    "$keytool" -gencert -alias ca -keystore "$d/ca.p12" -storepass "$pw" -infile "$d/broker.csr" \
+      -outfile "$d/broker.crt" -ext "SAN=IP:127.0.0.1,DNS:localhost" -validity 30 -rfc &&
+    "$keytool" -importcert -alias ca -keystore "$d/broker.p12" -storepass "$pw" -file "$d/ca.pem" -noprompt &&
+    "$keytool" -importcert -alias broker -keystore "$d/broker.p12" -storepass "$pw" -file "$d/broker.crt"
+  } >"$d/keytool.log" 2>&1 || { cat "$d/keytool.log" >&2; die "making the TLS certificates failed"; }
 }
 
 # PID of node N if it is running (and really is our Kafka process), else empty.
@@ -276,19 +311,35 @@ write_server_properties() {
       echo "# static KRaft quorum"
       echo "controller.quorum.voters=$voters"
     fi
+    local listeners advertised map
+    listeners="PLAINTEXT://127.0.0.1:$(broker_port "$n"),CONTROLLER://127.0.0.1:$(controller_port "$n")"
+    advertised="PLAINTEXT://127.0.0.1:$(broker_port "$n")"
+    map="CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+    # Clients may also connect with SASL (PLAIN or SCRAM) or TLS; the brokers talk PLAINTEXT.
     if ((SASL)); then
-      # Clients may also connect with SASL (PLAIN or SCRAM); the brokers talk PLAINTEXT.
-      echo "listeners=PLAINTEXT://127.0.0.1:$(broker_port "$n"),CONTROLLER://127.0.0.1:$(controller_port "$n"),SASL_PLAINTEXT://127.0.0.1:$(sasl_port "$n")"
-      echo "advertised.listeners=PLAINTEXT://127.0.0.1:$(broker_port "$n"),SASL_PLAINTEXT://127.0.0.1:$(sasl_port "$n")"
-      echo "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT"
+      listeners+=",SASL_PLAINTEXT://127.0.0.1:$(sasl_port "$n")"
+      advertised+=",SASL_PLAINTEXT://127.0.0.1:$(sasl_port "$n")"
+      map+=",SASL_PLAINTEXT:SASL_PLAINTEXT"
+    fi
+    if ((TLS)); then
+      listeners+=",SSL://127.0.0.1:$(tls_port "$n")"
+      advertised+=",SSL://127.0.0.1:$(tls_port "$n")"
+      map+=",SSL:SSL"
+    fi
+    echo "listeners=$listeners"
+    echo "advertised.listeners=$advertised"
+    echo "listener.security.protocol.map=$map"
+    if ((SASL)); then
       echo "sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512"
       echo "listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$SASL_USER=\"$SASL_PASSWORD\";"
       echo "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;"
       echo "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;"
-    else
-      echo "listeners=PLAINTEXT://127.0.0.1:$(broker_port "$n"),CONTROLLER://127.0.0.1:$(controller_port "$n")"
-      echo "advertised.listeners=PLAINTEXT://127.0.0.1:$(broker_port "$n")"
-      echo "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+    fi
+    if ((TLS)); then
+      echo "ssl.keystore.location=$DIR/tls/broker.p12"
+      echo "ssl.keystore.type=PKCS12"
+      echo "ssl.keystore.password=$TLS_STORE_PASSWORD"
+      echo "ssl.key.password=$TLS_STORE_PASSWORD"
     fi
     echo "controller.listener.names=CONTROLLER"
     echo "inter.broker.listener.name=PLAINTEXT"
@@ -400,7 +451,7 @@ parse_dir_only() {  # [--dir DIR] ; sets DIR and REST (after an optional "--")
 }
 
 cmd_start() {
-  NODES=1; BASE_PORT=$DEFAULT_PORT; DIR="$DEFAULT_DIR"; EXTRA_PROPS=(); SASL=0
+  NODES=1; BASE_PORT=$DEFAULT_PORT; DIR="$DEFAULT_DIR"; EXTRA_PROPS=(); SASL=0; TLS=0
   while (($#)); do
     case "$1" in
       --nodes) [[ $# -ge 2 ]] || die "--nodes needs a value"; NODES="$2"; shift 2 ;;
@@ -412,12 +463,13 @@ cmd_start() {
       --prop) [[ $# -ge 2 ]] || die "--prop needs key=value"; EXTRA_PROPS+=("$2"); shift 2 ;;
       --prop=*) EXTRA_PROPS+=("${1#--prop=}"); shift ;;
       --sasl) SASL=1; shift ;;
+      --tls) TLS=1; shift ;;
       -h|--help) usage; exit 0 ;;
       *) die "start: unknown argument '$1'" ;;
     esac
   done
   [[ "$NODES" == 1 || "$NODES" == 3 ]] || die "--nodes must be 1 or 3 (got '$NODES')"
-  local span=$((2 * NODES + SASL * NODES))
+  local span=$((2 * NODES + SASL * NODES + TLS * NODES))
   if ! [[ "$BASE_PORT" =~ ^[0-9]+$ ]] || ((BASE_PORT < 1024 || BASE_PORT + span > 65535)); then
     die "--port must be a number in 1024..$((65535 - span)) (got '$BASE_PORT')"
   fi
@@ -444,7 +496,8 @@ cmd_start() {
   local ports=()
   for ((n = 1; n <= NODES; n++)); do
     ports+=("$(broker_port "$n")" "$(controller_port "$n")")
-    ((SASL)) && ports+=("$(sasl_port "$n")")
+    if ((SASL)); then ports+=("$(sasl_port "$n")"); fi
+    if ((TLS)); then ports+=("$(tls_port "$n")"); fi
   done
   check_ports_free "${ports[@]}"
 
@@ -459,7 +512,9 @@ cmd_start() {
     printf 'STATE_LIBS=%q\n' "$LIBS"
     echo "KAFKA_VERSION=$(kafka_version)"
     echo "SASL=$SASL"
+    echo "TLS=$TLS"
   } >"$DIR/cluster.env"
+  if ((TLS)); then make_tls_material; fi
 
   info "formatting $NODES node(s) in $DIR (cluster id $CLUSTER_ID, Kafka $(kafka_version))"
   local fmt_pids=() nd
@@ -470,8 +525,10 @@ cmd_start() {
     local extra=()
     ((NODES == 1)) && extra=(--standalone)
     # SCRAM credentials live in the cluster metadata: written at format time.
-    ((SASL)) && extra+=(--add-scram "SCRAM-SHA-256=[name=$SASL_USER,password=$SASL_PASSWORD]" \
-      --add-scram "SCRAM-SHA-512=[name=$SASL_USER,password=$SASL_PASSWORD]")
+    if ((SASL)); then
+      extra+=(--add-scram "SCRAM-SHA-256=[name=$SASL_USER,password=$SASL_PASSWORD]"
+        --add-scram "SCRAM-SHA-512=[name=$SASL_USER,password=$SASL_PASSWORD]")
+    fi
     # shellcheck disable=SC2086
     "$JAVA" $KAFKA_TOOLS_HEAP "-Dlog4j2.configurationFile=$TOOLS_LOG4J" -cp "$LIBS/*" \
       kafka.tools.StorageTool format -t "$CLUSTER_ID" -c "$nd/server.properties" "${extra[@]+"${extra[@]}"}" \
@@ -497,7 +554,10 @@ cmd_start() {
     exit 1
   fi
   info "cluster of $NODES node(s) ready in $((SECONDS - START_S))s; logs: $DIR/node*/kafka.log"
-  ((SASL)) && info "SASL_PLAINTEXT listeners (user $SASL_USER, password $SASL_PASSWORD): $(sasl_bootstrap_servers)"
+  if ((SASL)); then
+    info "SASL_PLAINTEXT listeners (user $SASL_USER, password $SASL_PASSWORD): $(sasl_bootstrap_servers)"
+  fi
+  if ((TLS)); then info "SSL listeners (CA: $DIR/tls/ca.pem): $(tls_bootstrap_servers)"; fi
   bootstrap_servers
 }
 
@@ -605,6 +665,9 @@ cmd_bootstrap() {
     --sasl)
       ((${SASL:-0})) || die "the cluster in $DIR has no SASL listeners (start it with --sasl)"
       sasl_bootstrap_servers ;;
+    --tls)
+      ((${TLS:-0})) || die "the cluster in $DIR has no SSL listeners (start it with --tls)"
+      tls_bootstrap_servers ;;
     *) die "bootstrap: unexpected argument(s): ${REST[*]}" ;;
   esac
 }

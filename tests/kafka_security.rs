@@ -1,14 +1,17 @@
-//! Security against a real Apache Kafka broker with a SASL_PLAINTEXT listener (started by
-//! `scripts/kafka.sh start --sasl`), with the real `sessionizer` binary:
-//! - over SASL/PLAIN (exactly-once) and SASL/SCRAM-SHA-256 (at-least-once) it sessionizes as
-//!   over PLAINTEXT: the same annotations and sessions as the offline run;
-//! - a wrong password stops it at start, non-zero, with a message that names the
-//!   authentication failure (not "unreachable brokers") and the settings to check, and without
-//!   the password.
+//! Security against a real Apache Kafka broker with SASL_PLAINTEXT and SSL listeners (started
+//! by `scripts/kafka.sh start --sasl --tls`), with the real `sessionizer` binary:
+//! - over SASL/PLAIN (exactly-once), SASL/SCRAM-SHA-256 (at-least-once) and TLS (exactly-once,
+//!   the broker's certificate checked against its CA) it sessionizes as over PLAINTEXT: the
+//!   same annotations and sessions as the offline run;
+//! - a wrong password, or a CA that did not sign the broker's certificate, stops it at start,
+//!   non-zero, with a message that names the failure (not "unreachable brokers") and the
+//!   settings to check, and without the password; before the 15 s the start-up check gives
+//!   brokers that do not answer at all.
 //!
 //! The tests' own clients (topics, input, reading the outputs) use the PLAINTEXT listener.
 //! Waiting is always for a condition (records seen, process exited), with a deadline.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 mod support;
@@ -20,35 +23,50 @@ use support::kafka::free_port;
 const USER: &str = "sessionizer";
 const PASSWORD: &str = "sessionizer-secret";
 
+/// Less than the start-up check's 15 s for brokers that do not answer: a security failure
+/// must end the start before that.
+const FAIL_FAST: Duration = Duration::from_secs(12);
+
+fn properties(props: &[String]) -> Vec<String> {
+    props
+        .iter()
+        .flat_map(|p| ["--kafka-property".to_string(), p.clone()])
+        .collect()
+}
+
 fn sasl(mechanism: &str, password: &str) -> Vec<String> {
-    [
+    properties(&[
         "security.protocol=SASL_PLAINTEXT".to_string(),
         format!("sasl.mechanism={mechanism}"),
         format!("sasl.username={USER}"),
         format!("sasl.password={password}"),
-    ]
-    .into_iter()
-    .flat_map(|p| ["--kafka-property".to_string(), p])
-    .collect()
+    ])
 }
 
-/// Sessionizes a small input over the SASL listener and compares with the offline run.
-fn sessionizes_over_sasl(broker: &Broker, sasl_bootstrap: &str, mechanism: &str, guarantee: &str) {
+fn tls(ca: &str) -> Vec<String> {
+    properties(&[
+        "security.protocol=SSL".to_string(),
+        format!("ssl.ca.location={ca}"),
+    ])
+}
+
+/// Sessionizes a small input through `bootstrap` with `security` flags and compares with the
+/// offline run.
+fn sessionizes(broker: &Broker, name: &str, bootstrap: &str, security: &[String], guarantee: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let prefix = format!("sec-{}", mechanism.to_lowercase());
+    let prefix = format!("sec-{name}");
     let t = Topics::new(broker, &prefix, 2);
     let input = with_flush_events(2, events(20, 30, 3));
     let (want_sessions, want_annotated) = offline(&input, dir.path());
     broker.produce(&t.input, &to_user_partitions(&input, 2));
-    let mut extra = sasl(mechanism, PASSWORD);
+    let mut extra = security.to_vec();
     extra.extend(["--guarantee".to_string(), guarantee.to_string()]);
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let group = format!("{prefix}-group");
     let p = run_on(
-        sasl_bootstrap,
+        bootstrap,
         &t,
         dir.path(),
-        &group,
+        &format!("{prefix}-group"),
         free_port(),
         &semantics("100h"),
         &extra,
@@ -56,57 +74,89 @@ fn sessionizes_over_sasl(broker: &Broker, sasl_bootstrap: &str, mechanism: &str,
     let annotated = wait_annotated(broker, &t, input.len(), &[&p]);
     let got = wait_sessions(broker, &t.sessions, want_sessions.len(), session_set, &[&p]);
     let log = p.log();
-    assert_eq!(p.terminate(), 0, "{mechanism}: clean exit:\n{log}");
+    assert_eq!(p.terminate(), 0, "{name}: clean exit:\n{log}");
     assert_eq!(
         session_set(&got),
         session_set(&want_sessions),
-        "{mechanism}: sessions equal the offline result"
+        "{name}: sessions equal the offline result"
     );
-    let got: std::collections::BTreeSet<String> =
-        annotated.iter().map(|r| r.value.clone()).collect();
-    let want: std::collections::BTreeSet<String> = want_annotated.into_iter().collect();
-    assert_eq!(got, want, "{mechanism}: annotations equal the offline ones");
+    let got: BTreeSet<String> = annotated.iter().map(|r| r.value.clone()).collect();
+    let want: BTreeSet<String> = want_annotated.into_iter().collect();
+    assert_eq!(got, want, "{name}: annotations equal the offline ones");
 }
 
-/// A wrong password: the start fails, non-zero, saying why.
-fn wrong_password_fails_at_start(broker: &Broker, sasl_bootstrap: &str) {
+/// Security settings the broker refuses: the start fails, non-zero, soon, saying why.
+fn refused(broker: &Broker, name: &str, bootstrap: &str, security: &[String], why: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let t = Topics::new(broker, "sec-wrong", 1);
-    let extra = sasl("PLAIN", "not-the-password");
-    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let t = Topics::new(broker, &format!("sec-{name}"), 1);
+    let extra: Vec<&str> = security.iter().map(String::as_str).collect();
     let mut p = run_on(
-        sasl_bootstrap,
+        bootstrap,
         &t,
         dir.path(),
-        "sec-wrong-group",
+        &format!("sec-{name}-group"),
         free_port(),
         &semantics("1s"),
         &extra,
     );
-    let status = p.wait_exit(Duration::from_secs(60), "wrong credentials did not stop it");
-    assert!(!status.success(), "wrong credentials exit non-zero");
+    let status = p.wait_exit(
+        FAIL_FAST,
+        &format!("{name}: not stopped before {FAIL_FAST:?}"),
+    );
+    assert!(!status.success(), "{name}: exits non-zero");
     let log = p.log();
     let error = log
         .lines()
         .find(|l| l.contains("error: cannot connect to the Kafka brokers"))
         .unwrap_or_default();
     assert!(
-        error.contains("Authentication failed") && error.contains("sasl.*"),
-        "the error names the authentication failure and what to check:\n{log}"
+        error.contains(why) && error.contains("sasl.*"),
+        "{name}: the error names the failure ({why}) and what to check:\n{log}"
     );
     assert!(
         !log.contains("not-the-password"),
-        "the password is never logged:\n{log}"
+        "{name}: the password is never logged:\n{log}"
     );
 }
 
 #[test]
-fn sasl_authentication() {
+fn sasl_and_tls() {
     if std::env::var("KAFKA_BOOTSTRAP_SERVERS").is_ok() {
-        eprintln!("KAFKA_BOOTSTRAP_SERVERS is set: this test starts its own broker with SASL");
+        eprintln!(
+            "KAFKA_BOOTSTRAP_SERVERS is set: this test starts its own broker with SASL and TLS"
+        );
     }
-    let (broker, sasl_bootstrap) = Broker::start_sasl();
-    wrong_password_fails_at_start(&broker, &sasl_bootstrap);
-    sessionizes_over_sasl(&broker, &sasl_bootstrap, "PLAIN", "exactly-once");
-    sessionizes_over_sasl(&broker, &sasl_bootstrap, "SCRAM-SHA-256", "at-least-once");
+    let (broker, secure) = Broker::start_secure();
+    let ca = secure.ca.to_str().unwrap();
+    refused(
+        &broker,
+        "wrong-password",
+        &secure.sasl,
+        &sasl("PLAIN", "not-the-password"),
+        "Authentication failed",
+    );
+    // The broker's own certificate as the only trusted one: not the CA that signed it.
+    let not_the_ca = secure.ca.with_file_name("broker.crt");
+    refused(
+        &broker,
+        "wrong-ca",
+        &secure.tls,
+        &tls(not_the_ca.to_str().unwrap()),
+        "SSL handshake failed",
+    );
+    sessionizes(
+        &broker,
+        "plain",
+        &secure.sasl,
+        &sasl("PLAIN", PASSWORD),
+        "exactly-once",
+    );
+    sessionizes(
+        &broker,
+        "scram",
+        &secure.sasl,
+        &sasl("SCRAM-SHA-256", PASSWORD),
+        "at-least-once",
+    );
+    sessionizes(&broker, "tls", &secure.tls, &tls(ca), "exactly-once");
 }

@@ -89,6 +89,9 @@ impl SecurityFailure {
 /// large cluster's slow answer still fits, until the check's timeout).
 const METADATA_SLICE: Duration = Duration::from_secs(1);
 
+/// How long the start-up check serves the client's events after a failed metadata request.
+const EVENTS_WAIT: Duration = Duration::from_millis(50);
+
 pub(crate) fn base_config(rt: &RuntimeSettings) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &rt.brokers);
@@ -298,8 +301,16 @@ fn fetch_metadata<C: rdkafka::consumer::ConsumerContext>(
         match consumer.fetch_metadata(None, wait) {
             Ok(md) => return Ok(md),
             Err(source) => {
-                // Not subscribed yet: no record can come, only the client's events.
-                let _ = consumer.poll(Duration::ZERO);
+                // Not subscribed yet: no record can come, only the client's events, one per
+                // call (statistics, errors: the context sees these with librdkafka's reason).
+                let until = Instant::now() + EVENTS_WAIT;
+                while security.get().is_none() {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    let _ = consumer.poll(left);
+                }
                 if let Some(reason) = security.get() {
                     return Err(KafkaError::Security {
                         brokers: rt.brokers.clone(),

@@ -31,6 +31,16 @@ pub struct Broker {
     replication: i32,
 }
 
+/// The secured listeners of [`Broker::start_secure`].
+pub struct Secure {
+    /// Bootstrap servers of the SASL_PLAINTEXT listener.
+    pub sasl: String,
+    /// Bootstrap servers of the SSL listener.
+    pub tls: String,
+    /// The CA that signed the broker's certificate (PEM).
+    pub ca: PathBuf,
+}
+
 /// A base port P with P..P+2n free on 127.0.0.1 (n brokers and their controllers).
 fn free_ports(nodes: u16) -> u16 {
     if nodes == 1 {
@@ -70,19 +80,28 @@ impl Broker {
         Self::start_with(nodes, free_ports(nodes), &[])
     }
 
-    /// A fresh single node that also has a SASL_PLAINTEXT listener (`scripts/kafka.sh start
-    /// --sasl`: PLAIN and SCRAM, user `sessionizer`, password `sessionizer-secret`), and the
-    /// bootstrap servers of that listener. The tests' own clients use the PLAINTEXT one.
-    pub fn start_sasl() -> (Broker, String) {
-        let b = Self::start_with(1, free_port_run(3), &["--sasl"]);
-        let out = kafka_sh(&["bootstrap", "--dir", b.dir().unwrap(), "--sasl"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let sasl = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        (b, sasl)
+    /// A fresh single node that also has a SASL_PLAINTEXT listener and an SSL listener
+    /// (`scripts/kafka.sh start --sasl --tls`: SASL PLAIN and SCRAM, user `sessionizer`,
+    /// password `sessionizer-secret`; a certificate for 127.0.0.1 signed by a CA of its own).
+    /// The tests' own clients use the PLAINTEXT listener.
+    pub fn start_secure() -> (Broker, Secure) {
+        let b = Self::start_with(1, free_port_run(4), &["--sasl", "--tls"]);
+        let dir = b.dir().unwrap().to_owned();
+        let listener = |flag: &str| {
+            let out = kafka_sh(&["bootstrap", "--dir", &dir, flag]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        let secure = Secure {
+            sasl: listener("--sasl"),
+            tls: listener("--tls"),
+            ca: Path::new(&dir).join("tls").join("ca.pem"),
+        };
+        (b, secure)
     }
 
     fn start_with(nodes: u16, port: u16, extra: &[&str]) -> Broker {
