@@ -244,7 +244,14 @@ fn memory_report() {
     );
     drop(e);
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = RocksStore::open(dir.path(), RocksOptions { cache_keys: 10_000 }).expect("rocksdb");
+    let store = RocksStore::open(
+        dir.path(),
+        RocksOptions {
+            cache_keys: 10_000,
+            ..RocksOptions::default()
+        },
+    )
+    .expect("rocksdb");
     let mut e = Engine::open(cfg(), store).expect("open");
     run(&mut e, &evs, 100_000);
     e.commit(&[]).expect("commit");

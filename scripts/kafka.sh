@@ -182,6 +182,8 @@ read_state() {  # cluster.env of DIR -> NODES BASE_PORT CLUSTER_ID STATE_LIBS KA
   local f
   f="$(state_file)"
   [[ -f "$f" ]] || die "no cluster in $DIR (run '$PROG start --dir $DIR' first)"
+  # Clusters started before --sasl/--tls existed have neither key.
+  SASL=0 TLS=0
   # shellcheck source=/dev/null
   source "$f"
 }
@@ -571,7 +573,10 @@ cmd_start_node() {
   local pid
   pid="$(node_pid "$n")"
   [[ -z "$pid" ]] || die "node $n is already running (pid $pid)"
-  check_ports_free "$(broker_port "$n")" "$(controller_port "$n")"
+  local ports=("$(broker_port "$n")" "$(controller_port "$n")")
+  if ((SASL)); then ports+=("$(sasl_port "$n")"); fi
+  if ((TLS)); then ports+=("$(tls_port "$n")"); fi
+  check_ports_free "${ports[@]}"
   START_S=$SECONDS
   declare -g -a LOG_OFFSET=() STARTED_PIDS=()
   launch_node "$n"

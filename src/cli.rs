@@ -104,6 +104,9 @@ pub struct RuntimeArgs {
     /// How long a graceful shutdown may wait for its final commit, e.g. 30s.
     #[arg(long, env = "SESSIONIZER_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<String>,
+    /// Memory for the state of all the instance's partitions, in MiB (default 1024).
+    #[arg(long, env = "SESSIONIZER_MEMORY_BUDGET_MIB")]
+    pub memory_budget_mib: Option<u64>,
 }
 
 impl RuntimeArgs {
@@ -142,6 +145,7 @@ impl RuntimeArgs {
         r.service.metrics_addr = self.metrics_addr.clone();
         r.service.log_format = self.log_format.clone();
         r.service.shutdown_timeout = self.shutdown_timeout.clone();
+        r.service.memory_budget_mib = self.memory_budget_mib;
         Ok(())
     }
 }

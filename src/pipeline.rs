@@ -53,7 +53,7 @@ use crate::kafka::sink::{output_topics, Batch, Sink};
 use crate::kafka::standby::{standby_set, Standbys};
 use crate::kafka::{self, KafkaError};
 use crate::metrics::{DeadLetterReason, Metrics, Outcome, OutputKind, RebalanceKind, TopicMetrics};
-use crate::store::{Change, RocksOptions, RocksStore};
+use crate::store::{Change, RocksOptions, RocksStore, StateMemory};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::statistics::Statistics;
@@ -198,6 +198,8 @@ struct Core {
     decoder: Decoder,
     sink: Sink,
     restorer: Restorer,
+    /// The memory budget of every task's store (and standby copy).
+    memory: StateMemory,
     metrics: Arc<Metrics>,
     health: crate::http::Health,
     topic_metrics: Vec<TopicMetrics>,
@@ -272,14 +274,15 @@ impl Core {
         }
         let dir = self.state_dir(partition);
         let (low, high) = self.restorer.bounds(partition)?;
-        let mut store = match RocksStore::open(&dir, RocksOptions::default()) {
+        let opts = RocksOptions::within(&self.memory);
+        let mut store = match RocksStore::open(&dir, opts.clone()) {
             Ok(s) => s,
             // Open elsewhere (a bug if in this process): never delete a database in use.
             Err(e) if e.to_string().contains("LOCK") => return Err(store_err(e)),
             Err(e) => {
                 tracing::warn!(partition, error = %e, "local state unreadable: rebuilding it from the changelog");
                 RocksStore::destroy(&dir).map_err(store_err)?;
-                RocksStore::open(&dir, RocksOptions::default()).map_err(store_err)?
+                RocksStore::open(&dir, opts.clone()).map_err(store_err)?
             }
         };
         let checkpoint = store.changelog_checkpoint().map_err(store_err)?;
@@ -295,7 +298,7 @@ impl Core {
             );
             drop(store);
             RocksStore::destroy(&dir).map_err(store_err)?;
-            store = RocksStore::open(&dir, RocksOptions::default()).map_err(store_err)?;
+            store = RocksStore::open(&dir, opts.clone()).map_err(store_err)?;
         }
         let from = if untrusted.is_some() {
             low
@@ -1324,8 +1327,9 @@ pub fn run(
     )?;
     tracing::info!(transactional_id = %kafka::transactional_id(&rt), "transactions initialised");
     let restorer = Restorer::new(&rt)?;
+    let memory = StateMemory::new(rt.memory_budget);
     let standbys = if rt.standby_replicas > 0 {
-        Some(Standbys::start(&rt, metrics.clone())?)
+        Some(Standbys::start(&rt, metrics.clone(), memory.clone())?)
     } else {
         None
     };
@@ -1337,6 +1341,7 @@ pub fn run(
         decoder,
         sink,
         restorer,
+        memory,
         metrics: metrics.clone(),
         health: health.clone(),
         topic_metrics,

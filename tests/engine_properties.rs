@@ -200,7 +200,7 @@ proptest! {
         let n = c.input.len();
         let cut = ((n as f64) * cut) as usize;
         let dir = tempfile::tempdir().unwrap();
-        let open = || RocksStore::open(dir.path(), RocksOptions { cache_keys: 3 }).unwrap();
+        let open = || RocksStore::open(dir.path(), RocksOptions { cache_keys: 3, ..RocksOptions::default() }).unwrap();
         let mut run = RunOut::default();
         let mut now = None;
         {

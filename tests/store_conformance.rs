@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use sessionizer::engine::{
     KeyState, Millis, PartitionMeta, SourceOffset, StateStore, TimerKind, UserStats,
 };
-use sessionizer::store::{Change, MemStore, RocksOptions, RocksStore};
+use sessionizer::store::{Change, MemStore, RocksOptions, RocksStore, StateMemory};
 use std::path::Path;
 use tempfile::TempDir;
 
@@ -65,7 +65,11 @@ fn popped(v: &[(Millis, &str)]) -> Vec<(Millis, CompactString)> {
 }
 
 fn rocks(dir: &Path, cache_keys: usize) -> RocksStore {
-    RocksStore::open(dir, RocksOptions { cache_keys }).expect("open rocks store")
+    let opts = RocksOptions {
+        cache_keys,
+        ..RocksOptions::default()
+    };
+    RocksStore::open(dir, opts).expect("open rocks store")
 }
 
 // ---------------------------------------------------------------- the shared suite
@@ -217,6 +221,15 @@ fn rocks_store_conforms() {
     suite(|| {
         let dir = TempDir::new().expect("tempdir");
         let store = rocks(dir.path(), 0);
+        dirs.push(dir);
+        store
+    });
+    // And within a memory budget too small for anything to stay cached (RocksDB's cache and
+    // memtables shared by every store of the suite).
+    let memory = StateMemory::new(64 << 10);
+    suite(|| {
+        let dir = TempDir::new().expect("tempdir");
+        let store = RocksStore::open(dir.path(), RocksOptions::within(&memory)).expect("open");
         dirs.push(dir);
         store
     });

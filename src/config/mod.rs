@@ -130,7 +130,15 @@ pub struct RuntimeSettings {
     /// How long a graceful shutdown waits for its final commit before it gives up on it (the
     /// partitions' next owner then redoes the work since the last commit).
     pub shutdown_timeout: Duration,
+    /// Memory for the state of every partition of the instance, in bytes (see
+    /// [`crate::store::StateMemory`]).
+    pub memory_budget: usize,
 }
+
+/// Default of `service.memory_budget_mib`.
+pub const DEFAULT_MEMORY_BUDGET_MIB: u64 = 1024;
+/// Smallest `service.memory_budget_mib`.
+pub const MIN_MEMORY_BUDGET_MIB: u64 = 64;
 
 /// librdkafka properties the service sets itself; configuring them is an error.
 pub const MANAGED_PROPERTIES: [&str; 9] = [
@@ -559,6 +567,13 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
         s.shutdown_timeout.as_deref(),
         "30s",
     )?;
+    let mib = s.memory_budget_mib.unwrap_or(DEFAULT_MEMORY_BUDGET_MIB);
+    if !(MIN_MEMORY_BUDGET_MIB..=1 << 30).contains(&mib) {
+        return Err(invalid(
+            "service.memory_budget_mib",
+            format!("{mib} MiB is not between {MIN_MEMORY_BUDGET_MIB} MiB and 1 PiB"),
+        ));
+    }
     Ok(RuntimeSettings {
         brokers,
         group,
@@ -579,6 +594,7 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
         metrics_addr,
         json_logs,
         shutdown_timeout,
+        memory_budget: usize::try_from(mib << 20).unwrap_or(usize::MAX),
     })
 }
 
@@ -657,6 +673,9 @@ fn effective(raw: &RawConfig) -> RawConfig {
     d(&mut e.service.metrics_addr, "127.0.0.1:9464");
     d(&mut e.service.log_format, "human");
     d(&mut e.service.shutdown_timeout, "30s");
+    e.service
+        .memory_budget_mib
+        .get_or_insert(DEFAULT_MEMORY_BUDGET_MIB);
     e
 }
 
@@ -753,6 +772,19 @@ mod tests {
         let mut r = RawConfig::default();
         r.service.metrics_addr = Some("nowhere".into());
         assert!(err(r).contains("`service.metrics_addr`"));
+        let mut r = RawConfig::default();
+        r.service.memory_budget_mib = Some(32);
+        assert!(err(r).contains("`service.memory_budget_mib`"));
+    }
+
+    #[test]
+    fn the_memory_budget_is_in_mib() {
+        let mut r = RawConfig::default();
+        assert_eq!(validate(&r).unwrap().runtime.memory_budget, 1 << 30);
+        r.service.memory_budget_mib = Some(256);
+        let s = validate(&r).unwrap();
+        assert_eq!(s.runtime.memory_budget, 256 << 20);
+        assert_eq!(s.effective.service.memory_budget_mib, Some(256));
     }
 
     #[test]

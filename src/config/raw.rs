@@ -68,6 +68,9 @@ pub struct RawService {
     pub log_format: Option<String>,
     /// How long a graceful shutdown may wait for its final commit.
     pub shutdown_timeout: Option<String>,
+    /// Memory for the state of every partition of the instance, in MiB (RocksDB and the
+    /// decoded state kept between commits).
+    pub memory_budget_mib: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -198,7 +201,13 @@ impl RawConfig {
         overlay!(
             self.service,
             over.service,
-            [state_dir, metrics_addr, log_format, shutdown_timeout]
+            [
+                state_dir,
+                metrics_addr,
+                log_format,
+                shutdown_timeout,
+                memory_budget_mib
+            ]
         );
     }
 }

@@ -102,6 +102,24 @@ pub struct KeyState {
     pub quiet_timer: Option<Millis>,
 }
 
+impl KeyState {
+    /// About how many bytes the decoded state takes in memory (its allocations included),
+    /// for the memory budget of the stores.
+    pub fn approx_bytes(&self) -> usize {
+        use std::mem::size_of;
+        size_of::<Self>()
+            + self.user.capacity()
+            + self.events.capacity() * size_of::<OpenEvent>()
+            + self
+                .sessions
+                .iter()
+                .map(|s| s.merged.capacity() * size_of::<u64>())
+                .sum::<usize>()
+            + self.sessions.capacity() * size_of::<OpenSession>()
+            + self.blocks.capacity() * size_of::<Block>()
+    }
+}
+
 /// Per-task state that is not per key.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionMeta {

@@ -27,11 +27,10 @@ pub enum KafkaError {
         what: &'static str,
         source: rdkafka::error::KafkaError,
     },
-    #[error("cannot reach the Kafka brokers `{brokers}` (metadata request failed: {source})")]
-    Unreachable {
-        brokers: String,
-        source: rdkafka::error::KafkaError,
-    },
+    /// `problem`: the failed metadata request, and what the client last reported
+    /// (librdkafka's hints, e.g. a listener of another security protocol).
+    #[error("cannot reach the Kafka brokers `{brokers}` ({problem})")]
+    Unreachable { brokers: String, problem: String },
     #[error(
         "cannot connect to the Kafka brokers `{brokers}`: {reason} (check security.protocol, \
          sasl.* and ssl.* in kafka.properties)"
@@ -62,31 +61,47 @@ pub(crate) fn log_client_error(error: rdkafka::error::KafkaError, reason: &str, 
 
 /// The first security failure (authentication, TLS) a client reported, for start-up to stop
 /// with at once instead of waiting out the metadata timeout and calling the brokers
-/// unreachable. Shared between a client's context, which observes its errors, and the check.
+/// unreachable; and the last error of any kind, for the message when they are. Shared between
+/// a client's context, which observes its errors, and the check.
 #[derive(Clone, Debug, Default)]
-pub struct SecurityFailure(Arc<Mutex<Option<String>>>);
+pub struct SecurityFailure(Arc<Mutex<Observed>>);
+
+#[derive(Debug, Default)]
+struct Observed {
+    security: Option<String>,
+    last: Option<String>,
+}
 
 impl SecurityFailure {
-    /// Keeps `reason` if `error` is an authentication or TLS failure (the first one only).
+    /// Keeps `reason` as the security failure if `error` is an authentication or TLS failure
+    /// (the first one only), and as the last error in any case.
     pub fn observe(&self, error: &rdkafka::error::KafkaError, reason: &str) {
-        if matches!(
+        let security = matches!(
             error.rdkafka_error_code(),
             Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
-        ) {
-            if let Ok(mut first) = self.0.lock() {
-                first.get_or_insert_with(|| reason.to_owned());
+        );
+        if let Ok(mut o) = self.0.lock() {
+            if security {
+                o.security.get_or_insert_with(|| reason.to_owned());
             }
+            o.last = Some(reason.to_owned());
         }
     }
 
+    /// The first security failure seen.
     pub fn get(&self) -> Option<String> {
-        self.0.lock().ok().and_then(|f| f.clone())
+        self.0.lock().ok().and_then(|o| o.security.clone())
+    }
+
+    /// The last error seen, of any kind.
+    pub fn last(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|o| o.last.clone())
     }
 }
 
-/// How long the first metadata request of the start-up check may take before the client's
-/// errors are looked at and the request is made again (each time with twice as long, so a
-/// large cluster's slow answer still fits, until the check's timeout).
+/// How long the first two metadata requests of the start-up check may take (1 and 2 times
+/// this) before the client's errors are looked at and the request is made again; the third
+/// has the rest of the check's timeout, so a large cluster's slow answer still fits.
 const METADATA_SLICE: Duration = Duration::from_secs(1);
 
 /// How long the start-up check serves the client's events after a failed metadata request.
@@ -284,9 +299,9 @@ pub fn check_topics<C: rdkafka::consumer::ConsumerContext>(
     }
 }
 
-/// The cluster's metadata, asked for in growing slices from [`METADATA_SLICE`] until
-/// `timeout`. Between two, the consumer's queued events are served, so that its context sees
-/// the errors of the failed connections (the context hands security failures to `security`).
+/// The cluster's metadata, asked for in slices (see [`METADATA_SLICE`]) until `timeout`.
+/// Between two, the consumer's queued events are served, so that its context sees the errors
+/// of the failed connections (the context hands them to `security`).
 fn fetch_metadata<C: rdkafka::consumer::ConsumerContext>(
     consumer: &BaseConsumer<C>,
     rt: &RuntimeSettings,
@@ -294,10 +309,15 @@ fn fetch_metadata<C: rdkafka::consumer::ConsumerContext>(
     security: &SecurityFailure,
 ) -> Result<Metadata, KafkaError> {
     let deadline = Instant::now() + timeout;
-    let mut slice = METADATA_SLICE;
+    let mut attempt = 0;
     loop {
-        let wait = slice.min(deadline.saturating_duration_since(Instant::now()));
-        slice *= 2;
+        let left = deadline.saturating_duration_since(Instant::now());
+        attempt += 1;
+        let wait = if attempt <= 2 {
+            (METADATA_SLICE * attempt).min(left)
+        } else {
+            left
+        };
         match consumer.fetch_metadata(None, wait) {
             Ok(md) => return Ok(md),
             Err(source) => {
@@ -318,9 +338,13 @@ fn fetch_metadata<C: rdkafka::consumer::ConsumerContext>(
                     });
                 }
                 if Instant::now() >= deadline {
+                    let mut problem = format!("metadata request failed: {source}");
+                    if let Some(last) = security.last() {
+                        problem.push_str(&format!("; last client error: {last}"));
+                    }
                     return Err(KafkaError::Unreachable {
                         brokers: rt.brokers.clone(),
-                        source,
+                        problem,
                     });
                 }
             }
@@ -411,7 +435,7 @@ mod tests {
     }
 
     #[test]
-    fn security_failures_are_kept_first_one_only_and_other_errors_ignored() {
+    fn security_failures_keep_the_first_and_every_error_the_last() {
         use rdkafka::error::KafkaError as Rd;
         let f = SecurityFailure::default();
         f.observe(
@@ -419,6 +443,7 @@ mod tests {
             "refused",
         );
         assert_eq!(f.get(), None, "not a security failure");
+        assert_eq!(f.last().as_deref(), Some("refused"));
         let seen = f.clone();
         f.observe(
             &Rd::Global(RDKafkaErrorCode::Authentication),
@@ -426,5 +451,6 @@ mod tests {
         );
         f.observe(&Rd::Global(RDKafkaErrorCode::SSL), "TLS: bad certificate");
         assert_eq!(seen.get().as_deref(), Some("SASL: bad password"));
+        assert_eq!(seen.last().as_deref(), Some("TLS: bad certificate"));
     }
 }

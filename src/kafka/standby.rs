@@ -21,7 +21,7 @@ use super::changelog::{distrust, keep_brokers, reader, ReaderContext};
 use super::KafkaError;
 use crate::config::RuntimeSettings;
 use crate::metrics::Metrics;
-use crate::store::{Change, RocksOptions, RocksStore};
+use crate::store::{Change, RocksOptions, RocksStore, StateMemory};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -63,8 +63,13 @@ pub struct Standbys {
 }
 
 impl Standbys {
-    /// Starts the thread; copies live in `<state_dir>/<group>/partition-<n>`, like tasks.
-    pub fn start(rt: &RuntimeSettings, metrics: Arc<Metrics>) -> Result<Self, KafkaError> {
+    /// Starts the thread; copies live in `<state_dir>/<group>/partition-<n>`, like tasks, and
+    /// within the same memory budget.
+    pub fn start(
+        rt: &RuntimeSettings,
+        metrics: Arc<Metrics>,
+        memory: StateMemory,
+    ) -> Result<Self, KafkaError> {
         let consumer = reader(rt, "standby", "standby reader", &[])?;
         let copies = Copies {
             consumer,
@@ -73,6 +78,7 @@ impl Standbys {
             dir: rt.state_dir.join(&rt.group),
             held: BTreeMap::new(),
             metrics,
+            memory,
         };
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -129,6 +135,7 @@ struct Copies {
     dir: PathBuf,
     held: BTreeMap<i32, Copy>,
     metrics: Arc<Metrics>,
+    memory: StateMemory,
 }
 
 impl Copies {
@@ -223,8 +230,8 @@ impl Copies {
             .consumer
             .fetch_watermarks(&self.topic, partition, Duration::from_secs(10))
             .map_err(|e| format!("cannot read the changelog offsets: {e}"))?;
-        let mut store =
-            RocksStore::open(&dir, RocksOptions::default()).map_err(|e| e.to_string())?;
+        let mut store = RocksStore::open(&dir, RocksOptions::within(&self.memory))
+            .map_err(|e| e.to_string())?;
         let mut from = store
             .changelog_checkpoint()
             .map_err(|e| e.to_string())?
@@ -233,7 +240,8 @@ impl Copies {
             tracing::info!(partition, why, "standby copy not trusted: rebuilding it");
             drop(store);
             RocksStore::destroy(&dir).map_err(|e| e.to_string())?;
-            store = RocksStore::open(&dir, RocksOptions::default()).map_err(|e| e.to_string())?;
+            store = RocksStore::open(&dir, RocksOptions::within(&self.memory))
+                .map_err(|e| e.to_string())?;
             from = low;
         }
         let mut tpl = TopicPartitionList::new();

@@ -2,12 +2,14 @@
 //! in memory (offline mode, tests, benchmarks); [`RocksStore`] keeps a task's state in one
 //! RocksDB database and makes it durable together with the input offsets at each commit.
 
+pub mod budget;
 pub mod changelog;
 pub mod memory;
 pub mod rocks;
 
 mod encoding;
 
+pub use budget::StateMemory;
 pub use changelog::Change;
 pub use memory::MemStore;
 pub use rocks::{RocksOptions, RocksStore, StateWriter};

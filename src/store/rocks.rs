@@ -16,9 +16,11 @@
 //!
 //! Uncommitted writes live in memory and reads see them: a write-back cache of decoded
 //! `KeyState`s / `UserStats` (dirty entries go into the next commit's batch; clean ones not
-//! used in the last commit interval are evicted once the cache exceeds
-//! [`RocksOptions::cache_keys`]), an overlay of payload puts/deletes, and both timer indexes
-//! mirrored entirely in memory (loaded at open) with the pending difference to the database.
+//! used in the last commit interval are evicted once the cache exceeds its bound: the store's
+//! share of a [`StateMemory`] budget if [`RocksOptions::memory`] gives one, else
+//! [`RocksOptions::cache_keys`] entries), an overlay of payload puts/deletes, and both timer
+//! indexes mirrored entirely in memory (loaded at open) with the pending difference to the
+//! database. With a budget, the block cache and the memtables are the budget's too.
 //!
 //! **Staged commits** (changelog mode, see [`RocksStore::enable_changelog`]). A commit may be
 //! staged (its changes recorded, not written) while the engine goes on: the pipeline writes it
@@ -34,6 +36,7 @@
 //! boundary with the changelog checkpoint it reached, and the pipeline replays the changelog
 //! from there. Closing the database flushes it.
 
+use super::budget::{Registration, StateMemory};
 use super::changelog::{cf_of, change_key, Change};
 use super::encoding::{
     decode_offset_key, decode_timer_key, decode_value, encode_value, offset_key, payload_key,
@@ -82,20 +85,41 @@ pub const STATE_FORMAT: u32 = 2;
 const BLOCK_CACHE_BYTES: usize = 32 << 20;
 
 /// Tuning of a [`RocksStore`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct RocksOptions {
-    /// Maximum number of decoded `KeyState`s (and, separately, `UserStats`) kept in memory
-    /// between commits; entries used since the last commit are kept regardless.
+    /// Without a [`Self::memory`] budget: the maximum number of decoded `KeyState`s (and,
+    /// separately, `UserStats`) kept in memory between commits; entries used since the last
+    /// commit are kept regardless.
     pub cache_keys: usize,
+    /// The memory budget shared by the process's stores (the streaming mode's); without one,
+    /// each database has its own block cache and memtables and [`Self::cache_keys`] bounds
+    /// the decoded entries.
+    pub memory: Option<StateMemory>,
 }
 
 impl Default for RocksOptions {
     fn default() -> Self {
         Self {
             cache_keys: 100_000,
+            memory: None,
         }
     }
 }
+
+impl RocksOptions {
+    /// Options within the shared budget `memory`.
+    pub fn within(memory: &StateMemory) -> Self {
+        Self {
+            memory: Some(memory.clone()),
+            ..Self::default()
+        }
+    }
+}
+
+/// Entries sampled to estimate a cache's size (see [`estimate`]).
+const SAMPLE: usize = 64;
+/// Bytes a hash map entry takes besides its key's and value's own allocations, about.
+const ENTRY_OVERHEAD: usize = 16;
 
 /// Fails unless the database is empty or holds state of [`STATE_FORMAT`]: committed state
 /// without a format key is format 1.
@@ -218,6 +242,8 @@ pub struct RocksStore {
     changes: Option<Vec<Change>>,
     /// Restored records written without the write-ahead log and not flushed yet.
     unflushed: bool,
+    /// This store's place in the memory budget, if there is one.
+    _budget: Option<Registration>,
 }
 
 impl fmt::Debug for RocksStore {
@@ -239,9 +265,16 @@ impl RocksStore {
         std::fs::create_dir_all(path).map_err(|e| {
             StoreError::Backend(format!("cannot create directory {}: {e}", path.display()))
         })?;
-        let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES);
+        let own_cache;
+        let cache = match &opts.memory {
+            Some(m) => m.cache(),
+            None => {
+                own_cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES);
+                &own_cache
+            }
+        };
         let mut table = BlockBasedOptions::default();
-        table.set_block_cache(&cache);
+        table.set_block_cache(cache);
         table.set_bloom_filter(10.0, false);
         let mut cf_opts = Options::default();
         cf_opts.set_compression_type(DBCompressionType::Lz4);
@@ -253,7 +286,10 @@ impl RocksStore {
         // State and offsets span column families; keep their flushes consistent too.
         db_opts.set_atomic_flush(true);
         db_opts.set_max_background_jobs(2);
-        db_opts.set_db_write_buffer_size(64 << 20);
+        match &opts.memory {
+            Some(m) => db_opts.set_write_buffer_manager(m.buffers()),
+            None => db_opts.set_db_write_buffer_size(64 << 20),
+        }
         db_opts.set_keep_log_file_num(4);
 
         // RocksDB insists on opening every existing column family.
@@ -272,6 +308,7 @@ impl RocksStore {
         check_format(&db)?;
         let deadline = TimerIndex::load(&db, CF_DEADLINE)?;
         let quiet = TimerIndex::load(&db, CF_QUIET)?;
+        let budget = opts.memory.as_ref().map(StateMemory::register);
         Ok(Self {
             db: Arc::new(db),
             path: path.to_path_buf(),
@@ -286,6 +323,7 @@ impl RocksStore {
             staged: VecDeque::new(),
             changes: None,
             unflushed: false,
+            _budget: budget,
         })
     }
 
@@ -391,10 +429,28 @@ impl RocksStore {
     /// The database has every value staged up to generation `gen`: those need not stay in
     /// memory.
     fn settle_written(&mut self, gen: u64) {
-        let limit = self.opts.cache_keys;
-        settle(&mut self.keys, limit, gen);
-        settle(&mut self.stats, limit, gen);
+        match self.opts.memory.as_ref().map(StateMemory::decoded_share) {
+            Some(share) => {
+                let used = estimate(&self.keys, KeyState::approx_bytes)
+                    + estimate(&self.stats, |_| std::mem::size_of::<UserStats>());
+                if used > share {
+                    settle(&mut self.keys, 0, gen);
+                    settle(&mut self.stats, 0, gen);
+                }
+            }
+            None => {
+                let limit = self.opts.cache_keys;
+                settle(&mut self.keys, limit, gen);
+                settle(&mut self.stats, limit, gen);
+            }
+        }
         self.payloads.retain(|_, w| w.dirty || w.staged > gen);
+    }
+
+    /// About how many bytes the decoded key states and user stats cached take.
+    pub fn cached_bytes(&self) -> usize {
+        estimate(&self.keys, KeyState::approx_bytes)
+            + estimate(&self.stats, |_| std::mem::size_of::<UserStats>())
     }
 
     /// The database directory.
@@ -609,6 +665,21 @@ impl StateWriter {
         opts.disable_wal(true);
         self.db.write_opt(batch, &opts).map_err(backend)
     }
+}
+
+/// About how many bytes `cache` takes: its length times the mean size of up to [`SAMPLE`]
+/// entries (in hash order: a sample without a pattern), keys and hash map entries included.
+fn estimate<T>(cache: &FxHashMap<String, Cached<T>>, size: impl Fn(&T) -> usize) -> usize {
+    let (n, total) = cache
+        .iter()
+        .take(SAMPLE)
+        .fold((0, 0), |(n, total), (k, c)| {
+            (
+                n + 1,
+                total + k.capacity() + size(&c.value) + ENTRY_OVERHEAD,
+            )
+        });
+    total.checked_div(n).map_or(0, |mean| mean * cache.len())
 }
 
 /// After the batch of generation `gen` is written: if the cache is over `limit`, drops the
@@ -913,5 +984,64 @@ mod tests {
             s.finish_restore(),
             Err(StoreError::Format { found: 1, .. })
         ));
+    }
+
+    /// A state of about `events` open events.
+    fn state(user: &str, events: usize) -> KeyState {
+        KeyState {
+            user: user.into(),
+            events: vec![
+                crate::engine::state::OpenEvent {
+                    k: crate::engine::EvKey {
+                        t: 1_000,
+                        rank: 1,
+                        timeout: 60_000,
+                        tie: 1,
+                    },
+                    sess: 1,
+                };
+                events
+            ],
+            ..KeyState::default()
+        }
+    }
+
+    #[test]
+    fn a_memory_budget_bounds_the_decoded_cache() {
+        let users = 4_000;
+        let run = |opts: RocksOptions| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut s = RocksStore::open(dir.path(), opts).expect("open");
+            // About 4,000 x 1.6 kB: over a 2 MiB share.
+            for u in 0..users {
+                let k = format!("u{u}");
+                s.put_key(&k, state(&k, 50)).expect("put");
+            }
+            s.commit(&PartitionMeta::default(), &[offset(1)])
+                .expect("commit");
+            // The next interval touches one key: the rest is evictable once over the bound.
+            let mut st = s.take_key("u7").expect("take").expect("u7");
+            st.created = 2;
+            s.put_key("u7", st).expect("put");
+            s.commit(&PartitionMeta::default(), &[offset(2)])
+                .expect("commit");
+            let cached = (s.cached_keys(), s.cached_bytes());
+            // Evicted states read back from the database, unchanged.
+            assert_eq!(s.take_key("u9").expect("take"), Some(state("u9", 50)));
+            assert_eq!(s.take_key("u7").expect("take").map(|k| k.created), Some(2));
+            cached
+        };
+        let (unbounded, _) = run(RocksOptions::default());
+        assert_eq!(unbounded, users, "100,000 entries allowed: all stay");
+        let memory = StateMemory::new(4 << 20);
+        let (keys, bytes) = run(RocksOptions::within(&memory));
+        assert!(
+            keys <= 1 && bytes <= memory.decoded_share(),
+            "within the budget: {keys} keys, {bytes} bytes"
+        );
+        assert!(
+            format!("{memory:?}").contains("stores: 0"),
+            "the store closed: {memory:?}"
+        );
     }
 }
