@@ -9,6 +9,8 @@
 # (`. scripts/env.sh && cargo build --release`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+(($#)) || { echo "usage: [USERS=N COUNT=N] $0 BUDGET_MIB..." >&2; exit 2; }
+command -v bc >/dev/null || { echo "needs bc" >&2; exit 1; }
 . scripts/env.sh
 B="$CARGO_TARGET_DIR/release/sessionizer"
 [[ -x "$B" ]] || { echo "build first: cargo build --release" >&2; exit 1; }
@@ -16,8 +18,10 @@ USERS=${USERS:-1000000}
 COUNT=${COUNT:-3000000}
 WORK="$(mktemp -d)"
 K="$WORK/kafka"
-trap 'scripts/kafka.sh stop --dir "$K" --clean >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
-BS=$(scripts/kafka.sh start --dir "$K" --port "${PORT:-29900}" 2>/dev/null | tail -1)
+pid=""
+trap '[[ -n "$pid" ]] && kill "$pid" 2>/dev/null; scripts/kafka.sh stop --dir "$K" --clean >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
+BS=$(scripts/kafka.sh start --dir "$K" --port "${PORT:-29900}" 2>"$WORK/kafka-start.log" | tail -1) ||
+  { cat "$WORK/kafka-start.log" >&2; exit 1; }
 scripts/kafka.sh topics --dir "$K" -- --create --topic mem-in --partitions 3 >/dev/null
 t0=$(date +%s.%N)
 "$B" generate --users "$USERS" --count "$COUNT" --topic mem-in --brokers "$BS" 2>/dev/null
@@ -25,8 +29,9 @@ echo "generated $COUNT events of $USERS users in $(echo "$(date +%s.%N) - $t0" |
 metric() {  # sum of the samples of metric $2 on port $1 (0 while nothing answers)
   { curl -s "127.0.0.1:$1/metrics" || true; } | awk -v m="$2" '$1 ~ "^"m {s+=$2} END {printf "%d\n", s}'
 }
-for budget in "$@"; do
-  g="mem-$budget"
+for i in $(seq "$#"); do
+  budget="${!i}"
+  g="mem-$i-$budget"
   for t in ann ses late dlq stats; do
     scripts/kafka.sh topics --dir "$K" -- --create --topic "$g-$t" --partitions 3 >/dev/null
   done
@@ -37,7 +42,9 @@ for budget in "$@"; do
     --metrics-addr "127.0.0.1:$port" --memory-budget-mib "$budget" >"$WORK/log-$budget" 2>&1 &
   pid=$!
   t0=$(date +%s.%N)
+  deadline=$((SECONDS + 600))
   until (($(metric "$port" sessionizer_events_total) >= COUNT)); do
+    ((SECONDS < deadline)) || { echo "budget $budget MiB: not done after 600 s" >&2; exit 1; }
     if ! kill -0 "$pid" 2>/dev/null; then
       echo "budget $budget MiB: the sessionizer stopped; its log:" >&2
       tail -20 "$WORK/log-$budget" >&2
@@ -52,4 +59,5 @@ for budget in "$@"; do
   echo "budget $budget MiB: $COUNT events in $secs s; open sessions $open; peak RSS $hwm MiB, RSS at the end $rss MiB"
   kill -TERM "$pid"
   wait "$pid" || true
+  pid=""
 done

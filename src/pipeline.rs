@@ -870,6 +870,23 @@ impl Core {
         Ok(())
     }
 
+    /// Partitions lost (this instance's group session ended while it was away: frozen, cut
+    /// off): if the group now has a member of another process with this instance id, that
+    /// one replaced it, and this one stops. Otherwise it would rejoin the group next to its
+    /// replacement and, with nothing to commit, might never learn that it was fenced.
+    fn check_replaced(&self, consumer: &BaseConsumer<Ctx>) -> Result<(), PipelineError> {
+        let Some(own) = self.client_id.as_deref() else {
+            return Ok(());
+        };
+        match kafka::other_member_with_our_id(consumer, &self.rt, own, Duration::from_secs(5)) {
+            Some(other) => Err(PipelineError::Fenced(format!(
+                "this instance lost its partitions and the consumer group has another member \
+                 with its instance id: {other}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// After a fencing error: fails if the instance must stop. If the consumer group has a
     /// member from another process with this instance id, that one took over: stop.
     /// Otherwise (or when the group cannot be described), the first time within
@@ -1090,6 +1107,9 @@ impl Core {
         parts: &[i32],
         lost: bool,
     ) -> Result<(), PipelineError> {
+        if lost && !self.closing() {
+            self.check_replaced(consumer)?;
+        }
         if self.closing() {
             // Everything was committed by the final tick.
         } else if lost && self.exactly_once() {

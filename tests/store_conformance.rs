@@ -225,8 +225,8 @@ fn rocks_store_conforms() {
         store
     });
     // And within a memory budget too small for anything to stay cached (RocksDB's cache and
-    // memtables shared by every store of the suite).
-    let memory = StateMemory::new(64 << 10);
+    // memtables shared by every store of the suite; a decoded share of 128 bytes).
+    let memory = StateMemory::new(256);
     suite(|| {
         let dir = TempDir::new().expect("tempdir");
         let store = RocksStore::open(dir.path(), RocksOptions::within(&memory)).expect("open");

@@ -230,7 +230,7 @@ impl Copies {
             .consumer
             .fetch_watermarks(&self.topic, partition, Duration::from_secs(10))
             .map_err(|e| format!("cannot read the changelog offsets: {e}"))?;
-        let mut store = RocksStore::open(&dir, RocksOptions::within(&self.memory))
+        let mut store = RocksStore::open(&dir, RocksOptions::copy_within(&self.memory))
             .map_err(|e| e.to_string())?;
         let mut from = store
             .changelog_checkpoint()
@@ -240,7 +240,7 @@ impl Copies {
             tracing::info!(partition, why, "standby copy not trusted: rebuilding it");
             drop(store);
             RocksStore::destroy(&dir).map_err(|e| e.to_string())?;
-            store = RocksStore::open(&dir, RocksOptions::within(&self.memory))
+            store = RocksStore::open(&dir, RocksOptions::copy_within(&self.memory))
                 .map_err(|e| e.to_string())?;
             from = low;
         }

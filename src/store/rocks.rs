@@ -95,6 +95,9 @@ pub struct RocksOptions {
     /// each database has its own block cache and memtables and [`Self::cache_keys`] bounds
     /// the decoded entries.
     pub memory: Option<StateMemory>,
+    /// Whether the store takes a share of the budget's decoded half: not for standby copies,
+    /// which only apply changelog records and cache nothing.
+    pub decoded_share: bool,
 }
 
 impl Default for RocksOptions {
@@ -102,6 +105,7 @@ impl Default for RocksOptions {
         Self {
             cache_keys: 100_000,
             memory: None,
+            decoded_share: true,
         }
     }
 }
@@ -114,12 +118,19 @@ impl RocksOptions {
             ..Self::default()
         }
     }
+
+    /// Options of a store that only applies changelog records (a standby copy) within the
+    /// shared budget `memory`: RocksDB's part only.
+    pub fn copy_within(memory: &StateMemory) -> Self {
+        Self {
+            decoded_share: false,
+            ..Self::within(memory)
+        }
+    }
 }
 
 /// Entries sampled to estimate a cache's size (see [`estimate`]).
 const SAMPLE: usize = 64;
-/// Bytes a hash map entry takes besides its key's and value's own allocations, about.
-const ENTRY_OVERHEAD: usize = 16;
 
 /// Fails unless the database is empty or holds state of [`STATE_FORMAT`]: committed state
 /// without a format key is format 1.
@@ -308,7 +319,11 @@ impl RocksStore {
         check_format(&db)?;
         let deadline = TimerIndex::load(&db, CF_DEADLINE)?;
         let quiet = TimerIndex::load(&db, CF_QUIET)?;
-        let budget = opts.memory.as_ref().map(StateMemory::register);
+        let budget = opts
+            .memory
+            .as_ref()
+            .filter(|_| opts.decoded_share)
+            .map(StateMemory::register);
         Ok(Self {
             db: Arc::new(db),
             path: path.to_path_buf(),
@@ -431,11 +446,13 @@ impl RocksStore {
     fn settle_written(&mut self, gen: u64) {
         match self.opts.memory.as_ref().map(StateMemory::decoded_share) {
             Some(share) => {
-                let used = estimate(&self.keys, KeyState::approx_bytes)
-                    + estimate(&self.stats, |_| std::mem::size_of::<UserStats>());
-                if used > share {
+                if self.cached_bytes() > share {
                     settle(&mut self.keys, 0, gen);
                     settle(&mut self.stats, 0, gen);
+                    // A large interval (catching up) may have grown the tables far beyond
+                    // what stays: give the memory back.
+                    shrink(&mut self.keys);
+                    shrink(&mut self.stats);
                 }
             }
             None => {
@@ -447,10 +464,12 @@ impl RocksStore {
         self.payloads.retain(|_, w| w.dirty || w.staged > gen);
     }
 
-    /// About how many bytes the decoded key states and user stats cached take.
+    /// About how many bytes the decoded key states and user stats cached take, their hash
+    /// tables included.
     pub fn cached_bytes(&self) -> usize {
-        estimate(&self.keys, KeyState::approx_bytes)
-            + estimate(&self.stats, |_| std::mem::size_of::<UserStats>())
+        estimate(&self.keys, |k| {
+            k.approx_bytes() - std::mem::size_of::<KeyState>()
+        }) + estimate(&self.stats, |_| 0)
     }
 
     /// The database directory.
@@ -667,19 +686,25 @@ impl StateWriter {
     }
 }
 
-/// About how many bytes `cache` takes: its length times the mean size of up to [`SAMPLE`]
-/// entries (in hash order: a sample without a pattern), keys and hash map entries included.
-fn estimate<T>(cache: &FxHashMap<String, Cached<T>>, size: impl Fn(&T) -> usize) -> usize {
+/// About how many bytes `cache` takes: its table (every slot, with its control byte), plus
+/// its length times the mean heap size (key and value allocations, from `heap`) of up to
+/// [`SAMPLE`] entries, in hash order: a sample without a pattern.
+fn estimate<T>(cache: &FxHashMap<String, Cached<T>>, heap: impl Fn(&T) -> usize) -> usize {
     let (n, total) = cache
         .iter()
         .take(SAMPLE)
         .fold((0, 0), |(n, total), (k, c)| {
-            (
-                n + 1,
-                total + k.capacity() + size(&c.value) + ENTRY_OVERHEAD,
-            )
+            (n + 1, total + k.capacity() + heap(&c.value))
         });
-    total.checked_div(n).map_or(0, |mean| mean * cache.len())
+    let table = cache.capacity() * (std::mem::size_of::<(String, Cached<T>)>() + 1);
+    table + total.checked_div(n).map_or(0, |mean| mean * cache.len())
+}
+
+/// Gives back a hash table's memory beyond twice what it holds.
+fn shrink<T>(cache: &mut FxHashMap<String, Cached<T>>) {
+    if cache.capacity() > 4 * cache.len().max(16) {
+        cache.shrink_to(2 * cache.len());
+    }
 }
 
 /// After the batch of generation `gen` is written: if the cache is over `limit`, drops the
@@ -1012,7 +1037,7 @@ mod tests {
         let run = |opts: RocksOptions| {
             let dir = tempfile::tempdir().expect("tempdir");
             let mut s = RocksStore::open(dir.path(), opts).expect("open");
-            // About 4,000 x 1.6 kB: over a 2 MiB share.
+            // About 4,000 x 2.2 kB: over the 2 MiB share of the only store.
             for u in 0..users {
                 let k = format!("u{u}");
                 s.put_key(&k, state(&k, 50)).expect("put");
@@ -1043,5 +1068,9 @@ mod tests {
             format!("{memory:?}").contains("stores: 0"),
             "the store closed: {memory:?}"
         );
+        // A standby copy caches nothing: it takes no share.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _copy = RocksStore::open(dir.path(), RocksOptions::copy_within(&memory)).expect("open");
+        assert!(format!("{memory:?}").contains("stores: 0"), "{memory:?}");
     }
 }
