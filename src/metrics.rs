@@ -84,6 +84,9 @@ pub const METRIC_TABLE: &str = "\
 | `sessionizer_restore_records_total` | counter | `partition` | state records restored from the changelog |
 | `sessionizer_restoring_partitions` | gauge | | partitions currently restoring their state |
 | `sessionizer_state_size_bytes` | gauge | `partition` | estimated size of the partition's RocksDB state (live SST files + memtables) |
+| `sessionizer_state_cache_bytes` | gauge | `partition` | estimated memory of the decoded key states and user stats the partition keeps between commits (within its share of the memory budget; README, Sizing memory) |
+| `sessionizer_rocksdb_cache_bytes` | gauge | | memory in RocksDB's block cache shared by every partition, memtables included (within half the memory budget) |
+| `sessionizer_memory_budget_bytes` | gauge | | `service.memory_budget_mib`, in bytes |
 | `sessionizer_standby_partitions` | gauge | | partitions of which this instance keeps a standby copy |
 | `sessionizer_standby_checkpoint` | gauge | `partition` | next changelog offset a standby copy reflects (compare with the changelog's end offset) |
 | `sessionizer_process_*` | counter / gauge | | process CPU seconds, resident and virtual memory bytes, open and max file descriptors, threads, start time (Linux) |
@@ -324,6 +327,9 @@ pub struct Metrics {
     standby_partitions: IntGauge,
     standby_checkpoint: IntGaugeVec,
     state_size: IntGaugeVec,
+    state_cache: IntGaugeVec,
+    rocksdb_cache: IntGauge,
+    memory_budget: IntGauge,
 }
 
 /// Registers metrics, turning errors into [`MetricsError::Define`] with the metric's name.
@@ -554,6 +560,21 @@ impl Metrics {
              in bytes.",
             &["partition"],
         )?;
+        let state_cache = b.int_gauge_vec(
+            "sessionizer_state_cache_bytes",
+            "Estimated memory of the decoded key states and user stats the partition keeps \
+             between commits, in bytes.",
+            &["partition"],
+        )?;
+        let rocksdb_cache = b.int_gauge(
+            "sessionizer_rocksdb_cache_bytes",
+            "Memory in RocksDB's block cache shared by every partition (memtables included), \
+             in bytes.",
+        )?;
+        let memory_budget = b.int_gauge(
+            "sessionizer_memory_budget_bytes",
+            "The state's memory budget (service.memory_budget_mib), in bytes.",
+        )?;
 
         #[cfg(target_os = "linux")]
         {
@@ -593,6 +614,9 @@ impl Metrics {
             standby_partitions,
             standby_checkpoint,
             state_size,
+            state_cache,
+            rocksdb_cache,
+            memory_budget,
         })
     }
 
@@ -751,6 +775,19 @@ impl Metrics {
             .set(saturating_i64(bytes));
     }
 
+    /// Sets the estimated memory of a partition's decoded state cache.
+    pub fn set_state_cache(&self, partition: i32, bytes: u64) {
+        self.state_cache
+            .with_label_values(&[partition.to_string()])
+            .set(saturating_i64(bytes));
+    }
+
+    /// Sets the memory in RocksDB's shared block cache and the budget it belongs to.
+    pub fn set_state_memory(&self, rocksdb_cache: u64, budget: u64) {
+        self.rocksdb_cache.set(saturating_i64(rocksdb_cache));
+        self.memory_budget.set(saturating_i64(budget));
+    }
+
     /// Drops the per-partition series of a partition this instance no longer owns (after a
     /// revocation), so its gauges don't linger with stale values. `topics` are the input
     /// topics of the partition. Counters are kept (their series must not go backwards).
@@ -759,6 +796,7 @@ impl Metrics {
         // Removing a series that was never set is not an error worth reporting.
         let _ = self.open_sessions.remove_label_values(&[p.as_str()]);
         let _ = self.state_size.remove_label_values(&[p.as_str()]);
+        let _ = self.state_cache.remove_label_values(&[p.as_str()]);
         for topic in topics {
             let labels = [*topic, p.as_str()];
             let _ = self.watermark.remove_label_values(&labels);
@@ -852,6 +890,7 @@ mod tests {
         m.set_consumer_lag("events", 0, 3);
         m.restore_records(0, 1);
         m.set_state_size(0, 1);
+        m.set_state_cache(0, 1);
         m.set_standby_checkpoint(1, 1);
         let families = m.registry().gather();
         let mut names = BTreeSet::new();

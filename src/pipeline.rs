@@ -865,7 +865,13 @@ impl Core {
                 .set_open_sessions(t.partition, t.engine.open_sessions());
             self.metrics
                 .set_state_size(t.partition, t.engine.store().approx_size_bytes());
+            self.metrics
+                .set_state_cache(t.partition, t.engine.store().cached_bytes() as u64);
         }
+        self.metrics.set_state_memory(
+            self.memory.rocksdb_usage() as u64,
+            self.memory.budget() as u64,
+        );
         self.refresh_watermarks(now);
         Ok(())
     }

@@ -81,6 +81,14 @@ fn streaming_equals_offline_and_metrics_agree(broker: &Broker) {
         metric(&m, "sessionizer_session_length_seconds_count"),
         want_sessions.len() as f64
     );
+    // The state's memory: the default budget, the shared RocksDB cache in use (memtables are
+    // charged to it), the partition's decoded states cached, all within the budget.
+    let budget = metric(&m, "sessionizer_memory_budget_bytes");
+    assert_eq!(budget, (1u64 << 30) as f64, "{m}");
+    let rocksdb = metric(&m, "sessionizer_rocksdb_cache_bytes");
+    let cached = metric(&m, "sessionizer_state_cache_bytes{partition=\"0\"}");
+    assert!(rocksdb > 0.0 && rocksdb <= budget / 2.0, "{m}");
+    assert!(cached > 0.0 && cached <= budget / 2.0, "{m}");
     let stats = broker.read_until(&t.stats, Duration::from_secs(30), |r| {
         r.len() >= want_sessions.len()
     });

@@ -59,6 +59,11 @@ impl StateMemory {
         self.inner.budget
     }
 
+    /// Bytes in RocksDB's shared block cache now (memtables charged to it included).
+    pub fn rocksdb_usage(&self) -> usize {
+        self.inner.cache.get_usage()
+    }
+
     pub(crate) fn cache(&self) -> &Cache {
         &self.inner.cache
     }
