@@ -219,22 +219,19 @@ controller_port() { echo $((BASE_PORT + 2 * ($1 - 1) + 1)); }
 sasl_port() { echo $((BASE_PORT + 2 * NODES + $1 - 1)); }
 tls_port() { echo $((BASE_PORT + 2 * NODES + ${SASL:-0} * NODES + $1 - 1)); }
 
+# Bootstrap servers of one listener of every node: PORT_FN is broker_port (PLAINTEXT, the
+# default), sasl_port or tls_port.
 bootstrap_servers() {
-  local n out=""
-  for ((n = 1; n <= NODES; n++)); do out+="${out:+,}127.0.0.1:$(broker_port "$n")"; done
+  local port_fn="${1:-broker_port}" n out=""
+  for ((n = 1; n <= NODES; n++)); do out+="${out:+,}127.0.0.1:$("$port_fn" "$n")"; done
   printf '%s\n' "$out"
 }
 
-sasl_bootstrap_servers() {
-  local n out=""
-  for ((n = 1; n <= NODES; n++)); do out+="${out:+,}127.0.0.1:$(sasl_port "$n")"; done
-  printf '%s\n' "$out"
-}
-
-tls_bootstrap_servers() {
-  local n out=""
-  for ((n = 1; n <= NODES; n++)); do out+="${out:+,}127.0.0.1:$(tls_port "$n")"; done
-  printf '%s\n' "$out"
+# Every port node N listens on.
+node_ports() {
+  echo "$(broker_port "$1")" "$(controller_port "$1")"
+  if ((SASL)); then sasl_port "$1"; fi
+  if ((TLS)); then tls_port "$1"; fi
 }
 
 # The password of the test certificates' key stores (they guard nothing: a cluster for tests).
@@ -496,11 +493,8 @@ cmd_start() {
 
   ensure_libs
   local ports=()
-  for ((n = 1; n <= NODES; n++)); do
-    ports+=("$(broker_port "$n")" "$(controller_port "$n")")
-    if ((SASL)); then ports+=("$(sasl_port "$n")"); fi
-    if ((TLS)); then ports+=("$(tls_port "$n")"); fi
-  done
+  # shellcheck disable=SC2207
+  for ((n = 1; n <= NODES; n++)); do ports+=($(node_ports "$n")); done
   check_ports_free "${ports[@]}"
 
   rm -rf "$DIR"
@@ -557,9 +551,9 @@ cmd_start() {
   fi
   info "cluster of $NODES node(s) ready in $((SECONDS - START_S))s; logs: $DIR/node*/kafka.log"
   if ((SASL)); then
-    info "SASL_PLAINTEXT listeners (user $SASL_USER, password $SASL_PASSWORD): $(sasl_bootstrap_servers)"
+    info "SASL_PLAINTEXT listeners (user $SASL_USER, password $SASL_PASSWORD): $(bootstrap_servers sasl_port)"
   fi
-  if ((TLS)); then info "SSL listeners (CA: $DIR/tls/ca.pem): $(tls_bootstrap_servers)"; fi
+  if ((TLS)); then info "SSL listeners (CA: $DIR/tls/ca.pem): $(bootstrap_servers tls_port)"; fi
   bootstrap_servers
 }
 
@@ -573,10 +567,8 @@ cmd_start_node() {
   local pid
   pid="$(node_pid "$n")"
   [[ -z "$pid" ]] || die "node $n is already running (pid $pid)"
-  local ports=("$(broker_port "$n")" "$(controller_port "$n")")
-  if ((SASL)); then ports+=("$(sasl_port "$n")"); fi
-  if ((TLS)); then ports+=("$(tls_port "$n")"); fi
-  check_ports_free "${ports[@]}"
+  # shellcheck disable=SC2046
+  check_ports_free $(node_ports "$n")
   START_S=$SECONDS
   declare -g -a LOG_OFFSET=() STARTED_PIDS=()
   launch_node "$n"
@@ -669,10 +661,10 @@ cmd_bootstrap() {
     "") bootstrap_servers ;;
     --sasl)
       ((${SASL:-0})) || die "the cluster in $DIR has no SASL listeners (start it with --sasl)"
-      sasl_bootstrap_servers ;;
+      bootstrap_servers sasl_port ;;
     --tls)
       ((${TLS:-0})) || die "the cluster in $DIR has no SSL listeners (start it with --tls)"
-      tls_bootstrap_servers ;;
+      bootstrap_servers tls_port ;;
     *) die "bootstrap: unexpected argument(s): ${REST[*]}" ;;
   esac
 }

@@ -782,10 +782,14 @@ impl Metrics {
             .set(saturating_i64(bytes));
     }
 
-    /// Sets the memory in RocksDB's shared block cache and the budget it belongs to.
-    pub fn set_state_memory(&self, rocksdb_cache: u64, budget: u64) {
-        self.rocksdb_cache.set(saturating_i64(rocksdb_cache));
-        self.memory_budget.set(saturating_i64(budget));
+    /// Sets the memory in RocksDB's shared block cache.
+    pub fn set_rocksdb_cache(&self, bytes: u64) {
+        self.rocksdb_cache.set(saturating_i64(bytes));
+    }
+
+    /// Sets the state's memory budget (once, at start).
+    pub fn set_memory_budget(&self, bytes: u64) {
+        self.memory_budget.set(saturating_i64(bytes));
     }
 
     /// Drops the per-partition series of a partition this instance no longer owns (after a

@@ -868,26 +868,24 @@ impl Core {
             self.metrics
                 .set_state_cache(t.partition, t.engine.store().cached_bytes() as u64);
         }
-        self.metrics.set_state_memory(
-            self.memory.rocksdb_usage() as u64,
-            self.memory.budget() as u64,
-        );
+        self.metrics
+            .set_rocksdb_cache(self.memory.rocksdb_usage() as u64);
         self.refresh_watermarks(now);
         Ok(())
     }
 
-    /// Partitions lost (this instance's group session ended while it was away: frozen, cut
-    /// off): if the group now has a member of another process with this instance id, that
-    /// one replaced it, and this one stops. Otherwise it would rejoin the group next to its
+    /// Fails (the instance must stop, `why`) if the consumer group has a member of another
+    /// process with this instance id: that one replaced this one. Asked after a fencing
+    /// error, and when partitions are lost (this instance's group session ended while it
+    /// was away: frozen, cut off), since it would otherwise rejoin the group next to its
     /// replacement and, with nothing to commit, might never learn that it was fenced.
-    fn check_replaced(&self, consumer: &BaseConsumer<Ctx>) -> Result<(), PipelineError> {
+    fn check_replaced(&self, consumer: &BaseConsumer<Ctx>, why: &str) -> Result<(), PipelineError> {
         let Some(own) = self.client_id.as_deref() else {
             return Ok(());
         };
         match kafka::other_member_with_our_id(consumer, &self.rt, own, Duration::from_secs(5)) {
             Some(other) => Err(PipelineError::Fenced(format!(
-                "this instance lost its partitions and the consumer group has another member \
-                 with its instance id: {other}"
+                "{why}; the consumer group has another member with this instance id: {other}"
             ))),
             None => Ok(()),
         }
@@ -905,13 +903,7 @@ impl Core {
         consumer: &BaseConsumer<Ctx>,
         e: String,
     ) -> Result<(), PipelineError> {
-        if let Some(other) = self.client_id.as_deref().and_then(|own| {
-            kafka::other_member_with_our_id(consumer, &self.rt, own, Duration::from_secs(5))
-        }) {
-            return Err(PipelineError::Fenced(format!(
-                "{e}; the consumer group has another member with this instance id: {other}"
-            )));
-        }
+        self.check_replaced(consumer, &e)?;
         if self.last_fence.is_some_and(|t| t.elapsed() < FENCE_WINDOW) {
             return Err(PipelineError::Fenced(format!(
                 "{e}; fenced twice within {} s",
@@ -1114,7 +1106,7 @@ impl Core {
         lost: bool,
     ) -> Result<(), PipelineError> {
         if lost && !self.closing() {
-            self.check_replaced(consumer)?;
+            self.check_replaced(consumer, "this instance lost its partitions")?;
         }
         if self.closing() {
             // Everything was committed by the final tick.
@@ -1188,8 +1180,8 @@ struct Ctx {
     watch: Mutex<kafka::watch::FetchWatch>,
     /// See [`kafka::rebootstrap`].
     brokers: kafka::rebootstrap::BrokerLoss,
-    /// Authentication or TLS failures, for the start-up check.
-    security: kafka::SecurityFailure,
+    /// The client's errors, for the start-up check.
+    errors: kafka::ClientErrors,
 }
 
 impl Ctx {
@@ -1200,7 +1192,7 @@ impl Ctx {
 
 impl ClientContext for Ctx {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        self.security.observe(&error, reason);
+        self.errors.observe(&error, reason);
         kafka::log_client_error(error, reason, "kafka client");
     }
 
@@ -1301,14 +1293,14 @@ pub fn run(
     let rt = settings.runtime.clone();
     let core = Arc::new(Mutex::new(None));
     let failure = Arc::new(Mutex::new(None));
-    let security = kafka::SecurityFailure::default();
+    let errors = kafka::ClientErrors::default();
     let ctx = Ctx {
         core: core.clone(),
         metrics: metrics.clone(),
         failure: failure.clone(),
         watch: Mutex::default(),
         brokers: Default::default(),
-        security: security.clone(),
+        errors: errors.clone(),
     };
     let nonce = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1327,7 +1319,7 @@ pub fn run(
                 what: "consumer",
                 source,
             })?;
-    let found = kafka::check_topics(&consumer, &rt, Duration::from_secs(15), &security)?;
+    let found = kafka::check_topics(&consumer, &rt, Duration::from_secs(15), &errors)?;
     kafka::changelog::ensure_topic(&rt, found.changelog_partitions, found.partitions)?;
     tracing::info!(
         brokers = %rt.brokers,
@@ -1354,6 +1346,7 @@ pub fn run(
     tracing::info!(transactional_id = %kafka::transactional_id(&rt), "transactions initialised");
     let restorer = Restorer::new(&rt)?;
     let memory = StateMemory::new(rt.memory_budget);
+    metrics.set_memory_budget(rt.memory_budget as u64);
     let standbys = if rt.standby_replicas > 0 {
         Some(Standbys::start(&rt, metrics.clone(), memory.clone())?)
     } else {

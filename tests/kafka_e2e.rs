@@ -300,34 +300,6 @@ fn fenced_state_producer_rewinds_and_loses_nothing(broker: &Broker) {
     );
 }
 
-/// At-least-once after a disruption: every one of the `inputs` inputs is annotated (repeats
-/// only identical), annotations and sessions equal the offline result, and `p` exits 0 on
-/// SIGTERM.
-fn equals_offline(
-    broker: &Broker,
-    t: &Topics,
-    annotated: &[Rec],
-    inputs: usize,
-    want_annotated: Vec<String>,
-    want_sessions: &[Value],
-    p: Proc,
-) {
-    let by_n = annotated_by_n(annotated);
-    assert_eq!(by_n.len(), inputs, "every input annotated");
-    let repeated_differently: Vec<_> = by_n.iter().filter(|(_, v)| v.len() > 1).collect();
-    assert!(
-        repeated_differently.is_empty(),
-        "repeats must be identical: {repeated_differently:?}"
-    );
-    let got: BTreeSet<String> = by_n.values().flat_map(|v| v.iter().cloned()).collect();
-    let want: BTreeSet<String> = want_annotated.into_iter().collect();
-    assert_eq!(got, want, "annotations equal the offline ones");
-    let want_s = session_set(want_sessions);
-    let v = wait_sessions(broker, &t.sessions, want_s.len(), session_set, &[&p]);
-    assert_eq!(session_set(&v), want_s, "sessions equal the offline result");
-    assert_eq!(p.terminate(), 0);
-}
-
 /// Standby replicas: instance A owns both partitions, then B joins and takes one of them (q),
 /// of which A keeps a standby copy. When B stops, A opens q from that copy and replays less
 /// than a tenth of q's changelog (without the copy, A's old state of q is half a changelog
@@ -746,13 +718,16 @@ fn backfill_after_an_empty_start(broker: &Broker) {
     });
     broker.produce(&t.input, &to_user_partitions(&input, 1));
     let annotated = wait_annotated(broker, &t, input.len(), &[&p]);
-    let got = wait_sessions(broker, &t.sessions, want_sessions.len(), session_set, &[&p]);
-    assert_eq!(p.terminate(), 0);
+    equals_offline(
+        broker,
+        &t,
+        &annotated,
+        input.len(),
+        want_annotated,
+        &want_sessions,
+        p,
+    );
     assert!(broker.read_all(&t.late).is_empty(), "nothing is late");
-    assert_eq!(session_set(&got), session_set(&want_sessions));
-    let got: BTreeSet<String> = annotated.iter().map(|r| r.value.clone()).collect();
-    let want: BTreeSet<String> = want_annotated.into_iter().collect();
-    assert_eq!(got, want, "annotations equal the offline ones");
 }
 
 /// Two co-partitioned input topics (app events on one, web events on the other, both keyed by

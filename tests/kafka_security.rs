@@ -11,7 +11,6 @@
 //! The tests' own clients (topics, input, reading the outputs) use the PLAINTEXT listener.
 //! Waiting is always for a condition (records seen, process exited), with a deadline.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 mod support;
@@ -72,17 +71,15 @@ fn sessionizes(broker: &Broker, name: &str, bootstrap: &str, security: &[String]
         &extra,
     );
     let annotated = wait_annotated(broker, &t, input.len(), &[&p]);
-    let got = wait_sessions(broker, &t.sessions, want_sessions.len(), session_set, &[&p]);
-    let log = p.log();
-    assert_eq!(p.terminate(), 0, "{name}: clean exit:\n{log}");
-    assert_eq!(
-        session_set(&got),
-        session_set(&want_sessions),
-        "{name}: sessions equal the offline result"
+    equals_offline(
+        broker,
+        &t,
+        &annotated,
+        input.len(),
+        want_annotated,
+        &want_sessions,
+        p,
     );
-    let got: BTreeSet<String> = annotated.iter().map(|r| r.value.clone()).collect();
-    let want: BTreeSet<String> = want_annotated.into_iter().collect();
-    assert_eq!(got, want, "{name}: annotations equal the offline ones");
 }
 
 /// Security settings the broker refuses: the start fails, non-zero, soon, saying why.

@@ -103,12 +103,11 @@ pub struct KeyState {
 }
 
 impl KeyState {
-    /// About how many bytes the decoded state takes in memory (its allocations included),
+    /// About how many bytes the decoded state's allocations take (beside the value itself),
     /// for the memory budget of the stores.
-    pub fn approx_bytes(&self) -> usize {
+    pub fn heap_bytes(&self) -> usize {
         use std::mem::size_of;
-        size_of::<Self>()
-            + self.user.capacity()
+        self.user.capacity()
             + self.events.capacity() * size_of::<OpenEvent>()
             + self
                 .sessions

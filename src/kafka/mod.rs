@@ -59,12 +59,12 @@ pub(crate) fn log_client_error(error: rdkafka::error::KafkaError, reason: &str, 
     }
 }
 
-/// The first security failure (authentication, TLS) a client reported, for start-up to stop
-/// with at once instead of waiting out the metadata timeout and calling the brokers
-/// unreachable; and the last error of any kind, for the message when they are. Shared between
-/// a client's context, which observes its errors, and the check.
+/// What a client reported of its errors: the first security failure (authentication, TLS),
+/// for start-up to stop with at once instead of waiting out the metadata timeout and calling
+/// the brokers unreachable, and the last error of any kind, for the message when they are.
+/// Shared between the client's context, which observes its errors, and the check.
 #[derive(Clone, Debug, Default)]
-pub struct SecurityFailure(Arc<Mutex<Observed>>);
+pub struct ClientErrors(Arc<Mutex<Observed>>);
 
 #[derive(Debug, Default)]
 struct Observed {
@@ -72,7 +72,7 @@ struct Observed {
     last: Option<String>,
 }
 
-impl SecurityFailure {
+impl ClientErrors {
     /// Keeps `reason` as the security failure if `error` is an authentication or TLS failure
     /// (the first one only), and as the last error in any case.
     pub fn observe(&self, error: &rdkafka::error::KafkaError, reason: &str) {
@@ -89,7 +89,7 @@ impl SecurityFailure {
     }
 
     /// The first security failure seen.
-    pub fn get(&self) -> Option<String> {
+    pub fn security(&self) -> Option<String> {
         self.0.lock().ok().and_then(|o| o.security.clone())
     }
 
@@ -270,7 +270,7 @@ pub const PROPAGATION_POLL: Duration = Duration::from_millis(200);
 /// topic exists and that the input topics have the same number of partitions, and looks up the
 /// changelog topic.
 ///
-/// A security failure that `consumer`'s context reports to `security` ends the check at once
+/// A security failure that `consumer`'s context reports to `errors` ends the check at once
 /// ([`KafkaError::Security`]); brokers that do not answer within `timeout` are
 /// [`KafkaError::Unreachable`]. A missing topic is looked for again for [`PROPAGATION_WAIT`]
 /// before the error is returned.
@@ -278,12 +278,12 @@ pub fn check_topics<C: rdkafka::consumer::ConsumerContext>(
     consumer: &BaseConsumer<C>,
     rt: &RuntimeSettings,
     timeout: Duration,
-    security: &SecurityFailure,
+    errors: &ClientErrors,
 ) -> Result<TopicCheck, KafkaError> {
     let deadline = Instant::now() + PROPAGATION_WAIT;
     let mut logged = false;
     loop {
-        match check_topics_once(consumer, rt, timeout, security) {
+        match check_topics_once(consumer, rt, timeout, errors) {
             Err(KafkaError::MissingTopic(t)) if Instant::now() < deadline => {
                 if !std::mem::replace(&mut logged, true) {
                     tracing::info!(
@@ -301,12 +301,12 @@ pub fn check_topics<C: rdkafka::consumer::ConsumerContext>(
 
 /// The cluster's metadata, asked for in slices (see [`METADATA_SLICE`]) until `timeout`.
 /// Between two, the consumer's queued events are served, so that its context sees the errors
-/// of the failed connections (the context hands them to `security`).
+/// of the failed connections (the context hands them to `errors`).
 fn fetch_metadata<C: rdkafka::consumer::ConsumerContext>(
     consumer: &BaseConsumer<C>,
     rt: &RuntimeSettings,
     timeout: Duration,
-    security: &SecurityFailure,
+    errors: &ClientErrors,
 ) -> Result<Metadata, KafkaError> {
     let deadline = Instant::now() + timeout;
     let mut attempt = 0;
@@ -321,17 +321,7 @@ fn fetch_metadata<C: rdkafka::consumer::ConsumerContext>(
         match consumer.fetch_metadata(None, wait) {
             Ok(md) => return Ok(md),
             Err(source) => {
-                // Not subscribed yet: no record can come, only the client's events, one per
-                // call (statistics, errors: the context sees these with librdkafka's reason).
-                let until = Instant::now() + EVENTS_WAIT;
-                while security.get().is_none() {
-                    let left = until.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    let _ = consumer.poll(left);
-                }
-                if let Some(reason) = security.get() {
+                if let Some(reason) = security_failure(consumer, errors) {
                     return Err(KafkaError::Security {
                         brokers: rt.brokers.clone(),
                         reason,
@@ -339,7 +329,7 @@ fn fetch_metadata<C: rdkafka::consumer::ConsumerContext>(
                 }
                 if Instant::now() >= deadline {
                     let mut problem = format!("metadata request failed: {source}");
-                    if let Some(last) = security.last() {
+                    if let Some(last) = errors.last() {
                         problem.push_str(&format!("; last client error: {last}"));
                     }
                     return Err(KafkaError::Unreachable {
@@ -352,13 +342,33 @@ fn fetch_metadata<C: rdkafka::consumer::ConsumerContext>(
     }
 }
 
+/// Serves the consumer's queued events for up to [`EVENTS_WAIT`], or until its context has
+/// reported a security failure to `errors`, which it returns. The consumer is not subscribed
+/// yet: no record can come, only the client's events, one per call (statistics, errors).
+fn security_failure<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    errors: &ClientErrors,
+) -> Option<String> {
+    let until = Instant::now() + EVENTS_WAIT;
+    loop {
+        if let Some(reason) = errors.security() {
+            return Some(reason);
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        let _ = consumer.poll(left);
+    }
+}
+
 fn check_topics_once<C: rdkafka::consumer::ConsumerContext>(
     consumer: &BaseConsumer<C>,
     rt: &RuntimeSettings,
     timeout: Duration,
-    security: &SecurityFailure,
+    errors: &ClientErrors,
 ) -> Result<TopicCheck, KafkaError> {
-    let md = fetch_metadata(consumer, rt, timeout, security)?;
+    let md = fetch_metadata(consumer, rt, timeout, errors)?;
     let partitions = |name: &str| -> Option<i32> {
         md.topics()
             .iter()
@@ -437,12 +447,12 @@ mod tests {
     #[test]
     fn security_failures_keep_the_first_and_every_error_the_last() {
         use rdkafka::error::KafkaError as Rd;
-        let f = SecurityFailure::default();
+        let f = ClientErrors::default();
         f.observe(
             &Rd::Global(RDKafkaErrorCode::BrokerTransportFailure),
             "refused",
         );
-        assert_eq!(f.get(), None, "not a security failure");
+        assert_eq!(f.security(), None, "not a security failure");
         assert_eq!(f.last().as_deref(), Some("refused"));
         let seen = f.clone();
         f.observe(
@@ -450,7 +460,7 @@ mod tests {
             "SASL: bad password",
         );
         f.observe(&Rd::Global(RDKafkaErrorCode::SSL), "TLS: bad certificate");
-        assert_eq!(seen.get().as_deref(), Some("SASL: bad password"));
+        assert_eq!(seen.security().as_deref(), Some("SASL: bad password"));
         assert_eq!(seen.last().as_deref(), Some("TLS: bad certificate"));
     }
 }

@@ -78,10 +78,15 @@ impl StateMemory {
         Registration(self.clone())
     }
 
+    /// The stores open now that take a share of the decoded half.
+    pub fn stores(&self) -> usize {
+        self.inner.open.load(Ordering::Relaxed)
+    }
+
     /// The decoded state one store may keep: the decoded half of the budget over the stores
     /// open now.
     pub fn decoded_share(&self) -> usize {
-        self.inner.decoded / self.inner.open.load(Ordering::Relaxed).max(1)
+        self.inner.decoded / self.stores().max(1)
     }
 }
 
@@ -89,7 +94,7 @@ impl fmt::Debug for StateMemory {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StateMemory")
             .field("budget", &self.inner.budget)
-            .field("stores", &self.inner.open.load(Ordering::Relaxed))
+            .field("stores", &self.stores())
             .finish()
     }
 }

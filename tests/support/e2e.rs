@@ -547,6 +547,33 @@ pub fn wait_annotated(broker: &Broker, t: &Topics, count: usize, procs: &[&Proc]
         })
 }
 
+/// Every one of the `inputs` inputs is annotated (repeats only identical), annotations and
+/// sessions equal the offline result, and `p` exits 0 on SIGTERM.
+pub fn equals_offline(
+    broker: &Broker,
+    t: &Topics,
+    annotated: &[Rec],
+    inputs: usize,
+    want_annotated: Vec<String>,
+    want_sessions: &[Value],
+    p: Proc,
+) {
+    let by_n = annotated_by_n(annotated);
+    assert_eq!(by_n.len(), inputs, "every input annotated");
+    let repeated_differently: Vec<_> = by_n.iter().filter(|(_, v)| v.len() > 1).collect();
+    assert!(
+        repeated_differently.is_empty(),
+        "repeats must be identical: {repeated_differently:?}"
+    );
+    let got: BTreeSet<String> = by_n.values().flat_map(|v| v.iter().cloned()).collect();
+    let want: BTreeSet<String> = want_annotated.into_iter().collect();
+    assert_eq!(got, want, "annotations equal the offline ones");
+    let want_s = session_set(want_sessions);
+    let v = wait_sessions(broker, &t.sessions, want_s.len(), session_set, &[&p]);
+    assert_eq!(session_set(&v), want_s, "sessions equal the offline result");
+    assert_eq!(p.terminate(), 0);
+}
+
 /// Reads `topic` (sessions) until `key` of what was read covers `want` entries; panics at the
 /// deadline with the logs of `procs`. Returns the parsed records.
 pub fn wait_sessions(
