@@ -547,6 +547,28 @@ pub fn wait_annotated(broker: &Broker, t: &Topics, count: usize, procs: &[&Proc]
         })
 }
 
+/// Waits until each of `inputs` inputs is annotated (see [`wait_annotated`]; `p`'s log on
+/// failure), then [`equals_offline`].
+pub fn annotated_like_offline(
+    broker: &Broker,
+    t: &Topics,
+    inputs: usize,
+    want_annotated: Vec<String>,
+    want_sessions: &[Value],
+    p: Proc,
+) {
+    let annotated = wait_annotated(broker, t, inputs, &[&p]);
+    equals_offline(
+        broker,
+        t,
+        &annotated,
+        inputs,
+        want_annotated,
+        want_sessions,
+        p,
+    );
+}
+
 /// Every one of the `inputs` inputs is annotated (repeats only identical), annotations and
 /// sessions equal the offline result, and `p` exits 0 on SIGTERM.
 pub fn equals_offline(
