@@ -884,10 +884,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn naming_rules_hold_for_every_family() {
+    /// Metrics with a series in every labelled family, so that every family is gathered.
+    fn every_family() -> Metrics {
         let m = Metrics::new().unwrap();
-        // Create a series in every labelled family so it is gathered.
         m.topic("events");
         m.set_open_sessions(0, 1);
         m.set_watermark("events", 0, 1_000, 2_000);
@@ -896,7 +895,12 @@ mod tests {
         m.set_state_size(0, 1);
         m.set_state_cache(0, 1);
         m.set_standby_checkpoint(1, 1);
-        let families = m.registry().gather();
+        m
+    }
+
+    #[test]
+    fn naming_rules_hold_for_every_family() {
+        let families = every_family().registry().gather();
         let mut names = BTreeSet::new();
         for f in &families {
             let name = f.name();
@@ -929,6 +933,43 @@ mod tests {
                     "{name} in the table but not registered"
                 );
             }
+        }
+    }
+
+    /// Every metric the Grafana dashboard and the Prometheus alert rules query is one the
+    /// service exports (histogram series by their family name).
+    #[test]
+    fn dashboards_and_alerts_query_existing_metrics() {
+        let names: BTreeSet<String> = every_family()
+            .registry()
+            .gather()
+            .iter()
+            .map(|f| f.name().to_owned())
+            .collect();
+        for (file, text) in [
+            (
+                "deploy/grafana/dashboards/sessionizer.json",
+                include_str!("../deploy/grafana/dashboards/sessionizer.json"),
+            ),
+            (
+                "deploy/prometheus/alerts.yml",
+                include_str!("../deploy/prometheus/alerts.yml"),
+            ),
+        ] {
+            let mut queried = 0;
+            for (at, _) in text.match_indices("sessionizer_") {
+                let name: String = text[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                let family = ["_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s).filter(|f| names.contains(*f)))
+                    .unwrap_or(&name);
+                assert!(names.contains(family), "{file} queries unknown {name}");
+                queried += 1;
+            }
+            assert!(queried > 5, "{file}: only {queried} metric names found");
         }
     }
 

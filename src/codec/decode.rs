@@ -305,8 +305,9 @@ impl Decoder {
 /// without a depth limit of its own).
 fn too_deep(bytes: &[u8]) -> bool {
     // Nesting cannot exceed the number of opening brackets: when they are few, as in nearly
-    // every event, this count (a loop the compiler vectorizes) spares the exact scan.
-    let opening = bytes.iter().filter(|&&b| b == b'{' || b == b'[').count();
+    // every event, this count spares the exact scan. memchr's search (SIMD, chosen at run
+    // time) took a few per cent of the consumer thread less than a plain byte loop did.
+    let opening = memchr::memchr2_iter(b'{', b'[', bytes).count();
     opening > MAX_DEPTH && nesting_depth(bytes) > MAX_DEPTH
 }
 
