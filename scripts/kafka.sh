@@ -53,7 +53,9 @@ commands:
                                 $SASL_USER / $SASL_PASSWORD; see 'bootstrap --sasl');
                                 --tls adds an SSL listener per node after those, with a
                                 certificate for 127.0.0.1 signed by a CA made for the
-                                cluster (DIR/tls/ca.pem; see 'bootstrap --tls')
+                                cluster (DIR/tls/ca.pem; see 'bootstrap --tls'); both
+                                add a SASL_SSL listener per node after those
+                                (see 'bootstrap --sasl-ssl')
   stop [--dir DIR] [--clean]    stop all nodes (SIGTERM, then SIGKILL after ${STOP_TIMEOUT}s);
                                 --clean also deletes DIR
   status [--dir DIR]            show which nodes run (exit 0 only if all nodes run)
@@ -62,9 +64,10 @@ commands:
   topics [--dir DIR] -- ARGS    org.apache.kafka.tools.TopicCommand ARGS
   tool NAME|CLASS [--dir DIR] -- ARGS
                                 run a Kafka CLI tool (NAME below, or a main class)
-  bootstrap [--dir DIR] [--sasl|--tls]
+  bootstrap [--dir DIR] [--sasl|--tls|--sasl-ssl]
                                 print the bootstrap servers of the cluster in DIR (--sasl: of
-                                its SASL_PLAINTEXT listeners, --tls: of its SSL listeners)
+                                its SASL_PLAINTEXT listeners, --tls: of its SSL listeners,
+                                --sasl-ssl: of its SASL_SSL listeners)
   libs                          fetch if needed, print the jar directory
 
 tool NAMEs: $(printf '%s\n' "${!TOOL_ALIASES[@]}" | sort | tr '\n' ' ')
@@ -218,9 +221,11 @@ broker_port() { echo $((BASE_PORT + 2 * ($1 - 1))); }
 controller_port() { echo $((BASE_PORT + 2 * ($1 - 1) + 1)); }
 sasl_port() { echo $((BASE_PORT + 2 * NODES + $1 - 1)); }
 tls_port() { echo $((BASE_PORT + 2 * NODES + ${SASL:-0} * NODES + $1 - 1)); }
+# With both --sasl and --tls: SASL over TLS, the usual production setting.
+sasl_ssl_port() { echo $((BASE_PORT + 2 * NODES + ${SASL:-0} * NODES + ${TLS:-0} * NODES + $1 - 1)); }
 
 # Bootstrap servers of one listener of every node: PORT_FN is broker_port (PLAINTEXT, the
-# default), sasl_port or tls_port.
+# default), sasl_port, tls_port or sasl_ssl_port.
 bootstrap_servers() {
   local port_fn="${1:-broker_port}" n out=""
   for ((n = 1; n <= NODES; n++)); do out+="${out:+,}127.0.0.1:$("$port_fn" "$n")"; done
@@ -232,6 +237,7 @@ node_ports() {
   echo "$(broker_port "$1")" "$(controller_port "$1")"
   if ((SASL)); then sasl_port "$1"; fi
   if ((TLS)); then tls_port "$1"; fi
+  if ((SASL && TLS)); then sasl_ssl_port "$1"; fi
 }
 
 # The password of the test certificates' key stores (they guard nothing: a cluster for tests).
@@ -325,6 +331,11 @@ write_server_properties() {
       advertised+=",SSL://127.0.0.1:$(tls_port "$n")"
       map+=",SSL:SSL"
     fi
+    if ((SASL && TLS)); then
+      listeners+=",SASL_SSL://127.0.0.1:$(sasl_ssl_port "$n")"
+      advertised+=",SASL_SSL://127.0.0.1:$(sasl_ssl_port "$n")"
+      map+=",SASL_SSL:SASL_SSL"
+    fi
     echo "listeners=$listeners"
     echo "advertised.listeners=$advertised"
     echo "listener.security.protocol.map=$map"
@@ -333,6 +344,11 @@ write_server_properties() {
       echo "listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$SASL_USER=\"$SASL_PASSWORD\";"
       echo "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;"
       echo "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;"
+    fi
+    if ((SASL && TLS)); then
+      echo "listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$SASL_USER=\"$SASL_PASSWORD\";"
+      echo "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;"
+      echo "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;"
     fi
     if ((TLS)); then
       echo "ssl.keystore.location=$DIR/tls/broker.p12"
@@ -468,7 +484,7 @@ cmd_start() {
     esac
   done
   [[ "$NODES" == 1 || "$NODES" == 3 ]] || die "--nodes must be 1 or 3 (got '$NODES')"
-  local span=$((2 * NODES + SASL * NODES + TLS * NODES))
+  local span=$((2 * NODES + SASL * NODES + TLS * NODES + SASL * TLS * NODES))
   if ! [[ "$BASE_PORT" =~ ^[0-9]+$ ]] || ((BASE_PORT < 1024 || BASE_PORT + span > 65535)); then
     die "--port must be a number in 1024..$((65535 - span)) (got '$BASE_PORT')"
   fi
@@ -554,6 +570,7 @@ cmd_start() {
     info "SASL_PLAINTEXT listeners (user $SASL_USER, password $SASL_PASSWORD): $(bootstrap_servers sasl_port)"
   fi
   if ((TLS)); then info "SSL listeners (CA: $DIR/tls/ca.pem): $(bootstrap_servers tls_port)"; fi
+  if ((SASL && TLS)); then info "SASL_SSL listeners (same user and CA): $(bootstrap_servers sasl_ssl_port)"; fi
   bootstrap_servers
 }
 
@@ -665,6 +682,9 @@ cmd_bootstrap() {
     --tls)
       ((${TLS:-0})) || die "the cluster in $DIR has no SSL listeners (start it with --tls)"
       bootstrap_servers tls_port ;;
+    --sasl-ssl)
+      ((${SASL:-0} && ${TLS:-0})) || die "the cluster in $DIR has no SASL_SSL listeners (start it with --sasl --tls)"
+      bootstrap_servers sasl_ssl_port ;;
     *) die "bootstrap: unexpected argument(s): ${REST[*]}" ;;
   esac
 }

@@ -1,9 +1,11 @@
-//! Security against a real Apache Kafka broker with SASL_PLAINTEXT and SSL listeners (started
-//! by `scripts/kafka.sh start --sasl --tls`), with the real `sessionizer` binary:
-//! - over SASL/PLAIN (exactly-once), SASL/SCRAM-SHA-256 (at-least-once) and TLS (exactly-once,
-//!   the broker's certificate checked against its CA) it sessionizes as over PLAINTEXT: the
-//!   same annotations and sessions as the offline run;
-//! - a wrong password, or a CA that did not sign the broker's certificate, stops it at start,
+//! Security against a real Apache Kafka broker with SASL_PLAINTEXT, SSL and SASL_SSL listeners
+//! (started by `scripts/kafka.sh start --sasl --tls`), with the real `sessionizer` binary:
+//! - over SASL/PLAIN (exactly-once), SASL/SCRAM-SHA-256 (at-least-once), TLS (exactly-once,
+//!   the broker's certificate checked against its CA) and SASL/SCRAM-SHA-512 over TLS
+//!   (exactly-once) it sessionizes as over PLAINTEXT: the same annotations and sessions as the
+//!   offline run;
+//! - a wrong password (over SASL_PLAINTEXT and over SASL_SSL), or a CA that did not sign the
+//!   broker's certificate, stops it at start,
 //!   non-zero, with a message that names the failure (not "unreachable brokers") and the
 //!   settings to check, and without the password; before the 15 s the start-up check gives
 //!   brokers that do not answer at all.
@@ -45,6 +47,17 @@ fn sasl(mechanism: &str, password: &str) -> Vec<String> {
 fn tls(ca: &str) -> Vec<String> {
     properties(&[
         "security.protocol=SSL".to_string(),
+        format!("ssl.ca.location={ca}"),
+    ])
+}
+
+/// SASL over TLS: what managed Kafka services ask for.
+fn sasl_ssl(mechanism: &str, password: &str, ca: &str) -> Vec<String> {
+    properties(&[
+        "security.protocol=SASL_SSL".to_string(),
+        format!("sasl.mechanism={mechanism}"),
+        format!("sasl.username={USER}"),
+        format!("sasl.password={password}"),
         format!("ssl.ca.location={ca}"),
     ])
 }
@@ -123,6 +136,13 @@ fn sasl_and_tls() {
         &sasl("PLAIN", "not-the-password"),
         "Authentication failed",
     );
+    refused(
+        &broker,
+        "wrong-password-tls",
+        &secure.sasl_ssl,
+        &sasl_ssl("SCRAM-SHA-512", "not-the-password", ca),
+        "Authentication failed",
+    );
     // The broker's own certificate as the only trusted one: not the CA that signed it.
     let not_the_ca = secure.ca.with_file_name("broker.crt");
     refused(
@@ -147,4 +167,11 @@ fn sasl_and_tls() {
         "at-least-once",
     );
     sessionizes(&broker, "tls", &secure.tls, &tls(ca), "exactly-once");
+    sessionizes(
+        &broker,
+        "sasl-ssl",
+        &secure.sasl_ssl,
+        &sasl_ssl("SCRAM-SHA-512", PASSWORD, ca),
+        "exactly-once",
+    );
 }

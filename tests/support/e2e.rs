@@ -37,6 +37,8 @@ pub struct Secure {
     pub sasl: String,
     /// Bootstrap servers of the SSL listener.
     pub tls: String,
+    /// Bootstrap servers of the SASL_SSL listener (the same user, the same CA).
+    pub sasl_ssl: String,
     /// The CA that signed the broker's certificate (PEM).
     pub ca: PathBuf,
 }
@@ -85,7 +87,7 @@ impl Broker {
     /// password `sessionizer-secret`; a certificate for 127.0.0.1 signed by a CA of its own).
     /// The tests' own clients use the PLAINTEXT listener.
     pub fn start_secure() -> (Broker, Secure) {
-        let b = Self::start_with(1, free_port_run(4), &["--sasl", "--tls"]);
+        let b = Self::start_with(1, free_port_run(5), &["--sasl", "--tls"]);
         let dir = b.dir().unwrap().to_owned();
         let listener = |flag: &str| {
             let out = kafka_sh(&["bootstrap", "--dir", &dir, flag]);
@@ -99,6 +101,7 @@ impl Broker {
         let secure = Secure {
             sasl: listener("--sasl"),
             tls: listener("--tls"),
+            sasl_ssl: listener("--sasl-ssl"),
             ca: Path::new(&dir).join("tls").join("ca.pem"),
         };
         (b, secure)
