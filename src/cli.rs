@@ -78,6 +78,10 @@ pub struct RuntimeArgs {
     /// How often outputs, state and offsets are committed, e.g. 100ms.
     #[arg(long, env = "SESSIONIZER_COMMIT_INTERVAL")]
     pub commit_interval: Option<String>,
+    /// The commit interval while an input partition is reading a backlog, e.g. 1s (default:
+    /// 1s, or --commit-interval if longer).
+    #[arg(long, env = "SESSIONIZER_CATCH_UP_COMMIT_INTERVAL")]
+    pub catch_up_commit_interval: Option<String>,
     /// Compacted topic backing the state (default `<group>-changelog`; created if missing).
     #[arg(long, env = "SESSIONIZER_CHANGELOG_TOPIC")]
     pub changelog_topic: Option<String>,
@@ -122,6 +126,7 @@ impl RuntimeArgs {
         k.stats_topic = self.stats_topic.clone();
         k.guarantee = self.guarantee.clone();
         k.commit_interval = self.commit_interval.clone();
+        k.catch_up_commit_interval = self.catch_up_commit_interval.clone();
         k.changelog_topic = self.changelog_topic.clone();
         k.instance_id = self.instance_id.clone();
         k.transaction_timeout = self.transaction_timeout.clone();

@@ -4,7 +4,10 @@
 //!
 //! Every `commit_interval` the pipeline moves time on in every task and stages a commit: each
 //! task's state changes (the changelog records) and input offsets. Between commits it also
-//! moves time on every [`TIME_STEP`], so that sessions are concluded in small steps. Staged
+//! moves time on every [`TIME_STEP`], so that sessions are concluded in small steps. While a
+//! partition reads a backlog (it has not reached its end since the last commit) commits come
+//! every `catch_up_commit_interval` instead (1 s by default), or sooner once the interval's
+//! buffered outputs reach [`CATCH_UP_BATCH_BYTES`]: see [`commit_is_due`]. Staged
 //! commits are handed, in order, to the [`StateCommitter`], a thread with its own
 //! transactional producer, which commits each in one Kafka transaction while the consumer
 //! thread goes on with the next interval. Up to [`MAX_PENDING_COMMITS`] commits may be in
@@ -88,6 +91,24 @@ pub enum PipelineError {
 /// outputs' acknowledgements) while the pipeline goes on consuming; one more stalls
 /// consumption until the oldest is done.
 pub const MAX_PENDING_COMMITS: usize = 3;
+
+/// Exactly-once buffers an interval's outputs in memory until its transaction: while catching
+/// up, a commit comes early once they reach this size, which bounds that memory to
+/// [`MAX_PENDING_COMMITS`] + 1 batches of about this size.
+pub const CATCH_UP_BATCH_BYTES: usize = 32 << 20;
+
+/// Whether the commit interval that began `since` ago ends now: after `interval` (the
+/// settings' two: `commit_interval`, `catch_up_commit_interval`) when no partition reads a
+/// backlog, otherwise after the catch-up one, or once `buffered` output bytes reach
+/// [`CATCH_UP_BATCH_BYTES`].
+fn commit_is_due(
+    since: Duration,
+    (interval, catch_up): (Duration, Duration),
+    catching_up: bool,
+    buffered: usize,
+) -> bool {
+    since >= interval && (!catching_up || since >= catch_up || buffered >= CATCH_UP_BATCH_BYTES)
+}
 
 /// A staged commit, in two steps. At-least-once, first it waits for its outputs: only once
 /// every output up to it is acknowledged is it handed to the [`StateCommitter`], so a
@@ -188,6 +209,8 @@ struct Task {
     caught_up: bool,
     /// Reached the end of the partition at least once since the task opened (logged once).
     reached_end: bool,
+    /// Reached the end of the partition since the last commit.
+    ended_since_commit: bool,
     reported: Counters,
 }
 
@@ -252,6 +275,14 @@ impl Core {
     /// open behind us).
     fn closing(&self) -> bool {
         self.deadline.is_some()
+    }
+
+    /// Whether some partition is reading a backlog: it has had records since it last reached
+    /// its end, and has not reached it since the last commit.
+    fn catching_up(&self) -> bool {
+        self.tasks
+            .values()
+            .any(|t| !t.caught_up && !t.ended_since_commit)
     }
 
     fn exactly_once(&self) -> bool {
@@ -357,6 +388,7 @@ impl Core {
                 next,
                 caught_up: false,
                 reached_end: false,
+                ended_since_commit: false,
                 reported: Counters::default(),
             },
         );
@@ -548,6 +580,7 @@ impl Core {
     fn caught_up(&mut self, partition: i32) {
         if let Some(t) = self.tasks.get_mut(&partition) {
             t.caught_up = true;
+            t.ended_since_commit = true;
             if !std::mem::replace(&mut t.reached_end, true) {
                 tracing::info!(partition, next = ?t.next, "caught up: reached the end of the partition");
             }
@@ -610,6 +643,7 @@ impl Core {
         let mut partitions = Vec::with_capacity(self.tasks.len());
         let mut changes = Vec::with_capacity(self.tasks.len());
         for t in self.tasks.values_mut() {
+            t.ended_since_commit = false;
             partitions.push(t.partition);
             let offsets: Vec<SourceOffset> = self
                 .rt
@@ -1398,6 +1432,7 @@ pub fn run(
     let mut last_tick = Instant::now();
     let mut last_step = last_tick;
     let mut clock = WallClock::anchored_at(last_tick);
+    let mut backlog = (true, 0);
     let mut serve = || -> Result<(), PipelineError> {
         while !shutdown.load(Ordering::Relaxed) {
             let polled = consumer.poll(Duration::from_millis(20));
@@ -1417,7 +1452,12 @@ pub fn run(
             if let Some(f) = failure.lock().ok().and_then(|f| f.clone()) {
                 return Err(PipelineError::Rebalance(f));
             }
-            let commit_due = now.saturating_duration_since(last_tick) >= rt.commit_interval;
+            // Whether a partition reads a backlog, and the outputs buffered, as of the last
+            // step (at most a TIME_STEP old: not worth a lock per record).
+            let (catching_up, buffered) = backlog;
+            let since = now.saturating_duration_since(last_tick);
+            let intervals = (rt.commit_interval, rt.catch_up_commit_interval);
+            let commit_due = commit_is_due(since, intervals, catching_up, buffered);
             if commit_due || now.saturating_duration_since(last_step) >= TIME_STEP {
                 if commit_due {
                     consumer
@@ -1433,6 +1473,7 @@ pub fn run(
                         c.advance()
                     };
                     c.metrics.observe_tick(started.elapsed());
+                    backlog = (c.catching_up(), c.sink.buffered_bytes());
                     r
                 })?;
                 last_step = Instant::now();
@@ -1473,6 +1514,34 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commits_come_less_often_while_a_partition_reads_a_backlog() {
+        let ms = Duration::from_millis;
+        let eos = (ms(100), ms(1_000));
+        let small = 1 << 20;
+        // (since the last commit, catching up, buffered bytes, due)
+        let table = [
+            (ms(99), false, small, false),
+            (ms(100), false, small, true),
+            (ms(100), true, small, false),
+            (ms(999), true, small, false),
+            (ms(1_000), true, small, true),
+            (ms(100), true, CATCH_UP_BATCH_BYTES, true),
+            (ms(99), true, CATCH_UP_BATCH_BYTES, false),
+        ];
+        for (since, catching_up, buffered, due) in table {
+            assert_eq!(
+                commit_is_due(since, eos, catching_up, buffered),
+                due,
+                "{since:?} catching up {catching_up} buffered {buffered}"
+            );
+        }
+        // Equal intervals (at-least-once by default): the backlog changes nothing.
+        let alo = (ms(1_000), ms(1_000));
+        assert!(!commit_is_due(ms(999), alo, false, 0));
+        assert!(commit_is_due(ms(1_000), alo, true, 0));
+    }
 
     #[test]
     fn wall_clock_follows_the_monotonic_clock_from_its_anchor() {

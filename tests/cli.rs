@@ -241,6 +241,42 @@ fn check_prints_the_effective_configuration_with_env_and_flag_overrides() {
     );
 }
 
+/// The shipped configuration files are valid: the examples and the one in the Kubernetes
+/// ConfigMap (its `sessionizer.toml` block).
+#[test]
+fn shipped_configuration_files_pass_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let configmap = std::fs::read_to_string("deploy/kubernetes/configmap.yaml").unwrap();
+    let block: String = configmap
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("sessionizer.toml: |"))
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    assert!(block.contains("[kafka]"), "no TOML block found:\n{block}");
+    let from_configmap = dir.path().join("configmap.toml");
+    std::fs::write(&from_configmap, &block).unwrap();
+    for file in [
+        Path::new("examples/sessionizer.toml"),
+        Path::new("examples/sessionizer-kafka.toml"),
+        &from_configmap,
+    ] {
+        let out = bin()
+            .arg("check")
+            .arg("--config")
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 #[test]
 fn reads_stdin_and_writes_sessions_to_stdout() {
     use std::io::Write;

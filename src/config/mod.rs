@@ -81,6 +81,13 @@ pub fn default_commit_interval(guarantee: Guarantee) -> &'static str {
     }
 }
 
+/// The default `kafka.catch_up_commit_interval`: 1 s, or the commit interval if longer. While
+/// a partition reads a backlog, nobody waits for its outputs to become visible within 100 ms,
+/// and each commit costs a transaction and rewrites every key state the interval touched: in
+/// the end-to-end benchmark, exactly-once with 1 s commits took about 45 % less CPU per event
+/// than with 100 ms (BENCHMARKS.md, tenth session).
+pub const CATCH_UP_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Delivery guarantee of the streaming mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Guarantee {
@@ -117,6 +124,9 @@ pub struct RuntimeSettings {
     pub stats_topic: String,
     pub guarantee: Guarantee,
     pub commit_interval: Duration,
+    /// The commit interval while some input partition reads a backlog (at least
+    /// `commit_interval`; see the pipeline's module docs).
+    pub catch_up_commit_interval: Duration,
     pub changelog_topic: String,
     pub instance_id: String,
     pub transaction_timeout: Duration,
@@ -487,6 +497,19 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
         k.commit_interval.as_deref(),
         default_commit_interval(guarantee),
     )?;
+    let catch_up_commit_interval = match k.catch_up_commit_interval.as_deref() {
+        None => commit_interval.max(CATCH_UP_COMMIT_INTERVAL),
+        given => {
+            let d = positive_duration("kafka.catch_up_commit_interval", given, "1s")?;
+            if d < commit_interval {
+                return Err(invalid(
+                    "kafka.catch_up_commit_interval",
+                    "must be at least kafka.commit_interval",
+                ));
+            }
+            d
+        }
+    };
     let changelog_topic = name(
         "kafka.changelog_topic",
         &k.changelog_topic,
@@ -528,10 +551,10 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
         k.transaction_timeout.as_deref(),
         "10s",
     )?;
-    if transaction_timeout < commit_interval * 2 {
+    if transaction_timeout < catch_up_commit_interval * 2 {
         return Err(invalid(
             "kafka.transaction_timeout",
-            "must be at least twice kafka.commit_interval",
+            "must be at least twice kafka.commit_interval and kafka.catch_up_commit_interval",
         ));
     }
     let properties = k.properties.clone().unwrap_or_default();
@@ -585,6 +608,7 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
         stats_topic,
         guarantee,
         commit_interval,
+        catch_up_commit_interval,
         changelog_topic,
         instance_id,
         transaction_timeout,
@@ -658,6 +682,18 @@ fn effective(raw: &RawConfig) -> RawConfig {
         &mut e.kafka.commit_interval,
         default_commit_interval(guarantee),
     );
+    let catch_up = e
+        .kafka
+        .commit_interval
+        .as_deref()
+        .and_then(|s| humantime::parse_duration(s).ok())
+        .map_or(CATCH_UP_COMMIT_INTERVAL, |d| {
+            d.max(CATCH_UP_COMMIT_INTERVAL)
+        });
+    d(
+        &mut e.kafka.catch_up_commit_interval,
+        &humantime::format_duration(catch_up).to_string(),
+    );
     let group = e.kafka.group.clone().unwrap_or_default();
     d(&mut e.kafka.changelog_topic, &format!("{group}-changelog"));
     d(&mut e.kafka.instance_id, &default_instance_id());
@@ -711,6 +747,34 @@ mod tests {
             validate(&r).unwrap().runtime.commit_interval,
             Duration::from_millis(250)
         );
+    }
+
+    #[test]
+    fn the_catch_up_commit_interval_is_at_least_the_commit_interval() {
+        let catch_up = |commit: Option<&str>, catch_up: Option<&str>| {
+            let mut r = RawConfig::default();
+            r.kafka.commit_interval = commit.map(Into::into);
+            r.kafka.catch_up_commit_interval = catch_up.map(Into::into);
+            let s = validate(&r)?;
+            // What `check` prints gives the same settings back.
+            assert_eq!(validate(&s.effective).unwrap().runtime, s.runtime);
+            Ok::<_, ConfigError>(s.runtime.catch_up_commit_interval)
+        };
+        let secs = Duration::from_secs;
+        assert_eq!(catch_up(None, None).unwrap(), secs(1));
+        assert_eq!(catch_up(Some("3s"), None).unwrap(), secs(3));
+        assert_eq!(catch_up(None, Some("5s")).unwrap(), secs(5));
+        assert_eq!(
+            catch_up(None, Some("100ms")).unwrap(),
+            Duration::from_millis(100)
+        );
+        let e = catch_up(Some("2s"), Some("1s")).unwrap_err().to_string();
+        assert!(
+            e.contains("kafka.catch_up_commit_interval") && e.contains("at least"),
+            "{e}"
+        );
+        let e = catch_up(None, Some("6s")).unwrap_err().to_string();
+        assert!(e.contains("kafka.transaction_timeout"), "{e}");
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub struct RawKafka {
     pub guarantee: Option<String>,
     /// How often state, outputs and offsets are committed.
     pub commit_interval: Option<String>,
+    /// The commit interval while an input partition is reading a backlog (default: 1 s, or
+    /// `commit_interval` if longer).
+    pub catch_up_commit_interval: Option<String>,
     /// Compacted topic backing the state (default `<group>-changelog`).
     pub changelog_topic: Option<String>,
     /// This instance's stable, unique name (default: the host name); the transactional id is
@@ -186,6 +189,7 @@ impl RawConfig {
                 stats_topic,
                 guarantee,
                 commit_interval,
+                catch_up_commit_interval,
                 changelog_topic,
                 instance_id,
                 transaction_timeout,

@@ -208,6 +208,15 @@ impl Sink {
         }
     }
 
+    /// Bytes of the records buffered since the last [`Self::take_batch`] (0 when they go
+    /// straight to a producer).
+    pub fn buffered_bytes(&self) -> usize {
+        match &self.to {
+            To::Direct(_) => 0,
+            To::Buffered(b, _) => b.bytes.len(),
+        }
+    }
+
     /// The records buffered since the last call (none when they go straight to a producer).
     pub fn take_batch(&mut self) -> Batch {
         match &mut self.to {
