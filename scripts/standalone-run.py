@@ -15,8 +15,8 @@ directory, and stops it once it has taken all 1,000,000 events. It prints the ra
 start to the last event taken), the CPU per event of the process and of the broker, the
 commits it made, the broker's busiest threads, and for the sessionizer's busiest threads,
 between 100,000 and 1,000,000 events, the share of the time each ran, waited for a CPU
-(runnable) and slept (/proc/<pid>/task/*/schedstat). Names must differ from run to run. Reads
-/proc only (Linux).
+(runnable) and slept (/proc/<pid>/task/*/schedstat). Names must differ from run to run.
+`SESSIONIZER_BIN` runs another binary (to compare two builds). Reads /proc only (Linux).
 """
 import os
 import subprocess
@@ -30,7 +30,7 @@ DIR = "/tmp/standalone-kafka"
 PORT = 24600
 BOOTSTRAP = f"127.0.0.1:{PORT}"
 EVENTS = 1_000_000
-BIN = os.path.join(
+BIN = os.environ.get("SESSIONIZER_BIN") or os.path.join(
     os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/sessionizer/target")),
     "release",
     "sessionizer",

@@ -52,7 +52,7 @@ use crate::engine::{
 use crate::kafka::changelog::Restorer;
 use crate::kafka::committer::{Job, JobOutcome, StateCommitter, TaskCommit};
 use crate::kafka::output::{Outputs, TxnError};
-use crate::kafka::sink::{output_topics, Batch, Sink};
+use crate::kafka::sink::{output_topics, Batch, Sink, HAND_OVER_AFTER};
 use crate::kafka::standby::{standby_set, Standbys};
 use crate::kafka::{self, KafkaError};
 use crate::metrics::{DeadLetterReason, Metrics, Outcome, OutputKind, RebalanceKind, TopicMetrics};
@@ -674,7 +674,7 @@ impl Core {
             o.keep_brokers();
         }
         self.pending.push_back(PendingCommit {
-            epoch: self.sink.outputs().map_or(0, |o| o.seal()),
+            epoch: self.sink.seal()?,
             changes: Some(changes),
             outputs: self.sink.take_batch(),
             offsets: tpl,
@@ -1369,8 +1369,8 @@ pub fn run(
             &rt,
             metrics.clone(),
             Outputs::new(&kafka::idempotent_producer_config(&rt))?,
-        ),
-        Guarantee::ExactlyOnce => Sink::buffered(&rt, metrics.clone()),
+        )?,
+        Guarantee::ExactlyOnce => Sink::buffered(metrics.clone()),
     };
     let state = StateCommitter::start(
         kafka::transactional_producer_config(&rt),
@@ -1433,13 +1433,22 @@ pub fn run(
     let mut last_step = last_tick;
     let mut clock = WallClock::anchored_at(last_tick);
     let mut backlog = (true, 0);
+    let mut collecting = false;
     let mut serve = || -> Result<(), PipelineError> {
         while !shutdown.load(Ordering::Relaxed) {
-            let polled = consumer.poll(Duration::from_millis(20));
+            // At-least-once outputs collected for the output thread wait for at most
+            // HAND_OVER_AFTER, also when no record comes.
+            let polled = consumer.poll(if collecting {
+                HAND_OVER_AFTER
+            } else {
+                Duration::from_millis(20)
+            });
             let now = Instant::now();
             match polled {
                 Some(Ok(m)) => with_core(&mut |c| {
                     c.handle(&m, clock.ms(now))?;
+                    c.sink.hand_over_due(now)?;
+                    collecting = c.sink.collecting();
                     c.settle_pending(&consumer)
                 })?,
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => with_core(&mut |c| {
@@ -1447,7 +1456,11 @@ pub fn run(
                     Ok(())
                 })?,
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error (retrying)"),
-                None => with_core(&mut |c| c.settle_pending(&consumer))?,
+                None => with_core(&mut |c| {
+                    c.sink.hand_over()?;
+                    collecting = false;
+                    c.settle_pending(&consumer)
+                })?,
             }
             if let Some(f) = failure.lock().ok().and_then(|f| f.clone()) {
                 return Err(PipelineError::Rebalance(f));
@@ -1474,6 +1487,7 @@ pub fn run(
                     };
                     c.metrics.observe_tick(started.elapsed());
                     backlog = (c.catching_up(), c.sink.buffered_bytes());
+                    collecting = c.sink.collecting();
                     r
                 })?;
                 last_step = Instant::now();

@@ -191,18 +191,30 @@ impl Outputs {
         timestamp: Option<i64>,
         headers: Option<OwnedHeaders>,
     ) -> Result<(), KafkaError> {
-        let mut rec: BaseRecord<'_, [u8], [u8], usize> =
-            BaseRecord::with_opaque_to(topic, self.opaque(0)).payload(payload);
-        if let Some(k) = key {
-            rec = rec.key(k);
+        self.enqueue(output_record(
+            topic,
+            key,
+            payload,
+            timestamp,
+            headers,
+            self.opaque(0),
+        ))
+    }
+
+    /// Counts one output record in the current epoch before another thread queues it with
+    /// [`ReservedSender::send`] (the epoch is not acknowledged until it is delivered, or has
+    /// failed); returns the record's delivery opaque.
+    pub fn reserve(&self) -> usize {
+        self.state.unacked[slot(self.epoch)].fetch_add(1, Ordering::AcqRel);
+        self.opaque(0)
+    }
+
+    /// A handle for the thread that queues [reserved](Self::reserve) records.
+    pub fn reserved_sender(&self) -> ReservedSender {
+        ReservedSender {
+            producer: Arc::clone(&self.producer),
+            state: Arc::clone(&self.state),
         }
-        if let Some(ts) = timestamp {
-            rec = rec.timestamp(ts);
-        }
-        if let Some(h) = headers {
-            rec = rec.headers(h);
-        }
-        self.enqueue(rec)
     }
 
     /// Queues one changelog record for `partition` (a tombstone when `value` is none).
@@ -380,23 +392,14 @@ impl Outputs {
         r
     }
 
-    fn enqueue(&self, mut rec: BaseRecord<'_, [u8], [u8], usize>) -> Result<(), KafkaError> {
+    fn enqueue(&self, rec: BaseRecord<'_, [u8], [u8], usize>) -> Result<(), KafkaError> {
         // Counted before it is handed over: its report may come before `send` returns.
         let unacked = &self.state.unacked[slot((rec.delivery_opaque >> 1) as u64)];
         unacked.fetch_add(1, Ordering::AcqRel);
-        loop {
-            match self.producer.send(rec) {
-                Ok(()) => return Ok(()),
-                Err((RdError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    rec = r;
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err((e, _)) => {
-                    unacked.fetch_sub(1, Ordering::AcqRel);
-                    return Err(KafkaError::Produce(e.to_string()));
-                }
-            }
-        }
+        queue(&self.producer, rec).map_err(|e| {
+            unacked.fetch_sub(1, Ordering::AcqRel);
+            KafkaError::Produce(e.to_string())
+        })
     }
 
     /// Waits until every record sent so far is acknowledged and retires every epoch. Keeps
@@ -435,6 +438,74 @@ impl Outputs {
         // pipeline for ~100 ms per commit. The background thread serves the reports; waiting
         // for the in-flight count to reach zero is enough.
         wait_for(limit, || self.producer.in_flight_count() == 0);
+    }
+}
+
+/// Queues records [reserved](Outputs::reserve) on the consumer thread, from another thread
+/// (at-least-once: see [`super::sink`]).
+pub struct ReservedSender {
+    producer: Arc<ThreadedProducer<DeliveryContext>>,
+    state: Arc<DeliveryState>,
+}
+
+impl ReservedSender {
+    /// Queues one reserved record; waits while the local queue is full. A record that cannot
+    /// be queued counts as a failed delivery ([`Outputs::check_failures`] reports it).
+    pub fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        timestamp: Option<i64>,
+        headers: Option<OwnedHeaders>,
+        opaque: usize,
+    ) {
+        let rec = output_record(topic, key, payload, timestamp, headers, opaque);
+        if let Err(e) = queue(&self.producer, rec) {
+            self.state.failed.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut first) = self.state.first_error.lock() {
+                first.get_or_insert_with(|| e.to_string());
+            }
+            self.state.unacked[slot((opaque >> 1) as u64)].fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+fn output_record<'a>(
+    topic: &'a str,
+    key: Option<&'a [u8]>,
+    payload: &'a [u8],
+    timestamp: Option<i64>,
+    headers: Option<OwnedHeaders>,
+    opaque: usize,
+) -> BaseRecord<'a, [u8], [u8], usize> {
+    let mut rec = BaseRecord::with_opaque_to(topic, opaque).payload(payload);
+    if let Some(k) = key {
+        rec = rec.key(k);
+    }
+    if let Some(ts) = timestamp {
+        rec = rec.timestamp(ts);
+    }
+    if let Some(h) = headers {
+        rec = rec.headers(h);
+    }
+    rec
+}
+
+/// Hands `rec` to the producer, waiting while its local queue is full.
+fn queue(
+    producer: &ThreadedProducer<DeliveryContext>,
+    mut rec: BaseRecord<'_, [u8], [u8], usize>,
+) -> Result<(), RdError> {
+    loop {
+        match producer.send(rec) {
+            Ok(()) => return Ok(()),
+            Err((RdError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                rec = r;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err((e, _)) => return Err(e),
+        }
     }
 }
 

@@ -1,15 +1,39 @@
-//! Where the pipeline's outputs go: straight to a producer (at-least-once), or into the
+//! Where the pipeline's outputs go: to the producer at once (at-least-once), or into the
 //! [`Batch`] of the current commit interval (exactly-once), which the state committer
 //! produces inside that interval's transaction, so the consumer thread never waits for a
 //! transaction. Every output is counted in `sessionizer_records_out_total` here.
+//!
+//! At-least-once, the consumer thread does not queue the records on the producer itself (in a
+//! profile that took 18 % of its time, BENCHMARKS.md, tenth session): it counts each one in
+//! the producer's current epoch ([`Outputs::reserve`]) and collects them in small batches,
+//! which a thread of their own ("output queue") queues on the producer in order. A batch goes
+//! to that thread once it holds [`HAND_OVER_RECORDS`] records or its first record is
+//! [`HAND_OVER_AFTER`] old ([`Sink::hand_over_due`]), when a poll finds no record, and
+//! before the producer's epoch is sealed ([`Sink::seal`], at every commit): so every record
+//! of an epoch is on its way before anything waits for the epoch's acknowledgement. A record counts
+//! in its epoch from the moment it is reserved, so an epoch is acknowledged only once every
+//! record of it is delivered: the at-least-once invariant of [`super::output`] holds as when
+//! the consumer thread queued them. The channel to the thread is bounded: when the producer's
+//! queue is full, the thread waits, and then so does the consumer thread.
 
-use super::output::Outputs;
+use super::output::{Outputs, ReservedSender};
 use super::KafkaError;
 use crate::config::RuntimeSettings;
 use crate::metrics::{Metrics, OutputKind};
 use rdkafka::message::OwnedHeaders;
 use std::ops::Range;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// At-least-once: a batch of this many records goes to the output thread at once.
+pub const HAND_OVER_RECORDS: usize = 256;
+
+/// At-least-once: a batch goes to the output thread once its first record is this old.
+pub const HAND_OVER_AFTER: Duration = Duration::from_millis(1);
+
+/// Batches waiting for the output thread; one more makes the consumer thread wait.
+const QUEUED_BATCHES: usize = 2;
 
 /// The output topics, indexed by [`OutputKind::index`].
 pub type OutputTopics = [String; OutputKind::ALL.len()];
@@ -31,6 +55,8 @@ pub fn output_topics(rt: &RuntimeSettings) -> OutputTopics {
 /// One buffered record: ranges into the batch's bytes.
 struct Held {
     kind: OutputKind,
+    /// At-least-once: its delivery opaque (see [`Outputs::reserve`]).
+    opaque: usize,
     key: Option<Range<usize>>,
     payload: Range<usize>,
     timestamp: Option<i64>,
@@ -106,6 +132,18 @@ impl Batch {
         timestamp: Option<i64>,
         headers: Option<OwnedHeaders>,
     ) {
+        self.push_reserved(kind, key, payload, timestamp, headers, 0);
+    }
+
+    fn push_reserved(
+        &mut self,
+        kind: OutputKind,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        timestamp: Option<i64>,
+        headers: Option<OwnedHeaders>,
+        opaque: usize,
+    ) {
         let mut put = |b: &[u8]| {
             let start = self.bytes.len();
             self.bytes.extend_from_slice(b);
@@ -115,6 +153,7 @@ impl Batch {
         let payload = put(payload);
         self.records.push(Held {
             kind,
+            opaque,
             key,
             payload,
             timestamp,
@@ -149,34 +188,97 @@ impl Batch {
         }
         Ok(())
     }
+
+    /// Queues every reserved record on `sender`, in order (the output thread's work).
+    fn produce_reserved(mut self, sender: &ReservedSender, topics: &OutputTopics) {
+        let Batch { bytes, records, .. } = &mut self;
+        for r in records.drain(..) {
+            sender.send(
+                &topics[r.kind.index()],
+                r.key.map(|k| &bytes[k]),
+                &bytes[r.payload],
+                r.timestamp,
+                r.headers,
+                r.opaque,
+            );
+        }
+    }
+}
+
+/// At-least-once: the producer, the batch being filled, and the output thread.
+struct Direct {
+    outputs: Outputs,
+    batch: Batch,
+    /// When the pipeline first saw the batch non-empty ([`Sink::hand_over_due`]).
+    since: Option<Instant>,
+    spares: Spares,
+    /// Dropped with the sink: the thread then queues what it was given and ends (it is not
+    /// waited for, so a producer stuck on unreachable brokers cannot hold up the exit).
+    to_thread: SyncSender<Batch>,
+}
+
+impl Direct {
+    fn hand_over(&mut self) -> Result<(), KafkaError> {
+        self.since = None;
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let next = Batch::reuse_or_size_like(&self.spares, &self.batch);
+        let full = std::mem::replace(&mut self.batch, next);
+        self.to_thread
+            .send(full)
+            .map_err(|_| KafkaError::Produce("the output queue thread has stopped".into()))
+    }
+}
+
+fn output_thread(rx: Receiver<Batch>, sender: ReservedSender, topics: OutputTopics) {
+    for batch in rx {
+        batch.produce_reserved(&sender, &topics);
+    }
 }
 
 enum To {
-    Direct(Outputs),
+    Direct(Box<Direct>),
     Buffered(Batch, Spares),
 }
 
 /// The pipeline's output side.
 pub struct Sink {
-    topics: OutputTopics,
     metrics: Arc<Metrics>,
     to: To,
 }
 
 impl Sink {
-    /// At-least-once: records go to `outputs` at once.
-    pub fn direct(rt: &RuntimeSettings, metrics: Arc<Metrics>, outputs: Outputs) -> Self {
-        Sink {
-            topics: output_topics(rt),
+    /// At-least-once: records go to `outputs` at once (through the output thread, see the
+    /// module docs).
+    pub fn direct(
+        rt: &RuntimeSettings,
+        metrics: Arc<Metrics>,
+        outputs: Outputs,
+    ) -> Result<Self, KafkaError> {
+        let topics = output_topics(rt);
+        let (tx, rx) = sync_channel(QUEUED_BATCHES);
+        let sender = outputs.reserved_sender();
+        std::thread::Builder::new()
+            .name("output queue".into())
+            .spawn(move || output_thread(rx, sender, topics))
+            .map_err(|e| KafkaError::Produce(format!("cannot start the output thread: {e}")))?;
+        let spares = Spares::default();
+        Ok(Sink {
             metrics,
-            to: To::Direct(outputs),
-        }
+            to: To::Direct(Box::new(Direct {
+                outputs,
+                batch: Batch::reuse_or_size_like(&spares, &Batch::default()),
+                since: None,
+                spares,
+                to_thread: tx,
+            })),
+        })
     }
 
     /// Exactly-once: records wait in a batch (see [`Sink::take_batch`]).
-    pub fn buffered(rt: &RuntimeSettings, metrics: Arc<Metrics>) -> Self {
+    pub fn buffered(metrics: Arc<Metrics>) -> Self {
         Sink {
-            topics: output_topics(rt),
             metrics,
             to: To::Buffered(Batch::default(), Spares::default()),
         }
@@ -191,8 +293,13 @@ impl Sink {
         headers: Option<OwnedHeaders>,
     ) -> Result<(), KafkaError> {
         match &mut self.to {
-            To::Direct(o) => {
-                o.send(&self.topics[kind.index()], key, payload, timestamp, headers)?
+            To::Direct(d) => {
+                let opaque = d.outputs.reserve();
+                d.batch
+                    .push_reserved(kind, key, payload, timestamp, headers, opaque);
+                if d.batch.len() >= HAND_OVER_RECORDS {
+                    d.hand_over()?;
+                }
             }
             To::Buffered(b, _) => b.push(kind, key, payload, timestamp, headers),
         }
@@ -200,10 +307,57 @@ impl Sink {
         Ok(())
     }
 
-    /// The producer, when records go straight to it.
+    /// At-least-once: hands the records collected so far to the output thread if the first
+    /// of them was collected [`HAND_OVER_AFTER`] ago (the pipeline calls this with the time
+    /// of each record it takes, and with the time of every poll that found none).
+    pub fn hand_over_due(&mut self, now: Instant) -> Result<(), KafkaError> {
+        let To::Direct(d) = &mut self.to else {
+            return Ok(());
+        };
+        if d.batch.is_empty() {
+            return Ok(());
+        }
+        match d.since {
+            Some(since) if now.saturating_duration_since(since) >= HAND_OVER_AFTER => d.hand_over(),
+            Some(_) => Ok(()),
+            None => {
+                d.since = Some(now);
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether records wait here for the output thread.
+    pub fn collecting(&self) -> bool {
+        matches!(&self.to, To::Direct(d) if !d.batch.is_empty())
+    }
+
+    /// At-least-once: hands the records collected so far to the output thread (the
+    /// pipeline calls this when a poll found no record).
+    pub fn hand_over(&mut self) -> Result<(), KafkaError> {
+        match &mut self.to {
+            To::Direct(d) => d.hand_over(),
+            To::Buffered(..) => Ok(()),
+        }
+    }
+
+    /// Ends the producer's current epoch ([`Outputs::seal`]) once every record of it is
+    /// with the output thread, so that waiting for its acknowledgement cannot wait for a
+    /// record still collected here; 0 without a producer.
+    pub fn seal(&mut self) -> Result<u64, KafkaError> {
+        match &mut self.to {
+            To::Direct(d) => {
+                d.hand_over()?;
+                Ok(d.outputs.seal())
+            }
+            To::Buffered(..) => Ok(0),
+        }
+    }
+
+    /// The producer, when records go to it at once.
     pub fn outputs(&mut self) -> Option<&mut Outputs> {
         match &mut self.to {
-            To::Direct(o) => Some(o),
+            To::Direct(d) => Some(&mut d.outputs),
             To::Buffered(..) => None,
         }
     }
@@ -239,6 +393,58 @@ impl Sink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rdkafka::config::ClientConfig;
+
+    /// At-least-once, through the output thread to a producer whose brokers never answer: a
+    /// record counts in its epoch from the moment it is sent to the sink, and the epoch is
+    /// acknowledged only once the producer has reported every record (here: as failed).
+    #[test]
+    fn reserved_records_hold_their_epoch_until_the_producer_reports_them() {
+        let rt = crate::config::validate(&Default::default())
+            .unwrap()
+            .runtime;
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", "127.0.0.1:1")
+            .set("message.timeout.ms", "2000");
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let mut sink = Sink::direct(&rt, metrics, Outputs::new(&cfg).unwrap()).unwrap();
+        let send = |sink: &mut Sink, n: usize| {
+            for i in 0..n {
+                sink.send(
+                    OutputKind::Annotated,
+                    Some(b"u"),
+                    b"{}",
+                    Some(i as i64),
+                    None,
+                )
+                .unwrap();
+            }
+        };
+        send(&mut sink, 10);
+        let t0 = Instant::now();
+        sink.hand_over_due(t0).unwrap();
+        assert!(sink.collecting(), "kept until HAND_OVER_AFTER has passed");
+        sink.hand_over_due(t0 + HAND_OVER_AFTER).unwrap();
+        assert!(
+            !sink.collecting(),
+            "handed over once HAND_OVER_AFTER has passed"
+        );
+        send(&mut sink, HAND_OVER_RECORDS);
+        assert!(!sink.collecting(), "a full batch is handed over at once");
+        send(&mut sink, 3);
+        let epoch = sink.seal().unwrap();
+        assert!(!sink.collecting(), "sealing hands over the rest");
+        let o = sink.outputs().unwrap();
+        assert!(!o.acknowledged(epoch), "nothing can have been delivered");
+        o.wait_acknowledged(epoch, Some(Duration::from_secs(30)));
+        assert!(
+            o.acknowledged(epoch),
+            "every record reported by the producer"
+        );
+        let e = o.check_failures().unwrap_err().to_string();
+        let n = 10 + HAND_OVER_RECORDS + 3;
+        assert!(e.contains(&format!("{n} output record(s)")), "{e}");
+    }
 
     #[test]
     fn a_dropped_batch_is_reused_empty_with_its_capacity() {
