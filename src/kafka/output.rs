@@ -57,6 +57,16 @@ impl Default for DeliveryState {
     }
 }
 
+impl DeliveryState {
+    /// Counts a record that will never be delivered, keeping the first error.
+    fn fail(&self, e: &dyn std::fmt::Display) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut first) = self.first_error.lock() {
+            first.get_or_insert_with(|| e.to_string());
+        }
+    }
+}
+
 fn slot(epoch: u64) -> usize {
     (epoch % EPOCH_SLOTS as u64) as usize
 }
@@ -81,12 +91,7 @@ impl ProducerContext for DeliveryContext {
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
         let epoch = (opaque >> 1) as u64;
         match result {
-            Err((e, _)) => {
-                self.state.failed.fetch_add(1, Ordering::Relaxed);
-                if let Ok(mut first) = self.state.first_error.lock() {
-                    first.get_or_insert_with(|| e.to_string());
-                }
-            }
+            Err((e, _)) => self.state.fail(e),
             Ok(m) if opaque & CHANGELOG != 0 => {
                 if let Ok(mut acked) = self.state.changelog_acked.lock() {
                     let n = acked.entry((epoch, m.partition())).or_insert(0);
@@ -191,14 +196,14 @@ impl Outputs {
         timestamp: Option<i64>,
         headers: Option<OwnedHeaders>,
     ) -> Result<(), KafkaError> {
-        self.enqueue(output_record(
+        let r = OutputRecord {
             topic,
             key,
             payload,
             timestamp,
             headers,
-            self.opaque(0),
-        ))
+        };
+        self.enqueue(r.into_base(self.opaque(0)))
     }
 
     /// Counts one output record in the current epoch before another thread queues it with
@@ -449,47 +454,40 @@ pub struct ReservedSender {
 }
 
 impl ReservedSender {
-    /// Queues one reserved record; waits while the local queue is full. A record that cannot
-    /// be queued counts as a failed delivery ([`Outputs::check_failures`] reports it).
-    pub fn send(
-        &self,
-        topic: &str,
-        key: Option<&[u8]>,
-        payload: &[u8],
-        timestamp: Option<i64>,
-        headers: Option<OwnedHeaders>,
-        opaque: usize,
-    ) {
-        let rec = output_record(topic, key, payload, timestamp, headers, opaque);
-        if let Err(e) = queue(&self.producer, rec) {
-            self.state.failed.fetch_add(1, Ordering::Relaxed);
-            if let Ok(mut first) = self.state.first_error.lock() {
-                first.get_or_insert_with(|| e.to_string());
-            }
+    /// Queues one record reserved with delivery opaque `opaque`; waits while the local queue
+    /// is full. A record that cannot be queued counts as a failed delivery
+    /// ([`Outputs::check_failures`] reports it).
+    pub fn send(&self, r: OutputRecord<'_>, opaque: usize) {
+        if let Err(e) = queue(&self.producer, r.into_base(opaque)) {
+            self.state.fail(&e);
             self.state.unacked[slot((opaque >> 1) as u64)].fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
 
-fn output_record<'a>(
-    topic: &'a str,
-    key: Option<&'a [u8]>,
-    payload: &'a [u8],
-    timestamp: Option<i64>,
-    headers: Option<OwnedHeaders>,
-    opaque: usize,
-) -> BaseRecord<'a, [u8], [u8], usize> {
-    let mut rec = BaseRecord::with_opaque_to(topic, opaque).payload(payload);
-    if let Some(k) = key {
-        rec = rec.key(k);
+/// One output record, before it is queued.
+pub struct OutputRecord<'a> {
+    pub topic: &'a str,
+    pub key: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+    pub timestamp: Option<i64>,
+    pub headers: Option<OwnedHeaders>,
+}
+
+impl<'a> OutputRecord<'a> {
+    fn into_base(self, opaque: usize) -> BaseRecord<'a, [u8], [u8], usize> {
+        let mut rec = BaseRecord::with_opaque_to(self.topic, opaque).payload(self.payload);
+        if let Some(k) = self.key {
+            rec = rec.key(k);
+        }
+        if let Some(ts) = self.timestamp {
+            rec = rec.timestamp(ts);
+        }
+        if let Some(h) = self.headers {
+            rec = rec.headers(h);
+        }
+        rec
     }
-    if let Some(ts) = timestamp {
-        rec = rec.timestamp(ts);
-    }
-    if let Some(h) = headers {
-        rec = rec.headers(h);
-    }
-    rec
 }
 
 /// Hands `rec` to the producer, waiting while its local queue is full.

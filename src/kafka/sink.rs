@@ -16,7 +16,7 @@
 //! the consumer thread queued them. The channel to the thread is bounded: when the producer's
 //! queue is full, the thread waits, and then so does the consumer thread.
 
-use super::output::{Outputs, ReservedSender};
+use super::output::{OutputRecord, Outputs, ReservedSender};
 use super::KafkaError;
 use crate::config::RuntimeSettings;
 use crate::metrics::{Metrics, OutputKind};
@@ -175,33 +175,39 @@ impl Batch {
     }
 
     /// Queues every record on `outputs`, in order.
-    pub fn produce(mut self, outputs: &Outputs, topics: &OutputTopics) -> Result<(), KafkaError> {
-        let bytes = &self.bytes;
-        for r in self.records.drain(..) {
-            outputs.send(
-                &topics[r.kind.index()],
-                r.key.map(|k| &bytes[k]),
-                &bytes[r.payload],
-                r.timestamp,
-                r.headers,
-            )?;
-        }
-        Ok(())
+    pub fn produce(self, outputs: &Outputs, topics: &OutputTopics) -> Result<(), KafkaError> {
+        self.drain(topics, |r, _| {
+            outputs.send(r.topic, r.key, r.payload, r.timestamp, r.headers)
+        })
     }
 
     /// Queues every reserved record on `sender`, in order (the output thread's work).
-    fn produce_reserved(mut self, sender: &ReservedSender, topics: &OutputTopics) {
+    fn produce_reserved(self, sender: &ReservedSender, topics: &OutputTopics) {
+        let _ = self.drain(topics, |r, opaque| {
+            sender.send(r, opaque);
+            Ok::<(), std::convert::Infallible>(())
+        });
+    }
+
+    /// Hands every record, with its delivery opaque, to `send`, in order, until it fails;
+    /// the batch goes back to its spares when dropped.
+    fn drain<E>(
+        mut self,
+        topics: &OutputTopics,
+        mut send: impl FnMut(OutputRecord<'_>, usize) -> Result<(), E>,
+    ) -> Result<(), E> {
         let Batch { bytes, records, .. } = &mut self;
         for r in records.drain(..) {
-            sender.send(
-                &topics[r.kind.index()],
-                r.key.map(|k| &bytes[k]),
-                &bytes[r.payload],
-                r.timestamp,
-                r.headers,
-                r.opaque,
-            );
+            let out = OutputRecord {
+                topic: &topics[r.kind.index()],
+                key: r.key.map(|k| &bytes[k]),
+                payload: &bytes[r.payload],
+                timestamp: r.timestamp,
+                headers: r.headers,
+            };
+            send(out, r.opaque)?;
         }
+        Ok(())
     }
 }
 
