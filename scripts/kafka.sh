@@ -53,8 +53,10 @@ commands:
                                 $SASL_USER / $SASL_PASSWORD; see 'bootstrap --sasl');
                                 --tls adds an SSL listener per node after those, with a
                                 certificate for 127.0.0.1 signed by a CA made for the
-                                cluster (DIR/tls/ca.pem; see 'bootstrap --tls'); both
-                                add a SASL_SSL listener per node after those
+                                cluster (DIR/tls/ca.pem; see 'bootstrap --tls'), and
+                                one that also requires a client certificate signed by
+                                that CA (DIR/tls/client.p12; see 'bootstrap --mtls');
+                                both add a SASL_SSL listener per node
                                 (see 'bootstrap --sasl-ssl')
   stop [--dir DIR] [--clean]    stop all nodes (SIGTERM, then SIGKILL after ${STOP_TIMEOUT}s);
                                 --clean also deletes DIR
@@ -64,10 +66,11 @@ commands:
   topics [--dir DIR] -- ARGS    org.apache.kafka.tools.TopicCommand ARGS
   tool NAME|CLASS [--dir DIR] -- ARGS
                                 run a Kafka CLI tool (NAME below, or a main class)
-  bootstrap [--dir DIR] [--sasl|--tls|--sasl-ssl]
+  bootstrap [--dir DIR] [--sasl|--tls|--sasl-ssl|--mtls]
                                 print the bootstrap servers of the cluster in DIR (--sasl: of
                                 its SASL_PLAINTEXT listeners, --tls: of its SSL listeners,
-                                --sasl-ssl: of its SASL_SSL listeners)
+                                --sasl-ssl: of its SASL_SSL listeners, --mtls: of its SSL
+                                listeners that require a client certificate)
   libs                          fetch if needed, print the jar directory
 
 tool NAMEs: $(printf '%s\n' "${!TOOL_ALIASES[@]}" | sort | tr '\n' ' ')
@@ -223,9 +226,11 @@ sasl_port() { echo $((BASE_PORT + 2 * NODES + $1 - 1)); }
 tls_port() { echo $((BASE_PORT + 2 * NODES + ${SASL:-0} * NODES + $1 - 1)); }
 # With both --sasl and --tls: SASL over TLS, the usual production setting.
 sasl_ssl_port() { echo $((BASE_PORT + 2 * NODES + ${SASL:-0} * NODES + ${TLS:-0} * NODES + $1 - 1)); }
+# With --tls: TLS that also requires a client certificate signed by the cluster's CA.
+mtls_port() { echo $((BASE_PORT + 2 * NODES + ${SASL:-0} * NODES + ${TLS:-0} * NODES + ${SASL:-0} * ${TLS:-0} * NODES + $1 - 1)); }
 
 # Bootstrap servers of one listener of every node: PORT_FN is broker_port (PLAINTEXT, the
-# default), sasl_port, tls_port or sasl_ssl_port.
+# default), sasl_port, tls_port, sasl_ssl_port or mtls_port.
 bootstrap_servers() {
   local port_fn="${1:-broker_port}" n out=""
   for ((n = 1; n <= NODES; n++)); do out+="${out:+,}127.0.0.1:$("$port_fn" "$n")"; done
@@ -238,6 +243,7 @@ node_ports() {
   if ((SASL)); then sasl_port "$1"; fi
   if ((TLS)); then tls_port "$1"; fi
   if ((SASL && TLS)); then sasl_ssl_port "$1"; fi
+  if ((TLS)); then mtls_port "$1"; fi
 }
 
 # The password of the test certificates' key stores (they guard nothing: a cluster for tests).
@@ -261,7 +267,18 @@ make_tls_material() {
     "$keytool" -gencert -alias ca -keystore "$d/ca.p12" -storepass "$pw" -infile "$d/broker.csr" \
       -outfile "$d/broker.crt" -ext "SAN=IP:127.0.0.1,DNS:localhost" -validity 30 -rfc &&
     "$keytool" -importcert -alias ca -keystore "$d/broker.p12" -storepass "$pw" -file "$d/ca.pem" -noprompt &&
-    "$keytool" -importcert -alias broker -keystore "$d/broker.p12" -storepass "$pw" -file "$d/broker.crt"
+    "$keytool" -importcert -alias broker -keystore "$d/broker.p12" -storepass "$pw" -file "$d/broker.crt" &&
+    # For the MTLS listeners: the CA the brokers trust client certificates from, and one
+    # client certificate it signed (client.p12, the same password).
+    "$keytool" -importcert -alias ca -keystore "$d/truststore.p12" -storetype PKCS12 \
+      -storepass "$pw" -file "$d/ca.pem" -noprompt &&
+    "$keytool" -genkeypair -alias client -keyalg RSA -keysize 2048 -dname "CN=sessionizer" \
+      -validity 30 -keystore "$d/client.p12" -storetype PKCS12 -storepass "$pw" -keypass "$pw" &&
+    "$keytool" -certreq -alias client -keystore "$d/client.p12" -storepass "$pw" -file "$d/client.csr" &&
+    "$keytool" -gencert -alias ca -keystore "$d/ca.p12" -storepass "$pw" -infile "$d/client.csr" \
+      -outfile "$d/client.crt" -validity 30 -rfc &&
+    "$keytool" -importcert -alias ca -keystore "$d/client.p12" -storepass "$pw" -file "$d/ca.pem" -noprompt &&
+    "$keytool" -importcert -alias client -keystore "$d/client.p12" -storepass "$pw" -file "$d/client.crt"
   } >"$d/keytool.log" 2>&1 || { cat "$d/keytool.log" >&2; die "making the TLS certificates failed"; }
 }
 
@@ -336,6 +353,11 @@ write_server_properties() {
       advertised+=",SASL_SSL://127.0.0.1:$(sasl_ssl_port "$n")"
       map+=",SASL_SSL:SASL_SSL"
     fi
+    if ((TLS)); then
+      listeners+=",MTLS://127.0.0.1:$(mtls_port "$n")"
+      advertised+=",MTLS://127.0.0.1:$(mtls_port "$n")"
+      map+=",MTLS:SSL"
+    fi
     echo "listeners=$listeners"
     echo "advertised.listeners=$advertised"
     echo "listener.security.protocol.map=$map"
@@ -355,6 +377,10 @@ write_server_properties() {
       echo "ssl.keystore.type=PKCS12"
       echo "ssl.keystore.password=$TLS_STORE_PASSWORD"
       echo "ssl.key.password=$TLS_STORE_PASSWORD"
+      echo "listener.name.mtls.ssl.client.auth=required"
+      echo "listener.name.mtls.ssl.truststore.location=$DIR/tls/truststore.p12"
+      echo "listener.name.mtls.ssl.truststore.type=PKCS12"
+      echo "listener.name.mtls.ssl.truststore.password=$TLS_STORE_PASSWORD"
     fi
     echo "controller.listener.names=CONTROLLER"
     echo "inter.broker.listener.name=PLAINTEXT"
@@ -484,7 +510,7 @@ cmd_start() {
     esac
   done
   [[ "$NODES" == 1 || "$NODES" == 3 ]] || die "--nodes must be 1 or 3 (got '$NODES')"
-  local span=$((2 * NODES + SASL * NODES + TLS * NODES + SASL * TLS * NODES))
+  local span=$((2 * NODES + SASL * NODES + 2 * TLS * NODES + SASL * TLS * NODES))
   if ! [[ "$BASE_PORT" =~ ^[0-9]+$ ]] || ((BASE_PORT < 1024 || BASE_PORT + span > 65535)); then
     die "--port must be a number in 1024..$((65535 - span)) (got '$BASE_PORT')"
   fi
@@ -571,6 +597,9 @@ cmd_start() {
   fi
   if ((TLS)); then info "SSL listeners (CA: $DIR/tls/ca.pem): $(bootstrap_servers tls_port)"; fi
   if ((SASL && TLS)); then info "SASL_SSL listeners (same user and CA): $(bootstrap_servers sasl_ssl_port)"; fi
+  if ((TLS)); then
+    info "SSL listeners requiring a client certificate (DIR/tls/client.p12, password $TLS_STORE_PASSWORD): $(bootstrap_servers mtls_port)"
+  fi
   bootstrap_servers
 }
 
@@ -685,6 +714,9 @@ cmd_bootstrap() {
     --sasl-ssl)
       ((${SASL:-0} && ${TLS:-0})) || die "the cluster in $DIR has no SASL_SSL listeners (start it with --sasl --tls)"
       bootstrap_servers sasl_ssl_port ;;
+    --mtls)
+      ((${TLS:-0})) || die "the cluster in $DIR has no listeners requiring client certificates (start it with --tls)"
+      bootstrap_servers mtls_port ;;
     *) die "bootstrap: unexpected argument(s): ${REST[*]}" ;;
   esac
 }

@@ -1,11 +1,12 @@
-//! Security against a real Apache Kafka broker with SASL_PLAINTEXT, SSL and SASL_SSL listeners
-//! (started by `scripts/kafka.sh start --sasl --tls`), with the real `sessionizer` binary:
+//! Security against a real Apache Kafka broker with SASL_PLAINTEXT, SSL (one listener of it
+//! requiring client certificates) and SASL_SSL listeners (started by `scripts/kafka.sh start
+//! --sasl --tls`), with the real `sessionizer` binary:
 //! - over SASL/PLAIN (exactly-once), SASL/SCRAM-SHA-256 (at-least-once), TLS (exactly-once,
-//!   the broker's certificate checked against its CA) and SASL/SCRAM-SHA-512 over TLS
-//!   (exactly-once) it sessionizes as over PLAINTEXT: the same annotations and sessions as the
-//!   offline run;
-//! - a wrong password (over SASL_PLAINTEXT and over SASL_SSL), or a CA that did not sign the
-//!   broker's certificate, stops it at start,
+//!   the broker's certificate checked against its CA), TLS with a client certificate
+//!   (at-least-once) and SASL/SCRAM-SHA-512 over TLS (exactly-once) it sessionizes as over
+//!   PLAINTEXT: the same annotations and sessions as the offline run;
+//! - a wrong password (over SASL_PLAINTEXT and over SASL_SSL), a CA that did not sign the
+//!   broker's certificate, or no client certificate where one is required, stops it at start,
 //!   non-zero, with a message that names the failure (not "unreachable brokers") and the
 //!   settings to check, and without the password; before the 15 s the start-up check gives
 //!   brokers that do not answer at all.
@@ -49,6 +50,16 @@ fn tls(ca: &str) -> Vec<String> {
         "security.protocol=SSL".to_string(),
         format!("ssl.ca.location={ca}"),
     ])
+}
+
+/// TLS with a client certificate (mutual TLS).
+fn mtls(ca: &str, keystore: &str) -> Vec<String> {
+    let mut p = tls(ca);
+    p.extend(properties(&[
+        format!("ssl.keystore.location={keystore}"),
+        "ssl.keystore.password=sessionizer-tls".to_string(),
+    ]));
+    p
 }
 
 /// SASL over TLS: what managed Kafka services ask for.
@@ -166,7 +177,22 @@ fn sasl_and_tls() {
         &sasl("SCRAM-SHA-256", PASSWORD),
         "at-least-once",
     );
+    refused(
+        &broker,
+        "no-client-certificate",
+        &secure.mtls,
+        &tls(ca),
+        "alert bad certificate",
+    );
     sessionizes(&broker, "tls", &secure.tls, &tls(ca), "exactly-once");
+    let keystore = secure.client_keystore.to_str().unwrap();
+    sessionizes(
+        &broker,
+        "mtls",
+        &secure.mtls,
+        &mtls(ca, keystore),
+        "at-least-once",
+    );
     sessionizes(
         &broker,
         "sasl-ssl",

@@ -74,12 +74,15 @@ struct Observed {
 
 impl ClientErrors {
     /// Keeps `reason` as the security failure if `error` is an authentication or TLS failure
-    /// (the first one only), and as the last error in any case.
+    /// (the first one only), and as the last error in any case. A TLS alert from a broker
+    /// is one too, though librdkafka reports it as a transport failure: with TLS 1.3 a
+    /// broker that refuses the client's certificate (or the lack of one) says so after the
+    /// handshake, as "... alert bad certificate: SSL alert number 42".
     pub fn observe(&self, error: &rdkafka::error::KafkaError, reason: &str) {
         let security = matches!(
             error.rdkafka_error_code(),
             Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
-        );
+        ) || reason.contains("SSL alert number");
         if let Ok(mut o) = self.0.lock() {
             if security {
                 o.security.get_or_insert_with(|| reason.to_owned());
@@ -462,5 +465,14 @@ mod tests {
         f.observe(&Rd::Global(RDKafkaErrorCode::SSL), "TLS: bad certificate");
         assert_eq!(seen.security().as_deref(), Some("SASL: bad password"));
         assert_eq!(seen.last().as_deref(), Some("TLS: bad certificate"));
+        let alert = "ssl://127.0.0.1:9093/bootstrap: Receive failed: error:0A000412:SSL \
+                     routines::sslv3 alert bad certificate: SSL alert number 42";
+        let f = ClientErrors::default();
+        f.observe(&Rd::Global(RDKafkaErrorCode::BrokerTransportFailure), alert);
+        assert_eq!(
+            f.security().as_deref(),
+            Some(alert),
+            "a TLS alert from the broker is a security failure"
+        );
     }
 }

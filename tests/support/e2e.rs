@@ -39,6 +39,10 @@ pub struct Secure {
     pub tls: String,
     /// Bootstrap servers of the SASL_SSL listener (the same user, the same CA).
     pub sasl_ssl: String,
+    /// Bootstrap servers of the SSL listener that requires a client certificate.
+    pub mtls: String,
+    /// A client certificate for it, with its key (PKCS#12, password `sessionizer-tls`).
+    pub client_keystore: PathBuf,
     /// The CA that signed the broker's certificate (PEM).
     pub ca: PathBuf,
 }
@@ -87,7 +91,7 @@ impl Broker {
     /// password `sessionizer-secret`; a certificate for 127.0.0.1 signed by a CA of its own).
     /// The tests' own clients use the PLAINTEXT listener.
     pub fn start_secure() -> (Broker, Secure) {
-        let b = Self::start_with(1, free_port_run(5), &["--sasl", "--tls"]);
+        let b = Self::start_with(1, free_port_run(6), &["--sasl", "--tls"]);
         let dir = b.dir().unwrap().to_owned();
         let listener = |flag: &str| {
             let out = kafka_sh(&["bootstrap", "--dir", &dir, flag]);
@@ -102,7 +106,9 @@ impl Broker {
             sasl: listener("--sasl"),
             tls: listener("--tls"),
             sasl_ssl: listener("--sasl-ssl"),
+            mtls: listener("--mtls"),
             ca: Path::new(&dir).join("tls").join("ca.pem"),
+            client_keystore: Path::new(&dir).join("tls").join("client.p12"),
         };
         (b, secure)
     }
