@@ -62,7 +62,7 @@ use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -243,6 +243,10 @@ struct Core {
     standbys: Option<Standbys>,
     /// The input topics' partition count.
     partitions: i32,
+    /// With several input topics: the partition numbers that had records left to fetch in
+    /// some topic at the consumer's last statistics report (see
+    /// [`kafka::watch::lagging_partitions`]); such a task is not caught up.
+    lagging: HashSet<i32>,
     /// When the producer was last replaced after a fencing error.
     last_fence: Option<Instant>,
     /// Whether anything was consumed or concluded since the last commit (see [`Self::tick`]).
@@ -594,9 +598,10 @@ impl Core {
         for p in parts {
             let mut out = std::mem::take(&mut self.out);
             out.clear();
+            let lagging = self.lagging.contains(&p);
             if let Some(t) = self.tasks.get_mut(&p) {
                 t.engine
-                    .advance(now, t.caught_up, &mut out)
+                    .advance(now, t.caught_up && !lagging, &mut out)
                     .map_err(|source| PipelineError::Store {
                         partition: p,
                         source,
@@ -1232,6 +1237,13 @@ impl ClientContext for Ctx {
 
     fn stats(&self, s: Statistics) {
         self.brokers.observe(&s);
+        // Served by the consumer thread's poll, which never holds the core; `try_lock` all
+        // the same, so that a report can never wait for it.
+        if let Ok(mut g) = self.core.try_lock() {
+            if let Some(c) = g.as_mut().filter(|c| c.rt.input_topics.len() > 1) {
+                c.lagging = kafka::watch::lagging_partitions(&s);
+            }
+        }
         for (topic, t) in &s.topics {
             for (p, part) in &t.partitions {
                 if *p >= 0 && part.consumer_lag >= 0 {
@@ -1408,6 +1420,7 @@ pub fn run(
         client_id,
         standbys,
         partitions: found.partitions,
+        lagging: HashSet::new(),
         last_fence: None,
         dirty: false,
         deadline: None,

@@ -1,12 +1,13 @@
-//! A diagnostic over the consumer's statistics: assigned input partitions with stable records
-//! beyond the fetch position, nothing queued for the application, and a fetch position that
-//! has not moved for [`STALL_AFTER`]. librdkafka normally resumes fetching by itself (new
+//! What the consumer's statistics say about the input partitions: a diagnostic of assigned
+//! partitions with stable records beyond the fetch position, nothing queued for the
+//! application, and a fetch position that has not moved for [`STALL_AFTER`]; and
+//! ([`lagging_partitions`]) the partition numbers that have records left to fetch. librdkafka normally resumes fetching by itself (new
 //! leaders after a broker failure, for instance); this reports what the client says about a
 //! partition when it does not, so that a stall can be told apart from a stuck pipeline
 //! thread (which would not serve the statistics at all).
 
 use rdkafka::statistics::Statistics;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 /// How long a partition may have lag without being fetched before it is reported (and again
@@ -93,6 +94,22 @@ impl FetchWatch {
     }
 }
 
+/// The partition numbers of which some assigned topic-partition has stable records beyond its
+/// fetch position. With several input topics, reaching the end of one of them says nothing
+/// of the others (librdkafka's end-of-partition event reaches the application without its
+/// topic), so a task counts as caught up only if its partition number is not among these as
+/// of the last report (at most `statistics.interval.ms` old).
+pub fn lagging_partitions(s: &Statistics) -> HashSet<i32> {
+    s.topics
+        .values()
+        .flat_map(|t| t.partitions.iter())
+        .filter(|(&p, part)| {
+            p >= 0 && part.desired && part.next_offset >= 0 && part.ls_offset > part.next_offset
+        })
+        .map(|(&p, _)| p)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +183,31 @@ mod tests {
             (150, 11, 5, 0, true),
         ]);
         assert_eq!(counts(&r), vec![0, 0, 0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn lagging_partitions_are_those_with_records_beyond_the_fetch_position() {
+        let mut s = stats(10, 5, 0);
+        let mut other = s.topics["in"].clone();
+        other.topic = "other".into();
+        for p in other.partitions.values_mut() {
+            p.ls_offset = p.next_offset; // at its end
+        }
+        s.topics.insert("other".into(), other);
+        assert_eq!(lagging_partitions(&s), HashSet::from([0]), "`in` is behind");
+        for t in s.topics.values_mut() {
+            for p in t.partitions.values_mut() {
+                p.ls_offset = p.next_offset;
+            }
+        }
+        assert!(lagging_partitions(&s).is_empty(), "both at their end");
+        let s = stats(-1001, 5, 0); // no fetch position yet
+        assert!(lagging_partitions(&s).is_empty());
+        let mut s = stats(10, 5, 0);
+        s.topics.values_mut().for_each(|t| {
+            t.partitions.values_mut().for_each(|p| p.desired = false);
+        });
+        assert!(lagging_partitions(&s).is_empty(), "not assigned");
     }
 
     #[test]
