@@ -338,39 +338,28 @@ write_server_properties() {
     advertised="PLAINTEXT://127.0.0.1:$(broker_port "$n")"
     map="CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
     # Clients may also connect with SASL (PLAIN or SCRAM) or TLS; the brokers talk PLAINTEXT.
-    if ((SASL)); then
-      listeners+=",SASL_PLAINTEXT://127.0.0.1:$(sasl_port "$n")"
-      advertised+=",SASL_PLAINTEXT://127.0.0.1:$(sasl_port "$n")"
-      map+=",SASL_PLAINTEXT:SASL_PLAINTEXT"
-    fi
-    if ((TLS)); then
-      listeners+=",SSL://127.0.0.1:$(tls_port "$n")"
-      advertised+=",SSL://127.0.0.1:$(tls_port "$n")"
-      map+=",SSL:SSL"
-    fi
-    if ((SASL && TLS)); then
-      listeners+=",SASL_SSL://127.0.0.1:$(sasl_ssl_port "$n")"
-      advertised+=",SASL_SSL://127.0.0.1:$(sasl_ssl_port "$n")"
-      map+=",SASL_SSL:SASL_SSL"
-    fi
-    if ((TLS)); then
-      listeners+=",MTLS://127.0.0.1:$(mtls_port "$n")"
-      advertised+=",MTLS://127.0.0.1:$(mtls_port "$n")"
-      map+=",MTLS:SSL"
-    fi
+    # add_listener NAME PROTOCOL PORT: one more client listener of this node.
+    add_listener() {
+      listeners+=",$1://127.0.0.1:$3"
+      advertised+=",$1://127.0.0.1:$3"
+      map+=",$1:$2"
+    }
+    if ((SASL)); then add_listener SASL_PLAINTEXT SASL_PLAINTEXT "$(sasl_port "$n")"; fi
+    if ((TLS)); then add_listener SSL SSL "$(tls_port "$n")"; fi
+    if ((SASL && TLS)); then add_listener SASL_SSL SASL_SSL "$(sasl_ssl_port "$n")"; fi
+    if ((TLS)); then add_listener MTLS SSL "$(mtls_port "$n")"; fi
     echo "listeners=$listeners"
     echo "advertised.listeners=$advertised"
     echo "listener.security.protocol.map=$map"
     if ((SASL)); then
       echo "sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512"
-      echo "listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$SASL_USER=\"$SASL_PASSWORD\";"
-      echo "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;"
-      echo "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;"
-    fi
-    if ((SASL && TLS)); then
-      echo "listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$SASL_USER=\"$SASL_PASSWORD\";"
-      echo "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;"
-      echo "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;"
+      local l sasl_listeners=(sasl_plaintext)
+      if ((TLS)); then sasl_listeners+=(sasl_ssl); fi
+      for l in "${sasl_listeners[@]}"; do
+        echo "listener.name.$l.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$SASL_USER=\"$SASL_PASSWORD\";"
+        echo "listener.name.$l.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        echo "listener.name.$l.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;"
+      done
     fi
     if ((TLS)); then
       echo "ssl.keystore.location=$DIR/tls/broker.p12"

@@ -84,9 +84,14 @@ pub fn default_commit_interval(guarantee: Guarantee) -> &'static str {
 /// The default `kafka.catch_up_commit_interval`: 1 s, or the commit interval if longer. While
 /// a partition reads a backlog, nobody waits for its outputs to become visible within 100 ms,
 /// and each commit costs a transaction and rewrites every key state the interval touched: in
-/// the end-to-end benchmark, exactly-once with 1 s commits took about 45 % less CPU per event
-/// than with 100 ms (BENCHMARKS.md, tenth session).
+/// standalone runs exactly-once took a backlog in about 15 % faster, with 15-25 % less CPU
+/// per event, than with 100 ms commits (BENCHMARKS.md, tenth session).
 pub const CATCH_UP_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The default `kafka.catch_up_commit_interval` for `commit_interval`.
+pub fn default_catch_up_commit_interval(commit_interval: Duration) -> Duration {
+    commit_interval.max(CATCH_UP_COMMIT_INTERVAL)
+}
 
 /// Delivery guarantee of the streaming mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -498,7 +503,7 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
         default_commit_interval(guarantee),
     )?;
     let catch_up_commit_interval = match k.catch_up_commit_interval.as_deref() {
-        None => commit_interval.max(CATCH_UP_COMMIT_INTERVAL),
+        None => default_catch_up_commit_interval(commit_interval),
         given => {
             let d = positive_duration("kafka.catch_up_commit_interval", given, "1s")?;
             if d < commit_interval {
@@ -687,9 +692,7 @@ fn effective(raw: &RawConfig) -> RawConfig {
         .commit_interval
         .as_deref()
         .and_then(|s| humantime::parse_duration(s).ok())
-        .map_or(CATCH_UP_COMMIT_INTERVAL, |d| {
-            d.max(CATCH_UP_COMMIT_INTERVAL)
-        });
+        .map_or(CATCH_UP_COMMIT_INTERVAL, default_catch_up_commit_interval);
     d(
         &mut e.kafka.catch_up_commit_interval,
         &humantime::format_duration(catch_up).to_string(),

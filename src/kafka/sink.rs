@@ -124,18 +124,10 @@ impl Batch {
         b
     }
 
+    /// Appends one record; `opaque` is its delivery opaque when it was reserved in a
+    /// producer's epoch ([`Outputs::reserve`], at-least-once), else 0 (exactly-once: the
+    /// producer gives it one when the batch is produced).
     pub fn push(
-        &mut self,
-        kind: OutputKind,
-        key: Option<&[u8]>,
-        payload: &[u8],
-        timestamp: Option<i64>,
-        headers: Option<OwnedHeaders>,
-    ) {
-        self.push_reserved(kind, key, payload, timestamp, headers, 0);
-    }
-
-    fn push_reserved(
         &mut self,
         kind: OutputKind,
         key: Option<&[u8]>,
@@ -301,21 +293,20 @@ impl Sink {
         match &mut self.to {
             To::Direct(d) => {
                 let opaque = d.outputs.reserve();
-                d.batch
-                    .push_reserved(kind, key, payload, timestamp, headers, opaque);
+                d.batch.push(kind, key, payload, timestamp, headers, opaque);
                 if d.batch.len() >= HAND_OVER_RECORDS {
                     d.hand_over()?;
                 }
             }
-            To::Buffered(b, _) => b.push(kind, key, payload, timestamp, headers),
+            To::Buffered(b, _) => b.push(kind, key, payload, timestamp, headers, 0),
         }
         self.metrics.record_out(kind);
         Ok(())
     }
 
-    /// At-least-once: hands the records collected so far to the output thread if the first
-    /// of them was collected [`HAND_OVER_AFTER`] ago (the pipeline calls this with the time
-    /// of each record it takes, and with the time of every poll that found none).
+    /// At-least-once: hands the records collected so far to the output thread if the
+    /// pipeline first saw them [`HAND_OVER_AFTER`] ago (it calls this with the time of each
+    /// record it takes; a poll that finds none calls [`Self::hand_over`]).
     pub fn hand_over_due(&mut self, now: Instant) -> Result<(), KafkaError> {
         let To::Direct(d) = &mut self.to else {
             return Ok(());
@@ -463,6 +454,7 @@ mod tests {
                 &i.to_le_bytes().repeat(64),
                 Some(1),
                 None,
+                0,
             );
         }
         let (bytes, records) = (b.bytes.capacity(), b.records.capacity());
@@ -485,6 +477,7 @@ mod tests {
             &vec![0; 3 * KEEP_BYTES],
             None,
             None,
+            0,
         );
         drop(big);
         assert_eq!(spares.lock().unwrap().len(), 1);

@@ -1,10 +1,11 @@
-//! What the consumer's statistics say about the input partitions: a diagnostic of assigned
-//! partitions with stable records beyond the fetch position, nothing queued for the
-//! application, and a fetch position that has not moved for [`STALL_AFTER`]; and
-//! ([`lagging_partitions`]) the partition numbers that have records left to fetch. librdkafka normally resumes fetching by itself (new
-//! leaders after a broker failure, for instance); this reports what the client says about a
-//! partition when it does not, so that a stall can be told apart from a stuck pipeline
-//! thread (which would not serve the statistics at all).
+//! What the consumer's statistics say about the input partitions:
+//! - a diagnostic of assigned partitions with stable records beyond the fetch position,
+//!   nothing queued for the application, and a fetch position that has not moved for
+//!   [`STALL_AFTER`]. librdkafka normally resumes fetching by itself (new leaders after a
+//!   broker failure, for instance); this reports what the client says about a partition when
+//!   it does not, so that a stall can be told apart from a stuck pipeline thread (which would
+//!   not serve the statistics at all);
+//! - [`lagging_partitions`]: the partition numbers that have records left to fetch.
 
 use rdkafka::statistics::Statistics;
 use std::collections::{HashMap, HashSet};
