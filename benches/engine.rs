@@ -298,6 +298,46 @@ fn bench_decode(c: &mut Criterion) {
                 .count()
         })
     });
+    // The codec's whole part of an at-least-once record in the end-to-end benchmark: the
+    // event classes it configures, then the annotated output written.
+    let mut raw = sessionizer::config::raw::RawConfig::default();
+    raw.session.start_events = Some(vec!["app_open".into()]);
+    raw.session.end_events = Some(vec!["app_close".into()]);
+    raw.session.excluded_events = Some(
+        ["push_sent", "notification_shown", "app_installed"]
+            .map(String::from)
+            .to_vec(),
+    );
+    let decoder = sessionizer::codec::decode::Decoder::new(
+        sessionizer::config::validate(&raw).expect("valid").decode,
+    );
+    let annotation = sessionizer::engine::Annotation {
+        id: sessionizer::engine::SessionId {
+            key_hash: 0x1234_5678_9abc_def0,
+            num: 12,
+        },
+        seq: 7,
+        start: false,
+    };
+    let mut out = Vec::new();
+    g.bench_function("decode_and_annotate", |b| {
+        b.iter(|| {
+            let mut bytes = 0;
+            for r in &records {
+                if let Ok(d) = decoder.decode(r, None, None) {
+                    out.clear();
+                    sessionizer::codec::records::annotate(
+                        r,
+                        "session",
+                        Some(&annotation),
+                        &mut out,
+                    );
+                    bytes += out.len() + d.user.len();
+                }
+            }
+            bytes
+        })
+    });
     g.finish();
 }
 

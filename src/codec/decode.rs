@@ -4,6 +4,7 @@
 
 use crate::config::{DecodeSettings, TimeFormat};
 use crate::engine::{EventClass, InputEvent, Millis};
+use rustc_hash::FxHashMap;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
@@ -128,6 +129,9 @@ pub struct Decoder {
     slot_annotation: usize,
     slot_scope: Vec<usize>,
     slot_rules: Vec<usize>,
+    /// The class of every configured event name: one lookup with a fast hash per record
+    /// (three SipHash lookups took about 3 % of the consumer thread).
+    classes: FxHashMap<String, EventClass>,
 }
 
 impl Decoder {
@@ -146,6 +150,15 @@ impl Decoder {
         let slot_annotation = slot(&cfg.annotation_field);
         let slot_scope = cfg.scope_fields.iter().map(|f| slot(f)).collect();
         let slot_rules = cfg.timeout_rules.iter().map(|r| slot(&r.field)).collect();
+        // In reverse order of precedence: a later class replaces an earlier one.
+        let classes = [
+            (&cfg.end_events, EventClass::End),
+            (&cfg.start_events, EventClass::Start),
+            (&cfg.excluded_events, EventClass::Excluded),
+        ]
+        .into_iter()
+        .flat_map(|(names, class)| names.iter().map(move |n| (n.clone(), class)))
+        .collect();
         Decoder {
             cfg,
             names,
@@ -155,6 +168,7 @@ impl Decoder {
             slot_annotation,
             slot_scope,
             slot_rules,
+            classes,
         }
     }
 
@@ -277,15 +291,10 @@ impl Decoder {
     }
 
     fn classify(&self, name: &str) -> EventClass {
-        if self.cfg.excluded_events.contains(name) {
-            EventClass::Excluded
-        } else if self.cfg.start_events.contains(name) {
-            EventClass::Start
-        } else if self.cfg.end_events.contains(name) {
-            EventClass::End
-        } else {
-            EventClass::Engagement
-        }
+        self.classes
+            .get(name)
+            .copied()
+            .unwrap_or(EventClass::Engagement)
     }
 
     /// The scope field values of a scope key, paired with their configured names.
