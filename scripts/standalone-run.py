@@ -18,6 +18,7 @@ between 100,000 and 1,000,000 events, the share of the time each ran, waited for
 (runnable) and slept (/proc/<pid>/task/*/schedstat). Names must differ from run to run.
 `SESSIONIZER_BIN` runs another binary (to compare two builds). Reads /proc only (Linux).
 """
+import http.client
 import os
 import subprocess
 import sys
@@ -70,7 +71,7 @@ def threads(pid):
 def events_taken(port):
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read().decode()
-    except OSError:
+    except (OSError, http.client.HTTPException):
         return 0, ""
     n = sum(float(l.split()[-1]) for l in text.splitlines()
             if l.startswith("sessionizer_events_total{"))
@@ -113,19 +114,22 @@ def run(name, guarantee, extra):
          "--instance-id", name, "--log-format", "json", *extra],
         env={**os.environ, "SESSIONIZER_LOG": "warn"})
     first = None
-    while True:
-        n, text = events_taken(port)
-        if first is None and n >= EVENTS / 10:
-            first = (time.time(), threads(p.pid))
-        if n >= EVENTS:
-            break
-        if p.poll() is not None:
-            sys.exit(f"the sessionizer exited: {p.returncode}")
-        time.sleep(0.02)
-    t1, last = time.time(), threads(p.pid)
-    client, b1, bt1 = cpu_ticks(p.pid), cpu_ticks(bpid), threads(bpid)
-    p.terminate()
-    p.wait()
+    try:
+        while True:
+            n, text = events_taken(port)
+            if first is None and n >= EVENTS / 10:
+                first = (time.time(), threads(p.pid))
+            if n >= EVENTS:
+                break
+            if p.poll() is not None:
+                sys.exit(f"the sessionizer exited: {p.returncode}")
+            time.sleep(0.02)
+        t1, last = time.time(), threads(p.pid)
+        client, b1, bt1 = cpu_ticks(p.pid), cpu_ticks(bpid), threads(bpid)
+    finally:
+        # Also when this script fails: no sessionizer is left running.
+        p.terminate()
+        p.wait()
     us = lambda ticks: ticks / HZ / EVENTS * 1e6
     print(f"{name} {guarantee}: {EVENTS / (t1 - t0):.0f} events/s ({t1 - t0:.2f} s); CPU per "
           f"event {us(client):.2f} µs client + {us(b1 - b0):.2f} µs broker")
