@@ -129,7 +129,11 @@ def run(name, guarantee, extra):
     finally:
         # Also when this script fails: no sessionizer is left running.
         p.terminate()
-        p.wait()
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
     us = lambda ticks: ticks / HZ / EVENTS * 1e6
     print(f"{name} {guarantee}: {EVENTS / (t1 - t0):.0f} events/s ({t1 - t0:.2f} s); CPU per "
           f"event {us(client):.2f} µs client + {us(b1 - b0):.2f} µs broker")

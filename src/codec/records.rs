@@ -229,7 +229,11 @@ mod tests {
 
     #[test]
     fn annotation_writes_the_session_id_as_its_display_form() {
-        for (key_hash, num, seq, start) in [(0, 1, 1, true), (u64::MAX, u64::MAX, 7, false)] {
+        for (key_hash, num, seq, start) in [
+            (0, 1, 1, true),
+            (u64::MAX, u64::MAX, 7, false),
+            (0x0123_4567_89ab_cdef, 0, u32::MAX, false),
+        ] {
             let a = Annotation {
                 id: SessionId { key_hash, num },
                 seq,
