@@ -78,6 +78,7 @@ pub const METRIC_TABLE: &str = "\
 | `sessionizer_processing_latency_seconds` | histogram | | end-to-end latency, input record timestamp to its annotated record being handed to the producer |
 | `sessionizer_transaction_commit_seconds` | histogram | | time to produce and commit one Kafka transaction (exactly-once: outputs, changelog records and offsets; at-least-once: changelog records and offsets) |
 | `sessionizer_transaction_aborts_total` | counter | | Kafka transactions aborted |
+| `sessionizer_changelog_bytes_total` | counter | | bytes of state records (keys and values) staged for the changelog and RocksDB by commits; per event taken in (`sessionizer_events_total`), the state each event costs to commit (README, What a commit costs) |
 | `sessionizer_commit_seconds` | histogram | | time from a commit being staged to its state and input offsets being written (waiting for the commits before it, its transaction and one RocksDB write batch; at-least-once, also the outputs' acknowledgements) |
 | `sessionizer_tick_seconds` | histogram | | time the consumer thread spends at each commit interval moving time on, concluding sessions and staging the commit, and, when the commit interval is longer than 100 ms, at each 100 ms time step between commits moving time on; no input is taken meanwhile |
 | `sessionizer_rebalances_total` | counter | `kind` | consumer-group rebalance callbacks: `assigned`, `revoked` |
@@ -320,6 +321,7 @@ pub struct Metrics {
     transaction_commit: Histogram,
     tick: Histogram,
     transaction_aborts: IntCounter,
+    changelog_bytes: IntCounter,
     commit: Histogram,
     rebalances: [IntCounter; 2],
     restore_records: IntCounterVec,
@@ -513,6 +515,11 @@ impl Metrics {
             "sessionizer_transaction_aborts_total",
             "Kafka transactions aborted.",
         )?;
+        let changelog_bytes = b.counter(
+            "sessionizer_changelog_bytes_total",
+            "Bytes of state records (keys and values) staged for the changelog and RocksDB by \
+             commits.",
+        )?;
         let commit = b.histogram(
             "sessionizer_commit_seconds",
             "Time from a commit being staged to its state and input offsets being written in \
@@ -607,6 +614,7 @@ impl Metrics {
             transaction_commit,
             tick,
             transaction_aborts,
+            changelog_bytes,
             commit,
             rebalances,
             restore_records,
@@ -720,6 +728,11 @@ impl Metrics {
     /// Counts an aborted Kafka transaction.
     pub fn transaction_aborted(&self) {
         self.transaction_aborts.inc();
+    }
+
+    /// Counts the bytes of the state records a commit staged.
+    pub fn changelog_bytes(&self, n: u64) {
+        self.changelog_bytes.inc_by(n);
     }
 
     /// Observes the time a state + offsets commit took.

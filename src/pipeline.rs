@@ -669,7 +669,14 @@ impl Core {
                     partition: t.partition,
                     source,
                 })?;
-            changes.push((t.partition, t.engine.store_mut().take_changes()));
+            let staged = t.engine.store_mut().take_changes();
+            self.metrics.changelog_bytes(
+                staged
+                    .iter()
+                    .map(|c| (c.key.len() + c.value.as_ref().map_or(0, Vec::len)) as u64)
+                    .sum(),
+            );
+            changes.push((t.partition, staged));
             for o in &offsets {
                 let _ =
                     tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
