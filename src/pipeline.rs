@@ -670,12 +670,8 @@ impl Core {
                     source,
                 })?;
             let staged = t.engine.store_mut().take_changes();
-            self.metrics.changelog_bytes(
-                staged
-                    .iter()
-                    .map(|c| (c.key.len() + c.value.as_ref().map_or(0, Vec::len)) as u64)
-                    .sum(),
-            );
+            self.metrics
+                .changelog_bytes(staged.iter().map(|c| c.bytes() as u64).sum());
             changes.push((t.partition, staged));
             for o in &offsets {
                 let _ =

@@ -175,7 +175,7 @@ impl Batch {
 
     /// Queues every reserved record on `sender`, in order (the output thread's work).
     fn produce_reserved(self, sender: &ReservedSender, topics: &OutputTopics) {
-        let _ = self.drain(topics, |r, opaque| {
+        let Ok(()) = self.drain(topics, |r, opaque| {
             sender.send(r, opaque);
             Ok::<(), std::convert::Infallible>(())
         });

@@ -17,6 +17,13 @@ pub struct Change {
     pub value: Option<Vec<u8>>,
 }
 
+impl Change {
+    /// Bytes of its key and value (what `sessionizer_changelog_bytes_total` counts).
+    pub fn bytes(&self) -> usize {
+        self.key.len() + self.value.as_ref().map_or(0, Vec::len)
+    }
+}
+
 /// Column-family codes (the first key byte).
 pub(crate) const CF_CODES: [(u8, &str); 6] = [
     (0, super::rocks::CF_KEYS),
