@@ -29,7 +29,22 @@ fn class() -> impl Strategy<Value = EventClass> {
     ]
 }
 
-fn user_events() -> impl Strategy<Value = Vec<(i64, EventClass, bool)>> {
+/// A user's events as (gap to the previous, class, short timeout). `long`: mostly short gaps and
+/// few start or end events, so that sessions of dozens of events are common.
+fn user_events(
+    events: std::ops::Range<usize>,
+    long: bool,
+) -> impl Strategy<Value = Vec<(i64, EventClass, bool)>> {
+    if long {
+        let gap = prop_oneof![30 => 0i64..40, 1 => 41i64..200];
+        let class = prop_oneof![
+            60 => Just(EventClass::Engagement),
+            1 => Just(EventClass::Start),
+            1 => Just(EventClass::End),
+            1 => Just(EventClass::Excluded),
+        ];
+        return prop::collection::vec((gap, class, any::<bool>()), events).boxed();
+    }
     let gap = prop_oneof![
         Just(0i64),
         Just(1),
@@ -43,12 +58,26 @@ fn user_events() -> impl Strategy<Value = Vec<(i64, EventClass, bool)>> {
         150i64..400,
         1_000i64..3_000,
     ];
-    prop::collection::vec((gap, class(), any::<bool>()), 1..30)
+    prop::collection::vec((gap, class(), any::<bool>()), events).boxed()
 }
 
 pub fn case() -> impl Strategy<Value = Case> {
+    case_of(1..5, 1..30, false)
+}
+
+/// Cases of a few users with many events each: sessions long enough to take several chunks of
+/// the RocksDB store's layout.
+fn long_case() -> impl Strategy<Value = Case> {
+    case_of(1..3, 40..200, true)
+}
+
+fn case_of(
+    users: std::ops::Range<usize>,
+    events: std::ops::Range<usize>,
+    long: bool,
+) -> impl Strategy<Value = Case> {
     (
-        prop::collection::vec(user_events(), 1..5),
+        prop::collection::vec(user_events(events, long), users),
         prop_oneof![Just(0i64), Just(50), Just(200)],
         0i64..300,
         prop_oneof![Just(0i64), Just(20)],
@@ -59,14 +88,14 @@ pub fn case() -> impl Strategy<Value = Case> {
         prop_oneof![Just(100_000i64), 200i64..2_000],
     )
         .prop_map(
-            |(users, lateness, disorder, quiet, max_len, day, on_close, seed, horizon)| {
+            move |(users, lateness, disorder, quiet, max_len, day, on_close, seed, horizon)| {
                 let cfg = EngineConfig {
                     allowed_lateness: lateness,
                     lateness_horizon: horizon.max(lateness),
                     quiet_period: quiet,
                     idle_after: 1_000_000,
                     max_future_skew: i64::MAX / 4,
-                    max_length: max_len.then_some(300),
+                    max_length: max_len.then_some(if long { 3_000 } else { 300 }),
                     day_boundary: day.then(|| "Europe/Berlin".parse().unwrap()),
                     annotate: if on_close {
                         AnnotateMode::OnClose
@@ -196,21 +225,69 @@ proptest! {
     /// output is identical to an uninterrupted run (the uncommitted work is redone the same).
     #[test]
     fn restart_equivalence(c in case(), cut in 0.0f64..1.0, extra in 0usize..20) {
+        restart_equivalent(c, cut, extra)?;
+    }
+
+    /// The same with long sessions, and commits every `every` events before the cut (so that
+    /// commits write only the chunks that changed since the previous one).
+    #[test]
+    fn restart_equivalence_with_long_sessions(
+        c in long_case(),
+        cut in 0.0f64..1.0,
+        extra in 0usize..20,
+        every in 1usize..40,
+    ) {
+        restart_equivalent_committing(c, cut, extra, every)?;
+    }
+}
+
+fn restart_equivalent(c: Case, cut: f64, extra: usize) -> Result<(), TestCaseError> {
+    restart_equivalent_committing(c, cut, extra, usize::MAX)
+}
+
+fn restart_equivalent_committing(
+    c: Case,
+    cut: f64,
+    extra: usize,
+    every: usize,
+) -> Result<(), TestCaseError> {
+    {
         let full = run_all(&c.cfg, MemStore::new(), &c.input);
         let n = c.input.len();
         let cut = ((n as f64) * cut) as usize;
         let dir = tempfile::tempdir().unwrap();
-        let open = || RocksStore::open(dir.path(), RocksOptions { cache_keys: 3, ..RocksOptions::default() }).unwrap();
+        let open = || {
+            RocksStore::open(
+                dir.path(),
+                RocksOptions {
+                    cache_keys: 3,
+                    ..RocksOptions::default()
+                },
+            )
+            .unwrap()
+        };
         let mut run = RunOut::default();
         let mut now = None;
         {
             let mut e = Engine::open(c.cfg.clone(), open()).unwrap();
-            feed(&mut e, &c.input, 0..cut, &mut now, &mut run);
+            let mut from = 0;
+            while from < cut {
+                let to = cut.min(from.saturating_add(every));
+                feed(&mut e, &c.input, from..to, &mut now, &mut run);
+                e.commit(&offsets(to)).unwrap();
+                from = to;
+            }
             e.commit(&offsets(cut)).unwrap();
             // Work after the commit is lost in the crash.
             let mut lost = RunOut::default();
             let mut lost_now = now;
-            feed(&mut e, &c.input, cut..(cut + extra).min(n), &mut lost_now, &mut lost);
+            feed(
+                &mut e,
+                &c.input,
+                cut..(cut + extra).min(n),
+                &mut lost_now,
+                &mut lost,
+            );
         }
         let mut store = open();
         prop_assert_eq!(store.committed_offsets().unwrap(), offsets(cut));
@@ -219,4 +296,5 @@ proptest! {
         finish(&mut e, &mut run);
         prop_assert_eq!(run, full);
     }
+    Ok(())
 }

@@ -211,6 +211,7 @@ impl KeyState {
                 return Insert::Late;
             }
         };
+        self.unchanged.lower(pos);
         let old: Vec<OpenSession> = std::mem::take(&mut self.sessions);
         let find = |n: u64| old.iter().find(|s| s.num == n);
         let mut used: Vec<u64> = Vec::new();
@@ -265,8 +266,11 @@ impl KeyState {
                     seq: (pos - g.start + 1) as u32,
                 };
             }
-            for e in &mut self.events[g.clone()] {
-                e.sess = num;
+            for (i, e) in self.events[g.clone()].iter_mut().enumerate() {
+                if e.sess != num {
+                    e.sess = num;
+                    self.unchanged.lower(g.start + i);
+                }
             }
             self.sessions.push(OpenSession {
                 num,
@@ -324,6 +328,7 @@ impl KeyState {
                 None => EndReason::Inactivity,
             };
             let s = self.sessions.remove(si);
+            self.unchanged.lower(start);
             let events = if keep_events {
                 self.events.drain(start..end).map(|e| e.k).collect()
             } else {
@@ -378,5 +383,65 @@ impl KeyState {
             .blocks
             .first()
             .map_or(Millis::MAX, |bl| bl.last.t.saturating_add(bl.last.timeout));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::rules::EngineConfig;
+    use crate::engine::state::Unchanged;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// An event at this time, this rank (0 start, 1 engagement, 2 end), timeout 100.
+        Insert(Millis, u8),
+        /// Expire with this watermark.
+        Expire(Millis),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            8 => (0i64..2_000, prop_oneof![8 => Just(1u8), 1 => Just(0u8), 1 => Just(2u8)])
+                .prop_map(|(t, r)| Op::Insert(t, r)),
+            1 => (0i64..2_200).prop_map(Op::Expire),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the engine does to a key's events (appends, inserts out of order, merges,
+        /// splits, conclusions), the events before `unchanged` are those of before.
+        #[test]
+        fn unchanged_is_a_true_prefix(
+            ops in proptest::collection::vec(op(), 0..150),
+            max_len in any::<bool>(),
+        ) {
+            let cfg = EngineConfig {
+                max_length: max_len.then_some(300),
+                ..EngineConfig::default()
+            };
+            let b = cfg.boundaries();
+            let mut st = KeyState::default();
+            let mut changes = Vec::new();
+            for op in ops {
+                let before = st.events.clone();
+                st.unchanged = Unchanged::new(before.len());
+                match op {
+                    Op::Insert(t, rank) => {
+                        let k = EvKey { t, rank, timeout: 100, tie: st.arrivals + 1 };
+                        if let Insert::Joined { .. } = st.insert(k, 0, &b, &mut changes) {
+                            st.arrivals += 1;
+                        }
+                    }
+                    Op::Expire(wm) => {
+                        st.expire(wm, 0, 0, &b, false);
+                    }
+                }
+                let n = st.unchanged.get();
+                prop_assert!(n <= before.len() && n <= st.events.len());
+                prop_assert_eq!(&st.events[..n], &before[..n]);
+            }
+        }
     }
 }

@@ -5,12 +5,10 @@
 //! - [`rules`]: validated parameters and the boundary rule between consecutive events;
 //! - [`watermark`]: the per-task event-time watermark;
 //! - `key`: sessionization of one scope key (insert, merge, split, expire);
-//! - `compact`: the compact serialized form of a key's open events;
 //! - [`state`]: the state interface ([`StateStore`]) and what is kept in it;
 //! - [`processor`]: [`Engine`], one task's sessionizer.
 
-mod compact;
-mod key;
+pub(crate) mod key;
 pub mod processor;
 pub mod rules;
 pub mod state;

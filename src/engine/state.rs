@@ -85,8 +85,9 @@ pub struct KeyState {
     pub created: u64,
     /// Number of events ever accepted for the key (the arrival tie-break).
     pub arrivals: u64,
-    /// Open events, sorted by `EvKey` (serialized in a compact form, see `compact`).
-    #[serde(with = "super::compact")]
+    /// Open events, sorted by `EvKey`. Not serialized with the rest: the RocksDB store keeps
+    /// them in chunks of their own (`store::chunks`).
+    #[serde(skip)]
     pub events: Vec<OpenEvent>,
     /// Open sessions, in event order.
     pub sessions: Vec<OpenSession>,
@@ -100,7 +101,42 @@ pub struct KeyState {
     pub deadline_timer: Option<Millis>,
     /// Due time of this key's live entry in the quiet index.
     pub quiet_timer: Option<Millis>,
+    /// How many of `events` are unchanged since the store last wrote them. Every change to
+    /// `events` must lower it to the first index changed (the engine's key logic does).
+    #[serde(skip)]
+    pub unchanged: Unchanged,
 }
+
+/// A lower bound on the number of leading open events of a [`KeyState`] that are unchanged
+/// since the store last wrote the state: the RocksDB store rewrites only the chunks of events
+/// after it. Bookkeeping carried with the state, not part of its value: every two are equal,
+/// and it is never serialized. A new state has none unchanged; the store sets it to all the
+/// events when it reads or writes the state.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Unchanged(usize);
+
+impl Unchanged {
+    pub fn new(n: usize) -> Self {
+        Self(n)
+    }
+
+    pub fn get(self) -> usize {
+        self.0
+    }
+
+    /// Event `i` changed (was inserted, removed or reassigned), and so did every index after it.
+    pub(crate) fn lower(&mut self, i: usize) {
+        self.0 = self.0.min(i);
+    }
+}
+
+impl PartialEq for Unchanged {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Unchanged {}
 
 impl KeyState {
     /// About how many bytes the decoded state's allocations take (beside the value itself),

@@ -25,13 +25,14 @@ impl Change {
 }
 
 /// Column-family codes (the first key byte).
-pub(crate) const CF_CODES: [(u8, &str); 6] = [
+pub(crate) const CF_CODES: [(u8, &str); 7] = [
     (0, super::rocks::CF_KEYS),
     (1, super::rocks::CF_STATS),
     (2, super::rocks::CF_DEADLINE),
     (3, super::rocks::CF_QUIET),
     (4, super::rocks::CF_PAYLOADS),
     (5, super::rocks::CF_META),
+    (6, super::rocks::CF_CHUNKS),
 ];
 
 pub(crate) fn code_of(cf: &str) -> u8 {

@@ -6,6 +6,8 @@
 //!   the order of `(at, key)` tuples.
 //! * payload key: scope key length as `u16` big-endian, the scope key bytes, `tie` as `u64`
 //!   big-endian.
+//! * chunk key: scope key length as `u16` big-endian, the scope key bytes, the session number
+//!   as `u64` big-endian, the chunk index as `u32` big-endian.
 //! * offset key: topic bytes, `0x00`, partition as `i32` big-endian with the sign bit flipped.
 //!
 //! Every decoding failure is a [`StoreError::Corrupt`] naming the table it came from.
@@ -73,20 +75,58 @@ pub(crate) fn decode_timer_key(
     Ok((i64_from_key(*at), utf8(table, key)?))
 }
 
-/// Key of the payload of the event `tie` of scope key `key`. Fails when the scope key is longer
-/// than 65535 bytes (the length prefix is a `u16`).
-pub(crate) fn payload_key(key: &str, tie: u64) -> Result<Vec<u8>, StoreError> {
+/// The scope key with its `u16` length before it, and room for `tail` more bytes. Fails when
+/// the scope key is longer than 65535 bytes.
+fn prefixed(what: &str, key: &str, tail: usize) -> Result<Vec<u8>, StoreError> {
     let len = u16::try_from(key.len()).map_err(|_| {
         StoreError::Backend(format!(
-            "scope key of {} bytes is too long for a payload key (max 65535)",
+            "scope key of {} bytes is too long for a {what} key (max 65535)",
             key.len()
         ))
     })?;
-    let mut out = Vec::with_capacity(2 + key.len() + 8);
+    let mut out = Vec::with_capacity(2 + key.len() + tail);
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(key.as_bytes());
+    Ok(out)
+}
+
+/// Key of the payload of the event `tie` of scope key `key`. Fails when the scope key is longer
+/// than 65535 bytes (the length prefix is a `u16`).
+pub(crate) fn payload_key(key: &str, tie: u64) -> Result<Vec<u8>, StoreError> {
+    let mut out = prefixed("payload", key, 8)?;
     out.extend_from_slice(&tie.to_be_bytes());
     Ok(out)
+}
+
+/// Key of chunk `index` of the open events of session `num` of scope key `key` (see
+/// [`super::chunks`]). Fails when the scope key is longer than 65535 bytes.
+pub(crate) fn chunk_key(key: &str, num: u64, index: u32) -> Result<Vec<u8>, StoreError> {
+    let mut out = prefixed("chunk", key, 12)?;
+    out.extend_from_slice(&num.to_be_bytes());
+    out.extend_from_slice(&index.to_be_bytes());
+    Ok(out)
+}
+
+/// Inverse of [`chunk_key`]: `(key, num, index)`.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) fn decode_chunk_key(
+    table: &'static str,
+    bytes: &[u8],
+) -> Result<(String, u64, u32), StoreError> {
+    let bad = || corrupt(table, format!("chunk key of {} bytes", bytes.len()));
+    let (len, rest) = bytes.split_first_chunk::<2>().ok_or_else(bad)?;
+    let len = usize::from(u16::from_be_bytes(*len));
+    if rest.len() != len + 12 {
+        return Err(bad());
+    }
+    let (key, tail) = rest.split_at(len);
+    let (num, index) = tail.split_first_chunk::<8>().ok_or_else(bad)?;
+    let index: [u8; 4] = index.try_into().map_err(|_| bad())?;
+    Ok((
+        utf8(table, key)?,
+        u64::from_be_bytes(*num),
+        u32::from_be_bytes(index),
+    ))
 }
 
 /// Inverse of [`payload_key`].
@@ -170,6 +210,19 @@ mod tests {
         }
 
         #[test]
+        fn chunk_key_round_trip_and_order(
+            key in key_strategy(),
+            a in (any::<u64>(), any::<u32>()),
+            b in (any::<u64>(), any::<u32>()),
+        ) {
+            let ka = chunk_key(&key, a.0, a.1)?;
+            prop_assert_eq!(decode_chunk_key("c", &ka)?, (key.clone(), a.0, a.1));
+            // Within one scope key, byte order is (session, index) order.
+            let kb = chunk_key(&key, b.0, b.1)?;
+            prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+        }
+
+        #[test]
         fn offset_key_round_trip_and_order(
             a in (key_strategy(), any::<i32>()),
             b in (key_strategy(), any::<i32>()),
@@ -215,5 +268,7 @@ mod tests {
         assert!(decode_offset_key("m", &[1, 0, 0, 0, 0]).is_err());
         assert!(decode_offset_key("m", &[0, 0, 0]).is_err());
         assert!(payload_key(&"x".repeat(70_000), 1).is_err());
+        assert!(chunk_key(&"x".repeat(70_000), 1, 0).is_err());
+        assert!(decode_chunk_key("c", &[0, 1, b'a', 0, 0]).is_err());
     }
 }

@@ -7,6 +7,7 @@ pub mod changelog;
 pub mod memory;
 pub mod rocks;
 
+mod chunks;
 mod encoding;
 
 pub use budget::StateMemory;

@@ -1,6 +1,8 @@
 //! [`RocksStore`]: the durable [`StateStore`], one RocksDB database per task directory.
 //!
-//! Column families: `keys` (scope key -> `KeyState`), `stats` (user -> `UserStats`),
+//! Column families: `keys` (scope key -> `KeyState` without its open events), `event_chunks`
+//! (encoded `(key, session, index)` -> a chunk of the key's open events, see
+//! [`super::chunks`]: a commit writes only the chunks that changed), `stats` (user -> `UserStats`),
 //! `deadline_timers` / `quiet_timers` (encoded `(at, key)` -> empty), `payloads` (encoded
 //! `(key, tie)` -> bytes) and `meta` (`b"meta"` -> `PartitionMeta`, encoded `(topic,
 //! partition)` -> next offset, `b"state-format"` -> [`STATE_FORMAT`], checked on open and
@@ -38,12 +40,14 @@
 
 use super::budget::{Registration, StateMemory};
 use super::changelog::{cf_of, change_key, Change};
+use super::chunks;
 use super::encoding::{
-    decode_offset_key, decode_timer_key, decode_value, encode_value, offset_key, payload_key,
-    timer_key,
+    chunk_key, decode_offset_key, decode_timer_key, decode_value, encode_value, offset_key,
+    payload_key, timer_key,
 };
 use crate::engine::{
-    KeyState, Millis, PartitionMeta, SourceOffset, StateStore, StoreError, TimerKind, UserStats,
+    KeyState, Millis, PartitionMeta, SourceOffset, StateStore, StoreError, TimerKind, Unchanged,
+    UserStats,
 };
 use compact_str::CompactString;
 use rocksdb::properties::{SIZE_ALL_MEM_TABLES, TOTAL_SST_FILES_SIZE};
@@ -64,8 +68,10 @@ pub(crate) const CF_DEADLINE: &str = "deadline_timers";
 pub(crate) const CF_QUIET: &str = "quiet_timers";
 pub(crate) const CF_PAYLOADS: &str = "payloads";
 pub(crate) const CF_META: &str = "meta";
-const COLUMN_FAMILIES: [&str; 6] = [
+pub(crate) const CF_CHUNKS: &str = "event_chunks";
+const COLUMN_FAMILIES: [&str; 7] = [
     CF_KEYS,
+    CF_CHUNKS,
     CF_STATS,
     CF_DEADLINE,
     CF_QUIET,
@@ -79,9 +85,10 @@ const CHECKPOINT_KEY: &[u8] = b"changelog-checkpoint";
 /// every changelog, has it), checked on open and after a restore.
 const FORMAT_KEY: &[u8] = b"state-format";
 /// The encoding of the records: 1, key states with their open events field by field (before
-/// 2026-11-23, commit 7c2b21f; those databases have no format key); 2, open events in the
-/// compact form of `engine::compact`.
-pub const STATE_FORMAT: u32 = 2;
+/// 2026-11-23, commit 7c2b21f; those databases have no format key); 2, open events in a
+/// compact form within the key state (until 2026-11-24); 3, open events in chunks of their
+/// own (`event_chunks`, see [`super::chunks`]), the key state without them.
+pub const STATE_FORMAT: u32 = 3;
 const BLOCK_CACHE_BYTES: usize = 32 << 20;
 
 /// Tuning of a [`RocksStore`].
@@ -172,6 +179,20 @@ struct Cached<T> {
     staged: u64,
 }
 
+/// A cached key state, with the layout of its open events as last written (or staged): what
+/// the next commit's chunk writes are relative to.
+#[derive(Debug, Default)]
+struct KeyEntry {
+    state: KeyState,
+    written: Vec<(u64, u32)>,
+}
+
+impl KeyEntry {
+    fn heap_bytes(&self) -> usize {
+        self.state.heap_bytes() + self.written.capacity() * std::mem::size_of::<(u64, u32)>()
+    }
+}
+
 /// An uncommitted payload write: `Some` put, `None` delete.
 #[derive(Debug)]
 struct PayloadWrite {
@@ -236,7 +257,7 @@ pub struct RocksStore {
     db: Arc<DB>,
     path: PathBuf,
     opts: RocksOptions,
-    keys: FxHashMap<String, Cached<KeyState>>,
+    keys: FxHashMap<String, Cached<KeyEntry>>,
     stats: FxHashMap<String, Cached<UserStats>>,
     /// Payload writes not yet in the database, by encoded payload key.
     payloads: FxHashMap<Vec<u8>, PayloadWrite>,
@@ -467,7 +488,7 @@ impl RocksStore {
     /// About how many bytes the decoded key states and user stats cached take, their hash
     /// tables included.
     pub fn cached_bytes(&self) -> usize {
-        estimate(&self.keys, KeyState::heap_bytes) + estimate(&self.stats, |_| 0)
+        estimate(&self.keys, KeyEntry::heap_bytes) + estimate(&self.stats, |_| 0)
     }
 
     /// The database directory.
@@ -508,6 +529,17 @@ impl RocksStore {
             .sum()
     }
 
+    /// The cache entry of `key`, which the caller has just made sure exists, marked used.
+    fn cached_key(&mut self, key: &str) -> Result<&mut Cached<KeyEntry>, StoreError> {
+        let gen = self.gen;
+        let c = self
+            .keys
+            .get_mut(key)
+            .ok_or_else(|| StoreError::Backend(format!("key {key:?} vanished from the cache")))?;
+        c.gen = gen;
+        Ok(c)
+    }
+
     fn index(&mut self, kind: TimerKind) -> &mut TimerIndex {
         match kind {
             TimerKind::Deadline => &mut self.deadline,
@@ -530,6 +562,46 @@ impl RocksStore {
         }
     }
 
+    /// A key state from the database: its record, then its open events from their chunks.
+    fn load_key(&self, key: &str) -> Result<Option<KeyEntry>, StoreError> {
+        let Some(mut state) = self.db_get::<KeyState>(CF_KEYS, key.as_bytes())? else {
+            return Ok(None);
+        };
+        let chunks_cf = cf(&self.db, CF_CHUNKS)?;
+        let corrupt = |detail: String| StoreError::Corrupt {
+            table: CF_CHUNKS,
+            detail,
+        };
+        let total: usize = state.sessions.iter().map(|s| s.count as usize).sum();
+        state.events.reserve_exact(total);
+        for s in &state.sessions {
+            for i in 0..chunks::chunks_of(s.count) {
+                let bytes = self
+                    .db
+                    .get_pinned_cf(chunks_cf, chunk_key(key, s.num, i)?)
+                    .map_err(backend)?
+                    .ok_or_else(|| {
+                        corrupt(format!(
+                            "chunk {i} of session {} of key {key:?} is missing",
+                            s.num
+                        ))
+                    })?;
+                let n = chunks::decode(&bytes, s.num, &mut state.events)
+                    .map_err(|e| corrupt(format!("key {key:?}: {e}")))?;
+                let want = chunks::chunk_len(s.count, i);
+                if n != want {
+                    return Err(corrupt(format!(
+                        "chunk {i} of session {} of key {key:?} holds {n} events, not {want}",
+                        s.num
+                    )));
+                }
+            }
+        }
+        state.unchanged = Unchanged::new(state.events.len());
+        let written = chunks::layout(&state);
+        Ok(Some(KeyEntry { state, written }))
+    }
+
     /// Collects everything uncommitted plus `offsets` and `meta` (last: the changelog's commit
     /// marker): as a write batch, or in changelog mode as the changes. What is collected is
     /// marked clean and staged in generation `self.gen`.
@@ -545,13 +617,30 @@ impl RocksStore {
         };
         let gen = self.gen;
         let keys_cf = cf(&self.db, CF_KEYS)?;
+        let chunks_cf = cf(&self.db, CF_CHUNKS)?;
         for (key, c) in self.keys.iter_mut().filter(|(_, c)| c.dirty) {
+            let entry = &mut c.value;
+            let layout = chunks::layout(&entry.state);
+            chunks::plan(&entry.state, &entry.written, &layout, |num, i, events| {
+                let k = chunk_key(key, num, i)?;
+                match events {
+                    Some(events) => {
+                        let mut v = Vec::new();
+                        chunks::encode(events, &mut v);
+                        w.put(chunks_cf, CF_CHUNKS, &k, v);
+                    }
+                    None => w.delete(chunks_cf, CF_CHUNKS, &k),
+                }
+                Ok(())
+            })?;
             w.put(
                 keys_cf,
                 CF_KEYS,
                 key.as_bytes(),
-                encode_value(CF_KEYS, &c.value)?,
+                encode_value(CF_KEYS, &entry.state)?,
             );
+            entry.written = layout;
+            entry.state.unchanged = Unchanged::new(entry.state.events.len());
             c.dirty = false;
             c.staged = gen;
         }
@@ -717,61 +806,78 @@ fn settle<T>(cache: &mut FxHashMap<String, Cached<T>>, limit: usize, gen: u64) {
 impl StateStore for RocksStore {
     /// From the cache, the state is moved out and a default placeholder left in its slot (never
     /// observable: the engine always puts the state back before reading the key again).
+    ///
+    /// A state read from the database is cached too (clean), so that the layout it was written
+    /// in stays known when it is put back.
     fn take_key(&mut self, key: &str) -> Result<Option<KeyState>, StoreError> {
-        if let Some(c) = self.keys.get_mut(key) {
-            c.gen = self.gen;
-            return Ok(Some(std::mem::take(&mut c.value)));
+        if !self.keys.contains_key(key) {
+            let Some(entry) = self.load_key(key)? else {
+                return Ok(None);
+            };
+            self.keys.insert(
+                key.to_owned(),
+                Cached {
+                    value: entry,
+                    dirty: false,
+                    gen: self.gen,
+                    staged: 0,
+                },
+            );
         }
-        self.db_get(CF_KEYS, key.as_bytes())
+        let c = self.cached_key(key)?;
+        Ok(Some(std::mem::take(&mut c.value.state)))
     }
 
+    /// Puts back what [`StateStore::take_key`] or [`StateStore::key_mut`] gave (a state from
+    /// elsewhere must have [`KeyState::unchanged`] at its default, none).
     fn put_key(&mut self, key: &str, state: KeyState) -> Result<(), StoreError> {
-        let gen = self.gen;
-        match self.keys.get_mut(key) {
-            Some(c) => {
-                c.value = state;
-                c.dirty = true;
-                c.gen = gen;
-            }
-            None => {
-                let c = Cached {
-                    value: state,
+        if !self.keys.contains_key(key) {
+            // Never taken: the layout written is the database's.
+            let written = self
+                .db_get::<KeyState>(CF_KEYS, key.as_bytes())?
+                .map(|st| chunks::layout(&st))
+                .unwrap_or_default();
+            self.keys.insert(
+                key.to_owned(),
+                Cached {
+                    value: KeyEntry {
+                        state: KeyState::default(),
+                        written,
+                    },
                     dirty: true,
-                    gen,
+                    gen: self.gen,
                     staged: 0,
-                };
-                self.keys.insert(key.to_owned(), c);
-            }
+                },
+            );
         }
+        let c = self.cached_key(key)?;
+        c.value.state = state;
+        c.dirty = true;
         Ok(())
     }
 
     fn key_mut(&mut self, key: &str, user: &str) -> Result<&mut KeyState, StoreError> {
-        let gen = self.gen;
         if !self.keys.contains_key(key) {
-            let value = self
-                .db_get(CF_KEYS, key.as_bytes())?
-                .unwrap_or_else(|| KeyState {
+            let value = self.load_key(key)?.unwrap_or_else(|| KeyEntry {
+                state: KeyState {
                     user: user.to_owned(),
                     ..KeyState::default()
-                });
+                },
+                written: Vec::new(),
+            });
             self.keys.insert(
                 key.to_owned(),
                 Cached {
                     value,
                     dirty: true,
-                    gen,
+                    gen: self.gen,
                     staged: 0,
                 },
             );
         }
-        let c = self
-            .keys
-            .get_mut(key)
-            .ok_or_else(|| StoreError::Backend(format!("key {key:?} vanished from the cache")))?;
+        let c = self.cached_key(key)?;
         c.dirty = true;
-        c.gen = gen;
-        Ok(&mut c.value)
+        Ok(&mut c.value.state)
     }
 
     fn get_stats(&mut self, user: &str) -> Result<Option<UserStats>, StoreError> {
@@ -1025,6 +1131,13 @@ mod tests {
                 };
                 events
             ],
+            sessions: vec![crate::engine::state::OpenSession {
+                num: 1,
+                first_t: 1_000,
+                count: events as u32,
+                touched: 0,
+                merged: Vec::new(),
+            }],
             ..KeyState::default()
         }
     }
@@ -1067,5 +1180,116 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let _copy = RocksStore::open(dir.path(), RocksOptions::copy_within(&memory)).expect("open");
         assert_eq!(memory.stores(), 0);
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// An event of key `key`: the clock moves on by `gap`, the event is `back` before it.
+        Insert {
+            key: u8,
+            gap: i64,
+            back: i64,
+            rank: u8,
+        },
+        /// The key's sessions that ended before the clock minus `behind` conclude.
+        Expire {
+            key: u8,
+            behind: i64,
+        },
+        Commit,
+        /// Commit, then close and reopen the database.
+        CommitAndReopen,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        let key = 0u8..2;
+        prop_oneof![
+            20 => (key.clone(), 0i64..60, prop_oneof![3 => Just(0i64), 1 => 0i64..500],
+                   prop_oneof![60 => Just(1u8), 1 => Just(0u8), 1 => Just(2u8)])
+                .prop_map(|(key, gap, back, rank)| Op::Insert { key, gap, back, rank }),
+            1 => (key, 0i64..1_000).prop_map(|(key, behind)| Op::Expire { key, behind }),
+            3 => Just(Op::Commit),
+            1 => Just(Op::CommitAndReopen),
+        ]
+    }
+
+    /// After every commit the database holds exactly the key states the store has (their
+    /// events read back from their chunks), and no chunk beyond theirs.
+    fn check_committed(s: &mut RocksStore) -> Result<(), proptest::test_runner::TestCaseError> {
+        use proptest::prelude::*;
+        let mut chunks_expected = 0;
+        for k in ["k0", "k1"] {
+            let cached = s.take_key(k).expect("take");
+            let stored = s.load_key(k).expect("load").map(|e| e.state);
+            prop_assert_eq!(&cached, &stored, "key {}", k);
+            if let Some(st) = cached {
+                chunks_expected += st
+                    .sessions
+                    .iter()
+                    .map(|x| chunks::chunks_of(x.count))
+                    .sum::<u32>();
+                s.put_key(k, st).expect("put");
+            }
+        }
+        let handle = cf(&s.db, CF_CHUNKS).expect("cf");
+        let chunks_stored = s.db.iterator_cf(handle, IteratorMode::Start).count();
+        prop_assert_eq!(chunks_stored, chunks_expected as usize);
+        Ok(())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 64, ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// The engine's changes to key states (appends, out-of-order inserts, merges, splits
+        /// at start and end events and at the maximum length, conclusions), committed as
+        /// chunk writes, leave in the database exactly the states' events.
+        #[test]
+        fn committed_chunks_hold_exactly_the_states_events(
+            ops in proptest::collection::vec(op(), 0..400),
+        ) {
+            use crate::engine::{EngineConfig, EvKey};
+            // Sessions of up to about 100 events: several chunks.
+            let cfg = EngineConfig { max_length: Some(3_000), ..EngineConfig::default() };
+            let b = cfg.boundaries();
+            let dir = tempfile::tempdir().expect("tempdir");
+            let open = || RocksStore::open(
+                dir.path(),
+                RocksOptions { cache_keys: 1, ..RocksOptions::default() },
+            ).expect("open");
+            let mut s = open();
+            let mut clock = 1_000i64;
+            let mut changes = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Insert { key, gap, back, rank } => {
+                        clock += gap;
+                        let st = s.key_mut(&format!("k{key}"), "u").expect("key");
+                        let k = EvKey { t: clock - back, rank, timeout: 100, tie: st.arrivals + 1 };
+                        if matches!(st.insert(k, 0, &b, &mut changes), crate::engine::key::Insert::Joined { .. }) {
+                            st.arrivals += 1;
+                        }
+                    }
+                    Op::Expire { key, behind } => {
+                        let k = format!("k{key}");
+                        if let Some(mut st) = s.take_key(&k).expect("take") {
+                            st.expire(clock - behind, 0, 0, &b, false);
+                            s.put_key(&k, st).expect("put");
+                        }
+                    }
+                    Op::Commit | Op::CommitAndReopen => {
+                        s.commit(&PartitionMeta::default(), &[offset(1)]).expect("commit");
+                        check_committed(&mut s)?;
+                        if matches!(op, Op::CommitAndReopen) {
+                            drop(s);
+                            s = open();
+                            check_committed(&mut s)?;
+                        }
+                    }
+                }
+            }
+        }
     }
 }
