@@ -83,7 +83,7 @@ pub fn default_commit_interval(guarantee: Guarantee) -> &'static str {
 
 /// The default `kafka.catch_up_commit_interval`: 1 s, or the commit interval if longer. While
 /// a partition reads a backlog, nobody waits for its outputs to become visible within 100 ms,
-/// and each commit costs a transaction and rewrites every key state the interval touched: in
+/// and each commit costs a transaction and writes every key state the interval touched: in
 /// standalone runs exactly-once took a backlog in about 15 % faster, with 15-25 % less CPU
 /// per event, than with 100 ms commits (BENCHMARKS.md, tenth session).
 pub const CATCH_UP_COMMIT_INTERVAL: Duration = Duration::from_secs(1);

@@ -1,20 +1,25 @@
-//! State format 3's layout of a key's open events: in chunks of at most [`CHUNK_EVENTS`]
-//! events, one RocksDB record (and changelog record) each, so that a commit writes only the
-//! chunks that changed, not every event the key holds.
+//! State format 3's layout of a key's open events, so that a commit writes about as many
+//! events per key as the interval added, not every event the key holds: full chunks of
+//! [`CHUNK_EVENTS`] events in records of their own, written once; the rest with the key
+//! state, in its record.
 //!
 //! **Chunks.** The events of an open session (a contiguous run of [`KeyState::events`]) are cut
 //! into chunks from the session's first event: chunk `i` of session `num` holds its events
-//! `i * CHUNK_EVENTS ..`. A chunk's id is `(num, i)`; the key state itself (written without its
-//! events) says which chunks exist, through its sessions' numbers and counts. Appending an event
-//! touches the session's last chunk only; concluding a session deletes its chunks and leaves the
-//! other sessions' alone.
+//! `i * CHUNK_EVENTS ..`. Every full chunk ("sealed") is a record of its own, id `(num, i)`;
+//! the last, partial one (the session's "tail", up to `CHUNK_EVENTS - 1` events) is written
+//! with the key state, after it, in the key's record ([`encode_tails`]). The key state says
+//! which sealed chunks exist, through its sessions' numbers and counts. Appending an event
+//! rewrites the key record (its session's tail) and, once every `CHUNK_EVENTS` events, seals
+//! a chunk; concluding a session deletes its chunks and leaves the other sessions' alone. So a
+//! key touched by a commit costs one record, plus one per chunk it sealed, as in state format
+//! 2, but of at most a chunk's worth of events per open session.
 //!
 //! **What a commit writes** ([`plan`]). The engine keeps [`KeyState::unchanged`], the number of
 //! leading events it has not changed since the store last wrote the state, and the store keeps
-//! the sessions' numbers and counts as last written. A chunk is written again unless all its
-//! events are within the unchanged prefix *and* the chunk had the same length when written
-//! (then it has the same events: those before it are unchanged, so the session starts at the
-//! same place). Chunks of the written layout that no longer exist are deleted.
+//! the sessions' numbers and counts as last written. A sealed chunk is written again unless all
+//! its events are within the unchanged prefix *and* it was sealed when written (then it has the
+//! same events: those before it are unchanged, so the session starts at the same place). Sealed
+//! chunks of the written layout that no longer exist are deleted.
 //!
 //! **Encoding** ([`encode`], [`decode`]). Consecutive events are close in every field, so each
 //! field is the zigzag varint of its difference from the previous event's (the first event's
@@ -27,19 +32,17 @@
 use crate::engine::{EvKey, KeyState, OpenEvent, StoreError};
 use std::fmt;
 
-/// The most events a chunk holds.
+/// The events of a sealed chunk.
 pub(crate) const CHUNK_EVENTS: usize = 32;
 
-/// Number of chunks of a session of `count` events.
-pub(crate) fn chunks_of(count: u32) -> u32 {
-    count.div_ceil(CHUNK_EVENTS as u32)
+/// Number of sealed chunks of a session of `count` events.
+pub(crate) fn sealed(count: u32) -> u32 {
+    count / CHUNK_EVENTS as u32
 }
 
-/// Events of chunk `i` of a session of `count` events.
-pub(crate) fn chunk_len(count: u32, i: u32) -> usize {
-    (count as usize)
-        .saturating_sub(i as usize * CHUNK_EVENTS)
-        .min(CHUNK_EVENTS)
+/// Number of events of the tail of a session of `count` events.
+pub(crate) fn tail_len(count: u32) -> usize {
+    count as usize % CHUNK_EVENTS
 }
 
 /// The layout of a state's open events: `(session number, event count)` of every open session,
@@ -56,46 +59,62 @@ fn count_in(layout: &[(u64, u32)], num: u64) -> u32 {
         .map_or(0, |i| layout[i].1)
 }
 
-/// The chunk writes that take the stored events of a key from `written` (the layout last
-/// written) to `state`, whose layout is `new_layout`: `write(num, i, Some(events))` for every
-/// chunk to put, `write(num, i, None)` for every chunk to delete. Fails, before any call, if
-/// the state's sessions do not account for its events exactly.
+/// Fails if the state's sessions do not account for its events exactly (a bug: such a state
+/// is never written).
+pub(crate) fn check(state: &KeyState) -> Result<(), StoreError> {
+    let total: usize = state.sessions.iter().map(|s| s.count as usize).sum();
+    if total == state.events.len() {
+        return Ok(());
+    }
+    Err(StoreError::Corrupt {
+        table: "keys",
+        detail: format!(
+            "a key state of {} open events whose sessions count {total}: not written",
+            state.events.len()
+        ),
+    })
+}
+
+/// The sealed-chunk writes that take the stored events of a key from `written` (the layout
+/// last written) to `state` (checked with [`check`]), whose layout is `new_layout`:
+/// `write(num, i, Some(events))` for every chunk to put, `write(num, i, None)` for every chunk
+/// to delete. The tails go with the key state ([`encode_tails`]).
 pub(crate) fn plan(
     state: &KeyState,
     written: &[(u64, u32)],
     new_layout: &[(u64, u32)],
     mut write: impl FnMut(u64, u32, Option<&[OpenEvent]>) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
-    let total: usize = state.sessions.iter().map(|s| s.count as usize).sum();
-    if total != state.events.len() {
-        return Err(StoreError::Corrupt {
-            table: "keys",
-            detail: format!(
-                "a key state of {} open events whose sessions count {total}: not written",
-                state.events.len()
-            ),
-        });
-    }
     let unchanged = state.unchanged.get().min(state.events.len());
     let mut start = 0usize;
     for s in &state.sessions {
-        let end = start + s.count as usize;
-        let before = count_in(written, s.num);
-        for (i, from) in (start..end).step_by(CHUNK_EVENTS).enumerate() {
-            let to = (from + CHUNK_EVENTS).min(end);
-            let i = i as u32;
-            if to > unchanged || chunk_len(before, i) != to - from {
+        let was_sealed = sealed(count_in(written, s.num));
+        for i in 0..sealed(s.count) {
+            let from = start + i as usize * CHUNK_EVENTS;
+            let to = from + CHUNK_EVENTS;
+            if to > unchanged || i >= was_sealed {
                 write(s.num, i, Some(&state.events[from..to]))?;
             }
         }
-        start = end;
+        start += s.count as usize;
     }
     for &(num, count) in written {
-        for i in chunks_of(count_in(new_layout, num))..chunks_of(count) {
+        for i in sealed(count_in(new_layout, num))..sealed(count) {
             write(num, i, None)?;
         }
     }
     Ok(())
+}
+
+/// Appends the tail of every open session of `state` (checked with [`check`]), in session
+/// order, each in the compact form.
+pub(crate) fn encode_tails(state: &KeyState, out: &mut Vec<u8>) {
+    let mut start = 0usize;
+    for s in &state.sessions {
+        let end = start + s.count as usize;
+        encode(&state.events[end - tail_len(s.count)..end], out);
+        start = end;
+    }
 }
 
 fn zigzag(v: i64) -> u64 {
@@ -169,13 +188,13 @@ impl Reader<'_> {
     }
 }
 
-/// Reads what [`encode`] wrote (every byte must be used) and appends the events, with session
-/// number `sess`, to `out`. Returns how many it appended.
-pub(crate) fn decode(
-    bytes: &[u8],
+/// Reads one chunk that [`encode`] wrote at the start of `bytes` and appends its events, with
+/// session number `sess`, to `out`. Returns how many it appended and the bytes after it.
+pub(crate) fn decode_prefix<'a>(
+    bytes: &'a [u8],
     sess: u64,
     out: &mut Vec<OpenEvent>,
-) -> Result<usize, Malformed> {
+) -> Result<(usize, &'a [u8]), Malformed> {
     let mut r = Reader { bytes };
     let n = r.varint()?;
     // Each event takes at least four bytes: a count larger than that is corrupt (and must not
@@ -202,10 +221,20 @@ pub(crate) fn decode(
         });
         prev = f;
     }
-    if !r.bytes.is_empty() {
+    Ok((n as usize, r.bytes))
+}
+
+/// Reads what [`encode`] wrote (every byte must be used), like [`decode_prefix`].
+pub(crate) fn decode(
+    bytes: &[u8],
+    sess: u64,
+    out: &mut Vec<OpenEvent>,
+) -> Result<usize, Malformed> {
+    let (n, rest) = decode_prefix(bytes, sess, out)?;
+    if !rest.is_empty() {
         return Err(Malformed("trailing bytes"));
     }
-    Ok(n as usize)
+    Ok(n)
 }
 
 #[cfg(test)]
@@ -304,21 +333,27 @@ mod tests {
         );
     }
 
+    /// Appends session `num` of `count` events, the i-th event of the state at time
+    /// `i * step` with tie-break `tie(t)`.
+    fn push_session(st: &mut KeyState, num: u64, count: u32, step: i64, tie: fn(i64) -> u64) {
+        for _ in 0..count {
+            let t = st.events.len() as i64 * step;
+            st.events.push(ev(t, 1, 100, tie(t), num));
+        }
+        st.sessions.push(OpenSession {
+            num,
+            first_t: 0,
+            count,
+            touched: 0,
+            merged: Vec::new(),
+        });
+    }
+
     /// A state whose sessions are `(num, count)`, in that order, with distinct events.
     fn state_of(sessions: &[(u64, u32)]) -> KeyState {
         let mut st = KeyState::default();
         for &(num, count) in sessions {
-            for _ in 0..count {
-                let t = st.events.len() as i64 * 10;
-                st.events.push(ev(t, 1, 100, t as u64 + 1, num));
-            }
-            st.sessions.push(OpenSession {
-                num,
-                first_t: 0,
-                count,
-                touched: 0,
-                merged: Vec::new(),
-            });
+            push_session(&mut st, num, count, 10, |t| t as u64 + 1);
         }
         st
     }
@@ -343,25 +378,28 @@ mod tests {
     }
 
     #[test]
-    fn a_new_state_writes_every_chunk() {
+    fn a_new_state_writes_every_sealed_chunk() {
         let st = state_of(&[(4, 70)]);
         let w = writes(&st, &[]).expect("plan");
-        assert_eq!(
-            ids(&w),
-            [(4, 0, Some(32)), (4, 1, Some(32)), (4, 2, Some(6))]
-        );
+        assert_eq!(ids(&w), [(4, 0, Some(32)), (4, 1, Some(32))]);
         assert_eq!(w[1].2.as_deref(), Some(&st.events[32..64]));
+        // The other 6 go with the key state.
+        let mut tails = Vec::new();
+        encode_tails(&st, &mut tails);
+        let mut back = Vec::new();
+        assert_eq!(decode(&tails, 4, &mut back), Ok(6));
+        assert_eq!(back, &st.events[64..]);
     }
 
     #[test]
-    fn an_append_writes_the_last_chunk_only() {
+    fn an_append_writes_a_chunk_only_when_it_fills_one() {
         let mut st = state_of(&[(1, 5), (4, 70)]);
         let before = layout(&st);
         st.unchanged = Unchanged::new(st.events.len());
         st.events.push(ev(10_000, 1, 100, 999, 4));
         st.sessions[1].count += 1;
-        assert_eq!(ids(&writes(&st, &before).expect("plan")), [(4, 2, Some(7))]);
-        // Filling a chunk exactly: still that chunk only; the next event opens a new one.
+        assert_eq!(writes(&st, &before).expect("plan"), []);
+        // Filling a chunk: that chunk.
         let mut st = state_of(&[(4, 63)]);
         let before = layout(&st);
         st.unchanged = Unchanged::new(63);
@@ -378,14 +416,14 @@ mod tests {
 
     #[test]
     fn a_concluded_session_deletes_its_chunks() {
-        let st = state_of(&[(1, 40), (2, 10)]);
+        let st = state_of(&[(1, 40), (2, 40)]);
         let before = layout(&st);
         // Session 1 drained from the front: nothing is unchanged.
-        let mut after = state_of(&[(2, 10)]);
+        let mut after = state_of(&[(2, 40)]);
         after.unchanged = Unchanged::new(0);
         assert_eq!(
             ids(&writes(&after, &before).expect("plan")),
-            [(2, 0, Some(10)), (1, 0, None), (1, 1, None)]
+            [(2, 0, Some(32)), (1, 0, None)]
         );
         // Session 2 concluded (the tail): session 1 stays as written.
         let mut after = state_of(&[(1, 40)]);
@@ -394,39 +432,40 @@ mod tests {
     }
 
     #[test]
-    fn a_split_rewrites_the_shortened_chunk() {
-        // Session 1's last 20 events become session 5: the first 20 are unchanged, but chunk 0
-        // is shorter than written.
-        let st = state_of(&[(1, 40)]);
+    fn a_split_keeps_the_chunks_before_it() {
+        // Session 1's last 40 events become session 5: the first 40 are unchanged, and so is
+        // its first chunk.
+        let st = state_of(&[(1, 80)]);
         let before = layout(&st);
         let mut after = st.clone();
-        for e in &mut after.events[20..] {
+        for e in &mut after.events[40..] {
             e.sess = 5;
         }
-        after.sessions[0].count = 20;
+        after.sessions[0].count = 40;
         after.sessions.push(OpenSession {
             num: 5,
-            count: 20,
+            count: 40,
             ..after.sessions[0].clone()
         });
-        after.unchanged = Unchanged::new(20);
+        after.unchanged = Unchanged::new(40);
         assert_eq!(
             ids(&writes(&after, &before).expect("plan")),
-            [(1, 0, Some(20)), (5, 0, Some(20)), (1, 1, None)]
+            [(5, 0, Some(32)), (1, 1, None)]
         );
     }
 
     #[test]
     fn sessions_that_miscount_the_events_are_refused() {
         let mut st = state_of(&[(1, 3)]);
+        assert!(check(&st).is_ok());
         st.events.pop();
         assert!(matches!(
-            writes(&st, &[]),
+            check(&st),
             Err(StoreError::Corrupt { table: "keys", .. })
         ));
     }
 
-    /// The stored chunks of `st`, from nothing.
+    /// The sealed chunks of `st`, written from nothing.
     fn stored(st: &KeyState) -> BTreeMap<(u64, u32), Vec<OpenEvent>> {
         let mut m = BTreeMap::new();
         apply(&mut m, writes(st, &[]).expect("plan"));
@@ -453,17 +492,7 @@ mod tests {
                     continue;
                 }
                 used.push(num);
-                for _ in 0..count {
-                    let t = st.events.len() as i64 * step;
-                    st.events.push(ev(t, 1, 100, 1, num));
-                }
-                st.sessions.push(OpenSession {
-                    num,
-                    first_t: 0,
-                    count,
-                    touched: 0,
-                    merged: Vec::new(),
-                });
+                push_session(&mut st, num, count, step, |_| 1);
             }
             st
         })
@@ -485,7 +514,8 @@ mod tests {
         }
 
         /// Whatever the old and new states, and whatever lower bound of their common prefix
-        /// the engine kept, the chunks written over the old ones are exactly the new state's.
+        /// the engine kept, the sealed chunks written over the old ones are exactly the new
+        /// state's.
         #[test]
         fn the_writes_leave_exactly_the_new_chunks(
             old in any_state(),

@@ -41,6 +41,16 @@ pub(crate) fn decode_value<T: DeserializeOwned>(
     postcard::from_bytes(bytes).map_err(|e| corrupt(table, format!("cannot decode value: {e}")))
 }
 
+/// Deserializes a `postcard` value at the start of `bytes` read from `table`; returns it and
+/// the bytes after it.
+pub(crate) fn take_value<'a, T: DeserializeOwned>(
+    table: &'static str,
+    bytes: &'a [u8],
+) -> Result<(T, &'a [u8]), StoreError> {
+    postcard::take_from_bytes(bytes)
+        .map_err(|e| corrupt(table, format!("cannot decode value: {e}")))
+}
+
 /// The order-preserving 8-byte form of an `i64`.
 fn i64_key(v: i64) -> [u8; 8] {
     ((v as u64) ^ I64_SIGN).to_be_bytes()

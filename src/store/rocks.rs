@@ -1,8 +1,9 @@
 //! [`RocksStore`]: the durable [`StateStore`], one RocksDB database per task directory.
 //!
-//! Column families: `keys` (scope key -> `KeyState` without its open events), `event_chunks`
-//! (encoded `(key, session, index)` -> a chunk of the key's open events, see
-//! [`super::chunks`]: a commit writes only the chunks that changed), `stats` (user -> `UserStats`),
+//! Column families: `keys` (scope key -> `KeyState` without its open events, followed by the
+//! tail of each open session's events), `event_chunks` (encoded `(key, session, index)` -> a
+//! full chunk of a session's events, see [`super::chunks`]: a commit writes about the events
+//! the interval added, not all of them), `stats` (user -> `UserStats`),
 //! `deadline_timers` / `quiet_timers` (encoded `(at, key)` -> empty), `payloads` (encoded
 //! `(key, tie)` -> bytes) and `meta` (`b"meta"` -> `PartitionMeta`, encoded `(topic,
 //! partition)` -> next offset, `b"state-format"` -> [`STATE_FORMAT`], checked on open and
@@ -43,7 +44,7 @@ use super::changelog::{cf_of, change_key, Change};
 use super::chunks;
 use super::encoding::{
     chunk_key, decode_offset_key, decode_timer_key, decode_value, encode_value, offset_key,
-    payload_key, timer_key,
+    payload_key, take_value, timer_key,
 };
 use crate::engine::{
     KeyState, Millis, PartitionMeta, SourceOffset, StateStore, StoreError, TimerKind, Unchanged,
@@ -562,40 +563,67 @@ impl RocksStore {
         }
     }
 
-    /// A key state from the database: its record, then its open events from their chunks.
+    /// The key state of `key` in the database, without its open events, and the bytes after
+    /// it in its record (the sessions' tails).
+    fn db_key_record(&self, key: &str) -> Result<Option<(KeyState, Vec<u8>)>, StoreError> {
+        let Some(bytes) = self
+            .db
+            .get_pinned_cf(cf(&self.db, CF_KEYS)?, key.as_bytes())
+            .map_err(backend)?
+        else {
+            return Ok(None);
+        };
+        let (state, tails) = take_value::<KeyState>(CF_KEYS, &bytes)?;
+        Ok(Some((state, tails.to_vec())))
+    }
+
+    /// A key state from the database: its record, then each session's sealed chunks and its
+    /// tail (see [`chunks`]).
     fn load_key(&self, key: &str) -> Result<Option<KeyEntry>, StoreError> {
-        let Some(mut state) = self.db_get::<KeyState>(CF_KEYS, key.as_bytes())? else {
+        let Some((mut state, tails)) = self.db_key_record(key)? else {
             return Ok(None);
         };
         let chunks_cf = cf(&self.db, CF_CHUNKS)?;
-        let corrupt = |detail: String| StoreError::Corrupt {
-            table: CF_CHUNKS,
-            detail,
-        };
+        let corrupt = |table: &'static str, detail: String| StoreError::Corrupt { table, detail };
         let total: usize = state.sessions.iter().map(|s| s.count as usize).sum();
         state.events.reserve_exact(total);
+        let mut tails = tails.as_slice();
         for s in &state.sessions {
-            for i in 0..chunks::chunks_of(s.count) {
+            for i in 0..chunks::sealed(s.count) {
                 let bytes = self
                     .db
                     .get_pinned_cf(chunks_cf, chunk_key(key, s.num, i)?)
                     .map_err(backend)?
                     .ok_or_else(|| {
-                        corrupt(format!(
-                            "chunk {i} of session {} of key {key:?} is missing",
-                            s.num
-                        ))
+                        let detail =
+                            format!("chunk {i} of session {} of key {key:?} is missing", s.num);
+                        corrupt(CF_CHUNKS, detail)
                     })?;
                 let n = chunks::decode(&bytes, s.num, &mut state.events)
-                    .map_err(|e| corrupt(format!("key {key:?}: {e}")))?;
-                let want = chunks::chunk_len(s.count, i);
-                if n != want {
-                    return Err(corrupt(format!(
-                        "chunk {i} of session {} of key {key:?} holds {n} events, not {want}",
-                        s.num
-                    )));
+                    .map_err(|e| corrupt(CF_CHUNKS, format!("key {key:?}: {e}")))?;
+                if n != chunks::CHUNK_EVENTS {
+                    let detail = format!(
+                        "chunk {i} of session {} of key {key:?} holds {n} events, not {}",
+                        s.num,
+                        chunks::CHUNK_EVENTS
+                    );
+                    return Err(corrupt(CF_CHUNKS, detail));
                 }
             }
+            let (n, rest) = chunks::decode_prefix(tails, s.num, &mut state.events)
+                .map_err(|e| corrupt(CF_KEYS, format!("key {key:?}: {e}")))?;
+            if n != chunks::tail_len(s.count) {
+                let detail = format!(
+                    "the tail of session {} of key {key:?} holds {n} events, not {}",
+                    s.num,
+                    chunks::tail_len(s.count)
+                );
+                return Err(corrupt(CF_KEYS, detail));
+            }
+            tails = rest;
+        }
+        if !tails.is_empty() {
+            return Err(corrupt(CF_KEYS, format!("key {key:?}: trailing bytes")));
         }
         state.unchanged = Unchanged::new(state.events.len());
         let written = chunks::layout(&state);
@@ -620,6 +648,7 @@ impl RocksStore {
         let chunks_cf = cf(&self.db, CF_CHUNKS)?;
         for (key, c) in self.keys.iter_mut().filter(|(_, c)| c.dirty) {
             let entry = &mut c.value;
+            chunks::check(&entry.state)?;
             let layout = chunks::layout(&entry.state);
             chunks::plan(&entry.state, &entry.written, &layout, |num, i, events| {
                 let k = chunk_key(key, num, i)?;
@@ -633,12 +662,9 @@ impl RocksStore {
                 }
                 Ok(())
             })?;
-            w.put(
-                keys_cf,
-                CF_KEYS,
-                key.as_bytes(),
-                encode_value(CF_KEYS, &entry.state)?,
-            );
+            let mut record = encode_value(CF_KEYS, &entry.state)?;
+            chunks::encode_tails(&entry.state, &mut record);
+            w.put(keys_cf, CF_KEYS, key.as_bytes(), record);
             entry.written = layout;
             entry.state.unchanged = Unchanged::new(entry.state.events.len());
             c.dirty = false;
@@ -834,8 +860,8 @@ impl StateStore for RocksStore {
         if !self.keys.contains_key(key) {
             // Never taken: the layout written is the database's.
             let written = self
-                .db_get::<KeyState>(CF_KEYS, key.as_bytes())?
-                .map(|st| chunks::layout(&st))
+                .db_key_record(key)?
+                .map(|(st, _)| chunks::layout(&st))
                 .unwrap_or_default();
             self.keys.insert(
                 key.to_owned(),
@@ -1227,7 +1253,7 @@ mod tests {
                 chunks_expected += st
                     .sessions
                     .iter()
-                    .map(|x| chunks::chunks_of(x.count))
+                    .map(|x| chunks::sealed(x.count))
                     .sum::<u32>();
                 s.put_key(k, st).expect("put");
             }
