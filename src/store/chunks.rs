@@ -45,11 +45,19 @@ pub(crate) fn tail_len(count: u32) -> usize {
     count as usize % CHUNK_EVENTS
 }
 
-/// The layout of a state's open events: `(session number, event count)` of every open session,
-/// sorted by number.
-pub(crate) fn layout(state: &KeyState) -> Vec<(u64, u32)> {
-    let mut l: Vec<(u64, u32)> = state.sessions.iter().map(|s| (s.num, s.count)).collect();
-    l.sort_unstable();
+/// The layout of a state's open events, in `out` (cleared first): `(session number, event
+/// count)` of every open session, sorted by number.
+pub(crate) fn layout_into(state: &KeyState, out: &mut Vec<(u64, u32)>) {
+    out.clear();
+    out.extend(state.sessions.iter().map(|s| (s.num, s.count)));
+    out.sort_unstable();
+}
+
+/// [`layout_into`] a new vector.
+#[cfg(test)]
+fn layout(state: &KeyState) -> Vec<(u64, u32)> {
+    let mut l = Vec::new();
+    layout_into(state, &mut l);
     l
 }
 

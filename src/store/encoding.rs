@@ -100,6 +100,23 @@ fn prefixed(what: &str, key: &str, tail: usize) -> Result<Vec<u8>, StoreError> {
     Ok(out)
 }
 
+/// Inverse of [`prefixed`]: the scope key and the `N` bytes after it, which must end `bytes`.
+fn split_prefixed<const N: usize>(
+    table: &'static str,
+    what: &str,
+    bytes: &[u8],
+) -> Result<(String, [u8; N]), StoreError> {
+    let bad = || corrupt(table, format!("{what} key of {} bytes", bytes.len()));
+    let (len, rest) = bytes.split_first_chunk::<2>().ok_or_else(bad)?;
+    let len = usize::from(u16::from_be_bytes(*len));
+    if rest.len() != len + N {
+        return Err(bad());
+    }
+    let (key, tail) = rest.split_at(len);
+    let tail: [u8; N] = tail.try_into().map_err(|_| bad())?;
+    Ok((utf8(table, key)?, tail))
+}
+
 /// Key of the payload of the event `tie` of scope key `key`. Fails when the scope key is longer
 /// than 65535 bytes (the length prefix is a `u16`).
 pub(crate) fn payload_key(key: &str, tie: u64) -> Result<Vec<u8>, StoreError> {
@@ -123,20 +140,11 @@ pub(crate) fn decode_chunk_key(
     table: &'static str,
     bytes: &[u8],
 ) -> Result<(String, u64, u32), StoreError> {
-    let bad = || corrupt(table, format!("chunk key of {} bytes", bytes.len()));
-    let (len, rest) = bytes.split_first_chunk::<2>().ok_or_else(bad)?;
-    let len = usize::from(u16::from_be_bytes(*len));
-    if rest.len() != len + 12 {
-        return Err(bad());
-    }
-    let (key, tail) = rest.split_at(len);
-    let (num, index) = tail.split_first_chunk::<8>().ok_or_else(bad)?;
-    let index: [u8; 4] = index.try_into().map_err(|_| bad())?;
-    Ok((
-        utf8(table, key)?,
-        u64::from_be_bytes(*num),
-        u32::from_be_bytes(index),
-    ))
+    let (key, tail) = split_prefixed::<12>(table, "chunk", bytes)?;
+    let (mut num, mut index) = ([0u8; 8], [0u8; 4]);
+    num.copy_from_slice(&tail[..8]);
+    index.copy_from_slice(&tail[8..]);
+    Ok((key, u64::from_be_bytes(num), u32::from_be_bytes(index)))
 }
 
 /// Inverse of [`payload_key`].
@@ -145,15 +153,8 @@ pub(crate) fn decode_payload_key(
     table: &'static str,
     bytes: &[u8],
 ) -> Result<(String, u64), StoreError> {
-    let bad = || corrupt(table, format!("payload key of {} bytes", bytes.len()));
-    let (len, rest) = bytes.split_first_chunk::<2>().ok_or_else(bad)?;
-    let len = usize::from(u16::from_be_bytes(*len));
-    if rest.len() != len + 8 {
-        return Err(bad());
-    }
-    let (key, tie) = rest.split_at(len);
-    let tie: [u8; 8] = tie.try_into().map_err(|_| bad())?;
-    Ok((utf8(table, key)?, u64::from_be_bytes(tie)))
+    let (key, tie) = split_prefixed::<8>(table, "payload", bytes)?;
+    Ok((key, u64::from_be_bytes(tie)))
 }
 
 /// Key of the committed offset of `topic`/`partition`.

@@ -563,9 +563,13 @@ impl RocksStore {
         }
     }
 
-    /// The key state of `key` in the database, without its open events, and the bytes after
-    /// it in its record (the sessions' tails).
-    fn db_key_record(&self, key: &str) -> Result<Option<(KeyState, Vec<u8>)>, StoreError> {
+    /// `f` of the key state of `key` in the database, without its open events, and the bytes
+    /// after it in its record (the sessions' tails).
+    fn db_key_record<R>(
+        &self,
+        key: &str,
+        f: impl FnOnce(KeyState, &[u8]) -> Result<R, StoreError>,
+    ) -> Result<Option<R>, StoreError> {
         let Some(bytes) = self
             .db
             .get_pinned_cf(cf(&self.db, CF_KEYS)?, key.as_bytes())
@@ -574,20 +578,27 @@ impl RocksStore {
             return Ok(None);
         };
         let (state, tails) = take_value::<KeyState>(CF_KEYS, &bytes)?;
-        Ok(Some((state, tails.to_vec())))
+        f(state, tails).map(Some)
     }
 
     /// A key state from the database: its record, then each session's sealed chunks and its
     /// tail (see [`chunks`]).
     fn load_key(&self, key: &str) -> Result<Option<KeyEntry>, StoreError> {
-        let Some((mut state, tails)) = self.db_key_record(key)? else {
-            return Ok(None);
-        };
+        self.db_key_record(key, |state, tails| self.with_events(key, state, tails))
+    }
+
+    /// `state`, read without its events, with them: each session's sealed chunks from the
+    /// database, then its tail from `tails`.
+    fn with_events(
+        &self,
+        key: &str,
+        mut state: KeyState,
+        mut tails: &[u8],
+    ) -> Result<KeyEntry, StoreError> {
         let chunks_cf = cf(&self.db, CF_CHUNKS)?;
         let corrupt = |table: &'static str, detail: String| StoreError::Corrupt { table, detail };
         let total: usize = state.sessions.iter().map(|s| s.count as usize).sum();
         state.events.reserve_exact(total);
-        let mut tails = tails.as_slice();
         for s in &state.sessions {
             for i in 0..chunks::sealed(s.count) {
                 let bytes = self
@@ -626,8 +637,20 @@ impl RocksStore {
             return Err(corrupt(CF_KEYS, format!("key {key:?}: trailing bytes")));
         }
         state.unchanged = Unchanged::new(state.events.len());
-        let written = chunks::layout(&state);
-        Ok(Some(KeyEntry { state, written }))
+        let mut written = Vec::new();
+        chunks::layout_into(&state, &mut written);
+        Ok(KeyEntry { state, written })
+    }
+
+    /// Caches `value` as the entry of `key` (not cached yet), used in this generation.
+    fn cache_key(&mut self, key: &str, value: KeyEntry, dirty: bool) {
+        let c = Cached {
+            value,
+            dirty,
+            gen: self.gen,
+            staged: 0,
+        };
+        self.keys.insert(key.to_owned(), c);
     }
 
     /// Collects everything uncommitted plus `offsets` and `meta` (last: the changelog's commit
@@ -646,10 +669,12 @@ impl RocksStore {
         let gen = self.gen;
         let keys_cf = cf(&self.db, CF_KEYS)?;
         let chunks_cf = cf(&self.db, CF_CHUNKS)?;
+        // The new layout of each key, in the allocation of the one it replaces.
+        let mut layout = Vec::new();
         for (key, c) in self.keys.iter_mut().filter(|(_, c)| c.dirty) {
             let entry = &mut c.value;
             chunks::check(&entry.state)?;
-            let layout = chunks::layout(&entry.state);
+            chunks::layout_into(&entry.state, &mut layout);
             chunks::plan(&entry.state, &entry.written, &layout, |num, i, events| {
                 let k = chunk_key(key, num, i)?;
                 match events {
@@ -665,7 +690,7 @@ impl RocksStore {
             let mut record = encode_value(CF_KEYS, &entry.state)?;
             chunks::encode_tails(&entry.state, &mut record);
             w.put(keys_cf, CF_KEYS, key.as_bytes(), record);
-            entry.written = layout;
+            std::mem::swap(&mut entry.written, &mut layout);
             entry.state.unchanged = Unchanged::new(entry.state.events.len());
             c.dirty = false;
             c.staged = gen;
@@ -840,15 +865,7 @@ impl StateStore for RocksStore {
             let Some(entry) = self.load_key(key)? else {
                 return Ok(None);
             };
-            self.keys.insert(
-                key.to_owned(),
-                Cached {
-                    value: entry,
-                    dirty: false,
-                    gen: self.gen,
-                    staged: 0,
-                },
-            );
+            self.cache_key(key, entry, false);
         }
         let c = self.cached_key(key)?;
         Ok(Some(std::mem::take(&mut c.value.state)))
@@ -859,22 +876,16 @@ impl StateStore for RocksStore {
     fn put_key(&mut self, key: &str, state: KeyState) -> Result<(), StoreError> {
         if !self.keys.contains_key(key) {
             // Never taken: the layout written is the database's.
-            let written = self
-                .db_key_record(key)?
-                .map(|(st, _)| chunks::layout(&st))
-                .unwrap_or_default();
-            self.keys.insert(
-                key.to_owned(),
-                Cached {
-                    value: KeyEntry {
-                        state: KeyState::default(),
-                        written,
-                    },
-                    dirty: true,
-                    gen: self.gen,
-                    staged: 0,
-                },
-            );
+            let mut written = Vec::new();
+            self.db_key_record(key, |st, _| {
+                chunks::layout_into(&st, &mut written);
+                Ok(())
+            })?;
+            let entry = KeyEntry {
+                state: KeyState::default(),
+                written,
+            };
+            self.cache_key(key, entry, true);
         }
         let c = self.cached_key(key)?;
         c.value.state = state;
@@ -891,15 +902,7 @@ impl StateStore for RocksStore {
                 },
                 written: Vec::new(),
             });
-            self.keys.insert(
-                key.to_owned(),
-                Cached {
-                    value,
-                    dirty: true,
-                    gen: self.gen,
-                    staged: 0,
-                },
-            );
+            self.cache_key(key, value, true);
         }
         let c = self.cached_key(key)?;
         c.dirty = true;
@@ -1206,6 +1209,53 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let _copy = RocksStore::open(dir.path(), RocksOptions::copy_within(&memory)).expect("open");
         assert_eq!(memory.stores(), 0);
+    }
+
+    /// Changelog records of the last staged commit in `keys` and in `event_chunks`.
+    fn staged_by_cf(s: &mut RocksStore) -> (usize, usize) {
+        let changes = s.take_changes();
+        let in_cf = |name| {
+            let in_it = |c: &&Change| c.key.first().and_then(|&code| cf_of(code)) == Some(name);
+            changes.iter().filter(in_it).count()
+        };
+        (in_cf(CF_KEYS), in_cf(CF_CHUNKS))
+    }
+
+    #[test]
+    fn a_commit_writes_the_chunks_filled_since_the_last_one() {
+        use crate::engine::{EngineConfig, EvKey};
+        let b = EngineConfig::default().boundaries();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = RocksStore::open(dir.path(), RocksOptions::default()).expect("open");
+        s.enable_changelog();
+        let mut changes = Vec::new();
+        let mut append = |s: &mut RocksStore, n: u64| {
+            let st = s.key_mut("k", "u").expect("key");
+            for _ in 0..n {
+                let tie = st.arrivals + 1;
+                let k = EvKey {
+                    t: tie as i64,
+                    rank: 1,
+                    timeout: 100,
+                    tie,
+                };
+                st.insert(k, 0, &b, &mut changes);
+                st.arrivals = tie;
+            }
+        };
+        let commit = |s: &mut RocksStore| {
+            s.commit(&PartitionMeta::default(), &[offset(1)])
+                .expect("commit");
+            let counts = staged_by_cf(s);
+            s.staged_written().expect("written");
+            counts
+        };
+        append(&mut s, 70);
+        assert_eq!(commit(&mut s), (1, 2), "the key, two full chunks");
+        append(&mut s, 1);
+        assert_eq!(commit(&mut s), (1, 0), "the key with its tail only");
+        append(&mut s, 25);
+        assert_eq!(commit(&mut s), (1, 1), "the key and the chunk it filled");
     }
 
     #[derive(Clone, Debug)]
