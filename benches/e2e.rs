@@ -42,7 +42,9 @@
 //! steps 1 and 2 that many times, alternating, each with groups of its own, and reports the
 //! median ratios; E2E_LATENCY_RATE overrides the latency phase's rate, by default half the
 //! median at-least-once rate; E2E_ROUNDS=0 with E2E_LATENCY_RATE runs the latency phases
-//! only). Under `cargo test` it does nothing.
+//! only; E2E_TIMELINE=DIR also writes each latency phase's downstream arrivals per 50 ms of
+//! wall-clock time to `DIR/<phase>.tl`, lines of "epoch ms, records, max latency ms", to line
+//! up with per-thread CPU samples). Under `cargo test` it does nothing.
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -581,6 +583,21 @@ fn send_probes(p: &ThreadedProducer<DefaultProducerContext>, topic: &str) {
 /// the group join), after printing them per second under `label`.
 fn without_probes(mut read: Vec<(i64, i64)>, label: &str) -> Vec<i64> {
     let load = read.split_off((PARTITIONS as usize).min(read.len()));
+    if let Ok(dir) = std::env::var("E2E_TIMELINE") {
+        // Per 50 ms of arrival: records and the largest latency.
+        let mut b: BTreeMap<i64, (usize, i64)> = BTreeMap::new();
+        for (at, lat) in &load {
+            let e = b.entry(at / 50 * 50).or_default();
+            e.0 += 1;
+            e.1 = e.1.max(*lat);
+        }
+        let txt: String = b
+            .iter()
+            .map(|(t, (n, m))| format!("{t} {n} {m}\n"))
+            .collect();
+        let path = format!("{dir}/{}.tl", label.replace(' ', "_"));
+        std::fs::write(&path, txt).unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
     eprintln!(
         "e2e: {label}: downstream latency over time: {}",
         over_time(&load)
