@@ -225,7 +225,7 @@ proptest! {
     /// output is identical to an uninterrupted run (the uncommitted work is redone the same).
     #[test]
     fn restart_equivalence(c in case(), cut in 0.0f64..1.0, extra in 0usize..20) {
-        restart_equivalent(c, cut, extra)?;
+        restart_equivalent(c, cut, extra, usize::MAX)?;
     }
 
     /// The same with long sessions, and commits every `every` events before the cut (so that
@@ -237,64 +237,57 @@ proptest! {
         extra in 0usize..20,
         every in 1usize..40,
     ) {
-        restart_equivalent_committing(c, cut, extra, every)?;
+        restart_equivalent(c, cut, extra, every)?;
     }
 }
 
-fn restart_equivalent(c: Case, cut: f64, extra: usize) -> Result<(), TestCaseError> {
-    restart_equivalent_committing(c, cut, extra, usize::MAX)
-}
-
-fn restart_equivalent_committing(
-    c: Case,
-    cut: f64,
-    extra: usize,
-    every: usize,
-) -> Result<(), TestCaseError> {
+/// Restart equivalence of `c` cut at `cut` (a fraction of the input), with `extra` events
+/// processed after the last commit and lost, committing every `every` events before the cut.
+fn restart_equivalent(c: Case, cut: f64, extra: usize, every: usize) -> Result<(), TestCaseError> {
+    let full = run_all(&c.cfg, MemStore::new(), &c.input);
+    let n = c.input.len();
+    let cut = ((n as f64) * cut) as usize;
+    let dir = tempfile::tempdir().unwrap();
+    let open = || {
+        RocksStore::open(
+            dir.path(),
+            RocksOptions {
+                cache_keys: 3,
+                ..RocksOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let mut run = RunOut::default();
+    let mut now = None;
     {
-        let full = run_all(&c.cfg, MemStore::new(), &c.input);
-        let n = c.input.len();
-        let cut = ((n as f64) * cut) as usize;
-        let dir = tempfile::tempdir().unwrap();
-        let open = || {
-            RocksStore::open(
-                dir.path(),
-                RocksOptions {
-                    cache_keys: 3,
-                    ..RocksOptions::default()
-                },
-            )
-            .unwrap()
-        };
-        let mut run = RunOut::default();
-        let mut now = None;
-        {
-            let mut e = Engine::open(c.cfg.clone(), open()).unwrap();
-            let mut from = 0;
-            while from < cut {
-                let to = cut.min(from.saturating_add(every));
-                feed(&mut e, &c.input, from..to, &mut now, &mut run);
+        let mut e = Engine::open(c.cfg.clone(), open()).unwrap();
+        let mut from = 0;
+        while from < cut {
+            let to = cut.min(from.saturating_add(every));
+            feed(&mut e, &c.input, from..to, &mut now, &mut run);
+            if to < cut {
                 e.commit(&offsets(to)).unwrap();
-                from = to;
             }
-            e.commit(&offsets(cut)).unwrap();
-            // Work after the commit is lost in the crash.
-            let mut lost = RunOut::default();
-            let mut lost_now = now;
-            feed(
-                &mut e,
-                &c.input,
-                cut..(cut + extra).min(n),
-                &mut lost_now,
-                &mut lost,
-            );
+            from = to;
         }
-        let mut store = open();
-        prop_assert_eq!(store.committed_offsets().unwrap(), offsets(cut));
-        let mut e = Engine::open(c.cfg.clone(), store).unwrap();
-        feed(&mut e, &c.input, cut..n, &mut now, &mut run);
-        finish(&mut e, &mut run);
-        prop_assert_eq!(run, full);
+        e.commit(&offsets(cut)).unwrap();
+        // Work after the commit is lost in the crash.
+        let mut lost = RunOut::default();
+        let mut lost_now = now;
+        feed(
+            &mut e,
+            &c.input,
+            cut..(cut + extra).min(n),
+            &mut lost_now,
+            &mut lost,
+        );
     }
+    let mut store = open();
+    prop_assert_eq!(store.committed_offsets().unwrap(), offsets(cut));
+    let mut e = Engine::open(c.cfg.clone(), store).unwrap();
+    feed(&mut e, &c.input, cut..n, &mut now, &mut run);
+    finish(&mut e, &mut run);
+    prop_assert_eq!(run, full);
     Ok(())
 }

@@ -29,6 +29,8 @@
 //! [`KeyState::events`]: crate::engine::KeyState::events
 //! [`KeyState::unchanged`]: crate::engine::KeyState::unchanged
 
+use super::encoding::corrupt;
+use super::rocks::CF_KEYS;
 use crate::engine::{EvKey, KeyState, OpenEvent, StoreError};
 use std::fmt;
 
@@ -74,13 +76,13 @@ pub(crate) fn check(state: &KeyState) -> Result<(), StoreError> {
     if total == state.events.len() {
         return Ok(());
     }
-    Err(StoreError::Corrupt {
-        table: "keys",
-        detail: format!(
+    Err(corrupt(
+        CF_KEYS,
+        format!(
             "a key state of {} open events whose sessions count {total}: not written",
             state.events.len()
         ),
-    })
+    ))
 }
 
 /// The sealed-chunk writes that take the stored events of a key from `written` (the layout

@@ -18,7 +18,8 @@ use serde::{de::DeserializeOwned, Serialize};
 const I64_SIGN: u64 = 1 << 63;
 const I32_SIGN: u32 = 1 << 31;
 
-fn corrupt(table: &'static str, detail: impl Into<String>) -> StoreError {
+/// The error for a record of `table` that cannot be read.
+pub(crate) fn corrupt(table: &'static str, detail: impl Into<String>) -> StoreError {
     StoreError::Corrupt {
         table,
         detail: detail.into(),

@@ -43,8 +43,8 @@ use super::budget::{Registration, StateMemory};
 use super::changelog::{cf_of, change_key, Change};
 use super::chunks;
 use super::encoding::{
-    chunk_key, decode_offset_key, decode_timer_key, decode_value, encode_value, offset_key,
-    payload_key, take_value, timer_key,
+    chunk_key, corrupt, decode_offset_key, decode_timer_key, decode_value, encode_value,
+    offset_key, payload_key, take_value, timer_key,
 };
 use crate::engine::{
     KeyState, Millis, PartitionMeta, SourceOffset, StateStore, StoreError, TimerKind, Unchanged,
@@ -596,41 +596,34 @@ impl RocksStore {
         mut tails: &[u8],
     ) -> Result<KeyEntry, StoreError> {
         let chunks_cf = cf(&self.db, CF_CHUNKS)?;
-        let corrupt = |table: &'static str, detail: String| StoreError::Corrupt { table, detail };
+        // Decoding `n` events where `want` belong: the error names the table and the part.
+        let expect = |table, what: &dyn Fn() -> String, n: usize, want: usize| {
+            if n == want {
+                return Ok(());
+            }
+            Err(corrupt(
+                table,
+                format!("{} holds {n} events, not {want}", what()),
+            ))
+        };
         let total: usize = state.sessions.iter().map(|s| s.count as usize).sum();
         state.events.reserve_exact(total);
         for s in &state.sessions {
             for i in 0..chunks::sealed(s.count) {
+                let what = || format!("chunk {i} of session {} of key {key:?}", s.num);
                 let bytes = self
                     .db
                     .get_pinned_cf(chunks_cf, chunk_key(key, s.num, i)?)
                     .map_err(backend)?
-                    .ok_or_else(|| {
-                        let detail =
-                            format!("chunk {i} of session {} of key {key:?} is missing", s.num);
-                        corrupt(CF_CHUNKS, detail)
-                    })?;
+                    .ok_or_else(|| corrupt(CF_CHUNKS, format!("{} is missing", what())))?;
                 let n = chunks::decode(&bytes, s.num, &mut state.events)
                     .map_err(|e| corrupt(CF_CHUNKS, format!("key {key:?}: {e}")))?;
-                if n != chunks::CHUNK_EVENTS {
-                    let detail = format!(
-                        "chunk {i} of session {} of key {key:?} holds {n} events, not {}",
-                        s.num,
-                        chunks::CHUNK_EVENTS
-                    );
-                    return Err(corrupt(CF_CHUNKS, detail));
-                }
+                expect(CF_CHUNKS, &what, n, chunks::CHUNK_EVENTS)?;
             }
             let (n, rest) = chunks::decode_prefix(tails, s.num, &mut state.events)
                 .map_err(|e| corrupt(CF_KEYS, format!("key {key:?}: {e}")))?;
-            if n != chunks::tail_len(s.count) {
-                let detail = format!(
-                    "the tail of session {} of key {key:?} holds {n} events, not {}",
-                    s.num,
-                    chunks::tail_len(s.count)
-                );
-                return Err(corrupt(CF_KEYS, detail));
-            }
+            let what = || format!("the tail of session {} of key {key:?}", s.num);
+            expect(CF_KEYS, &what, n, chunks::tail_len(s.count))?;
             tails = rest;
         }
         if !tails.is_empty() {
