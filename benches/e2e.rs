@@ -20,7 +20,8 @@
 //! every input offset, which both only do after their outputs are acknowledged; it is also
 //! reported from the first record taken (read from the sessionizer's metrics endpoint every
 //! 20 ms), which leaves out the start-up: process start, topic checks, group join, opening the
-//! state. Committed offsets are read every 20 ms by one long-lived client per group. Each
+//! state; and from the first record taken to the last (read every 50 ms), which also leaves
+//! out the wait for the last commit: the rate of taking records in. Committed offsets are read every 20 ms by one long-lived client per group. Each
 //! throughput measure also reports the CPU time per event (user + system, from `/proc`) of the
 //! client (the sessionizer process; for the pass-through, the whole bench process: the
 //! offsets reader's and the idle load producer's small share is billed to the baseline, not
@@ -153,8 +154,14 @@ fn runtime_settings(bootstrap: &str, group: &str) -> sessionizer::config::Runtim
 
 /// Consume `topic` from the start as `group` and produce every record to `out` unchanged,
 /// committing (after a flush) every 100 ms, until `n` records are through. Returns when it
-/// took its first record.
-fn pass_through(bootstrap: &str, group: &str, topic: &str, out: &str, n: usize) -> Instant {
+/// took its first record and its last.
+fn pass_through(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    out: &str,
+    n: usize,
+) -> (Instant, Instant) {
     let rt = runtime_settings(bootstrap, group);
     let mut first = None;
     let consumer: BaseConsumer = sessionizer::kafka::consumer_config(&rt).create().unwrap();
@@ -162,6 +169,7 @@ fn pass_through(bootstrap: &str, group: &str, topic: &str, out: &str, n: usize) 
     consumer.subscribe(&[topic]).unwrap();
     let mut seen = 0usize;
     let mut last = Instant::now();
+    let mut last_taken = last;
     let mut next: Vec<i64> = vec![-1; PARTITIONS as usize];
     while seen < n {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) {
@@ -177,6 +185,9 @@ fn pass_through(bootstrap: &str, group: &str, topic: &str, out: &str, n: usize) 
                 .unwrap();
             next[m.partition() as usize] = m.offset() + 1;
             seen += 1;
+            if seen == n {
+                last_taken = Instant::now();
+            }
         }
         if last.elapsed() >= Duration::from_millis(100) || seen == n {
             outputs.flush().unwrap();
@@ -198,7 +209,7 @@ fn pass_through(bootstrap: &str, group: &str, topic: &str, out: &str, n: usize) 
             last = Instant::now();
         }
     }
-    first.unwrap_or_else(Instant::now)
+    (first.unwrap_or_else(Instant::now), last_taken)
 }
 
 /// The event with its `timestamp` field set to `t`.
@@ -270,33 +281,38 @@ impl Committed {
 }
 
 /// One throughput measurement: `n` records, all committed `total` after the start, the first
-/// taken `first` after it.
+/// taken `first` after it and the last `last` after it.
 #[derive(Clone, Copy)]
 struct Measure {
     n: usize,
     total: Duration,
     first: Duration,
+    last: Duration,
     /// CPU seconds of the measured client (the pass-through's whole bench process, or the
     /// sessionizer process) and of the broker over the measurement.
     cpu: Cpu,
 }
 
 impl Measure {
-    fn new(n: usize, total: Duration, first: Duration, cpu: Cpu) -> Self {
+    fn new(n: usize, total: Duration, (first, last): (Duration, Duration), cpu: Cpu) -> Self {
         Measure {
             n,
             total,
             first,
+            last,
             cpu,
         }
     }
 
-    /// This measure's ratio to `baseline`'s, from the start and from the first record.
+    /// This measure's ratio to `baseline`'s: from the start, from the first record, and
+    /// while records were taken.
     fn against(&self, baseline: &Measure) -> String {
         format!(
-            "ratio to pass-through {:.2} (from the first record: {:.2})",
+            "ratio to pass-through {:.2} (from the first record: {:.2}; first to last record \
+             taken: {:.2})",
             self.rate() / baseline.rate(),
-            self.steady_rate() / baseline.steady_rate()
+            self.steady_rate() / baseline.steady_rate(),
+            self.taking_rate() / baseline.taking_rate()
         )
     }
 
@@ -316,6 +332,17 @@ impl Measure {
     fn steady_rate(&self) -> f64 {
         self.n as f64 / (self.total - self.first.min(self.total)).as_secs_f64()
     }
+
+    /// Records per second, first record taken to the last: without the start-up and the
+    /// wait for the last commit (the sessionizer's last record is seen through its metrics,
+    /// read every [`LAST_RECORD_POLL`], so its figure is up to that much low).
+    fn taking_rate(&self) -> f64 {
+        let taking = self
+            .last
+            .saturating_sub(self.first)
+            .max(Duration::from_millis(1));
+        self.n as f64 / taking.as_secs_f64()
+    }
 }
 
 impl std::fmt::Display for Measure {
@@ -323,12 +350,15 @@ impl std::fmt::Display for Measure {
         let (client, broker) = self.cpu_per_record();
         write!(
             f,
-            "{:.0} events/s ({:.2} s; first record after {:.2} s: {:.0} events/s from it; CPU \
-             per event {client:.2} µs client + {broker:.2} µs broker)",
+            "{:.0} events/s ({:.2} s; first record after {:.2} s: {:.0} events/s from it; \
+             last record after {:.2} s: {:.0} events/s between the two; CPU per event \
+             {client:.2} µs client + {broker:.2} µs broker)",
             self.rate(),
             self.total.as_secs_f64(),
             self.first.as_secs_f64(),
             self.steady_rate(),
+            self.last.as_secs_f64(),
+            self.taking_rate(),
         )
     }
 }
@@ -400,6 +430,10 @@ fn median(v: impl Iterator<Item = f64>) -> f64 {
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
+
+/// How often the benchmark reads a sessionizer's metrics for its count of records taken,
+/// until its last: each read costs the process a little CPU.
+const LAST_RECORD_POLL: Duration = Duration::from_millis(50);
 
 struct Run {
     child: std::process::Child,
@@ -476,6 +510,18 @@ impl Run {
                 "no record consumed"
             );
             std::thread::sleep(Duration::from_millis(20));
+        }
+        started.elapsed()
+    }
+
+    /// Waits until the process has taken `n` records; the time since `started`.
+    fn all_taken(&self, n: usize, started: Instant) -> Duration {
+        while self.events_in() < n as f64 {
+            assert!(
+                started.elapsed() < Duration::from_secs(600),
+                "the sessionizer did not take every record"
+            );
+            std::thread::sleep(LAST_RECORD_POLL);
         }
         started.elapsed()
     }
@@ -875,12 +921,12 @@ fn main() {
             std::thread::spawn(move || pass_through(&b, &g, "bench-in", "bench-pt-out", n));
         let took = committed.wait(&bootstrap, &group, "bench-in", n, started);
         committed.done(&group);
-        let first = worker.join().unwrap();
+        let (first, last) = worker.join().unwrap();
         let cpu = Cpu {
             client: me() - me0,
             broker: broker_cpu(&brokers, ticks) - broker0,
         };
-        let pt = Measure::new(n, took, first - started, cpu);
+        let pt = Measure::new(n, took, (first - started, last - started), cpu);
         eprintln!("e2e: round {round}: pass-through {pt}");
         let mut runs = Vec::new();
         for (guarantee, prefix) in [
@@ -895,6 +941,7 @@ fn main() {
                 &bootstrap, "bench-in", prefix, &group, &state, guarantee, None,
             );
             let first = run.first_record(started);
+            let last = run.all_taken(n, started);
             let took = committed.wait(&bootstrap, &group, "bench-in", n, started);
             committed.done(&group);
             let cpu = Cpu {
@@ -902,7 +949,7 @@ fn main() {
                 broker: broker_cpu(&brokers, ticks) - broker0,
             };
             run.stop();
-            let m = Measure::new(n, took, first, cpu);
+            let m = Measure::new(n, took, (first, last), cpu);
             eprintln!(
                 "e2e: round {round}: sessionizer run ({guarantee}) {m}, {}",
                 m.against(&pt)
@@ -1025,9 +1072,10 @@ fn main() {
     if rounds > 1 {
         for (guarantee, i) in [("at-least-once", 1), ("exactly-once", 2)] {
             println!(
-                "| median ratio over {rounds} rounds, {guarantee} | {:.2} (from the first record: {:.2}) |",
+                "| median ratio over {rounds} rounds, {guarantee} | {:.2} (from the first record: {:.2}; first to last record taken: {:.2}) |",
                 median(results.iter().map(|r| r[i].rate() / r[0].rate())),
-                median(results.iter().map(|r| r[i].steady_rate() / r[0].steady_rate()))
+                median(results.iter().map(|r| r[i].steady_rate() / r[0].steady_rate())),
+                median(results.iter().map(|r| r[i].taking_rate() / r[0].taking_rate()))
             );
         }
     }

@@ -54,7 +54,6 @@ pub fn ensure_topic(
     existing_partitions: Option<i32>,
     partitions: i32,
 ) -> Result<(), KafkaError> {
-    let topic = rt.changelog_topic.as_str();
     let mut config = super::base_config(rt);
     let admin: AdminClient<DefaultClientContext> = config
         .set("client.id", "sessionizer-admin")
@@ -63,6 +62,25 @@ pub fn ensure_topic(
             what: "admin client",
             source,
         })?;
+    let result = ensure_topic_with(&admin, rt, existing_partitions, partitions);
+    // Dropping an `AdminClient` joins its polling thread, which polls with a 100 ms timeout:
+    // done in line, that held the start-up for up to 100 ms. Nothing waits for the drop.
+    let dropped = std::thread::Builder::new()
+        .name("admin client drop".into())
+        .spawn(move || drop(admin));
+    if let Err(e) = dropped {
+        tracing::debug!(error = %e, "admin client dropped in line");
+    }
+    result
+}
+
+fn ensure_topic_with(
+    admin: &AdminClient<DefaultClientContext>,
+    rt: &RuntimeSettings,
+    existing_partitions: Option<i32>,
+    partitions: i32,
+) -> Result<(), KafkaError> {
+    let topic = rt.changelog_topic.as_str();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
