@@ -308,7 +308,9 @@ impl Outputs {
     /// connection once it has learned the brokers' ids; when librdkafka (2.12.1) had sent the
     /// transaction coordinator query on that connection, the query failed and was retried only
     /// by a 500 ms timer: that held 3 of 8 start-ups on a local broker back by 450-500 ms (and
-    /// 2 of 3 rounds of the end-to-end benchmark). With the metadata known first, none of 27.
+    /// 2 of the 6 sessionizer runs of one end-to-end benchmark run). With the metadata known
+    /// first, none of 27 start-ups waited. (The same timer also covers a client that has no
+    /// connected broker yet, so this narrows the wait's cause rather than ruling it out.)
     pub fn init_transactions(&self) -> Result<(), TxnError> {
         // A failure here shows again, with its reason, in the initialisation itself.
         let _ = self
