@@ -21,7 +21,8 @@
 //! reported from the first record taken (read from the sessionizer's metrics endpoint every
 //! 20 ms), which leaves out the start-up: process start, topic checks, group join, opening the
 //! state; and from the first record taken to the last (read every 50 ms), which also leaves
-//! out the wait for the last commit: the rate of taking records in. Committed offsets are read every 20 ms by one long-lived client per group. Each
+//! out the wait for the last commit: the rate of taking records in. Committed offsets are read
+//! every 20 ms by one long-lived client per group. Each
 //! throughput measure also reports the CPU time per event (user + system, from `/proc`) of the
 //! client (the sessionizer process; for the pass-through, the whole bench process: the
 //! offsets reader's and the idle load producer's small share is billed to the baseline, not
@@ -71,7 +72,7 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[path = "../tests/support/kafka.rs"]
 mod kafka_support;
 
-use kafka_support::{free_port, free_port_pair, kafka_sh, metric, scrape};
+use kafka_support::{clock_ticks, cpu_secs, free_port, free_port_pair, kafka_sh, metric, scrape};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sessionizer");
 const PARTITIONS: i32 = 3;
@@ -369,32 +370,6 @@ impl std::fmt::Display for Measure {
 struct Cpu {
     client: f64,
     broker: f64,
-}
-
-/// Clock ticks per second of `/proc`'s CPU times (`getconf CLK_TCK`; 100 if that fails).
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// CPU seconds (user + system) used so far by process `pid`, from `/proc/<pid>/stat`; none
-/// when it is gone.
-fn cpu_secs(pid: u32, ticks: f64) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The fields after the command name (in parentheses, which may hold spaces): utime and
-    // stime are fields 14 and 15 of the line, 12th and 13th after the name.
-    let rest = s.rfind(')').map_or("", |i| &s[i + 1..]);
-    let f: Vec<f64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    (f.len() == 2).then(|| f.iter().sum::<f64>() / ticks)
 }
 
 /// The broker processes whose CPU time is counted: the one this benchmark started (its pid

@@ -5,6 +5,7 @@ settings or builds run after run on one broker, and to see where the CPU goes.
     . scripts/env.sh && cargo build --release
     python3 scripts/standalone-run.py setup              # broker on 127.0.0.1:24600, 1M events
     python3 scripts/standalone-run.py run NAME at-least-once [-- EXTRA SESSIONIZER FLAGS]
+    python3 scripts/standalone-run.py startup NAME COUNT    # COUNT start-ups, timed
     python3 scripts/standalone-run.py stop
 
 `setup` starts a single-node broker in /tmp/standalone-kafka (scripts/kafka.sh, port 24600)
@@ -16,9 +17,16 @@ start to the last event taken), the CPU per event of the process and of the brok
 commits it made, the broker's busiest threads, and for the sessionizer's busiest threads,
 between 100,000 and 1,000,000 events, the share of the time each ran, waited for a CPU
 (runnable) and slept (/proc/<pid>/task/*/schedstat). Names must differ from run to run.
+`startup NAME COUNT` starts the sessionizer (at-least-once) COUNT times, each with a fresh
+group NAME1, NAME2..., and stops each once it has opened its three partitions: it prints,
+from the timestamps of its `info` log, the milliseconds from "sessionizer starting" to
+"topics checked", to "transactions initialised" and to the third "task opened". The first
+start-up on a fresh broker also creates the transaction state topic.
 `SESSIONIZER_BIN` runs another binary (to compare two builds). Reads /proc only (Linux).
 """
+import datetime
 import http.client
+import json
 import os
 import subprocess
 import sys
@@ -95,13 +103,15 @@ def setup():
                     "--brokers", BOOTSTRAP], check=True)
 
 
-def run(name, guarantee, extra):
+def outputs(name):
     for o in ("annotated", "sessions", "late", "dlq", "stats"):
         topic(f"{name}-{o}")
-    bpid = broker_pid()
+
+
+def start(name, guarantee, extra, log="warn", stderr=None):
+    """Starts the sessionizer with the benchmark's flags as group NAME (its output topics
+    created by `outputs`); returns the process and its metrics port."""
     port = 25000 + os.getpid() % 1000
-    state = f"/tmp/standalone-state-{name}"
-    b0, bt0, t0 = cpu_ticks(bpid), threads(bpid), time.time()
     p = subprocess.Popen(
         [BIN, "run", "--brokers", BOOTSTRAP, "--group", name, "--input-topics", "pin",
          "--annotated-topic", f"{name}-annotated", "--sessions-topic", f"{name}-sessions",
@@ -109,10 +119,61 @@ def run(name, guarantee, extra):
          "--stats-topic", f"{name}-stats", "--start-events", "app_open",
          "--end-events", "app_close",
          "--excluded-events", "push_sent,notification_shown,app_installed",
-         "--allowed-lateness", "5s", "--idle-after", "2s", "--state-dir", state,
+         "--allowed-lateness", "5s", "--idle-after", "2s",
+         "--state-dir", f"/tmp/standalone-state-{name}",
          "--metrics-addr", f"127.0.0.1:{port}", "--guarantee", guarantee,
          "--instance-id", name, "--log-format", "json", *extra],
-        env={**os.environ, "SESSIONIZER_LOG": "warn"})
+        env={**os.environ, "SESSIONIZER_LOG": log}, stderr=stderr)
+    return p, port
+
+
+def stop(p):
+    p.terminate()
+    try:
+        p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def startup(name, count):
+    marks = ("topics checked", "transactions initialised", "task opened")
+    for i in range(1, count + 1):
+        log_path = f"/tmp/standalone-startup-{name}{i}.log"
+        outputs(f"{name}{i}")
+        with open(log_path, "w") as log:
+            p, _ = start(f"{name}{i}", "at-least-once", [], log="info", stderr=log)
+        at = {}
+        try:
+            deadline = time.time() + 60
+            while at.get("task opened", (0, 0))[1] < 3:
+                if time.time() > deadline or p.poll() is not None:
+                    sys.exit(f"start-up {i} did not open three partitions: see {log_path}")
+                time.sleep(0.02)
+                at = {}
+                for line in open(log_path):
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        continue
+                    msg = entry.get("fields", {}).get("message", "")
+                    t = datetime.datetime.fromisoformat(
+                        entry["timestamp"].replace("Z", "+00:00")).timestamp()
+                    key = "starting" if msg == "sessionizer starting" else msg
+                    if key == "starting" or key in marks:
+                        at[key] = (t, at.get(key, (t, 0))[1] + 1)
+        finally:
+            stop(p)
+        t0 = at["starting"][0]
+        print(f"{name}{i}: " + ", ".join(f"{m} {1000 * (at[m][0] - t0):.0f} ms"
+                                         for m in marks if m in at))
+
+
+def run(name, guarantee, extra):
+    outputs(name)
+    bpid = broker_pid()
+    b0, bt0, t0 = cpu_ticks(bpid), threads(bpid), time.time()
+    p, port = start(name, guarantee, extra)
     first = None
     try:
         while True:
@@ -128,12 +189,7 @@ def run(name, guarantee, extra):
         client, b1, bt1 = cpu_ticks(p.pid), cpu_ticks(bpid), threads(bpid)
     finally:
         # Also when this script fails: no sessionizer is left running.
-        p.terminate()
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop(p)
     us = lambda ticks: ticks / HZ / EVENTS * 1e6
     print(f"{name} {guarantee}: {EVENTS / (t1 - t0):.0f} events/s ({t1 - t0:.2f} s); CPU per "
           f"event {us(client):.2f} µs client + {us(b1 - b0):.2f} µs broker")
@@ -163,6 +219,8 @@ def main():
         setup()
     elif args[:1] == ["stop"]:
         kafka("stop", "--dir", DIR, "--clean", quiet=False)
+    elif args[:1] == ["startup"] and len(args) == 3 and args[2].isdigit():
+        startup(args[1], int(args[2]))
     elif args[:1] == ["run"] and len(args) >= 3:
         extra = args[4:] if args[3:4] == ["--"] else args[3:]
         run(args[1], args[2], extra)

@@ -17,22 +17,14 @@ use std::time::{Duration, Instant};
 mod support;
 
 use support::e2e::Broker;
+use support::kafka::{clock_ticks, cpu_secs};
 
 /// How long the broker is paused while records keep coming.
 const PAUSE: Duration = Duration::from_secs(1);
 
 /// CPU time (user + system) of this whole process so far.
-fn process_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .expect("a stat line")
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // SC_CLK_TCK is 100 on Linux.
-    Duration::from_millis(ticks * 10)
+fn process_cpu(ticks: f64) -> Duration {
+    Duration::from_secs_f64(cpu_secs(std::process::id(), ticks).expect("/proc/self/stat"))
 }
 
 /// Whether `kill SIG PID` succeeded.
@@ -99,7 +91,8 @@ fn an_idempotent_producer_waiting_for_the_broker_does_not_spin() {
     // Every 10 ms, 20 records: the first batch (more than the five records librdkafka lets an
     // idempotent producer have in flight per partition) is sent and waits for its answer,
     // the next ones are ready 5 ms later and must wait for it.
-    let cpu_before = process_cpu();
+    let ticks = clock_ticks();
+    let cpu_before = process_cpu(ticks);
     let started = Instant::now();
     let mut sent = 0;
     while started.elapsed() < PAUSE {
@@ -107,7 +100,7 @@ fn an_idempotent_producer_waiting_for_the_broker_does_not_spin() {
         sent += 20;
         std::thread::sleep(Duration::from_millis(10));
     }
-    let used = process_cpu() - cpu_before;
+    let used = process_cpu(ticks) - cpu_before;
     let wall = started.elapsed();
     drop(paused);
     eprintln!("{sent} records sent in {wall:?} with the broker paused; process CPU {used:?}");

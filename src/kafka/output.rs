@@ -301,16 +301,17 @@ impl Outputs {
         self.checkpoints.get(&partition).copied()
     }
 
-    /// Exactly-once: registers the transactional id (fencing any older instance with the same
-    /// id and aborting its open transaction).
+    /// Registers the transactional id (fencing any older instance with the same id and
+    /// aborting its open transaction). Used by the state committer's producer, in either
+    /// mode.
     ///
     /// The cluster's metadata is asked for first. A new client forgets its bootstrap
     /// connection once it has learned the brokers' ids; when librdkafka (2.12.1) had sent the
     /// transaction coordinator query on that connection, the query failed and was retried only
-    /// by a 500 ms timer: that held 3 of 8 start-ups on a local broker back by 450-500 ms (and
-    /// 2 of the 6 sessionizer runs of one end-to-end benchmark run). With the metadata known
-    /// first, none of 27 start-ups waited. (The same timer also covers a client that has no
-    /// connected broker yet, so this narrows the wait's cause rather than ruling it out.)
+    /// by a 500 ms timer: that held 3 of 12 start-ups on a local broker back by about 450 ms
+    /// (`scripts/standalone-run.py startup`). With the metadata known first, none of 20
+    /// waited. (The same timer also covers a client that has no connected broker yet, so
+    /// this narrows the wait's cause rather than ruling it out.)
     pub fn init_transactions(&self) -> Result<(), TxnError> {
         // A failure here shows again, with its reason, in the initialisation itself.
         let _ = self

@@ -1,5 +1,5 @@
 //! Helpers for tests and benchmarks against the real broker: `scripts/kafka.sh`, free ports,
-//! scraping `/metrics`. Shared by `tests/kafka_e2e.rs` and `benches/e2e.rs`.
+//! scraping `/metrics`, processes' CPU time. Shared by `tests/kafka_e2e.rs` and `benches/e2e.rs`.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
@@ -67,4 +67,30 @@ pub fn metric(text: &str, prefix: &str) -> f64 {
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Clock ticks per second of `/proc`'s CPU times (`getconf CLK_TCK`; 100 if that fails).
+pub fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// CPU seconds (user + system) used so far by process `pid`, from `/proc/<pid>/stat`; none
+/// when it is gone.
+pub fn cpu_secs(pid: u32, ticks: f64) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (in parentheses, which may hold spaces): utime and
+    // stime are fields 14 and 15 of the line, 12th and 13th after the name.
+    let rest = s.rfind(')').map_or("", |i| &s[i + 1..]);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    (f.len() == 2).then(|| f.iter().sum::<f64>() / ticks)
 }
