@@ -14,7 +14,8 @@
 //!    rate of half the measured at-least-once throughput, and its downstream latency (send to
 //!    the annotated record read), per second too; then the pass-through's downstream latency
 //!    on the same kind of stream. An untimed pass-through of such a stream runs before both,
-//!    so that neither meets a broker whose JIT has not compiled the live-stream paths yet.
+//!    and an untimed sessionizer phase before the measured one, so that neither meets a
+//!    broker whose JIT has not compiled the paths it uses yet.
 //!
 //! Throughput is measured from process (or thread) start until the consumer group has committed
 //! every input offset, which both only do after their outputs are acknowledged; it is also

@@ -221,6 +221,56 @@ fn bench_engine(c: &mut Criterion) {
     g.finish();
 }
 
+/// The consumer thread's share of an at-least-once commit in the end-to-end benchmark's
+/// latency phase, which stops consumption while it runs: 10,000 keys, each with an open
+/// session of 100 events already written, then 21 more events each (about one second at
+/// 215k events/s), then `Engine::commit` with the store in changelog mode (key records, the
+/// sessions' tails and the chunks sealed since, encoded for the changelog and RocksDB).
+fn bench_commit(c: &mut Criterion) {
+    const KEYS: u64 = 10_000;
+    const BEFORE: u64 = 100;
+    const ADDED: u64 = 21;
+    let events = |from: u64, to: u64| -> Vec<Event> {
+        (from..to)
+            .flat_map(|i| {
+                (0..KEYS).map(move |u| Event {
+                    key: format!("user-{u}"),
+                    time: T0 + (i * 46) as Millis,
+                    class: EventClass::Engagement,
+                })
+            })
+            .collect()
+    };
+    let (before, added) = (events(0, BEFORE), events(BEFORE, BEFORE + ADDED));
+    let mut g = c.benchmark_group("store");
+    g.throughput(Throughput::Elements(KEYS));
+    g.sample_size(10);
+    g.bench_function("changelog_commit_10k_keys", |b| {
+        b.iter_batched(
+            || {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let mut store =
+                    RocksStore::open(dir.path(), RocksOptions::default()).expect("open rocksdb");
+                store.enable_changelog();
+                let mut e = Engine::open(cfg(), store).expect("open");
+                run(&mut e, &before, 0);
+                e.commit(&[]).expect("commit");
+                let changes = e.store_mut().take_changes();
+                e.store_mut().write_staged(&changes, None).expect("write");
+                run(&mut e, &added, 0);
+                (dir, e)
+            },
+            |(dir, mut e)| {
+                e.commit(&[]).expect("commit");
+                let changes = e.store_mut().take_changes();
+                (dir, e, changes)
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
 /// Bytes per open session: 1M users with one open session of 3 events each.
 fn memory_report() {
     const N: u64 = 1_000_000;
@@ -341,7 +391,7 @@ fn bench_decode(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_engine, bench_decode);
+criterion_group!(benches, bench_engine, bench_decode, bench_commit);
 
 fn main() {
     // The memory report runs with `cargo bench` unless a benchmark filter is given.
