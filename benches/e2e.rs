@@ -337,8 +337,8 @@ impl Measure {
 
     /// Records per second, first record taken to the last: without the start-up and the
     /// wait for the last commit (the sessionizer's first and last records are seen through
-    /// its metrics, read every 20 ms and every [`LAST_RECORD_POLL`]: each moment is up to
-    /// that much late).
+    /// its metrics, read every [`FIRST_RECORD_POLL`] and every [`LAST_RECORD_POLL`]: each
+    /// moment is up to that much late).
     fn taking_rate(&self) -> f64 {
         let taking = self
             .last
@@ -409,7 +409,8 @@ fn median(v: impl Iterator<Item = f64>) -> f64 {
 }
 
 /// How often the benchmark reads a sessionizer's metrics for its count of records taken,
-/// until its last: each read costs the process a little CPU.
+/// until its first, and then until its last: each read costs the process a little CPU.
+const FIRST_RECORD_POLL: Duration = Duration::from_millis(20);
 const LAST_RECORD_POLL: Duration = Duration::from_millis(50);
 
 struct Run {
@@ -478,27 +479,19 @@ impl Run {
         metric(&scrape(self.port), "sessionizer_events_total{")
     }
 
-    /// Waits until the process has taken its first input record; the time since `started`
-    /// (the metrics endpoint is read every 20 ms until then).
-    fn first_record(&self, started: Instant) -> Duration {
-        while self.events_in() < 1.0 {
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "no record consumed"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        started.elapsed()
-    }
-
-    /// Waits until the process has taken `n` records; the time since `started`.
-    fn all_taken(&self, n: usize, started: Instant) -> Duration {
-        while self.events_in() < n as f64 {
-            assert!(
-                started.elapsed() < Duration::from_secs(600),
-                "the sessionizer did not take every record"
-            );
-            std::thread::sleep(LAST_RECORD_POLL);
+    /// Waits until the process has taken `n` input records, reading its metrics every
+    /// `poll`; the time since `started`. Fails with `what` if that takes `within` or more.
+    fn wait_taken(
+        &self,
+        n: f64,
+        poll: Duration,
+        started: Instant,
+        within: Duration,
+        what: &str,
+    ) -> Duration {
+        while self.events_in() < n {
+            assert!(started.elapsed() < within, "{what}");
+            std::thread::sleep(poll);
         }
         started.elapsed()
     }
@@ -823,26 +816,24 @@ fn sessionizer_latency(
     // seen by the sessionizer and by the downstream reader.
     send_probes(p, &input);
     let probes = PARTITIONS as f64;
-    let t = Instant::now();
-    while lat.events_in() < probes {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the probe events were not consumed"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    lat.wait_taken(
+        probes,
+        LAST_RECORD_POLL,
+        Instant::now(),
+        Duration::from_secs(60),
+        "the probe events were not consumed",
+    );
     let evs = events(total as u64, now_ms(), 2);
     wait_seen(&seen, PARTITIONS as usize);
     // A live stream: the event time is the send time.
     paced_load(p, &input, &evs, rate);
-    let t = Instant::now();
-    while lat.events_in() < total as f64 + probes {
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "the latency load was not consumed"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    lat.wait_taken(
+        total as f64 + probes,
+        LAST_RECORD_POLL,
+        Instant::now(),
+        Duration::from_secs(120),
+        "the latency load was not consumed",
+    );
     let text = scrape(lat.port);
     let (p50, p99) = (
         quantile(&text, "sessionizer_processing_latency_seconds", 0.5),
@@ -1025,11 +1016,23 @@ fn main() {
             let run = Run::start(
                 &bootstrap, "bench-in", prefix, &group, &state, guarantee, None,
             );
-            let first = run.first_record(started);
+            let first = run.wait_taken(
+                1.0,
+                FIRST_RECORD_POLL,
+                started,
+                Duration::from_secs(120),
+                "no record consumed",
+            );
             // The offsets reader's client is created by its first look: now, not after the
             // last record, where its connection would be billed to the sessionizer's time.
             committed.sum(&bootstrap, &group, "bench-in");
-            let last = run.all_taken(n, started);
+            let last = run.wait_taken(
+                n as f64,
+                LAST_RECORD_POLL,
+                started,
+                Duration::from_secs(600),
+                "the sessionizer did not take every record",
+            );
             let took = committed.wait(&bootstrap, &group, "bench-in", n, started);
             committed.done(&group);
             let cpu = Cpu {
@@ -1070,8 +1073,9 @@ fn main() {
     eprintln!("e2e: latency warm-up (a pass-through, not counted): p50 {w50} ms, p99 {w99} ms");
     // The sessionizer's paths for a live stream (transactions, its output topics, the
     // changelog) are JIT-compiled by the broker only once it serves them: in a latency phase
-    // run first on a broker warmed by pass-throughs only, the broker's C2 compiler took 30-75 %
-    // of a core throughout (2026-11-24, fifteenth session). An untimed sessionizer phase first.
+    // run first on a broker warmed by pass-throughs only, the broker's C2 compiler took up to
+    // 76 % of a core, 25 % on average (2026-11-24, fifteenth session). An untimed sessionizer
+    // phase first.
     let warm = sessionizer_latency(&bootstrap, &p, rate, LAT_SESSIONIZER_WARM_UP, tmp.path());
     eprintln!(
         "e2e: sessionizer latency warm-up (not counted): own p99 <= {:.1} ms, downstream p50 {} ms, p99 {} ms",

@@ -143,25 +143,29 @@ def startup(name, count):
         outputs(f"{name}{i}")
         with open(log_path, "w") as log:
             p, _ = start(f"{name}{i}", "at-least-once", [], log="info", stderr=log)
-        at = {}
+        # Per mark: the time of its latest line (for "task opened", the third) and how many
+        # lines had it. The log is read as it grows; a line not yet complete waits for the
+        # next read.
+        at, partial = {}, ""
         try:
             deadline = time.time() + 60
-            while at.get("task opened", (0, 0))[1] < 3:
-                if time.time() > deadline or p.poll() is not None:
-                    sys.exit(f"start-up {i} did not open three partitions: see {log_path}")
-                time.sleep(0.02)
-                at = {}
-                for line in open(log_path):
-                    try:
-                        entry = json.loads(line)
-                    except ValueError:
-                        continue
-                    msg = entry.get("fields", {}).get("message", "")
-                    t = datetime.datetime.fromisoformat(
-                        entry["timestamp"].replace("Z", "+00:00")).timestamp()
-                    key = "starting" if msg == "sessionizer starting" else msg
-                    if key == "starting" or key in marks:
-                        at[key] = (t, at.get(key, (t, 0))[1] + 1)
+            with open(log_path) as log:
+                while at.get("task opened", (0, 0))[1] < 3:
+                    if time.time() > deadline or p.poll() is not None:
+                        sys.exit(f"start-up {i} did not open three partitions: see {log_path}")
+                    time.sleep(0.02)
+                    *lines, partial = (partial + log.read()).split("\n")
+                    for line in lines:
+                        try:
+                            entry = json.loads(line)
+                        except ValueError:
+                            continue
+                        msg = entry.get("fields", {}).get("message", "")
+                        t = datetime.datetime.fromisoformat(
+                            entry["timestamp"].replace("Z", "+00:00")).timestamp()
+                        key = "starting" if msg == "sessionizer starting" else msg
+                        if key == "starting" or key in marks:
+                            at[key] = (t, at.get(key, (t, 0))[1] + 1)
         finally:
             stop(p)
         t0 = at["starting"][0]
