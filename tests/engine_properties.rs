@@ -225,7 +225,7 @@ proptest! {
     /// output is identical to an uninterrupted run (the uncommitted work is redone the same).
     #[test]
     fn restart_equivalence(c in case(), cut in 0.0f64..1.0, extra in 0usize..20) {
-        restart_equivalent(c, cut, extra, usize::MAX)?;
+        restart_equivalent(c, cut, extra, usize::MAX, None)?;
     }
 
     /// The same with long sessions, and commits every `every` events before the cut (so that
@@ -237,13 +237,35 @@ proptest! {
         extra in 0usize..20,
         every in 1usize..40,
     ) {
-        restart_equivalent(c, cut, extra, every)?;
+        restart_equivalent(c, cut, extra, every, None)?;
+    }
+
+    /// The same in changelog mode, as the pipeline commits: each commit is staged, its key
+    /// states encoded `per` after each event processed (or when the engine touches them
+    /// again), and its changes taken and written before the next commit.
+    #[test]
+    fn restart_equivalence_with_staged_commits(
+        c in long_case(),
+        cut in 0.0f64..1.0,
+        extra in 0usize..20,
+        every in 1usize..40,
+        per in 0usize..3,
+    ) {
+        restart_equivalent(c, cut, extra, every, Some(per))?;
     }
 }
 
 /// Restart equivalence of `c` cut at `cut` (a fraction of the input), with `extra` events
 /// processed after the last commit and lost, committing every `every` events before the cut.
-fn restart_equivalent(c: Case, cut: f64, extra: usize, every: usize) -> Result<(), TestCaseError> {
+/// With `staged: Some(per)` the store is in changelog mode: see
+/// `restart_equivalence_with_staged_commits`.
+fn restart_equivalent(
+    c: Case,
+    cut: f64,
+    extra: usize,
+    every: usize,
+    staged: Option<usize>,
+) -> Result<(), TestCaseError> {
     let full = run_all(&c.cfg, MemStore::new(), &c.input);
     let n = c.input.len();
     let cut = ((n as f64) * cut) as usize;
@@ -260,28 +282,56 @@ fn restart_equivalent(c: Case, cut: f64, extra: usize, every: usize) -> Result<(
     };
     let mut run = RunOut::default();
     let mut now = None;
+    // Changelog mode: takes the staged commit's changes and writes them.
+    let write = |e: &mut Engine<RocksStore>| {
+        if staged.is_some() {
+            let changes = e.store_mut().take_changes().unwrap();
+            e.store_mut().write_staged(&changes, None).unwrap();
+        }
+    };
     {
-        let mut e = Engine::open(c.cfg.clone(), open()).unwrap();
+        let mut store = open();
+        if staged.is_some() {
+            store.enable_changelog();
+        }
+        let mut e = Engine::open(c.cfg.clone(), store).unwrap();
         let mut from = 0;
+        let mut committed = false;
         while from < cut {
             let to = cut.min(from.saturating_add(every));
-            feed(&mut e, &c.input, from..to, &mut now, &mut run);
+            match staged {
+                Some(per) if committed => {
+                    for i in from..to {
+                        feed(&mut e, &c.input, i..i + 1, &mut now, &mut run);
+                        e.store_mut().collect(per).unwrap();
+                    }
+                }
+                _ => feed(&mut e, &c.input, from..to, &mut now, &mut run),
+            }
             if to < cut {
+                if committed {
+                    write(&mut e);
+                }
                 e.commit(&offsets(to)).unwrap();
+                committed = true;
             }
             from = to;
         }
+        if committed {
+            write(&mut e);
+        }
         e.commit(&offsets(cut)).unwrap();
-        // Work after the commit is lost in the crash.
+        // Work after the commit is lost in the crash; in changelog mode it goes on while the
+        // commit is collected, and the commit is written before the crash.
         let mut lost = RunOut::default();
         let mut lost_now = now;
-        feed(
-            &mut e,
-            &c.input,
-            cut..(cut + extra).min(n),
-            &mut lost_now,
-            &mut lost,
-        );
+        for i in cut..(cut + extra).min(n) {
+            feed(&mut e, &c.input, i..i + 1, &mut lost_now, &mut lost);
+            if let Some(per) = staged {
+                e.store_mut().collect(per).unwrap();
+            }
+        }
+        write(&mut e);
     }
     let mut store = open();
     prop_assert_eq!(store.committed_offsets().unwrap(), offsets(cut));

@@ -921,12 +921,12 @@ fn restore_applies_a_compacted_changelog(broker: &Broker) {
     src.put_key("u2", key("u2", 2)).unwrap();
     src.put_stats("u1", &stats).unwrap();
     src.commit(&meta(2), &[offset(10)]).unwrap();
-    let first = src.take_changes();
+    let first = src.take_changes().unwrap();
     src.write_staged(&first, Some(first.len() as i64)).unwrap();
     src.put_key("u1", key("u1", 5)).unwrap();
     src.put_key("u3", key("u3", 6)).unwrap();
     src.commit(&meta(3), &[offset(20)]).unwrap();
-    let second = src.take_changes();
+    let second = src.take_changes().unwrap();
     assert!(second.len() >= 3, "u1, u3 and the marker: {second:?}");
     // Compacted: the first commit's u1 (rewritten by the second) and its meta record (the last
     // record of every commit) are gone.
@@ -1000,7 +1000,7 @@ fn untrusted_local_state_is_rebuilt(broker: &Broker) {
             next_offset: input.len() as i64 / 6,
         };
         s.commit(&PartitionMeta::default(), &[skip]).unwrap();
-        let changes = s.take_changes();
+        let changes = s.take_changes().unwrap();
         // The changelog does not exist yet: any checkpoint is beyond its end.
         s.write_staged(&changes, Some(1_000_000)).unwrap();
     }

@@ -350,6 +350,9 @@ enum Op {
     Commit(u64, u8, i32, i64),
     /// Changelog mode: write the oldest staged commit (elsewhere a no-op).
     WriteStaged,
+    /// Changelog mode: encode up to this many of the key states the newest staged commit
+    /// still owes, and take its changes once none is left (elsewhere a no-op).
+    Collect(u8),
     /// Drop the RocksStore without committing and reopen it; the model rolls back to the last
     /// written commit.
     Reopen,
@@ -368,6 +371,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (key, 0u64..3).prop_map(|(k, t)| Op::TakePayload(k, t)),
         2 => (0u64..10, 0u8..2, -1i32..2, 0i64..1000).prop_map(|(m, t, p, o)| Op::Commit(m, t, p, o)),
         2 => Just(Op::WriteStaged),
+        2 => (0u8..3).prop_map(Op::Collect),
         1 => Just(Op::Reopen),
     ]
 }
@@ -414,9 +418,11 @@ fn open_model_store(dir: &Path, staged: bool) -> RocksStore {
 }
 
 /// Applies `ops` to a MemStore model and a RocksStore. With `staged`, the RocksStore stages
-/// its commits and writes them later, in order, while the operations go on (the pipelined
-/// at-least-once commit): reads must see every write all along, and the database (meta,
-/// offsets, what a reopen finds) must be exactly the last written commit.
+/// its commits, collects their key states a few at a time or when they are touched again, and
+/// the changes are taken and written later, in order, while the operations go on (the
+/// pipelined commit): reads must see every write all along, each commit's changes must be its
+/// state as of the commit, and the database (meta, offsets, what a reopen finds) must be
+/// exactly the last written commit.
 fn run_model(ops: Vec<Op>, staged: bool) -> Result<(), TestCaseError> {
     let dir = TempDir::new().unwrap();
     let mut s = open_model_store(dir.path(), staged);
@@ -425,6 +431,15 @@ fn run_model(ops: Vec<Op>, staged: bool) -> Result<(), TestCaseError> {
     // (with its changes, which the store's writer writes).
     let mut committed = MemStore::new();
     let mut queue: std::collections::VecDeque<(MemStore, Vec<Change>)> = Default::default();
+    // The model as of the staged commit whose changes are not taken yet.
+    let mut collecting: Option<MemStore> = None;
+    let take = |s: &mut RocksStore,
+                collecting: &mut Option<MemStore>,
+                queue: &mut std::collections::VecDeque<_>| {
+        if let Some(m) = collecting.take() {
+            queue.push_back((m, s.take_changes().unwrap()));
+        }
+    };
     for op in ops {
         match op {
             Op::Update(k, v) => {
@@ -479,14 +494,24 @@ fn run_model(ops: Vec<Op>, staged: bool) -> Result<(), TestCaseError> {
             Op::Commit(m, t, p, o) => {
                 let offsets = [off(&format!("topic{t}"), p, o)];
                 model.commit(&meta(m), &offsets).unwrap();
+                take(&mut s, &mut collecting, &mut queue);
                 s.commit(&meta(m), &offsets).unwrap();
                 if staged {
-                    queue.push_back((model.clone(), s.take_changes()));
+                    collecting = Some(model.clone());
                 } else {
                     committed = model.clone();
                 }
             }
+            Op::Collect(n) => {
+                if s.collect(n as usize).unwrap() {
+                    take(&mut s, &mut collecting, &mut queue);
+                }
+                prop_assert_eq!(s.collecting(), collecting.is_some());
+            }
             Op::WriteStaged => {
+                if queue.is_empty() {
+                    take(&mut s, &mut collecting, &mut queue);
+                }
                 if let Some((next, changes)) = queue.pop_front() {
                     // Written through a writer (as from another thread), then reported.
                     s.writer().write(&changes, None).unwrap();
@@ -499,15 +524,20 @@ fn run_model(ops: Vec<Op>, staged: bool) -> Result<(), TestCaseError> {
                 s = open_model_store(dir.path(), staged);
                 model = committed.clone();
                 queue.clear();
+                collecting = None;
             }
         }
-        prop_assert_eq!(s.staged_commits(), queue.len());
+        prop_assert_eq!(
+            s.staged_commits(),
+            queue.len() + usize::from(collecting.is_some())
+        );
         prop_assert_eq!(committed.load_meta().unwrap(), s.load_meta().unwrap());
         prop_assert_eq!(
             committed.committed_offsets().unwrap(),
             s.committed_offsets().unwrap()
         );
     }
+    take(&mut s, &mut collecting, &mut queue);
     while let Some((_, changes)) = queue.pop_front() {
         s.write_staged(&changes, None).unwrap();
     }
@@ -516,7 +546,7 @@ fn run_model(ops: Vec<Op>, staged: bool) -> Result<(), TestCaseError> {
     model.commit(&meta(77), &[]).unwrap();
     s.commit(&meta(77), &[]).unwrap();
     if staged {
-        let changes = s.take_changes();
+        let changes = s.take_changes().unwrap();
         s.write_staged(&changes, None).unwrap();
     }
     drop(s);

@@ -178,6 +178,38 @@ struct Cached<T> {
     gen: u64,
     /// Generation of the last commit whose batch holds this value (0: none yet).
     staged: u64,
+    /// Key states only: changed before the boundary of the staged commit being collected, and
+    /// not collected into it yet (see [`Collecting`]).
+    owed: bool,
+}
+
+impl<T> Cached<T> {
+    fn new(value: T, gen: u64) -> Self {
+        Self {
+            value,
+            dirty: false,
+            gen,
+            staged: 0,
+            owed: false,
+        }
+    }
+}
+
+/// A staged commit whose key states are still being encoded (changelog mode). A commit only
+/// marks the keys it owes (those changed in its interval); their records are encoded later,
+/// a few at a time between records ([`RocksStore::collect`]), or at once when one is about
+/// to change again (so what is encoded is the state as of the commit), or when the changes
+/// are taken. The commit's other records, which are cheap, are encoded at once and come last.
+#[derive(Debug)]
+struct Collecting {
+    gen: u64,
+    /// The keys owed, collected from the back; some may have been collected already.
+    owed: Vec<String>,
+    /// The records of the keys collected so far.
+    changes: Vec<Change>,
+    /// The commit's other records: user stats, payloads, timers, offsets, then the meta (the
+    /// commit marker).
+    rest: Vec<Change>,
 }
 
 /// A cached key state, with the layout of its open events as last written (or staged): what
@@ -271,8 +303,15 @@ pub struct RocksStore {
     capture: bool,
     /// Generations of the staged commits not written yet, oldest first.
     staged: VecDeque<u64>,
-    /// The changes of the newest staged commit, until taken.
+    /// The newest staged commit, while its key states are being collected.
+    collecting: Option<Collecting>,
+    /// The changes of the newest staged commit, once collected, until taken.
     changes: Option<Vec<Change>>,
+    /// The keys changed since the last commit (each once), in the order they first changed.
+    dirty_keys: Vec<String>,
+    /// Scratch space: the new layout of a key being written, in the allocation of the one
+    /// it replaces.
+    layout: Vec<(u64, u32)>,
     /// Restored records written without the write-ahead log and not flushed yet.
     unflushed: bool,
     /// This store's place in the memory budget, if there is one.
@@ -358,7 +397,10 @@ impl RocksStore {
             gen: 1,
             capture: false,
             staged: VecDeque::new(),
+            collecting: None,
             changes: None,
+            dirty_keys: Vec::new(),
+            layout: Vec::new(),
             unflushed: false,
             _budget: budget,
         })
@@ -387,8 +429,56 @@ impl RocksStore {
     }
 
     /// The changes of the newest staged commit, in write order; the commit marker comes last.
-    pub fn take_changes(&mut self) -> Vec<Change> {
-        self.changes.take().unwrap_or_default()
+    /// Collects whatever of it is still owed first (see [`Self::collect`]).
+    pub fn take_changes(&mut self) -> Result<Vec<Change>, StoreError> {
+        self.collect(usize::MAX)?;
+        Ok(self.changes.take().unwrap_or_default())
+    }
+
+    /// Encodes up to `max` of the key states the newest staged commit still owes (see
+    /// [`Collecting`]); true once none is left (then [`Self::take_changes`] costs nothing more).
+    /// A commit's work spread this way between records keeps the consumer from stopping for
+    /// all of it at once.
+    pub fn collect(&mut self, max: usize) -> Result<bool, StoreError> {
+        let Some(mut col) = self.collecting.take() else {
+            return Ok(true);
+        };
+        let keys_cf = cf(&self.db, CF_KEYS)?;
+        let chunks_cf = cf(&self.db, CF_CHUNKS)?;
+        let mut w = Writes::Changes(&mut col.changes);
+        let mut left = max;
+        while left > 0 {
+            let Some(key) = col.owed.pop() else {
+                break;
+            };
+            // Collected already if it changed again since the commit; gone only if never
+            // owed (a commit owes exactly the keys changed in its interval, and keeps them).
+            if let Some(c) = self.keys.get_mut(&key).filter(|c| c.owed) {
+                write_key(
+                    &key,
+                    c,
+                    col.gen,
+                    &mut self.layout,
+                    &mut w,
+                    keys_cf,
+                    chunks_cf,
+                )?;
+                left -= 1;
+            }
+        }
+        if col.owed.is_empty() {
+            col.changes.append(&mut col.rest);
+            self.changes = Some(col.changes);
+            Ok(true)
+        } else {
+            self.collecting = Some(col);
+            Ok(false)
+        }
+    }
+
+    /// Whether the newest staged commit still owes key states (see [`Self::collect`]).
+    pub fn collecting(&self) -> bool {
+        self.collecting.is_some()
     }
 
     /// Number of staged commits not written yet.
@@ -460,6 +550,9 @@ impl RocksStore {
         self.keys.clear();
         self.stats.clear();
         self.payloads.clear();
+        self.dirty_keys.clear();
+        self.collecting = None;
+        self.changes = None;
         Ok(())
     }
 
@@ -530,14 +623,36 @@ impl RocksStore {
             .sum()
     }
 
-    /// The cache entry of `key`, which the caller has just made sure exists, marked used.
-    fn cached_key(&mut self, key: &str) -> Result<&mut Cached<KeyEntry>, StoreError> {
+    /// The cache entry of `key`, which the caller has just made sure exists, marked used (and
+    /// changed, with `dirty`). If the staged commit being collected owes it, it is collected
+    /// first: it may be about to change.
+    fn cached_key(&mut self, key: &str, dirty: bool) -> Result<&mut Cached<KeyEntry>, StoreError> {
         let gen = self.gen;
         let c = self
             .keys
             .get_mut(key)
             .ok_or_else(|| StoreError::Backend(format!("key {key:?} vanished from the cache")))?;
+        if c.owed {
+            let col = self.collecting.as_mut().ok_or_else(|| {
+                StoreError::Backend(format!("key {key:?} is owed to no staged commit"))
+            })?;
+            let (keys_cf, chunks_cf) = (cf(&self.db, CF_KEYS)?, cf(&self.db, CF_CHUNKS)?);
+            let mut w = Writes::Changes(&mut col.changes);
+            write_key(
+                key,
+                c,
+                col.gen,
+                &mut self.layout,
+                &mut w,
+                keys_cf,
+                chunks_cf,
+            )?;
+        }
         c.gen = gen;
+        if dirty && !c.dirty {
+            c.dirty = true;
+            self.dirty_keys.push(key.to_owned());
+        }
         Ok(c)
     }
 
@@ -635,59 +750,22 @@ impl RocksStore {
         Ok(KeyEntry { state, written })
     }
 
-    /// Caches `value` as the entry of `key` (not cached yet), used in this generation.
-    fn cache_key(&mut self, key: &str, value: KeyEntry, dirty: bool) {
-        let c = Cached {
-            value,
-            dirty,
-            gen: self.gen,
-            staged: 0,
-        };
-        self.keys.insert(key.to_owned(), c);
+    /// Caches `value` as the entry of `key` (not cached yet), clean.
+    fn cache_key(&mut self, key: &str, value: KeyEntry) {
+        self.keys
+            .insert(key.to_owned(), Cached::new(value, self.gen));
     }
 
-    /// Collects everything uncommitted plus `offsets` and `meta` (last: the changelog's commit
-    /// marker): as a write batch, or in changelog mode as the changes. What is collected is
-    /// marked clean and staged in generation `self.gen`.
-    fn collect_writes(
+    /// Collects the commit's records other than the key states': the user stats, payloads
+    /// and timer entries changed, `offsets` and `meta` (last: the changelog's commit marker).
+    /// What is collected is marked clean and staged in generation `gen`.
+    fn write_rest(
         &mut self,
+        w: &mut Writes<'_>,
+        gen: u64,
         meta: &PartitionMeta,
         offsets: &[SourceOffset],
-    ) -> Result<Writes, StoreError> {
-        let mut w = if self.capture {
-            Writes::Changes(Vec::new())
-        } else {
-            Writes::Batch(WriteBatch::default())
-        };
-        let gen = self.gen;
-        let keys_cf = cf(&self.db, CF_KEYS)?;
-        let chunks_cf = cf(&self.db, CF_CHUNKS)?;
-        // The new layout of each key, in the allocation of the one it replaces.
-        let mut layout = Vec::new();
-        for (key, c) in self.keys.iter_mut().filter(|(_, c)| c.dirty) {
-            let entry = &mut c.value;
-            chunks::check(&entry.state)?;
-            chunks::layout_into(&entry.state, &mut layout);
-            chunks::plan(&entry.state, &entry.written, &layout, |num, i, events| {
-                let k = chunk_key(key, num, i)?;
-                match events {
-                    Some(events) => {
-                        let mut v = Vec::new();
-                        chunks::encode(events, &mut v);
-                        w.put(chunks_cf, CF_CHUNKS, &k, v);
-                    }
-                    None => w.delete(chunks_cf, CF_CHUNKS, &k),
-                }
-                Ok(())
-            })?;
-            let mut record = encode_value(CF_KEYS, &entry.state)?;
-            chunks::encode_tails(&entry.state, &mut record);
-            w.put(keys_cf, CF_KEYS, key.as_bytes(), record);
-            std::mem::swap(&mut entry.written, &mut layout);
-            entry.state.unchanged = Unchanged::new(entry.state.events.len());
-            c.dirty = false;
-            c.staged = gen;
-        }
+    ) -> Result<(), StoreError> {
         let stats_cf = cf(&self.db, CF_STATS)?;
         for (user, c) in self.stats.iter_mut().filter(|(_, c)| c.dirty) {
             w.put(
@@ -737,17 +815,56 @@ impl RocksStore {
             encode_value(CF_META, &STATE_FORMAT)?,
         );
         w.put(meta_cf, CF_META, META_KEY, encode_value(CF_META, meta)?);
-        Ok(w)
+        Ok(())
     }
 }
 
-/// The writes of a commit being collected: a write batch, or (changelog mode) the changes.
-enum Writes {
-    Batch(WriteBatch),
-    Changes(Vec<Change>),
+/// Writes the record of the key state `c` of `key` and the chunks of its events that changed
+/// since the layout last written (puts and deletes, see [`chunks::plan`]), and marks it clean
+/// and staged in generation `gen`. `layout` is scratch space.
+fn write_key(
+    key: &str,
+    c: &mut Cached<KeyEntry>,
+    gen: u64,
+    layout: &mut Vec<(u64, u32)>,
+    w: &mut Writes<'_>,
+    keys_cf: &ColumnFamily,
+    chunks_cf: &ColumnFamily,
+) -> Result<(), StoreError> {
+    let entry = &mut c.value;
+    chunks::check(&entry.state)?;
+    chunks::layout_into(&entry.state, layout);
+    chunks::plan(&entry.state, &entry.written, layout, |num, i, events| {
+        let k = chunk_key(key, num, i)?;
+        match events {
+            Some(events) => {
+                let mut v = Vec::new();
+                chunks::encode(events, &mut v);
+                w.put(chunks_cf, CF_CHUNKS, &k, v);
+            }
+            None => w.delete(chunks_cf, CF_CHUNKS, &k),
+        }
+        Ok(())
+    })?;
+    let mut record = encode_value(CF_KEYS, &entry.state)?;
+    chunks::encode_tails(&entry.state, &mut record);
+    w.put(keys_cf, CF_KEYS, key.as_bytes(), record);
+    // The new layout is the written one; the old one's allocation is the next scratch.
+    std::mem::swap(&mut entry.written, layout);
+    entry.state.unchanged = Unchanged::new(entry.state.events.len());
+    c.dirty = false;
+    c.owed = false;
+    c.staged = gen;
+    Ok(())
 }
 
-impl Writes {
+/// Where a commit's records go: a write batch, or (changelog mode) the changes.
+enum Writes<'a> {
+    Batch(&'a mut WriteBatch),
+    Changes(&'a mut Vec<Change>),
+}
+
+impl Writes<'_> {
     fn put(&mut self, handle: &ColumnFamily, cf: &str, key: &[u8], value: Vec<u8>) {
         match self {
             Writes::Batch(b) => b.put_cf(handle, key, &value),
@@ -858,9 +975,9 @@ impl StateStore for RocksStore {
             let Some(entry) = self.load_key(key)? else {
                 return Ok(None);
             };
-            self.cache_key(key, entry, false);
+            self.cache_key(key, entry);
         }
-        let c = self.cached_key(key)?;
+        let c = self.cached_key(key, false)?;
         Ok(Some(std::mem::take(&mut c.value.state)))
     }
 
@@ -878,11 +995,10 @@ impl StateStore for RocksStore {
                 state: KeyState::default(),
                 written,
             };
-            self.cache_key(key, entry, true);
+            self.cache_key(key, entry);
         }
-        let c = self.cached_key(key)?;
+        let c = self.cached_key(key, true)?;
         c.value.state = state;
-        c.dirty = true;
         Ok(())
     }
 
@@ -895,10 +1011,9 @@ impl StateStore for RocksStore {
                 },
                 written: Vec::new(),
             });
-            self.cache_key(key, value, true);
+            self.cache_key(key, value);
         }
-        let c = self.cached_key(key)?;
-        c.dirty = true;
+        let c = self.cached_key(key, true)?;
         Ok(&mut c.value.state)
     }
 
@@ -909,13 +1024,8 @@ impl StateStore for RocksStore {
         }
         let found: Option<UserStats> = self.db_get(CF_STATS, user.as_bytes())?;
         if let Some(stats) = &found {
-            let c = Cached {
-                value: stats.clone(),
-                dirty: false,
-                gen: self.gen,
-                staged: 0,
-            };
-            self.stats.insert(user.to_owned(), c);
+            self.stats
+                .insert(user.to_owned(), Cached::new(stats.clone(), self.gen));
         }
         Ok(found)
     }
@@ -929,12 +1039,8 @@ impl StateStore for RocksStore {
                 c.gen = gen;
             }
             None => {
-                let c = Cached {
-                    value: stats.clone(),
-                    dirty: true,
-                    gen,
-                    staged: 0,
-                };
+                let mut c = Cached::new(stats.clone(), gen);
+                c.dirty = true;
                 self.stats.insert(user.to_owned(), c);
             }
         }
@@ -1031,26 +1137,49 @@ impl StateStore for RocksStore {
         Ok(out)
     }
 
-    /// In changelog mode this only stages the commit (see [`RocksStore::enable_changelog`]).
+    /// In changelog mode this only stages the commit (see [`RocksStore::enable_changelog`]),
+    /// and leaves its key states to be collected (see [`RocksStore::collect`]).
     fn commit(&mut self, meta: &PartitionMeta, offsets: &[SourceOffset]) -> Result<(), StoreError> {
-        if self.changes.is_some() {
+        if self.changes.is_some() || self.collecting.is_some() {
             return Err(StoreError::Backend(
                 "the changes of the previous staged commit were never taken".into(),
             ));
         }
-        let writes = self.collect_writes(meta, offsets)?;
         let gen = self.gen;
         self.gen += 1;
-        match writes {
-            Writes::Changes(changes) => {
-                self.staged.push_back(gen);
-                self.changes = Some(changes);
+        let dirty = std::mem::take(&mut self.dirty_keys);
+        let vanished =
+            |key: &str| StoreError::Backend(format!("changed key {key:?} is not cached"));
+        if self.capture {
+            for key in &dirty {
+                let c = self.keys.get_mut(key).ok_or_else(|| vanished(key))?;
+                c.dirty = false;
+                c.owed = true;
+                c.staged = gen;
             }
-            Writes::Batch(batch) => {
-                self.db.write(batch).map_err(backend)?;
-                self.settle_written(gen);
+            let mut rest = Vec::new();
+            self.write_rest(&mut Writes::Changes(&mut rest), gen, meta, offsets)?;
+            self.staged.push_back(gen);
+            self.collecting = Some(Collecting {
+                gen,
+                changes: Vec::with_capacity(dirty.len() + dirty.len() / 2),
+                owed: dirty,
+                rest,
+            });
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        {
+            let (keys_cf, chunks_cf) = (cf(&self.db, CF_KEYS)?, cf(&self.db, CF_CHUNKS)?);
+            let mut w = Writes::Batch(&mut batch);
+            for key in &dirty {
+                let c = self.keys.get_mut(key).ok_or_else(|| vanished(key))?;
+                write_key(key, c, gen, &mut self.layout, &mut w, keys_cf, chunks_cf)?;
             }
         }
+        self.write_rest(&mut Writes::Batch(&mut batch), gen, meta, offsets)?;
+        self.db.write(batch).map_err(backend)?;
+        self.settle_written(gen);
         Ok(())
     }
 }
@@ -1206,7 +1335,7 @@ mod tests {
 
     /// Changelog records of the last staged commit in `keys` and in `event_chunks`.
     fn staged_by_cf(s: &mut RocksStore) -> (usize, usize) {
-        let changes = s.take_changes();
+        let changes = s.take_changes().expect("changes");
         let in_cf = |name| {
             let in_it = |c: &&Change| c.key.first().and_then(|&code| cf_of(code)) == Some(name);
             changes.iter().filter(in_it).count()
@@ -1268,6 +1397,8 @@ mod tests {
         Commit,
         /// Commit, then close and reopen the database.
         CommitAndReopen,
+        /// Changelog mode: encode up to this many of the key states the staged commit owes.
+        Collect(u8),
     }
 
     fn op() -> impl proptest::strategy::Strategy<Value = Op> {
@@ -1280,31 +1411,158 @@ mod tests {
             1 => (key, 0i64..1_000).prop_map(|(key, behind)| Op::Expire { key, behind }),
             3 => Just(Op::Commit),
             1 => Just(Op::CommitAndReopen),
+            3 => (0u8..2).prop_map(Op::Collect),
         ]
     }
 
-    /// After every commit the database holds exactly the key states the store has (their
-    /// events read back from their chunks), and no chunk beyond theirs.
-    fn check_committed(s: &mut RocksStore) -> Result<(), proptest::test_runner::TestCaseError> {
+    /// The key states `k0` and `k1` as they are now, without touching them (a touch collects
+    /// a key owed to a staged commit).
+    fn peek_states(s: &RocksStore) -> Vec<Option<KeyState>> {
+        ["k0", "k1"]
+            .iter()
+            .map(|k| match s.keys.get(*k) {
+                Some(c) => Some(c.value.state.clone()),
+                None => s.load_key(k).expect("load").map(|e| e.state),
+            })
+            .collect()
+    }
+
+    /// The key states `k0` and `k1` as the store has them now (taken and put back).
+    fn current_states(s: &mut RocksStore) -> Vec<Option<KeyState>> {
+        ["k0", "k1"]
+            .iter()
+            .map(|k| {
+                let st = s.take_key(k).expect("take");
+                if let Some(st) = &st {
+                    s.put_key(k, st.clone()).expect("put");
+                }
+                st
+            })
+            .collect()
+    }
+
+    /// The database holds exactly the key states `want` of `k0` and `k1` (their events read
+    /// back from their chunks), and no chunk beyond theirs.
+    fn check_database(
+        s: &mut RocksStore,
+        want: &[Option<KeyState>],
+    ) -> Result<(), proptest::test_runner::TestCaseError> {
         use proptest::prelude::*;
         let mut chunks_expected = 0;
-        for k in ["k0", "k1"] {
-            let cached = s.take_key(k).expect("take");
+        for (k, want) in ["k0", "k1"].iter().zip(want) {
             let stored = s.load_key(k).expect("load").map(|e| e.state);
-            prop_assert_eq!(&cached, &stored, "key {}", k);
-            if let Some(st) = cached {
+            prop_assert_eq!(want, &stored, "key {}", k);
+            if let Some(st) = want {
                 chunks_expected += st
                     .sessions
                     .iter()
                     .map(|x| chunks::sealed(x.count))
                     .sum::<u32>();
-                s.put_key(k, st).expect("put");
             }
         }
         let handle = cf(&s.db, CF_CHUNKS).expect("cf");
         let chunks_stored = s.db.iterator_cf(handle, IteratorMode::Start).count();
         prop_assert_eq!(chunks_stored, chunks_expected as usize);
         Ok(())
+    }
+
+    /// After every commit the database holds exactly the key states the store has.
+    fn check_committed(s: &mut RocksStore) -> Result<(), proptest::test_runner::TestCaseError> {
+        let want = current_states(s);
+        check_database(s, &want)
+    }
+
+    /// Applies `ops` to a store (in changelog mode with `staged`), checking the database after
+    /// every commit is written.
+    fn chunk_ops(ops: Vec<Op>, staged: bool) -> Result<(), proptest::test_runner::TestCaseError> {
+        use crate::engine::{EngineConfig, EvKey};
+        // Sessions of up to about 100 events: several chunks.
+        let cfg = EngineConfig {
+            max_length: Some(3_000),
+            ..EngineConfig::default()
+        };
+        let b = cfg.boundaries();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = || {
+            let mut s = RocksStore::open(
+                dir.path(),
+                RocksOptions {
+                    cache_keys: 1,
+                    ..RocksOptions::default()
+                },
+            )
+            .expect("open");
+            if staged {
+                s.enable_changelog();
+            }
+            s
+        };
+        // The staged commit not written yet: the states as of it.
+        let mut pending: Option<Vec<Option<KeyState>>> = None;
+        let write = |s: &mut RocksStore, pending: &mut Option<Vec<Option<KeyState>>>| {
+            if let Some(want) = pending.take() {
+                let changes = s.take_changes().expect("changes");
+                s.write_staged(&changes, None).expect("write");
+                check_database(s, &want)?;
+            }
+            Ok::<_, proptest::test_runner::TestCaseError>(())
+        };
+        let mut s = open();
+        let mut clock = 1_000i64;
+        let mut changes = Vec::new();
+        for op in ops {
+            match op {
+                Op::Insert {
+                    key,
+                    gap,
+                    back,
+                    rank,
+                } => {
+                    clock += gap;
+                    let st = s.key_mut(&format!("k{key}"), "u").expect("key");
+                    let k = EvKey {
+                        t: clock - back,
+                        rank,
+                        timeout: 100,
+                        tie: st.arrivals + 1,
+                    };
+                    if matches!(
+                        st.insert(k, 0, &b, &mut changes),
+                        crate::engine::key::Insert::Joined { .. }
+                    ) {
+                        st.arrivals += 1;
+                    }
+                }
+                Op::Expire { key, behind } => {
+                    let k = format!("k{key}");
+                    if let Some(mut st) = s.take_key(&k).expect("take") {
+                        st.expire(clock - behind, 0, 0, &b, false);
+                        s.put_key(&k, st).expect("put");
+                    }
+                }
+                Op::Collect(n) => {
+                    s.collect(n.into()).expect("collect");
+                }
+                Op::Commit | Op::CommitAndReopen => {
+                    write(&mut s, &mut pending)?;
+                    let want = peek_states(&s);
+                    s.commit(&PartitionMeta::default(), &[offset(1)])
+                        .expect("commit");
+                    if staged {
+                        pending = Some(want);
+                    } else {
+                        check_committed(&mut s)?;
+                    }
+                    if matches!(op, Op::CommitAndReopen) {
+                        write(&mut s, &mut pending)?;
+                        drop(s);
+                        s = open();
+                        check_committed(&mut s)?;
+                    }
+                }
+            }
+        }
+        write(&mut s, &mut pending)
     }
 
     proptest::proptest! {
@@ -1319,46 +1577,17 @@ mod tests {
         fn committed_chunks_hold_exactly_the_states_events(
             ops in proptest::collection::vec(op(), 0..400),
         ) {
-            use crate::engine::{EngineConfig, EvKey};
-            // Sessions of up to about 100 events: several chunks.
-            let cfg = EngineConfig { max_length: Some(3_000), ..EngineConfig::default() };
-            let b = cfg.boundaries();
-            let dir = tempfile::tempdir().expect("tempdir");
-            let open = || RocksStore::open(
-                dir.path(),
-                RocksOptions { cache_keys: 1, ..RocksOptions::default() },
-            ).expect("open");
-            let mut s = open();
-            let mut clock = 1_000i64;
-            let mut changes = Vec::new();
-            for op in ops {
-                match op {
-                    Op::Insert { key, gap, back, rank } => {
-                        clock += gap;
-                        let st = s.key_mut(&format!("k{key}"), "u").expect("key");
-                        let k = EvKey { t: clock - back, rank, timeout: 100, tie: st.arrivals + 1 };
-                        if matches!(st.insert(k, 0, &b, &mut changes), crate::engine::key::Insert::Joined { .. }) {
-                            st.arrivals += 1;
-                        }
-                    }
-                    Op::Expire { key, behind } => {
-                        let k = format!("k{key}");
-                        if let Some(mut st) = s.take_key(&k).expect("take") {
-                            st.expire(clock - behind, 0, 0, &b, false);
-                            s.put_key(&k, st).expect("put");
-                        }
-                    }
-                    Op::Commit | Op::CommitAndReopen => {
-                        s.commit(&PartitionMeta::default(), &[offset(1)]).expect("commit");
-                        check_committed(&mut s)?;
-                        if matches!(op, Op::CommitAndReopen) {
-                            drop(s);
-                            s = open();
-                            check_committed(&mut s)?;
-                        }
-                    }
-                }
-            }
+            chunk_ops(ops, false)?;
+        }
+
+        /// The same in changelog mode: each commit staged, its key states encoded a few at a
+        /// time or when touched again while the operations go on, then written. The
+        /// database then holds exactly the states as of that commit.
+        #[test]
+        fn staged_commits_hold_exactly_the_states_events_as_of_the_commit(
+            ops in proptest::collection::vec(op(), 0..400),
+        ) {
+            chunk_ops(ops, true)?;
         }
     }
 }
