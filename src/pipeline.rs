@@ -169,6 +169,11 @@ enum Staged {
 /// the consumer for 12-47 ms, and the records behind it waited that long.
 pub const KEYS_PER_RECORD: usize = 2;
 
+/// At-least-once, at a steady rate, a commit's changelog records are spread over this share
+/// of the commit interval (see [`Job::pace`]); exactly-once they would hold the interval's
+/// outputs back, and while catching up or closing they go at once.
+pub const PACE_SHARE: u32 = 4;
+
 /// How many times a restored task whose state is behind the group's committed offsets reads
 /// the changelog tail again (see [`Core::check_against_group`]).
 const TAIL_ATTEMPTS: u32 = 10;
@@ -841,6 +846,11 @@ impl Core {
     /// generation of now; at-least-once, only those whose outputs are all acknowledged; only
     /// those whose changes are taken (see [`Staged`]).
     fn hand_over(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), PipelineError> {
+        let pace = if self.exactly_once() || self.catching_up() || self.closing() {
+            Duration::ZERO
+        } else {
+            self.rt.commit_interval / PACE_SHARE
+        };
         for c in self
             .pending
             .iter_mut()
@@ -883,6 +893,7 @@ impl Core {
                 offsets: c.offsets.clone(),
                 outputs: std::mem::take(&mut c.outputs),
                 group,
+                pace,
             })?;
         }
         Ok(())

@@ -47,7 +47,15 @@ pub struct Job {
     pub outputs: Batch,
     /// The consumer group generation when the commit was handed over.
     pub group: ConsumerGroupMetadata,
+    /// How long to spread its changelog records over (zero: all at once), [`PACE_SLICE`] at a
+    /// time: a commit's records in one burst, and the brokers' work on them, compete for the
+    /// CPU with the records flowing meanwhile.
+    pub pace: Duration,
 }
+
+/// Changelog records sent at once when a job's records are spread over time (see
+/// [`Job::pace`]).
+pub const PACE_SLICE: usize = 500;
 
 /// What became of a job.
 #[derive(Debug)]
@@ -353,16 +361,29 @@ fn commit(
         offsets,
         outputs: batch,
         group,
+        pace,
     } = job;
     let started = Instant::now();
     let abortable = |e: KafkaError| TxnError::Abortable(e.to_string());
     outputs.keep_brokers();
     outputs.begin()?;
     batch.produce(outputs, &topics.outputs).map_err(abortable)?;
+    let total: usize = tasks.iter().map(|t| t.changes.len()).sum();
+    let mut sent = 0;
     for t in &tasks {
-        outputs
-            .send_changes(&topics.changelog, t.partition, &t.changes)
-            .map_err(abortable)?;
+        for slice in t.changes.chunks(PACE_SLICE) {
+            if !pace.is_zero() && sent > 0 {
+                // Rate limiting: the slice is due its share of the time.
+                let due = started + pace.mul_f64(sent as f64 / total as f64);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            outputs
+                .send_changes(&topics.changelog, t.partition, slice)
+                .map_err(abortable)?;
+            sent += slice.len();
+        }
     }
     let checkpoints = outputs.commit_epoch(&offsets, group, tasks.iter().map(|t| t.partition))?;
     let took = started.elapsed();
