@@ -3,7 +3,9 @@
 //! produced to Kafka.
 //!
 //! Every `commit_interval` the pipeline moves time on in every task and stages a commit: each
-//! task's state changes (the changelog records) and input offsets. Between commits it also
+//! task's state changes (the changelog records) and input offsets. Staging only marks the key
+//! states the commit owes; the stores encode them [`KEYS_PER_RECORD`] after each record
+//! consumed (see [`Staged`]), so consumption does not stop for them. Between commits it also
 //! moves time on every [`TIME_STEP`], so that sessions are concluded in small steps. While a
 //! partition reads a backlog (it has not reached its end since the last commit) commits come
 //! every `catch_up_commit_interval` instead (1 s by default), or sooner once the interval's
@@ -17,10 +19,11 @@
 //!   transaction, with its changelog records and input offsets, so read_committed readers see
 //!   all of them or none;
 //! * **at-least-once**: outputs go out at once on an idempotent producer; a staged commit is
-//!   handed over only once every output sent up to it is acknowledged, so the changelog never
-//!   holds a commit whose outputs could still be lost. After a crash the tasks resume from
-//!   their last written commit and produce the outputs since then again, identically, because
-//!   the engine is deterministic.
+//!   handed over only once every output sent up to it is acknowledged (at a steady rate its
+//!   changelog records then go out spread over a quarter of the interval, [`PACE_SHARE`]), so
+//!   the changelog never holds a commit whose outputs could still be lost. After a crash the
+//!   tasks resume from their last written commit and produce the outputs since then again,
+//!   identically, because the engine is deterministic.
 //!
 //! Either way the transaction makes a commit atomic and fences a zombie: a producer's offsets
 //! commit only with the consumer group generation that owns the partitions (KIP-447). A failed

@@ -28,11 +28,13 @@
 //! **Staged commits** (changelog mode, see [`RocksStore::enable_changelog`]). A commit may be
 //! staged (its changes recorded, not written) while the engine goes on: the pipeline writes it
 //! only once its changelog records have committed to Kafka, and may stage the next ones
-//! meanwhile. The write may happen on another thread, through a [`StateWriter`]; the store
-//! learns of it from [`RocksStore::staged_written`]. Staged commits are written in order. An
-//! entry whose newest value is only in a staged commit stays in memory until the store learns
-//! that commit is written, so reads never fall through to a database that does not have it
-//! yet.
+//! meanwhile. Staging a commit encodes its key states later (see [`Collecting`]): a few at a
+//! time through [`RocksStore::collect`], any key about to change first, and the rest when the
+//! changes are taken; one commit is collected at a time. The write may happen on another
+//! thread, through a [`StateWriter`]; the store learns of it from
+//! [`RocksStore::staged_written`]. Staged commits are written in order. An entry whose newest
+//! value is only in a staged commit stays in memory until the store learns that commit is
+//! written, so reads never fall through to a database that does not have it yet.
 //!
 //! In changelog mode every write goes without the write-ahead log: the changelog is the
 //! durable copy. After a crash the database is what its last (atomic) flush holds, a commit
