@@ -7,12 +7,12 @@ latency tail comes with the commits.
 
     python3 scripts/latency-timeline.py PATTERN
 
-PATTERN picks the process, as `pgrep -f` does (e.g. `group bench-lat-group`, the e2e
-benchmark's measured latency phase): the script waits for it, reads its `--metrics-addr`
-from its command line, and prints a line per slice in which records were taken or handed on,
+PATTERN picks the process, as `pgrep -f` does, among those with a `--metrics-addr` (e.g.
+`group bench-lat-group`, the e2e benchmark's measured latency phase; another script watching
+the same pattern has none): the script waits for it, reads its `--metrics-addr` from its
+command line, and prints a line per slice in which records were taken or handed on,
 until the process is gone. Reads /proc (Linux).
 """
-import os
 import subprocess
 import sys
 import time
@@ -21,12 +21,22 @@ import urllib.request
 SLICE = 0.1
 
 
+def cmdline(pid):
+    try:
+        return open(f"/proc/{pid}/cmdline").read().split("\0")
+    except OSError:
+        return []
+
+
 def find(pattern):
+    """The command line of the first process matching `pattern` that has a `--metrics-addr`
+    (not another script watching the same pattern)."""
     while True:
         out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
-        pids = [int(p) for p in out.split() if int(p) != os.getpid()]
-        if pids:
-            return pids[0]
+        for pid in out.split():
+            cmd = cmdline(pid)
+            if "--metrics-addr" in cmd:
+                return cmd
         time.sleep(0.05)
 
 
@@ -46,7 +56,7 @@ def scrape(addr):
 def main():
     if len(sys.argv) != 2:
         sys.exit(__doc__)
-    cmd = open(f"/proc/{find(sys.argv[1])}/cmdline").read().split("\0")
+    cmd = find(sys.argv[1])
     addr = cmd[cmd.index("--metrics-addr") + 1]
     lat = "sessionizer_processing_latency_seconds"
     d = lambda m, p, k: m.get(k, 0) - p.get(k, 0)

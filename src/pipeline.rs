@@ -168,8 +168,9 @@ enum Staged {
 /// How many key states the stores encode for the commit being collected after each record
 /// consumed (all of them once no record is waiting). The consumer thread has time to spare
 /// at a steady rate: at 215,000 events/s it is busy about a third of the time, and a key
-/// state takes about 0.8 µs to encode. All at once, a commit of 10,000 to 50,000 keys stopped
-/// the consumer for 12-47 ms, and the records behind it waited that long.
+/// state takes about 0.8 µs to encode. All at once, a commit stopped the consumer for 12-47 ms
+/// in the end-to-end benchmark's latency phase (10,000 users), and the records behind it
+/// waited that long.
 pub const KEYS_PER_RECORD: usize = 2;
 
 /// At-least-once, at a steady rate, a commit's changelog records are spread over this share
@@ -294,6 +295,13 @@ fn header(h: OwnedHeaders, key: &str, value: &str) -> OwnedHeaders {
     })
 }
 
+/// [`Core::catching_up`] of `tasks`.
+fn reading_backlog(tasks: &BTreeMap<i32, Task>) -> bool {
+    tasks
+        .values()
+        .any(|t| !t.caught_up && !t.ended_since_commit)
+}
+
 impl Core {
     fn state_dir(&self, partition: i32) -> PathBuf {
         self.rt
@@ -312,9 +320,7 @@ impl Core {
     /// Whether some partition is reading a backlog: it has had records since it last reached
     /// its end, and has not reached it since the last commit.
     fn catching_up(&self) -> bool {
-        self.tasks
-            .values()
-            .any(|t| !t.caught_up && !t.ended_since_commit)
+        reading_backlog(&self.tasks)
     }
 
     fn exactly_once(&self) -> bool {
@@ -726,26 +732,24 @@ impl Core {
         if !matches!(c.changes, Staged::Collecting) {
             return Ok(());
         }
-        let mut done = true;
+        // The first task still collecting gets the allowance; those after it wait.
         for p in &c.partitions {
             let Some(t) = self.tasks.get_mut(p) else {
                 continue;
             };
-            let store = t.engine.store_mut();
-            if store.collecting() {
-                // The first task still collecting gets the allowance; those after it wait.
-                let complete = done
-                    && store.collect(keys).map_err(|source| PipelineError::Store {
+            let done =
+                t.engine
+                    .store_mut()
+                    .collect(keys)
+                    .map_err(|source| PipelineError::Store {
                         partition: *p,
                         source,
                     })?;
-                done &= complete;
+            if !done {
+                return Ok(());
             }
         }
-        if done {
-            self.take_staged()?;
-        }
-        Ok(())
+        self.take_staged()
     }
 
     /// Takes the changes of the commit being collected, if any, from its tasks' stores
@@ -849,18 +853,11 @@ impl Core {
     /// generation of now; at-least-once, only those whose outputs are all acknowledged; only
     /// those whose changes are taken (see [`Staged`]).
     fn hand_over(&mut self, consumer: &BaseConsumer<Ctx>) -> Result<(), PipelineError> {
-        let pace = if self.exactly_once() || self.catching_up() || self.closing() {
-            Duration::ZERO
-        } else {
-            self.rt.commit_interval / PACE_SHARE
-        };
-        for c in self
-            .pending
-            .iter_mut()
-            .filter(|c| !matches!(c.changes, Staged::HandedOver))
-        {
-            if matches!(c.changes, Staged::Collecting) {
-                break;
+        for c in self.pending.iter_mut() {
+            match c.changes {
+                Staged::HandedOver => continue,
+                Staged::Collecting => break,
+                Staged::Taken(_) => {}
             }
             if let Some(o) = self.sink.outputs() {
                 if !o.acknowledged(c.epoch) {
@@ -891,6 +888,16 @@ impl Core {
                     writer: t.engine.store().writer(),
                 });
             }
+            // Exactly-once, catching up or closing, at once (field by field: `c` borrows the
+            // pending commits).
+            let pace = if self.rt.guarantee == Guarantee::ExactlyOnce
+                || reading_backlog(&self.tasks)
+                || self.deadline.is_some()
+            {
+                Duration::ZERO
+            } else {
+                self.rt.commit_interval / PACE_SHARE
+            };
             self.state.submit(Job {
                 tasks,
                 offsets: c.offsets.clone(),

@@ -282,9 +282,21 @@ fn restart_equivalent(
     };
     let mut run = RunOut::default();
     let mut now = None;
-    // Changelog mode: takes the staged commit's changes and writes them.
+    // Feeds `range`; in changelog mode the staged commit is collected after each event.
+    let feed_collecting = |e: &mut Engine<RocksStore>,
+                           range: std::ops::Range<usize>,
+                           now: &mut Option<_>,
+                           run: &mut RunOut| {
+        for i in range {
+            feed(e, &c.input, i..i + 1, now, run);
+            if let Some(per) = staged {
+                e.store_mut().collect(per).unwrap();
+            }
+        }
+    };
+    // Changelog mode: writes the staged commit, if any, its changes taken first.
     let write = |e: &mut Engine<RocksStore>| {
-        if staged.is_some() {
+        if e.store().staged_commits() > 0 {
             let changes = e.store_mut().take_changes().unwrap();
             e.store_mut().write_staged(&changes, None).unwrap();
         }
@@ -296,41 +308,22 @@ fn restart_equivalent(
         }
         let mut e = Engine::open(c.cfg.clone(), store).unwrap();
         let mut from = 0;
-        let mut committed = false;
         while from < cut {
             let to = cut.min(from.saturating_add(every));
-            match staged {
-                Some(per) if committed => {
-                    for i in from..to {
-                        feed(&mut e, &c.input, i..i + 1, &mut now, &mut run);
-                        e.store_mut().collect(per).unwrap();
-                    }
-                }
-                _ => feed(&mut e, &c.input, from..to, &mut now, &mut run),
-            }
+            feed_collecting(&mut e, from..to, &mut now, &mut run);
             if to < cut {
-                if committed {
-                    write(&mut e);
-                }
+                write(&mut e);
                 e.commit(&offsets(to)).unwrap();
-                committed = true;
             }
             from = to;
         }
-        if committed {
-            write(&mut e);
-        }
+        write(&mut e);
         e.commit(&offsets(cut)).unwrap();
         // Work after the commit is lost in the crash; in changelog mode it goes on while the
         // commit is collected, and the commit is written before the crash.
         let mut lost = RunOut::default();
         let mut lost_now = now;
-        for i in cut..(cut + extra).min(n) {
-            feed(&mut e, &c.input, i..i + 1, &mut lost_now, &mut lost);
-            if let Some(per) = staged {
-                e.store_mut().collect(per).unwrap();
-            }
-        }
+        feed_collecting(&mut e, cut..(cut + extra).min(n), &mut lost_now, &mut lost);
         write(&mut e);
     }
     let mut store = open();

@@ -445,8 +445,7 @@ impl RocksStore {
         let Some(mut col) = self.collecting.take() else {
             return Ok(true);
         };
-        let keys_cf = cf(&self.db, CF_KEYS)?;
-        let chunks_cf = cf(&self.db, CF_CHUNKS)?;
+        let tables = KeyTables::of(&self.db)?;
         let mut w = Writes::Changes(&mut col.changes);
         let mut left = max;
         while left > 0 {
@@ -456,15 +455,7 @@ impl RocksStore {
             // Collected already if it changed again since the commit; gone only if never
             // owed (a commit owes exactly the keys changed in its interval, and keeps them).
             if let Some(c) = self.keys.get_mut(&key).filter(|c| c.owed) {
-                write_key(
-                    &key,
-                    c,
-                    col.gen,
-                    &mut self.layout,
-                    &mut w,
-                    keys_cf,
-                    chunks_cf,
-                )?;
+                write_key(&key, c, col.gen, &mut self.layout, &mut w, tables)?;
                 left -= 1;
             }
         }
@@ -638,17 +629,9 @@ impl RocksStore {
             let col = self.collecting.as_mut().ok_or_else(|| {
                 StoreError::Backend(format!("key {key:?} is owed to no staged commit"))
             })?;
-            let (keys_cf, chunks_cf) = (cf(&self.db, CF_KEYS)?, cf(&self.db, CF_CHUNKS)?);
             let mut w = Writes::Changes(&mut col.changes);
-            write_key(
-                key,
-                c,
-                col.gen,
-                &mut self.layout,
-                &mut w,
-                keys_cf,
-                chunks_cf,
-            )?;
+            let tables = KeyTables::of(&self.db)?;
+            write_key(key, c, col.gen, &mut self.layout, &mut w, tables)?;
         }
         c.gen = gen;
         if dirty && !c.dirty {
@@ -821,6 +804,22 @@ impl RocksStore {
     }
 }
 
+/// The column families a key state is written to: its record's and its chunks'.
+#[derive(Clone, Copy)]
+struct KeyTables<'a> {
+    keys: &'a ColumnFamily,
+    chunks: &'a ColumnFamily,
+}
+
+impl<'a> KeyTables<'a> {
+    fn of(db: &'a DB) -> Result<Self, StoreError> {
+        Ok(Self {
+            keys: cf(db, CF_KEYS)?,
+            chunks: cf(db, CF_CHUNKS)?,
+        })
+    }
+}
+
 /// Writes the record of the key state `c` of `key` and the chunks of its events that changed
 /// since the layout last written (puts and deletes, see [`chunks::plan`]), and marks it clean
 /// and staged in generation `gen`. `layout` is scratch space.
@@ -830,8 +829,7 @@ fn write_key(
     gen: u64,
     layout: &mut Vec<(u64, u32)>,
     w: &mut Writes<'_>,
-    keys_cf: &ColumnFamily,
-    chunks_cf: &ColumnFamily,
+    tables: KeyTables<'_>,
 ) -> Result<(), StoreError> {
     let entry = &mut c.value;
     chunks::check(&entry.state)?;
@@ -842,15 +840,15 @@ fn write_key(
             Some(events) => {
                 let mut v = Vec::new();
                 chunks::encode(events, &mut v);
-                w.put(chunks_cf, CF_CHUNKS, &k, v);
+                w.put(tables.chunks, CF_CHUNKS, &k, v);
             }
-            None => w.delete(chunks_cf, CF_CHUNKS, &k),
+            None => w.delete(tables.chunks, CF_CHUNKS, &k),
         }
         Ok(())
     })?;
     let mut record = encode_value(CF_KEYS, &entry.state)?;
     chunks::encode_tails(&entry.state, &mut record);
-    w.put(keys_cf, CF_KEYS, key.as_bytes(), record);
+    w.put(tables.keys, CF_KEYS, key.as_bytes(), record);
     // The new layout is the written one; the old one's allocation is the next scratch.
     std::mem::swap(&mut entry.written, layout);
     entry.state.unchanged = Unchanged::new(entry.state.events.len());
@@ -1164,7 +1162,8 @@ impl StateStore for RocksStore {
             self.staged.push_back(gen);
             self.collecting = Some(Collecting {
                 gen,
-                changes: Vec::with_capacity(dirty.len() + dirty.len() / 2),
+                // At least a record per key.
+                changes: Vec::with_capacity(dirty.len()),
                 owed: dirty,
                 rest,
             });
@@ -1172,11 +1171,11 @@ impl StateStore for RocksStore {
         }
         let mut batch = WriteBatch::default();
         {
-            let (keys_cf, chunks_cf) = (cf(&self.db, CF_KEYS)?, cf(&self.db, CF_CHUNKS)?);
+            let tables = KeyTables::of(&self.db)?;
             let mut w = Writes::Batch(&mut batch);
             for key in &dirty {
                 let c = self.keys.get_mut(key).ok_or_else(|| vanished(key))?;
-                write_key(key, c, gen, &mut self.layout, &mut w, keys_cf, chunks_cf)?;
+                write_key(key, c, gen, &mut self.layout, &mut w, tables)?;
             }
         }
         self.write_rest(&mut Writes::Batch(&mut batch), gen, meta, offsets)?;
@@ -1429,20 +1428,6 @@ mod tests {
             .collect()
     }
 
-    /// The key states `k0` and `k1` as the store has them now (taken and put back).
-    fn current_states(s: &mut RocksStore) -> Vec<Option<KeyState>> {
-        ["k0", "k1"]
-            .iter()
-            .map(|k| {
-                let st = s.take_key(k).expect("take");
-                if let Some(st) = &st {
-                    s.put_key(k, st.clone()).expect("put");
-                }
-                st
-            })
-            .collect()
-    }
-
     /// The database holds exactly the key states `want` of `k0` and `k1` (their events read
     /// back from their chunks), and no chunk beyond theirs.
     fn check_database(
@@ -1470,7 +1455,7 @@ mod tests {
 
     /// After every commit the database holds exactly the key states the store has.
     fn check_committed(s: &mut RocksStore) -> Result<(), proptest::test_runner::TestCaseError> {
-        let want = current_states(s);
+        let want = peek_states(s);
         check_database(s, &want)
     }
 
