@@ -154,17 +154,44 @@ fn runtime_settings(bootstrap: &str, group: &str) -> sessionizer::config::Runtim
     validate(&raw).unwrap().runtime
 }
 
-/// Consume `topic` from the start as `group` and produce every record to `out` unchanged,
-/// committing (after a flush) every 100 ms, until `n` records are through. Returns when it
-/// took its first record and its last.
+/// What [`pass_through`] does to a record before producing it.
+#[derive(Clone, Copy, PartialEq)]
+enum Forward {
+    /// Nothing: the record goes out unchanged.
+    Unchanged,
+    /// What every sessionizer must do with a record and no more: decode it with the
+    /// benchmark's session settings (its event classes), and write it out annotated, with a
+    /// session made up from the record's offset instead of one looked up in any state.
+    Annotated,
+}
+
+/// The decoder of the sessionizer runs' settings (`Run::start`'s event classes).
+fn bench_decoder() -> sessionizer::codec::Decoder {
+    let mut raw = RawConfig::default();
+    raw.session.start_events = Some(vec!["app_open".into()]);
+    raw.session.end_events = Some(vec!["app_close".into()]);
+    raw.session.excluded_events = Some(
+        ["push_sent", "notification_shown", "app_installed"]
+            .map(String::from)
+            .to_vec(),
+    );
+    sessionizer::codec::Decoder::new(validate(&raw).expect("valid settings").decode)
+}
+
+/// Consume `topic` from the start as `group` and produce every record to `out`, as `forward`
+/// says, committing (after a flush) every 100 ms, until `n` records are through. Returns when
+/// it took its first record and its last.
 fn pass_through(
     bootstrap: &str,
     group: &str,
     topic: &str,
     out: &str,
     n: usize,
+    forward: Forward,
 ) -> (Instant, Instant) {
     let rt = runtime_settings(bootstrap, group);
+    let decoder = (forward == Forward::Annotated).then(bench_decoder);
+    let mut annotated = Vec::new();
     let mut first = None;
     let consumer: BaseConsumer = sessionizer::kafka::consumer_config(&rt).create().unwrap();
     let mut outputs = Outputs::new(&sessionizer::kafka::idempotent_producer_config(&rt)).unwrap();
@@ -176,14 +203,29 @@ fn pass_through(
     while seen < n {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) {
             first.get_or_insert_with(Instant::now);
+            let mut value = m.payload().unwrap_or(&[]);
+            if let Some(decoder) = &decoder {
+                let time = m.timestamp().to_millis();
+                let event = decoder.decode(value, m.key(), time).expect("a valid event");
+                let session = sessionizer::engine::Annotation {
+                    id: sessionizer::engine::SessionId {
+                        key_hash: (m.offset() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                        num: event.time as u64 & 0xff,
+                    },
+                    seq: (m.offset() & 0x3f) as u32,
+                    start: m.offset() & 0x3f == 0,
+                };
+                annotated.clear();
+                sessionizer::codec::records::annotate(
+                    value,
+                    "session",
+                    Some(&session),
+                    &mut annotated,
+                );
+                value = &annotated;
+            }
             outputs
-                .send(
-                    out,
-                    m.key(),
-                    m.payload().unwrap_or(&[]),
-                    m.timestamp().to_millis(),
-                    None,
-                )
+                .send(out, m.key(), value, m.timestamp().to_millis(), None)
                 .unwrap();
             next[m.partition() as usize] = m.offset() + 1;
             seen += 1;
@@ -657,7 +699,9 @@ fn pass_through_latency(
     let total = (rate * 10.0) as usize;
     let probes = PARTITIONS as usize;
     let (b, g) = (bootstrap.to_owned(), group.clone());
-    let forward = std::thread::spawn(move || pass_through(&b, &g, input, out, probes + total));
+    let forward = std::thread::spawn(move || {
+        pass_through(&b, &g, input, out, probes + total, Forward::Unchanged)
+    });
     // Start the load once every partition is being consumed: one probe per partition,
     // forwarded.
     let b = bootstrap.to_owned();
@@ -918,6 +962,7 @@ fn main() {
     let mut topics = vec![
         "bench-in".to_owned(),
         "bench-pt-out".to_owned(),
+        "bench-pa-out".to_owned(),
         format!("{LAT_SESSIONIZER}-in"),
         format!("{LAT_SESSIONIZER_WARM_UP}-in"),
         LAT_WARM_UP.0.to_owned(),
@@ -949,9 +994,11 @@ fn main() {
     {
         let (b, g) = (bootstrap.clone(), "bench-warmup".to_owned());
         let t = Instant::now();
-        std::thread::spawn(move || pass_through(&b, &g, "bench-in", "bench-pt-out", n))
-            .join()
-            .unwrap();
+        std::thread::spawn(move || {
+            pass_through(&b, &g, "bench-in", "bench-pt-out", n, Forward::Unchanged)
+        })
+        .join()
+        .unwrap();
         eprintln!(
             "e2e: warm-up pass-through took {:.2} s (not counted)",
             t.elapsed().as_secs_f64()
@@ -980,7 +1027,7 @@ fn main() {
     let ticks = clock_ticks();
     let brokers = broker_pids(ours.then_some(kdir.as_path()));
     let mut committed = Committed::default();
-    let mut results: Vec<[Measure; 3]> = Vec::new();
+    let mut results: Vec<[Measure; 4]> = Vec::new();
     let mut eos_group = String::new();
     for round in 1..=rounds {
         let sfx = if rounds == 1 {
@@ -988,22 +1035,38 @@ fn main() {
         } else {
             format!("-{round}")
         };
-        let group = format!("bench-passthrough{sfx}");
-        let me = || cpu_secs(std::process::id(), ticks).expect("own CPU time");
-        let (me0, broker0) = (me(), broker_cpu(&brokers, ticks));
-        let started = Instant::now();
-        let (b, g) = (bootstrap.clone(), group.clone());
-        let worker =
-            std::thread::spawn(move || pass_through(&b, &g, "bench-in", "bench-pt-out", n));
-        let took = committed.wait(&bootstrap, &group, "bench-in", n, started);
-        committed.done(&group);
-        let (first, last) = worker.join().unwrap();
-        let cpu = Cpu {
-            client: me() - me0,
-            broker: broker_cpu(&brokers, ticks) - broker0,
-        };
-        let pt = Measure::new(n, took, (first - started, last - started), cpu);
+        let mut forwarded = Vec::new();
+        for (forward, prefix, out) in [
+            (Forward::Unchanged, "bench-passthrough", "bench-pt-out"),
+            (Forward::Annotated, "bench-annotating", "bench-pa-out"),
+        ] {
+            let group = format!("{prefix}{sfx}");
+            let me = || cpu_secs(std::process::id(), ticks).expect("own CPU time");
+            let (me0, broker0) = (me(), broker_cpu(&brokers, ticks));
+            let started = Instant::now();
+            let (b, g) = (bootstrap.clone(), group.clone());
+            let worker =
+                std::thread::spawn(move || pass_through(&b, &g, "bench-in", out, n, forward));
+            let took = committed.wait(&bootstrap, &group, "bench-in", n, started);
+            committed.done(&group);
+            let (first, last) = worker.join().unwrap();
+            let cpu = Cpu {
+                client: me() - me0,
+                broker: broker_cpu(&brokers, ticks) - broker0,
+            };
+            forwarded.push(Measure::new(
+                n,
+                took,
+                (first - started, last - started),
+                cpu,
+            ));
+        }
+        let (pt, pa) = (forwarded[0], forwarded[1]);
         eprintln!("e2e: round {round}: pass-through {pt}");
+        eprintln!(
+            "e2e: round {round}: annotating pass-through {pa}, {}",
+            pa.against(&pt)
+        );
         let mut runs = Vec::new();
         for (guarantee, prefix) in [
             ("at-least-once", "bench-alo"),
@@ -1048,7 +1111,7 @@ fn main() {
             runs.push(m);
             eos_group = group;
         }
-        results.push([pt, runs[0], runs[1]]);
+        results.push([pt, runs[0], runs[1], pa]);
     }
     let sz_rate = median(results.iter().map(|r| r[1].rate()));
 
@@ -1091,13 +1154,14 @@ fn main() {
     println!("| measure | value |");
     println!("|---|---|");
     println!("| events | {n} |");
-    for (i, [pt, alo, eos]) in results.iter().enumerate() {
+    for (i, [pt, alo, eos, pa]) in results.iter().enumerate() {
         let r = if rounds == 1 {
             String::new()
         } else {
             format!(", round {}", i + 1)
         };
         println!("| pass-through{r} | {pt} |");
+        println!("| annotating pass-through{r} | {pa}; {} |", pa.against(pt));
         for (guarantee, m) in [("at-least-once", alo), ("exactly-once", eos)] {
             println!(
                 "| sessionizer run, {guarantee}{r} | {m}; {} |",
@@ -1106,7 +1170,11 @@ fn main() {
         }
     }
     if rounds > 1 {
-        for (guarantee, i) in [("at-least-once", 1), ("exactly-once", 2)] {
+        for (guarantee, i) in [
+            ("annotating pass-through", 3),
+            ("at-least-once", 1),
+            ("exactly-once", 2),
+        ] {
             println!(
                 "| median ratio over {rounds} rounds, {guarantee} | {:.2} (from the first record: {:.2}; first to last record taken: {:.2}) |",
                 median(results.iter().map(|r| r[i].rate() / r[0].rate())),
@@ -1115,9 +1183,17 @@ fn main() {
             );
         }
     }
+    if rounds > 1 {
+        println!(
+            "| median ratio over {rounds} rounds, at-least-once to the annotating pass-through | {:.2} (first to last record taken: {:.2}) |",
+            median(results.iter().map(|r| r[1].rate() / r[3].rate())),
+            median(results.iter().map(|r| r[1].taking_rate() / r[3].taking_rate()))
+        );
+    }
     if rounds > 0 {
         for (what, i) in [
             ("pass-through", 0),
+            ("annotating pass-through", 3),
             ("sessionizer run, at-least-once", 1),
             ("sessionizer run, exactly-once", 2),
         ] {
