@@ -9,7 +9,8 @@
 //! moves time on every [`TIME_STEP`], so that sessions are concluded in small steps. While a
 //! partition reads a backlog (it has not reached its end since the last commit) commits come
 //! every `catch_up_commit_interval` instead (1 s by default), or sooner once the interval's
-//! buffered outputs reach [`CATCH_UP_BATCH_BYTES`]: see [`commit_is_due`]. Staged
+//! buffered outputs reach [`CATCH_UP_BATCH_BYTES`]; once every partition has reached its
+//! end, the backlog is committed at once (see [`commit_is_due`], [`Core::drained`]). Staged
 //! commits are handed, in order, to the [`StateCommitter`], a thread with its own
 //! transactional producer, which commits each in one Kafka transaction while the consumer
 //! thread goes on with the next interval. Up to [`MAX_PENDING_COMMITS`] commits may be in
@@ -103,14 +104,19 @@ pub const CATCH_UP_BATCH_BYTES: usize = 32 << 20;
 /// Whether the commit interval that began `since` ago ends now: after `interval` (the
 /// settings' two: `commit_interval`, `catch_up_commit_interval`) when no partition reads a
 /// backlog, otherwise after the catch-up one, or once `buffered` output bytes reach
-/// [`CATCH_UP_BATCH_BYTES`].
+/// [`CATCH_UP_BATCH_BYTES`]; or at once when a backlog has just `drained`: the last commit
+/// was made while a partition read a backlog, and now every partition has reached its end
+/// (see [`Core::drained`]).
 fn commit_is_due(
     since: Duration,
     (interval, catch_up): (Duration, Duration),
     catching_up: bool,
     buffered: usize,
+    drained: bool,
 ) -> bool {
-    since >= interval && (!catching_up || since >= catch_up || buffered >= CATCH_UP_BATCH_BYTES)
+    drained
+        || since >= interval
+            && (!catching_up || since >= catch_up || buffered >= CATCH_UP_BATCH_BYTES)
 }
 
 /// A staged commit, in three steps. First its tasks' stores encode the key states it owes, a
@@ -280,6 +286,9 @@ struct Core {
     last_fence: Option<Instant>,
     /// Whether anything was consumed or concluded since the last commit (see [`Self::tick`]).
     dirty: bool,
+    /// Whether a partition read a backlog at the last commit (or a task opened since): see
+    /// [`Self::drained`].
+    backlog_at_commit: bool,
     /// Shutting down (see [`Self::closing`]): when the final commit must be done
     /// (`service.shutdown_timeout`).
     deadline: Option<Instant>,
@@ -321,6 +330,16 @@ impl Core {
     /// its end, and has not reached it since the last commit.
     fn catching_up(&self) -> bool {
         reading_backlog(&self.tasks)
+    }
+
+    /// A backlog has just been read to its end: a partition read a backlog at the last commit
+    /// (or a task opened since, as at the start), and now every partition has reached its
+    /// end. Then the next commit comes at once rather than up to a commit interval
+    /// later (1 s at-least-once): the committed offsets, which lag monitors read and a restart
+    /// resumes from, reach the end of a replay as soon as it is done. In a live stream every
+    /// partition reaches its end between two commits, so this does not add commits there.
+    fn drained(&self) -> bool {
+        self.backlog_at_commit && !self.catching_up()
     }
 
     fn exactly_once(&self) -> bool {
@@ -430,6 +449,8 @@ impl Core {
                 reported: Counters::default(),
             },
         );
+        // Like a start, an assignment may come with a backlog.
+        self.backlog_at_commit = true;
         Ok(())
     }
 
@@ -654,6 +675,7 @@ impl Core {
         self.advance()?;
         let now = wall_ms();
         let drain = self.closing();
+        self.backlog_at_commit = self.catching_up();
         if !std::mem::take(&mut self.dirty) {
             // Nothing consumed, nothing concluded: no transaction (an idle instance would
             // otherwise commit every interval, and grow the changelog by a record and a
@@ -1549,6 +1571,7 @@ pub fn run(
         lagging: HashSet::new(),
         last_fence: None,
         dirty: false,
+        backlog_at_commit: true,
         deadline: None,
         abandoned: false,
     });
@@ -1572,6 +1595,7 @@ pub fn run(
     let mut last_step = last_tick;
     let mut clock = WallClock::anchored_at(last_tick);
     let mut backlog = (true, 0);
+    let mut drained = false;
     let mut collecting = false;
     let mut serve = || -> Result<(), PipelineError> {
         while !shutdown.load(Ordering::Relaxed) {
@@ -1593,6 +1617,7 @@ pub fn run(
                 })?,
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => with_core(&mut |c| {
                     c.caught_up(p);
+                    drained = c.drained();
                     Ok(())
                 })?,
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error (retrying)"),
@@ -1611,7 +1636,7 @@ pub fn run(
             let (catching_up, buffered) = backlog;
             let since = now.saturating_duration_since(last_tick);
             let intervals = (rt.commit_interval, rt.catch_up_commit_interval);
-            let commit_due = commit_is_due(since, intervals, catching_up, buffered);
+            let commit_due = commit_is_due(since, intervals, catching_up, buffered, drained);
             if commit_due || now.saturating_duration_since(last_step) >= TIME_STEP {
                 if commit_due {
                     consumer
@@ -1628,6 +1653,7 @@ pub fn run(
                     };
                     c.metrics.observe_tick(started.elapsed());
                     backlog = (c.catching_up(), c.sink.buffered_bytes());
+                    drained = c.drained();
                     collecting = c.sink.collecting();
                     r
                 })?;
@@ -1687,15 +1713,18 @@ mod tests {
         ];
         for (since, catching_up, buffered, due) in table {
             assert_eq!(
-                commit_is_due(since, eos, catching_up, buffered),
+                commit_is_due(since, eos, catching_up, buffered, false),
                 due,
                 "{since:?} catching up {catching_up} buffered {buffered}"
             );
         }
         // Equal intervals (at-least-once by default): the backlog changes nothing.
         let alo = (ms(1_000), ms(1_000));
-        assert!(!commit_is_due(ms(999), alo, false, 0));
-        assert!(commit_is_due(ms(1_000), alo, true, 0));
+        assert!(!commit_is_due(ms(999), alo, false, 0, false));
+        assert!(commit_is_due(ms(1_000), alo, true, 0, false));
+        // A backlog just drained: at once, whatever the interval.
+        assert!(commit_is_due(ms(0), alo, false, 0, true));
+        assert!(commit_is_due(ms(1), eos, false, small, true));
     }
 
     #[test]

@@ -16,7 +16,9 @@
 //! - `sessionizer generate --topic` produces keyed events;
 //! - the broker stopped and restarted mid-run: the process recovers by itself, nothing lost;
 //! - started on an empty topic (caught up at once), then given a backfill of old events: none
-//!   of them is late.
+//!   of them is late;
+//! - at-least-once with a two-minute commit interval, a backlog read to its end is committed at
+//!   once.
 //!
 //! Waiting is always for a condition (records seen, process exited), with a deadline.
 
@@ -705,6 +707,87 @@ fn backfill_after_an_empty_start(broker: &Broker) {
     assert!(broker.read_all(&t.late).is_empty(), "nothing is late");
 }
 
+/// At-least-once with a commit interval of two minutes: a backlog read to its end is committed
+/// at once, not a commit interval later. The group's committed offsets (what lag monitors read
+/// and a restart resumes from) reach the end of every partition well before the interval is
+/// up, and every input is annotated.
+fn a_drained_backlog_is_committed_at_once(broker: &Broker) {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let dir = tempfile::tempdir().unwrap();
+    let partitions = 3;
+    let t = Topics::new(broker, "drained", partitions);
+    let input = with_flush_events(partitions, events(60, 30, 11));
+    broker.produce(&t.input, &to_user_partitions(&input, partitions));
+    let group = "drained-group";
+    let p = run(
+        broker,
+        &t,
+        dir.path(),
+        group,
+        free_port(),
+        &[
+            "--guarantee",
+            "at-least-once",
+            "--commit-interval",
+            "120s",
+            "--catch-up-commit-interval",
+            "120s",
+            "--transaction-timeout",
+            "240s",
+        ],
+    );
+    let offsets: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let ends: Vec<i64> = (0..partitions)
+        .map(|q| {
+            offsets
+                .fetch_watermarks(&t.input, q, Duration::from_secs(10))
+                .unwrap()
+                .1
+        })
+        .collect();
+    let mut tpl = TopicPartitionList::new();
+    for q in 0..partitions {
+        tpl.add_partition(&t.input, q);
+    }
+    let limit = Duration::from_secs(40);
+    let started = Instant::now();
+    let committed = loop {
+        // Until the broker has its offsets topic, the coordinator may not answer yet.
+        let committed: Vec<i64> = offsets
+            .committed_offsets(tpl.clone(), Duration::from_secs(10))
+            .map(|c| {
+                c.elements()
+                    .iter()
+                    .map(|e| match e.offset() {
+                        Offset::Offset(o) => o,
+                        _ => -1,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if committed == ends || started.elapsed() > limit {
+            break committed;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        committed,
+        ends,
+        "committed offsets {limit:?} after the start, with a 120 s commit interval: the drained \
+         backlog was not committed at once\n{}",
+        p.log()
+    );
+    let annotated = wait_annotated(broker, &t, input.len(), &[&p]);
+    assert_eq!(annotated.len(), input.len(), "every input annotated once");
+    assert_eq!(p.terminate(), 0);
+}
+
 /// Two co-partitioned input topics (app events on one, web events on the other, both keyed by
 /// user): the sessions are those of the offline run over both; every input is annotated once.
 /// Input topics with different partition counts are refused at start.
@@ -1050,7 +1133,8 @@ fn kafka_end_to_end() {
             "standby",
             "compact",
             "away",
-            "backfill"
+            "backfill",
+            "drained"
         ]
         .contains(&only.as_str()),
         "E2E_ONLY=`{only}` names no scenario"
@@ -1091,6 +1175,9 @@ fn kafka_end_to_end() {
     }
     if want("backfill") {
         backfill_after_an_empty_start(&broker);
+    }
+    if want("drained") {
+        a_drained_backlog_is_committed_at_once(&broker);
     }
     if want("away") {
         shutdown_while_the_broker_is_away(&broker, "exactly-once");
