@@ -138,6 +138,9 @@ struct PendingCommit {
     offsets: TopicPartitionList,
     /// The tasks that staged a batch in it.
     partitions: Vec<i32>,
+    /// A partition read a backlog in its interval (at its start or at its end): its changelog
+    /// records go at once, not paced (see [`Core::hand_over`]).
+    read_backlog: bool,
     started: Instant,
 }
 
@@ -675,12 +678,12 @@ impl Core {
         self.advance()?;
         let now = wall_ms();
         let drain = self.closing();
-        self.backlog_at_commit = self.catching_up();
         if !std::mem::take(&mut self.dirty) {
             // Nothing consumed, nothing concluded: no transaction (an idle instance would
             // otherwise commit every interval, and grow the changelog by a record and a
             // transaction marker each time, only to move a wall-clock watermark on).
             self.refresh_watermarks(now);
+            self.backlog_at_commit = self.catching_up();
             return self.settle_commits(consumer, drain);
         }
         self.commit(consumer, drain)
@@ -702,6 +705,9 @@ impl Core {
         let started = Instant::now();
         // A store collects one staged commit at a time.
         self.take_staged()?;
+        let before = self.backlog_at_commit;
+        self.backlog_at_commit = self.catching_up();
+        let read_backlog = before || self.backlog_at_commit;
         let mut tpl = TopicPartitionList::new();
         let mut partitions = Vec::with_capacity(self.tasks.len());
         for t in self.tasks.values_mut() {
@@ -740,6 +746,7 @@ impl Core {
             outputs: self.sink.take_batch(),
             offsets: tpl,
             partitions,
+            read_backlog,
             started,
         });
         self.settle_commits(consumer, drain)
@@ -910,9 +917,11 @@ impl Core {
                     writer: t.engine.store().writer(),
                 });
             }
-            // Exactly-once, catching up or closing, at once (field by field: `c` borrows the
-            // pending commits).
+            // Exactly-once, after a backlog (the commit of its end too: nothing waits for a
+            // steady rate then), catching up or closing, at once (field by field: `c`
+            // borrows the pending commits).
             let pace = if self.rt.guarantee == Guarantee::ExactlyOnce
+                || c.read_backlog
                 || reading_backlog(&self.tasks)
                 || self.deadline.is_some()
             {
