@@ -3,6 +3,9 @@
 //! 1. throughput of a plain consume-and-produce pass-through (same client settings as the
 //!    sessionizer: the same consumer and producer configuration, commits every 100 ms after a
 //!    flush) over N pre-loaded records;
+//!    Then an annotating pass-through: the same loop, each record decoded with the sessionizer
+//!    runs' settings and written out annotated (a session made up from its offset, no state):
+//!    the stateless floor of what any sessionizer does with a record;
 //! 2. throughput of `sessionizer run` over the same records, at-least-once and exactly-once
 //!    (each with its own group, outputs and state);
 //! 3. the restore rate from the changelog: a fresh instance of the exactly-once group with an
