@@ -168,17 +168,31 @@ enum Forward {
     Annotated,
 }
 
-/// The decoder of the sessionizer runs' settings (`Run::start`'s event classes).
+/// The session flags of every sessionizer run (`Run::start`), and of the annotating
+/// pass-through's decoder ([`bench_decoder`]).
+const SEMANTICS: [&str; 10] = [
+    "--start-events",
+    "app_open",
+    "--end-events",
+    "app_close",
+    "--excluded-events",
+    "push_sent,notification_shown,app_installed",
+    "--allowed-lateness",
+    "5s",
+    "--idle-after",
+    "2s",
+];
+
+/// The decoder of the sessionizer runs: their [`SEMANTICS`], read by the binary's own flag
+/// parser.
 fn bench_decoder() -> sessionizer::codec::Decoder {
-    let mut raw = RawConfig::default();
-    raw.session.start_events = Some(vec!["app_open".into()]);
-    raw.session.end_events = Some(vec!["app_close".into()]);
-    raw.session.excluded_events = Some(
-        ["push_sent", "notification_shown", "app_installed"]
-            .map(String::from)
-            .to_vec(),
-    );
-    sessionizer::codec::Decoder::new(validate(&raw).expect("valid settings").decode)
+    use clap::Parser;
+    use sessionizer::cli::{Cli, Command};
+    let args = ["sessionizer", "sessionize"].into_iter().chain(SEMANTICS);
+    let Command::Sessionize(a) = Cli::try_parse_from(args).expect("valid flags").command else {
+        unreachable!("parsed as `sessionize`")
+    };
+    sessionizer::codec::Decoder::new(a.semantics.settings().expect("valid settings").decode)
 }
 
 /// Consume `topic` from the start as `group` and produce every record to `out`, as `forward`
@@ -490,12 +504,7 @@ impl Run {
                 &t("late"),
             ])
             .args(["--dlq-topic", &t("dlq"), "--stats-topic", &t("stats")])
-            .args(["--start-events", "app_open", "--end-events", "app_close"])
-            .args([
-                "--excluded-events",
-                "push_sent,notification_shown,app_installed",
-            ])
-            .args(["--allowed-lateness", "5s", "--idle-after", "2s"])
+            .args(SEMANTICS)
             .arg("--state-dir")
             .arg(state)
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
@@ -1038,11 +1047,11 @@ fn main() {
         } else {
             format!("-{round}")
         };
-        let mut forwarded = Vec::new();
-        for (forward, prefix, out) in [
+        let [pt, pa] = [
             (Forward::Unchanged, "bench-passthrough", "bench-pt-out"),
             (Forward::Annotated, "bench-annotating", "bench-pa-out"),
-        ] {
+        ]
+        .map(|(forward, prefix, out)| {
             let group = format!("{prefix}{sfx}");
             let me = || cpu_secs(std::process::id(), ticks).expect("own CPU time");
             let (me0, broker0) = (me(), broker_cpu(&brokers, ticks));
@@ -1057,14 +1066,8 @@ fn main() {
                 client: me() - me0,
                 broker: broker_cpu(&brokers, ticks) - broker0,
             };
-            forwarded.push(Measure::new(
-                n,
-                took,
-                (first - started, last - started),
-                cpu,
-            ));
-        }
-        let (pt, pa) = (forwarded[0], forwarded[1]);
+            Measure::new(n, took, (first - started, last - started), cpu)
+        });
         eprintln!("e2e: round {round}: pass-through {pt}");
         eprintln!(
             "e2e: round {round}: annotating pass-through {pa}, {}",
@@ -1185,8 +1188,6 @@ fn main() {
                 median(results.iter().map(|r| r[i].taking_rate() / r[0].taking_rate()))
             );
         }
-    }
-    if rounds > 1 {
         println!(
             "| median ratio over {rounds} rounds, at-least-once to the annotating pass-through | {:.2} (first to last record taken: {:.2}) |",
             median(results.iter().map(|r| r[1].rate() / r[3].rate())),
