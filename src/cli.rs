@@ -31,7 +31,7 @@ pub struct Cli {
 pub enum Command {
     /// Sessionize JSON lines (a file or stdin) offline, with the same engine as streaming.
     Sessionize(SessionizeArgs),
-    /// Run the streaming sessionizer: a Kafka consumer group (at-least-once).
+    /// Run the streaming sessionizer: a Kafka consumer group (exactly-once by default).
     Run(RunArgs),
     /// Validate the configuration and print it with every default filled in (secrets redacted).
     Check(CheckArgs),
@@ -260,8 +260,10 @@ pub struct SessionizeArgs {
     /// Output for per-user session stats (one record per conclusion).
     #[arg(long)]
     pub stats: Option<PathBuf>,
-    /// Keep state in RocksDB in this directory instead of memory (for very large inputs).
-    #[arg(long, env = "SESSIONIZER_STATE_DIR")]
+    /// Keep state in RocksDB under this directory instead of memory (for very large inputs):
+    /// in a fresh subdirectory, removed when the run ends, so nothing carries over from one
+    /// run to the next. (Not read from `SESSIONIZER_STATE_DIR`: that is the streaming state.)
+    #[arg(long)]
     pub state_dir: Option<PathBuf>,
 }
 
@@ -653,14 +655,27 @@ fn sessionize(a: SessionizeArgs) -> Result<(), CliError> {
             &mut sinks,
         ),
         Some(dir) => {
-            let store = RocksStore::open(dir, RocksOptions::default())
-                .map_err(|e| CliError::Runtime(format!("state dir {}: {e}", dir.display())))?;
-            drive(
+            let fail = |e: &dyn std::fmt::Display| {
+                CliError::Runtime(format!("state dir {}: {e}", dir.display()))
+            };
+            // A run's output depends only on its input: state left by an earlier run (its
+            // watermark above all) would make this one's events late.
+            std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+            let scratch = tempfile::Builder::new()
+                .prefix("sessionize-")
+                .tempdir_in(dir)
+                .map_err(|e| fail(&e))?;
+            let store =
+                RocksStore::open(scratch.path(), RocksOptions::default()).map_err(|e| fail(&e))?;
+            let summary = drive(
                 &decoder,
                 Engine::open(settings.engine.clone(), store),
                 input,
                 &mut sinks,
-            )
+            );
+            // The store is closed (dropped by `drive`) before its directory goes.
+            scratch.close().map_err(|e| fail(&e))?;
+            summary
         }
     }?;
     eprintln!("sessionizer: {summary}");

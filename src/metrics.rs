@@ -64,7 +64,7 @@ pub const METRIC_TABLE: &str = "\
 | `sessionizer_events_total` | counter | `topic`, `outcome` | input events by fate: `accepted` (sessionized, or held in `on_close` mode), `excluded` (passed through out of session), `late`, `dead_letter` |
 | `sessionizer_dead_letters_total` | counter | `reason` | dead-lettered input records by reason code (the dead-letter reason codes, plus `future_time`) |
 | `sessionizer_late_events_total` | counter | `reason` | late events by reason: `concluded_session`, `beyond_horizon` |
-| `sessionizer_records_out_total` | counter | `output` | records written, by output: `annotated`, `sessions`, `late`, `dead_letters`, `stats` |
+| `sessionizer_records_out_total` | counter | `output` | records handed on to be written, by output: `annotated`, `sessions`, `late`, `dead_letters`, `stats` (exactly-once: also those of a transaction that then aborted, which are written again after the rewind) |
 | `sessionizer_sessions_opened_total` | counter | | sessions opened |
 | `sessionizer_sessions_merged_total` | counter | | sessions absorbed by a merge (a late event bridged two open sessions) |
 | `sessionizer_sessions_split_total` | counter | | sessions split by a late event |
@@ -75,7 +75,7 @@ pub const METRIC_TABLE: &str = "\
 | `sessionizer_watermark_seconds` | gauge | `topic`, `partition` | event-time watermark, as Unix epoch seconds |
 | `sessionizer_watermark_lag_seconds` | gauge | `topic`, `partition` | wall clock minus watermark |
 | `sessionizer_consumer_lag_records` | gauge | `topic`, `partition` | records between the consumer position and the high watermark of the input partition |
-| `sessionizer_processing_latency_seconds` | histogram | | end-to-end latency, input record timestamp to its annotated record being handed to the producer |
+| `sessionizer_processing_latency_seconds` | histogram | | end-to-end latency, input record timestamp to its annotated record being handed on: to the producer at-least-once; exactly-once, to its interval's transaction, which read_committed readers see when it commits (up to `kafka.commit_interval` later, not counted); not recorded in `on_close` mode |
 | `sessionizer_transaction_commit_seconds` | histogram | | time to produce and commit one Kafka transaction (exactly-once: outputs, changelog records and offsets; at-least-once: changelog records and offsets) |
 | `sessionizer_transaction_aborts_total` | counter | | Kafka transactions aborted |
 | `sessionizer_changelog_bytes_total` | counter | | bytes of state records (keys and values) staged for the changelog and RocksDB by commits; per event taken in (`sessionizer_events_total`), the state each event costs to commit (README, What a commit costs) |
@@ -447,7 +447,8 @@ impl Metrics {
 
         let records_out = b.counter_vec(
             "sessionizer_records_out_total",
-            "Records written, by output (annotated, sessions, late, dead_letters, stats).",
+            "Records handed on to be written, by output (annotated, sessions, late, \
+             dead_letters, stats).",
             &["output"],
         )?;
         let records_out = resolve(&records_out, OutputKind::ALL.map(OutputKind::as_str));
@@ -501,14 +502,14 @@ impl Metrics {
         )?;
         let processing_latency = b.histogram(
             "sessionizer_processing_latency_seconds",
-            "End-to-end latency from an input record's timestamp to its output being \
-             produced, in seconds.",
+            "End-to-end latency from an input record's timestamp to its annotated record \
+             being handed on to be produced, in seconds.",
             &LATENCY_BUCKETS,
         )?;
 
         let transaction_commit = b.histogram(
             "sessionizer_transaction_commit_seconds",
-            "Time to commit a Kafka transaction (exactly-once delivery), in seconds.",
+            "Time to produce and commit a Kafka transaction (both delivery modes), in seconds.",
             &COMMIT_BUCKETS,
         )?;
         let transaction_aborts = b.counter(

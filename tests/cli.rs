@@ -278,6 +278,59 @@ fn shipped_configuration_files_pass_check() {
 }
 
 #[test]
+fn offline_runs_carry_no_state_over_whatever_the_state_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    std::fs::write(
+        &input,
+        "{\"user_id\":\"u1\",\"timestamp\":\"2024-01-01T09:00:00Z\"}\n\
+         {\"user_id\":\"u1\",\"timestamp\":\"2024-01-01T09:10:00Z\"}\n\
+         {\"user_id\":\"u1\",\"timestamp\":\"2024-01-01T10:00:00Z\"}\n",
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    // The streaming state directory's variable, as the container image sets it.
+    let streaming = dir.path().join("streaming-state");
+    let run = |state_dir: Option<&Path>| {
+        let mut c = bin();
+        c.args(["sessionize", "--timeout", "30m", "--input"])
+            .arg(&input)
+            .env("SESSIONIZER_STATE_DIR", &streaming);
+        if let Some(d) = state_dir {
+            c.arg("--state-dir").arg(d);
+        }
+        let out = c.output().unwrap();
+        ok(&out);
+        let sessions: Vec<Value> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            sessions.len(),
+            2,
+            "stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        sessions
+    };
+    let in_memory = run(None);
+    for _ in 0..2 {
+        assert_eq!(
+            run(Some(&state)),
+            in_memory,
+            "a second run saw the first one's state"
+        );
+        let left: Vec<_> = std::fs::read_dir(&state).unwrap().collect();
+        assert!(left.is_empty(), "the run left {left:?} in the state dir");
+    }
+    assert!(
+        !streaming.exists(),
+        "offline mode used SESSIONIZER_STATE_DIR"
+    );
+}
+
+#[test]
 fn reads_stdin_and_writes_sessions_to_stdout() {
     use std::io::Write;
     let mut child = bin()

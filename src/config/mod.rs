@@ -93,6 +93,14 @@ pub fn default_catch_up_commit_interval(commit_interval: Duration) -> Duration {
     commit_interval.max(CATCH_UP_COMMIT_INTERVAL)
 }
 
+/// The default `kafka.transaction_timeout`: 10 s, or twice the catch-up commit interval if
+/// that is longer (a transaction spans up to one interval, and must not time out while the
+/// next one waits for it), so a longer commit interval alone never makes a configuration
+/// invalid.
+pub fn default_transaction_timeout(catch_up_commit_interval: Duration) -> Duration {
+    (catch_up_commit_interval * 2).max(Duration::from_secs(10))
+}
+
 /// Delivery guarantee of the streaming mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Guarantee {
@@ -551,11 +559,10 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
             ),
         ));
     }
-    let transaction_timeout = positive_duration(
-        "kafka.transaction_timeout",
-        k.transaction_timeout.as_deref(),
-        "10s",
-    )?;
+    let transaction_timeout = match k.transaction_timeout.as_deref() {
+        None => default_transaction_timeout(catch_up_commit_interval),
+        given => positive_duration("kafka.transaction_timeout", given, "10s")?,
+    };
     if transaction_timeout < catch_up_commit_interval * 2 {
         return Err(invalid(
             "kafka.transaction_timeout",
@@ -700,7 +707,16 @@ fn effective(raw: &RawConfig) -> RawConfig {
     let group = e.kafka.group.clone().unwrap_or_default();
     d(&mut e.kafka.changelog_topic, &format!("{group}-changelog"));
     d(&mut e.kafka.instance_id, &default_instance_id());
-    d(&mut e.kafka.transaction_timeout, "10s");
+    let transaction_timeout = e
+        .kafka
+        .catch_up_commit_interval
+        .as_deref()
+        .and_then(|s| humantime::parse_duration(s).ok())
+        .map_or(Duration::from_secs(10), default_transaction_timeout);
+    d(
+        &mut e.kafka.transaction_timeout,
+        &humantime::format_duration(transaction_timeout).to_string(),
+    );
     e.kafka.standby_replicas.get_or_insert(0);
     let props = e.kafka.properties.get_or_insert_with(Default::default);
     for (k, v) in props.iter_mut() {
@@ -776,8 +792,35 @@ mod tests {
             e.contains("kafka.catch_up_commit_interval") && e.contains("at least"),
             "{e}"
         );
-        let e = catch_up(None, Some("6s")).unwrap_err().to_string();
-        assert!(e.contains("kafka.transaction_timeout"), "{e}");
+        // The transaction timeout's default follows (twice the catch-up interval).
+        assert_eq!(catch_up(None, Some("6s")).unwrap(), secs(6));
+        assert_eq!(catch_up(Some("30s"), None).unwrap(), secs(30));
+    }
+
+    #[test]
+    fn the_transaction_timeout_outlasts_two_catch_up_intervals() {
+        let timeout = |commit: Option<&str>, catch_up: Option<&str>, given: Option<&str>| {
+            let mut r = RawConfig::default();
+            r.kafka.commit_interval = commit.map(Into::into);
+            r.kafka.catch_up_commit_interval = catch_up.map(Into::into);
+            r.kafka.transaction_timeout = given.map(Into::into);
+            let s = validate(&r)?;
+            assert_eq!(validate(&s.effective).unwrap().runtime, s.runtime);
+            Ok::<_, ConfigError>(s.runtime.transaction_timeout)
+        };
+        let secs = Duration::from_secs;
+        assert_eq!(timeout(None, None, None).unwrap(), secs(10));
+        assert_eq!(timeout(None, Some("6s"), None).unwrap(), secs(12));
+        assert_eq!(timeout(Some("30s"), None, None).unwrap(), secs(60));
+        assert_eq!(timeout(None, Some("6s"), Some("20s")).unwrap(), secs(20));
+        // Only a timeout given too short is an error.
+        let e = timeout(None, Some("6s"), Some("10s"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("kafka.transaction_timeout") && e.contains("twice"),
+            "{e}"
+        );
     }
 
     #[test]
