@@ -545,6 +545,54 @@ fn generate_error(e: GenerateError) -> CliError {
     }
 }
 
+/// Where a path leads: an existing file's canonical path, else its directory's joined with its
+/// name (`None` if neither resolves: opening it will say why).
+fn resolved(p: &Path) -> Option<PathBuf> {
+    if let Ok(c) = std::fs::canonicalize(p) {
+        return Some(c);
+    }
+    let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
+    Some(
+        std::fs::canonicalize(dir.unwrap_or(Path::new(".")))
+            .ok()?
+            .join(p.file_name()?),
+    )
+}
+
+/// Refuses outputs that would overwrite the input (it is truncated before it is read) or each
+/// other. Devices (`/dev/stdout`, `/dev/null`) may take several outputs.
+fn check_output_paths(a: &SessionizeArgs) -> Result<(), CliError> {
+    let input = a.input.as_deref().and_then(resolved);
+    let mut seen: Vec<(&str, PathBuf)> = Vec::new();
+    for (flag, path) in [
+        ("--sessions", &a.sessions),
+        ("--annotated", &a.annotated),
+        ("--late", &a.late),
+        ("--dead-letters", &a.dead_letters),
+        ("--stats", &a.stats),
+    ] {
+        let Some(path) = path else { continue };
+        if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+            continue;
+        }
+        let Some(r) = resolved(path) else { continue };
+        if input.as_ref() == Some(&r) {
+            return Err(CliError::Usage(format!(
+                "{flag} {} is the input file: it would be emptied before it is read",
+                path.display()
+            )));
+        }
+        if let Some((other, _)) = seen.iter().find(|(_, s)| *s == r) {
+            return Err(CliError::Usage(format!(
+                "{other} and {flag} name the same file, {}: one output would overwrite the other",
+                path.display()
+            )));
+        }
+        seen.push((flag, r));
+    }
+    Ok(())
+}
+
 fn create(path: &Path) -> Result<BufWriter<File>, CliError> {
     File::create(path)
         .map(|f| BufWriter::with_capacity(1 << 16, f))
@@ -622,6 +670,14 @@ fn run_stream(a: RunArgs) -> Result<(), CliError> {
 fn sessionize(a: SessionizeArgs) -> Result<(), CliError> {
     let settings = a.semantics.settings()?;
     init_logging(false);
+    if settings.decode.time_format == config::TimeFormat::RecordTimestamp {
+        return Err(CliError::Usage(
+            "invalid configuration: `input.time_format`: `record_timestamp` is the Kafka record's \
+             timestamp, and offline lines have none"
+                .into(),
+        ));
+    }
+    check_output_paths(&a)?;
     let decoder = Decoder::new(settings.decode.clone());
     let input: Box<dyn io::BufRead> = match &a.input {
         Some(p) => Box::new(BufReader::with_capacity(

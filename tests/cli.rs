@@ -331,6 +331,51 @@ fn offline_runs_carry_no_state_over_whatever_the_state_dir() {
 }
 
 #[test]
+fn outputs_that_would_overwrite_the_input_or_each_other_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    let events = "{\"user_id\":\"u1\",\"timestamp\":\"2024-01-01T09:00:00Z\"}\n";
+    std::fs::write(&input, events).unwrap();
+    let other = dir.path().join("out.jsonl");
+    // The input through another spelling of its path.
+    let same_input = dir.path().join(".").join("events.jsonl");
+    for (args, named) in [
+        (
+            vec!["--annotated".as_ref(), same_input.as_os_str()],
+            "--annotated",
+        ),
+        (
+            vec![
+                "--sessions".as_ref(),
+                other.as_os_str(),
+                "--stats".as_ref(),
+                other.as_os_str(),
+            ],
+            "--stats",
+        ),
+    ] {
+        let out = bin()
+            .args(["sessionize", "--input"])
+            .arg(&input)
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(named), "{err}");
+        assert_eq!(std::fs::read_to_string(&input).unwrap(), events, "{err}");
+    }
+    // Devices may take several outputs.
+    let out = bin()
+        .args(["sessionize", "--input"])
+        .arg(&input)
+        .args(["--sessions", "/dev/null", "--annotated", "/dev/null"])
+        .output()
+        .unwrap();
+    ok(&out);
+}
+
+#[test]
 fn reads_stdin_and_writes_sessions_to_stdout() {
     use std::io::Write;
     let mut child = bin()

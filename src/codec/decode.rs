@@ -50,6 +50,10 @@ pub enum DecodeError {
     InvalidEventName(String),
     #[error("the record already has a field `{0}`, the configured annotation field")]
     AnnotationFieldPresent(String),
+    #[error(
+        "{0} contains U+001F, which separates the scope key's parts: two scopes could become one"
+    )]
+    InvalidScopeValue(String),
 }
 
 impl DecodeError {
@@ -69,11 +73,12 @@ impl DecodeError {
             DecodeError::TimeOutOfRange(_) => "time_out_of_range",
             DecodeError::InvalidEventName(_) => "invalid_event_name",
             DecodeError::AnnotationFieldPresent(_) => "annotation_field_present",
+            DecodeError::InvalidScopeValue(_) => "invalid_scope_value",
         }
     }
 
     /// Every reason code, for metrics and documentation.
-    pub const REASONS: [&'static str; 13] = [
+    pub const REASONS: [&'static str; 14] = [
         "empty_record",
         "record_too_large",
         "invalid_utf8",
@@ -87,6 +92,7 @@ impl DecodeError {
         "time_out_of_range",
         "invalid_event_name",
         "annotation_field_present",
+        "invalid_scope_value",
     ];
 }
 
@@ -272,11 +278,22 @@ impl Decoder {
         let key = if self.slot_scope.is_empty() {
             user.clone()
         } else {
+            // The separator inside a part would let two scopes share a key: "a\u{1f}b" + "c"
+            // and "a" + "b\u{1f}c".
+            if user.contains(SCOPE_SEPARATOR) {
+                return Err(DecodeError::InvalidScopeValue("the user id".into()));
+            }
             let mut k = user.clone().into_owned();
-            for &slot in &self.slot_scope {
+            for (&slot, field) in self.slot_scope.iter().zip(&self.cfg.scope_fields) {
                 k.push(SCOPE_SEPARATOR);
                 if let Some(raw) = slots[slot].filter(|r| r.get() != "null") {
-                    k.push_str(&scalar_text(raw));
+                    let v = scalar_text(raw);
+                    if v.contains(SCOPE_SEPARATOR) {
+                        return Err(DecodeError::InvalidScopeValue(format!(
+                            "scope field `{field}`"
+                        )));
+                    }
+                    k.push_str(&v);
                 }
             }
             Cow::Owned(k)
@@ -795,5 +812,26 @@ mod tests {
         assert_eq!(e.user, "u");
         assert_eq!(d.scope_of(&e.key), vec![("device", "d1")]);
         assert_eq!(dec(r#"{"user_id":"u","timestamp":1}"#).key, "u\u{1f}");
+        // The separator inside a part is refused: these two would share the key "a␟b␟c".
+        for (bad, what) in [
+            (
+                r#"{"user_id":"a\u001fb","timestamp":1,"device":"c"}"#,
+                "the user id",
+            ),
+            (
+                r#"{"user_id":"a","timestamp":1,"device":"b\u001fc"}"#,
+                "`device`",
+            ),
+        ] {
+            let e = d.decode(bad.as_bytes(), None, None).unwrap_err();
+            assert_eq!(e.reason(), "invalid_scope_value");
+            assert!(e.to_string().contains(what), "{e}");
+        }
+        // Without scope fields the user id alone is the key: nothing to confuse it with.
+        let plain = decoder(|_| {});
+        let u = plain
+            .decode(br#"{"user_id":"a\u001fb","timestamp":1}"#, None, None)
+            .unwrap();
+        assert_eq!(u.key, "a\u{1f}b");
     }
 }

@@ -39,7 +39,7 @@ pub enum TimeFormat {
     Millis,
     Seconds,
     Rfc3339,
-    /// The Kafka record timestamp (in offline mode: not available, every record is invalid).
+    /// The Kafka record timestamp (streaming only: offline mode refuses it, its lines have none).
     RecordTimestamp,
 }
 
@@ -187,6 +187,13 @@ pub fn is_secret(key: &str) -> bool {
         "key.password",
         "token",
         "credential",
+        // The rest of what librdkafka itself redacts (rdkafka_conf.c, _RK_SENSITIVE).
+        "sasl.username",
+        "oauthbearer.config",
+        "private.key",
+        "passphrase",
+        "ssl.key.location",
+        "ssl.ca.pem",
     ]
     .iter()
     .any(|s| k.contains(s))
@@ -329,6 +336,15 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, ConfigError> {
             timeout,
         });
     }
+    for (key, names) in [
+        ("session.start_events", &s.start_events),
+        ("session.end_events", &s.end_events),
+        ("session.excluded_events", &s.excluded_events),
+    ] {
+        if names.iter().flatten().any(|n| n.is_empty()) {
+            return Err(invalid(key, "event names must not be empty"));
+        }
+    }
     let set = |v: &Option<Vec<String>>| -> HashSet<String> {
         v.iter().flatten().cloned().collect::<HashSet<_>>()
     };
@@ -422,6 +438,28 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, ConfigError> {
         o.annotation_field.as_ref(),
         "session",
     )?;
+    // A record that has the annotation field is a dead letter: naming a field every event
+    // must have would dead-letter them all.
+    let read = [
+        ("input.user_id_field", &user_id_field),
+        ("input.time_field", &time_field),
+        ("input.event_field", &event_field),
+    ];
+    let rule_fields = timeout_rules
+        .iter()
+        .map(|r| ("session.timeout_rules", &r.field));
+    let scopes = scope_fields.iter().map(|f| ("input.scope_fields", f));
+    if let Some((key, _)) = read
+        .into_iter()
+        .chain(scopes)
+        .chain(rule_fields)
+        .find(|(_, f)| **f == annotation_field)
+    {
+        return Err(invalid(
+            "output.annotation_field",
+            format!("`{annotation_field}` is also read as `{key}`: every record that has it would be a dead letter"),
+        ));
+    }
 
     let engine = EngineConfig {
         allowed_lateness,
@@ -476,6 +514,16 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
         return Err(invalid(
             "kafka.input_topics",
             "must name at least one topic, none empty",
+        ));
+    }
+    if let Some(t) = input_topics
+        .iter()
+        .enumerate()
+        .find_map(|(i, t)| input_topics[..i].contains(t).then_some(t))
+    {
+        return Err(invalid(
+            "kafka.input_topics",
+            format!("`{t}` is named twice"),
         ));
     }
     let annotated_topic = name(
@@ -873,6 +921,19 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("SASL_SSL"));
+        for key in [
+            "sasl.username",
+            "sasl.oauthbearer.config",
+            "sasl.oauthbearer.client.secret",
+            "sasl.oauthbearer.assertion.private.key.pem",
+            "sasl.oauthbearer.assertion.private.key.passphrase",
+            "ssl.keystore.password",
+            "ssl.key.location",
+            "ssl.ca.pem",
+        ] {
+            assert!(is_secret(key), "{key} is shown");
+        }
+        assert!(!is_secret("security.protocol") && !is_secret("ssl.ca.location"));
         let mut r = RawConfig::default();
         r.kafka.properties = Some([("group.id".to_string(), "x".to_string())].into());
         assert!(err(r).contains("`kafka.properties.group.id`"));
@@ -885,6 +946,28 @@ mod tests {
         let mut r = RawConfig::default();
         r.service.memory_budget_mib = Some(32);
         assert!(err(r).contains("`service.memory_budget_mib`"));
+        let mut r = RawConfig::default();
+        r.kafka.input_topics = Some(vec!["a".into(), "b".into(), "a".into()]);
+        assert!(err(r).contains("`kafka.input_topics`"));
+    }
+
+    #[test]
+    fn settings_that_would_dead_letter_every_record_are_refused() {
+        for field in ["user_id", "timestamp", "event", "device", "platform"] {
+            let mut r = RawConfig::default();
+            r.output.annotation_field = Some(field.into());
+            r.input.scope_fields = Some(vec!["device".into()]);
+            r.session.timeout_rules = Some(vec![crate::config::raw::RawTimeoutRule {
+                field: "platform".into(),
+                values: vec!["ios".into()],
+                timeout: "5m".into(),
+            }]);
+            let e = err(r);
+            assert!(e.contains("`output.annotation_field`"), "{field}: {e}");
+        }
+        let mut r = RawConfig::default();
+        r.session.start_events = Some(vec!["a".into(), "".into()]);
+        assert!(err(r).contains("`session.start_events`"));
     }
 
     #[test]
