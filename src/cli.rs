@@ -671,11 +671,13 @@ fn sessionize(a: SessionizeArgs) -> Result<(), CliError> {
     let settings = a.semantics.settings()?;
     init_logging(false);
     if settings.decode.time_format == config::TimeFormat::RecordTimestamp {
-        return Err(CliError::Usage(
-            "invalid configuration: `input.time_format`: `record_timestamp` is the Kafka record's \
-             timestamp, and offline lines have none"
+        return Err(config::ConfigError::Invalid {
+            key: "input.time_format".into(),
+            problem: "`record_timestamp` is the Kafka record's timestamp, and offline lines \
+                      have none"
                 .into(),
-        ));
+        }
+        .into());
     }
     check_output_paths(&a)?;
     let decoder = Decoder::new(settings.decode.clone());
@@ -729,9 +731,12 @@ fn sessionize(a: SessionizeArgs) -> Result<(), CliError> {
                 input,
                 &mut sinks,
             );
-            // The store is closed (dropped by `drive`) before its directory goes.
-            scratch.close().map_err(|e| fail(&e))?;
-            summary
+            // The store is closed (dropped by `drive`) before its directory goes; a failed
+            // run's error comes first.
+            let removed = scratch.close();
+            let summary = summary?;
+            removed.map_err(|e| fail(&e))?;
+            Ok(summary)
         }
     }?;
     eprintln!("sessionizer: {summary}");

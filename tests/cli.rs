@@ -10,7 +10,12 @@ fn bin() -> Command {
 }
 
 fn lines(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p)
+    json_lines(&std::fs::read(p).unwrap())
+}
+
+/// JSON lines, as a file or a child's stdout holds them.
+fn json_lines(text: &[u8]) -> Vec<Value> {
+    std::str::from_utf8(text)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -301,11 +306,7 @@ fn offline_runs_carry_no_state_over_whatever_the_state_dir() {
         }
         let out = c.output().unwrap();
         ok(&out);
-        let sessions: Vec<Value> = String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let sessions = json_lines(&out.stdout);
         assert_eq!(
             sessions.len(),
             2,
@@ -397,11 +398,7 @@ fn reads_stdin_and_writes_sessions_to_stdout() {
         .unwrap();
     let out = child.wait_with_output().unwrap();
     ok(&out);
-    let v: Vec<Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let v = json_lines(&out.stdout);
     assert_eq!(v.len(), 2);
     assert_eq!(v[0]["event_count"], 2, "a gap of exactly the timeout stays");
     assert_eq!(v[0]["length_s"], 600.0);

@@ -742,29 +742,29 @@ fn effective(raw: &RawConfig) -> RawConfig {
         &mut e.kafka.commit_interval,
         default_commit_interval(guarantee),
     );
-    let catch_up = e
-        .kafka
-        .commit_interval
-        .as_deref()
-        .and_then(|s| humantime::parse_duration(s).ok())
-        .map_or(CATCH_UP_COMMIT_INTERVAL, default_catch_up_commit_interval);
-    d(
-        &mut e.kafka.catch_up_commit_interval,
-        &humantime::format_duration(catch_up).to_string(),
+    // A default that follows another setting, as written (already filled in above).
+    let follow = |from: &Option<String>, unset: Duration, f: fn(Duration) -> Duration| {
+        let d = from
+            .as_deref()
+            .and_then(|s| humantime::parse_duration(s).ok())
+            .map_or(unset, f);
+        humantime::format_duration(d).to_string()
+    };
+    let catch_up = follow(
+        &e.kafka.commit_interval,
+        CATCH_UP_COMMIT_INTERVAL,
+        default_catch_up_commit_interval,
     );
+    d(&mut e.kafka.catch_up_commit_interval, &catch_up);
     let group = e.kafka.group.clone().unwrap_or_default();
     d(&mut e.kafka.changelog_topic, &format!("{group}-changelog"));
     d(&mut e.kafka.instance_id, &default_instance_id());
-    let transaction_timeout = e
-        .kafka
-        .catch_up_commit_interval
-        .as_deref()
-        .and_then(|s| humantime::parse_duration(s).ok())
-        .map_or(Duration::from_secs(10), default_transaction_timeout);
-    d(
-        &mut e.kafka.transaction_timeout,
-        &humantime::format_duration(transaction_timeout).to_string(),
+    let transaction_timeout = follow(
+        &e.kafka.catch_up_commit_interval,
+        Duration::from_secs(10),
+        default_transaction_timeout,
     );
+    d(&mut e.kafka.transaction_timeout, &transaction_timeout);
     e.kafka.standby_replicas.get_or_insert(0);
     let props = e.kafka.properties.get_or_insert_with(Default::default);
     for (k, v) in props.iter_mut() {
@@ -816,16 +816,26 @@ mod tests {
         );
     }
 
+    /// The runtime settings of the given commit interval, catch-up commit interval and
+    /// transaction timeout, checking that what `check` prints gives the same settings back.
+    fn commit_settings(
+        commit: Option<&str>,
+        catch_up: Option<&str>,
+        transaction_timeout: Option<&str>,
+    ) -> Result<RuntimeSettings, ConfigError> {
+        let mut r = RawConfig::default();
+        r.kafka.commit_interval = commit.map(Into::into);
+        r.kafka.catch_up_commit_interval = catch_up.map(Into::into);
+        r.kafka.transaction_timeout = transaction_timeout.map(Into::into);
+        let s = validate(&r)?;
+        assert_eq!(validate(&s.effective).unwrap().runtime, s.runtime);
+        Ok(s.runtime)
+    }
+
     #[test]
     fn the_catch_up_commit_interval_is_at_least_the_commit_interval() {
         let catch_up = |commit: Option<&str>, catch_up: Option<&str>| {
-            let mut r = RawConfig::default();
-            r.kafka.commit_interval = commit.map(Into::into);
-            r.kafka.catch_up_commit_interval = catch_up.map(Into::into);
-            let s = validate(&r)?;
-            // What `check` prints gives the same settings back.
-            assert_eq!(validate(&s.effective).unwrap().runtime, s.runtime);
-            Ok::<_, ConfigError>(s.runtime.catch_up_commit_interval)
+            commit_settings(commit, catch_up, None).map(|r| r.catch_up_commit_interval)
         };
         let secs = Duration::from_secs;
         assert_eq!(catch_up(None, None).unwrap(), secs(1));
@@ -848,13 +858,7 @@ mod tests {
     #[test]
     fn the_transaction_timeout_outlasts_two_catch_up_intervals() {
         let timeout = |commit: Option<&str>, catch_up: Option<&str>, given: Option<&str>| {
-            let mut r = RawConfig::default();
-            r.kafka.commit_interval = commit.map(Into::into);
-            r.kafka.catch_up_commit_interval = catch_up.map(Into::into);
-            r.kafka.transaction_timeout = given.map(Into::into);
-            let s = validate(&r)?;
-            assert_eq!(validate(&s.effective).unwrap().runtime, s.runtime);
-            Ok::<_, ConfigError>(s.runtime.transaction_timeout)
+            commit_settings(commit, catch_up, given).map(|r| r.transaction_timeout)
         };
         let secs = Duration::from_secs;
         assert_eq!(timeout(None, None, None).unwrap(), secs(10));
