@@ -76,11 +76,15 @@ pub struct RuntimeArgs {
     #[arg(long, env = "SESSIONIZER_GUARANTEE")]
     pub guarantee: Option<String>,
     /// How often outputs, state and offsets are committed, e.g. 100ms.
-    #[arg(long, env = "SESSIONIZER_COMMIT_INTERVAL")]
+    #[arg(long, env = "SESSIONIZER_COMMIT_INTERVAL", allow_hyphen_values = true)]
     pub commit_interval: Option<String>,
     /// The commit interval while an input partition is reading a backlog, e.g. 1s (default:
     /// 1s, or --commit-interval if longer).
-    #[arg(long, env = "SESSIONIZER_CATCH_UP_COMMIT_INTERVAL")]
+    #[arg(
+        long,
+        env = "SESSIONIZER_CATCH_UP_COMMIT_INTERVAL",
+        allow_hyphen_values = true
+    )]
     pub catch_up_commit_interval: Option<String>,
     /// Compacted topic backing the state (default `<group>-changelog`; created if missing).
     #[arg(long, env = "SESSIONIZER_CHANGELOG_TOPIC")]
@@ -89,12 +93,16 @@ pub struct RuntimeArgs {
     #[arg(long, env = "SESSIONIZER_INSTANCE_ID")]
     pub instance_id: Option<String>,
     /// Transaction timeout (exactly-once), e.g. 10s.
-    #[arg(long, env = "SESSIONIZER_TRANSACTION_TIMEOUT")]
+    #[arg(
+        long,
+        env = "SESSIONIZER_TRANSACTION_TIMEOUT",
+        allow_hyphen_values = true
+    )]
     pub transaction_timeout: Option<String>,
     /// Standby copies kept per owned partition: the state of the next N partitions, warm for
     /// a fast failover (default 0).
-    #[arg(long, env = "SESSIONIZER_STANDBY_REPLICAS")]
-    pub standby_replicas: Option<u32>,
+    #[arg(long, env = "SESSIONIZER_STANDBY_REPLICAS", allow_hyphen_values = true)]
+    pub standby_replicas: Option<String>,
     /// A librdkafka property KEY=VALUE for both clients (repeatable), e.g. security.protocol=SSL.
     #[arg(
         long = "kafka-property",
@@ -106,11 +114,15 @@ pub struct RuntimeArgs {
     #[arg(long, env = "SESSIONIZER_LOG_FORMAT")]
     pub log_format: Option<String>,
     /// How long a graceful shutdown may wait for its final commit, e.g. 30s.
-    #[arg(long, env = "SESSIONIZER_SHUTDOWN_TIMEOUT")]
+    #[arg(long, env = "SESSIONIZER_SHUTDOWN_TIMEOUT", allow_hyphen_values = true)]
     pub shutdown_timeout: Option<String>,
     /// Memory for the state of all the instance's partitions, in MiB (default 1024).
-    #[arg(long, env = "SESSIONIZER_MEMORY_BUDGET_MIB")]
-    pub memory_budget_mib: Option<u64>,
+    #[arg(
+        long,
+        env = "SESSIONIZER_MEMORY_BUDGET_MIB",
+        allow_hyphen_values = true
+    )]
+    pub memory_budget_mib: Option<String>,
 }
 
 impl RuntimeArgs {
@@ -130,7 +142,7 @@ impl RuntimeArgs {
         k.changelog_topic = self.changelog_topic.clone();
         k.instance_id = self.instance_id.clone();
         k.transaction_timeout = self.transaction_timeout.clone();
-        k.standby_replicas = self.standby_replicas;
+        k.standby_replicas = whole_number("kafka.standby_replicas", &self.standby_replicas)?;
         let props: Vec<&String> = self
             .kafka_properties
             .iter()
@@ -150,7 +162,8 @@ impl RuntimeArgs {
         r.service.metrics_addr = self.metrics_addr.clone();
         r.service.log_format = self.log_format.clone();
         r.service.shutdown_timeout = self.shutdown_timeout.clone();
-        r.service.memory_budget_mib = self.memory_budget_mib;
+        r.service.memory_budget_mib =
+            whole_number("service.memory_budget_mib", &self.memory_budget_mib)?;
         Ok(())
     }
 }
@@ -170,7 +183,7 @@ pub struct SemanticArgs {
     #[arg(long, env = "SESSIONIZER_CONFIG")]
     pub config: Option<PathBuf>,
     /// Inactivity timeout, e.g. 30m.
-    #[arg(long, env = "SESSIONIZER_TIMEOUT")]
+    #[arg(long, env = "SESSIONIZER_TIMEOUT", allow_hyphen_values = true)]
     pub timeout: Option<String>,
     /// Timeout rule FIELD=V1,V2:DURATION (repeatable), e.g. platform=ios,android:5m.
     #[arg(
@@ -189,25 +202,25 @@ pub struct SemanticArgs {
     #[arg(long, env = "SESSIONIZER_EXCLUDED_EVENTS", value_delimiter = ',')]
     pub excluded_events: Option<Vec<String>>,
     /// Maximum session length, e.g. 24h ("none" to disable).
-    #[arg(long, env = "SESSIONIZER_MAX_LENGTH")]
+    #[arg(long, env = "SESSIONIZER_MAX_LENGTH", allow_hyphen_values = true)]
     pub max_length: Option<String>,
     /// IANA time zone whose midnights split sessions, e.g. Europe/Berlin ("none" to disable).
     #[arg(long, env = "SESSIONIZER_DAY_BOUNDARY_TIME_ZONE")]
     pub day_boundary_time_zone: Option<String>,
     /// How far the watermark trails the largest event time, e.g. 1m.
-    #[arg(long, env = "SESSIONIZER_ALLOWED_LATENESS")]
+    #[arg(long, env = "SESSIONIZER_ALLOWED_LATENESS", allow_hyphen_values = true)]
     pub allowed_lateness: Option<String>,
     /// Events older than this behind the partition time are late, e.g. 72h.
-    #[arg(long, env = "SESSIONIZER_LATENESS_HORIZON")]
+    #[arg(long, env = "SESSIONIZER_LATENESS_HORIZON", allow_hyphen_values = true)]
     pub lateness_horizon: Option<String>,
     /// Wall-clock quiet time before a due session concludes, e.g. 5s.
-    #[arg(long, env = "SESSIONIZER_QUIET_PERIOD")]
+    #[arg(long, env = "SESSIONIZER_QUIET_PERIOD", allow_hyphen_values = true)]
     pub quiet_period: Option<String>,
     /// Idle time after which a caught-up partition's watermark follows the wall clock.
-    #[arg(long, env = "SESSIONIZER_IDLE_AFTER")]
+    #[arg(long, env = "SESSIONIZER_IDLE_AFTER", allow_hyphen_values = true)]
     pub idle_after: Option<String>,
     /// Largest accepted clock skew of event times ahead of now, e.g. 1h.
-    #[arg(long, env = "SESSIONIZER_MAX_FUTURE_SKEW")]
+    #[arg(long, env = "SESSIONIZER_MAX_FUTURE_SKEW", allow_hyphen_values = true)]
     pub max_future_skew: Option<String>,
     /// What to do with events beyond the skew: dead_letter or clamp.
     #[arg(long, env = "SESSIONIZER_FUTURE_EVENTS")]
@@ -234,8 +247,8 @@ pub struct SemanticArgs {
     #[arg(long, env = "SESSIONIZER_SCOPE_FIELDS", value_delimiter = ',')]
     pub scope_fields: Option<Vec<String>>,
     /// Largest accepted record, in bytes.
-    #[arg(long, env = "SESSIONIZER_MAX_RECORD_BYTES")]
-    pub max_record_bytes: Option<u64>,
+    #[arg(long, env = "SESSIONIZER_MAX_RECORD_BYTES", allow_hyphen_values = true)]
+    pub max_record_bytes: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -388,6 +401,23 @@ fn parse_rule(s: &str) -> Result<RawTimeoutRule, CliError> {
     })
 }
 
+/// A whole-number flag (or its environment variable), parsed here rather than by clap so that
+/// a bad value is reported under its configuration key, like every other setting.
+fn whole_number<T: std::str::FromStr>(
+    key: &str,
+    given: &Option<String>,
+) -> Result<Option<T>, config::ConfigError> {
+    given
+        .as_deref()
+        .map(|v| {
+            v.trim().parse().map_err(|_| config::ConfigError::Invalid {
+                key: key.to_owned(),
+                problem: format!("`{v}` is not a whole number (0, 1, 2...)"),
+            })
+        })
+        .transpose()
+}
+
 impl SemanticArgs {
     /// The flags as a raw configuration overlay.
     pub fn overlay(&self) -> Result<RawConfig, CliError> {
@@ -397,7 +427,7 @@ impl SemanticArgs {
         r.input.event_field = self.event_field.clone();
         r.input.time_format = self.time_format.clone();
         r.input.scope_fields = self.scope_fields.clone();
-        r.input.max_record_bytes = self.max_record_bytes;
+        r.input.max_record_bytes = whole_number("input.max_record_bytes", &self.max_record_bytes)?;
         r.session.timeout = self.timeout.clone();
         if !self.timeout_rules.is_empty() {
             r.session.timeout_rules = Some(

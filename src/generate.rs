@@ -50,6 +50,7 @@
 //! (exponential and geometric draws): a platform whose `ln` rounds differently in the last bit
 //! could in principle shift a time by one millisecond. A test pins the bytes of a stream.
 
+use crate::codec::decode::MAX_TIME;
 use crate::engine::Millis;
 use compact_str::{format_compact, CompactString};
 use rand_pcg::rand_core::Rng;
@@ -279,9 +280,16 @@ pub fn parse_start(text: &str) -> Result<Millis, String> {
     if t.eq_ignore_ascii_case("now") {
         return Ok(chrono::Utc::now().timestamp_millis());
     }
-    chrono::DateTime::parse_from_rfc3339(t)
+    let ms = chrono::DateTime::parse_from_rfc3339(t)
         .map(|d| d.timestamp_millis())
-        .map_err(|e| format!("`{text}` is neither `now` nor an RFC 3339 time ({e})"))
+        .map_err(|e| format!("`{text}` is neither `now` nor an RFC 3339 time ({e})"))?;
+    // The events must be readable by the sessionizer, whose decoder accepts these times only.
+    if !(0..=MAX_TIME).contains(&ms) {
+        return Err(format!(
+            "`{text}` is outside 1970-01-01 .. 9999-12-31, the event times the sessionizer reads"
+        ));
+    }
+    Ok(ms)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -811,6 +819,15 @@ pub fn for_each_paced(
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn start_times_the_sessionizer_cannot_read_are_refused() {
+        assert_eq!(parse_start("1970-01-01T00:00:00Z"), Ok(0));
+        assert_eq!(parse_start("2024-01-01T00:00:00Z"), Ok(DEFAULT_START));
+        for bad in ["1969-12-31T23:59:59Z", "0001-01-01T00:00:00Z", "soon"] {
+            assert!(parse_start(bad).is_err(), "{bad}");
+        }
+    }
 
     fn cfg(count: u64) -> GeneratorConfig {
         GeneratorConfig {

@@ -150,6 +150,13 @@ pub fn sessionize<S: StateStore>(
         if let Some(r) = raw.strip_suffix(b"\r") {
             raw = r;
         }
+        // A file saved with a UTF-8 byte order mark (as some Windows tools write): the mark
+        // belongs to the file, not to the first record.
+        if line_no == 1 {
+            if let Some(r) = raw.strip_prefix("\u{feff}".as_bytes()) {
+                raw = r;
+            }
+        }
         let d = match decoder.decode(raw, None, None) {
             Ok(d) => d,
             Err(e) => {

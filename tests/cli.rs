@@ -198,6 +198,35 @@ fn bad_configuration_exits_2_naming_the_key() {
         "{err}"
     );
 
+    // Values clap would take for flags (a leading '-') or fail to parse itself are reported
+    // under their configuration key too, from a flag or from the environment.
+    let refused = |args: &[&str], env: &[(&str, &str)], key: &str| {
+        let out = bin()
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {err}");
+        assert!(err.contains(key), "{args:?} {env:?}: {err}");
+    };
+    refused(
+        &["sessionize", "--timeout", "-5m"],
+        &[],
+        "`session.timeout`",
+    );
+    refused(
+        &["check", "--standby-replicas", "-1"],
+        &[],
+        "`kafka.standby_replicas`",
+    );
+    refused(
+        &["check"],
+        &[("SESSIONIZER_MAX_RECORD_BYTES", "1MB")],
+        "`input.max_record_bytes`",
+    );
+
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.toml");
     std::fs::write(&cfg, "[session]\ntimout = \"5m\"\n").unwrap();
@@ -391,7 +420,8 @@ fn reads_stdin_and_writes_sessions_to_stdout() {
         .take()
         .unwrap()
         .write_all(
-            b"{\"user_id\":1,\"timestamp\":\"2024-01-01T00:00:00Z\"}\n\
+            // The input starts with a UTF-8 byte order mark, which is not part of line 1.
+            b"\xEF\xBB\xBF{\"user_id\":1,\"timestamp\":\"2024-01-01T00:00:00Z\"}\n\
               {\"user_id\":1,\"timestamp\":\"2024-01-01T00:10:00Z\"}\n\
               {\"user_id\":1,\"timestamp\":1704068400.5}\n",
         )

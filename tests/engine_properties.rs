@@ -5,7 +5,9 @@
 mod support;
 
 use proptest::prelude::*;
-use sessionizer::engine::{AnnotateMode, Disposition, EngineConfig, EventClass, Output};
+use sessionizer::engine::{
+    AnnotateMode, Disposition, EngineConfig, EventClass, LateReason, Output,
+};
 use sessionizer::engine::{Engine, StateStore};
 use sessionizer::store::{MemStore, RocksOptions, RocksStore};
 use support::{feed, finish, offsets, oracle, run_all, Ev, RunOut};
@@ -194,7 +196,35 @@ proptest! {
         prop_assert!(per_session.is_empty(), "released events without a session: {:?}", per_session);
         for (e, d) in c.input.iter().zip(&run.dispositions) {
             if e.class == EventClass::Excluded {
-                prop_assert_eq!(d, &Disposition::Annotated(None));
+                prop_assert!(
+                    matches!(d, Disposition::Annotated(None) | Disposition::Late(LateReason::BeyondHorizon)),
+                    "excluded event {:?}: {:?}", e, d
+                );
+            }
+        }
+    }
+
+    /// User stats and session numbers, recomputed from the user's sessions concluded so far
+    /// (in conclusion order): numbers count conclusions; the interval is the latest session's
+    /// start (by start, then conclusion) minus the latest end among the others.
+    #[test]
+    fn user_stats_equal_a_recomputation_from_the_concluded_sessions(c in case()) {
+        let run = run_all(&c.cfg, MemStore::new(), &c.input);
+        let mut seen: std::collections::HashMap<String, Vec<(i64, i64)>> = Default::default();
+        for o in &run.outputs {
+            if let Output::Session(s) = o {
+                let prior = seen.entry(s.user.clone()).or_default();
+                prior.push((s.start, s.end));
+                let st = &s.stats;
+                prop_assert_eq!(s.session_number, prior.len() as u64);
+                prop_assert_eq!(st.session_count, prior.len() as u64);
+                prop_assert_eq!(st.first_session_start, prior.iter().map(|p| p.0).min().unwrap());
+                prop_assert_eq!(st.last_session_end, prior.iter().map(|p| p.1).max().unwrap());
+                prop_assert_eq!(st.total_length_ms, prior.iter().map(|p| p.1 - p.0).sum::<i64>());
+                let latest = (0..prior.len()).max_by_key(|&i| (prior[i].0, i)).unwrap();
+                prop_assert_eq!(st.last_session_start, prior[latest].0);
+                let before = (0..prior.len()).filter(|&i| i != latest).map(|i| prior[i].1).max();
+                prop_assert_eq!(st.last_interval_ms, before.map(|b| prior[latest].0 - b));
             }
         }
     }

@@ -166,14 +166,20 @@ const SCENARIOS: &[Scenario] = &[
         late: &[],
     },
     Scenario {
-        name: "events older than the lateness horizon are late",
+        name: "events older than the lateness horizon are late, excluded ones too",
         cfg: |c| c.lateness_horizon = 120 * MIN,
-        input: &[("u", 0, "e"), ("u", 300 * MIN, "e"), ("v", 60 * MIN, "e")],
+        input: &[
+            ("u", 0, "e"),
+            ("u", 300 * MIN, "e"),
+            ("v", 60 * MIN, "e"),
+            ("v", 60 * MIN, "x"),
+            ("v", 200 * MIN, "x"),
+        ],
         sessions: &[
             ("u", 0, 0, 1, EndReason::Inactivity),
             ("u", 300 * MIN, 300 * MIN, 1, EndReason::Inactivity),
         ],
-        late: &[2],
+        late: &[2, 3],
     },
     Scenario {
         name: "without a quiet period an offline-uploaded burst is split up",
@@ -608,4 +614,47 @@ fn user_stats_follow_conclusions() {
         })
         .collect();
     assert_eq!(numbers, vec![1, 2]);
+}
+
+#[test]
+fn a_session_accepted_late_gets_the_next_number_and_a_true_interval() {
+    let cfg = {
+        let mut c = EngineConfig::default();
+        base_cfg(&mut c);
+        c
+    };
+    // [200] concludes once 400 is seen; 0 is older, touches nothing concluded, so it is
+    // accepted and concludes at once; then [100] the same; [400] concludes at the end.
+    let evs = input(&[
+        ("u", 200 * MIN, "e"),
+        ("u", 400 * MIN, "e"),
+        ("u", 0, "e"),
+        ("u", 100 * MIN, "e"),
+    ]);
+    let run = run_all(&cfg, MemStore::new(), &evs);
+    let got: Vec<(Millis, u64, Option<Millis>, Millis)> = run
+        .outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Session(s) => Some((
+                s.start - BASE,
+                s.session_number,
+                s.stats.last_interval_ms,
+                s.stats.last_session_start - BASE,
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            // Numbers follow conclusion order: published numbers never change.
+            (200 * MIN, 1, None, 200 * MIN),
+            // The latest session is still [200]; the one before it is now [0].
+            (0, 2, Some(200 * MIN), 200 * MIN),
+            // [100] is now the one before [200].
+            (100 * MIN, 3, Some(100 * MIN), 200 * MIN),
+            (400 * MIN, 4, Some(200 * MIN), 400 * MIN),
+        ]
+    );
 }

@@ -422,9 +422,10 @@ pub fn parse_time(raw: &str, fmt: TimeFormat) -> Result<Millis, DecodeError> {
         let s: String = serde_json::from_str(raw)
             .map_err(|_| DecodeError::InvalidTime(format!("bad string {}", truncate(raw))))?;
         let s = s.trim();
-        let numeric = s.starts_with(|c: char| c.is_ascii_digit() || c == '-')
-            && !s.contains('T')
-            && !s.contains(' ');
+        // Anything that is not a number (RFC 3339's `T` or `t`, a space, `Z` or `z`, `:`) is
+        // a date-time.
+        let numeric =
+            s.starts_with(|c: char| c.is_ascii_digit() || c == '-') && s.parse::<f64>().is_ok();
         return match fmt {
             TimeFormat::Rfc3339 => rfc3339(s),
             TimeFormat::Auto if !numeric => rfc3339(s),
@@ -464,6 +465,7 @@ fn number(s: &str, fmt: TimeFormat) -> Result<Millis, DecodeError> {
         }
         let scale = match fmt {
             TimeFormat::Millis => 1.0,
+            TimeFormat::Auto if f.abs() >= 1e11 => 1.0,
             _ => 1000.0,
         };
         let v = (f * scale).floor();
@@ -489,9 +491,9 @@ fn number(s: &str, fmt: TimeFormat) -> Result<Millis, DecodeError> {
         let seconds = match (fmt, frac) {
             (TimeFormat::Seconds, _) => true,
             (TimeFormat::Millis, _) => false,
-            (_, Some(_)) => true,
-            // Auto, integer: below 10^11 it can only sensibly be seconds (10^11 ms is 1973).
-            (_, None) => iv < 100_000_000_000,
+            // Auto: below 10^11 it can only sensibly be seconds (10^11 ms is 1973), above it
+            // only milliseconds (10^11 s is the year 5138), with or without a fraction.
+            _ => iv < 100_000_000_000,
         };
         let signed = |v: i128| if neg { -v } else { v };
         if seconds {
@@ -615,6 +617,29 @@ mod tests {
             1_700_000_000_100
         );
         assert_eq!(t(r#"{"user_id":"u","timestamp":1.7e9}"#), 1_700_000_000_000);
+        // Auto: from 10^11 on a number is milliseconds, fraction or not; the fraction below
+        // a millisecond is dropped, as it is for seconds.
+        assert_eq!(
+            t(r#"{"user_id":"u","timestamp":1700000000123.7}"#),
+            1_700_000_000_123
+        );
+        assert_eq!(
+            t(r#"{"user_id":"u","timestamp":1.7e12}"#),
+            1_700_000_000_000
+        );
+        assert_eq!(
+            t(r#"{"user_id":"u","timestamp":"1700000000123.7"}"#),
+            1_700_000_000_123
+        );
+        // RFC 3339 allows lower-case `t` and `z`, and chrono a space for `T`.
+        assert_eq!(
+            t(r#"{"user_id":"u","timestamp":"2023-11-14t22:13:20.123z"}"#),
+            1_700_000_000_123
+        );
+        assert_eq!(
+            t(r#"{"user_id":"u","timestamp":"2023-11-14 22:13:20Z"}"#),
+            1_700_000_000_000
+        );
         assert_eq!(
             t(r#"{"user_id":"u","timestamp":"2023-11-14T22:13:20.123Z"}"#),
             1_700_000_000_123
@@ -633,6 +658,13 @@ mod tests {
                 .unwrap_err()
                 .reason(),
             "time_out_of_range"
+        );
+        let m = decoder(|r| r.input.time_format = Some("millis".into()));
+        assert_eq!(
+            m.decode(br#"{"user_id":"u","timestamp":17.9}"#, None, None)
+                .unwrap()
+                .time,
+            17
         );
         let k = decoder(|r| r.input.time_format = Some("record_timestamp".into()));
         assert_eq!(

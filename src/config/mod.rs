@@ -33,8 +33,8 @@ fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
 /// How the event time is read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TimeFormat {
-    /// Integers are epoch milliseconds (epoch seconds when below 10^11, i.e. before 1973 as
-    /// millis), numbers with a fraction are epoch seconds, strings are RFC 3339 (or numbers).
+    /// Numbers below 10^11 are epoch seconds, larger ones epoch milliseconds (with or without
+    /// a fraction); strings are RFC 3339 (or numbers).
     Auto,
     Millis,
     Seconds,

@@ -138,19 +138,21 @@ impl<S: StateStore> Engine<S> {
                 }
             }
         }
-        if ev.class == EventClass::Excluded {
-            self.counters.excluded += 1;
-            self.meta.watermark.observe(ev.source, t, now, &self.wm);
-            return Ok(Disposition::Annotated(None));
-        }
         let cutoff = self
             .meta
             .watermark
             .partition_time(&self.wm)
             .map(|pt| pt.saturating_sub(self.cfg.lateness_horizon));
+        // The horizon applies to every event, excluded ones too: "older than the horizon is
+        // late" is one rule, whatever the event's class.
         if cutoff.is_some_and(|c| t < c) {
             self.counters.late_horizon += 1;
             return Ok(Disposition::Late(LateReason::BeyondHorizon));
+        }
+        if ev.class == EventClass::Excluded {
+            self.counters.excluded += 1;
+            self.meta.watermark.observe(ev.source, t, now, &self.wm);
+            return Ok(Disposition::Annotated(None));
         }
 
         let quiet = self.cfg.quiet_period;
@@ -450,6 +452,10 @@ fn plan_timers(st: &mut KeyState, w: Millis, quiet: Millis) -> Timers {
     t
 }
 
+/// Adds a concluded session to the user's stats. `last_interval_ms` is the start of the
+/// user's latest session (by start time) minus the latest end among the sessions that started
+/// before it. A session accepted late, older than the latest, can only move that end (it is
+/// kept implicitly: `last_session_start - last_interval_ms`, so the stored format stays).
 fn update_stats(s: &mut UserStats, start: Millis, end: Millis) {
     if s.session_count == 0 {
         s.first_session_start = start;
@@ -458,8 +464,15 @@ fn update_stats(s: &mut UserStats, start: Millis, end: Millis) {
         s.last_interval_ms = None;
     } else {
         s.first_session_start = s.first_session_start.min(start);
-        s.last_interval_ms = Some(start - s.last_session_end);
-        s.last_session_start = s.last_session_start.max(start);
+        if start >= s.last_session_start {
+            s.last_interval_ms = Some(start - s.last_session_end);
+            s.last_session_start = start;
+        } else {
+            let before = s
+                .last_interval_ms
+                .map_or(end, |i| end.max(s.last_session_start - i));
+            s.last_interval_ms = Some(s.last_session_start - before);
+        }
         s.last_session_end = s.last_session_end.max(end);
     }
     s.session_count += 1;

@@ -170,7 +170,8 @@ pub struct ConcludedSession {
     pub end: Millis,
     pub event_count: u64,
     pub end_reason: EndReason,
-    /// The user's session number: 1 for the first session concluded for this user.
+    /// The user's session number, in conclusion order: 1 for the first session concluded
+    /// for this user (a session accepted late takes the next number; published ones stay).
     pub session_number: u64,
     /// Ids of sessions that were merged into this one (visible in `on_arrival` annotations).
     pub merged_ids: Vec<SessionId>,
@@ -188,8 +189,8 @@ pub struct UserStats {
     pub session_count: u64,
     /// Sum of session lengths (ms), for the average.
     pub total_length_ms: i64,
-    /// Start of the latest concluded session minus the end of the one concluded before it
-    /// (ms); `None` until the user has two sessions.
+    /// Start of the latest session (by start time) minus the latest end among the sessions
+    /// that started before it (ms); `None` until the user has two sessions.
     pub last_interval_ms: Option<i64>,
 }
 
