@@ -275,19 +275,24 @@ fn check_prints_the_effective_configuration_with_env_and_flag_overrides() {
     );
 }
 
-/// The shipped configuration files are valid: the examples and the one in the Kubernetes
-/// ConfigMap (its `sessionizer.toml` block).
-#[test]
-fn shipped_configuration_files_pass_check() {
-    let dir = tempfile::tempdir().unwrap();
+/// The `sessionizer.toml` block of the Kubernetes ConfigMap.
+fn configmap_toml() -> String {
     let configmap = std::fs::read_to_string("deploy/kubernetes/configmap.yaml").unwrap();
-    let block: String = configmap
+    configmap
         .lines()
         .skip_while(|l| !l.trim_start().starts_with("sessionizer.toml: |"))
         .skip(1)
         .take_while(|l| l.is_empty() || l.starts_with("    "))
         .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
-        .collect();
+        .collect()
+}
+
+/// The shipped configuration files are valid: the examples and the one in the Kubernetes
+/// ConfigMap (its `sessionizer.toml` block).
+#[test]
+fn shipped_configuration_files_pass_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let block = configmap_toml();
     assert!(block.contains("[kafka]"), "no TOML block found:\n{block}");
     let from_configmap = dir.path().join("configmap.toml");
     std::fs::write(&from_configmap, &block).unwrap();
@@ -308,6 +313,113 @@ fn shipped_configuration_files_pass_check() {
             file.display(),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+}
+
+/// `KEY: value` lines of the `environment:` map of a docker-compose service (comments and
+/// quotes dropped). A reader for this file's layout only: services indented by 2, their keys
+/// by 4, the map's entries by 6.
+fn compose_environment(compose: &str, service: &str) -> Vec<(String, String)> {
+    let mut lines = compose
+        .lines()
+        .skip_while(|l| *l != format!("  {service}:"))
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with("   ") || l.trim_start().starts_with('#'))
+        .skip_while(|l| *l != "    environment:")
+        .skip(1)
+        .take_while(|l| l.starts_with("      ") || l.trim_start().starts_with('#'));
+    let mut env = Vec::new();
+    for l in lines.by_ref() {
+        let l = l.trim();
+        if l.starts_with('#') {
+            continue;
+        }
+        let (k, v) = l.split_once(": ").expect("KEY: value");
+        env.push((k.to_owned(), v.trim_matches('"').to_owned()));
+    }
+    env
+}
+
+/// `- name: K` followed by `value: V` in a Kubernetes container's `env` (literal values only).
+fn manifest_env_values(manifest: &str) -> Vec<(String, String)> {
+    let lines: Vec<&str> = manifest.lines().map(str::trim).collect();
+    lines
+        .windows(2)
+        .filter_map(|w| {
+            let k = w[0].strip_prefix("- name: ")?;
+            let v = w[1].strip_prefix("value: ")?;
+            Some((k.to_owned(), v.trim_matches('"').to_owned()))
+        })
+        .collect()
+}
+
+/// The deployment files hold what they claim: docker-compose's sessionizer runs with the
+/// settings of examples/sessionizer-kafka.toml, only the brokers, the metrics address and the
+/// state directory changed for the container; the Kubernetes StatefulSet's environment on
+/// the ConfigMap's file is a valid configuration with its state directory and instance id.
+#[test]
+fn deployment_files_give_the_configuration_they_claim() {
+    let compose = std::fs::read_to_string("docker-compose.yml").unwrap();
+    let env: Vec<(String, String)> = compose_environment(&compose, "sessionizer")
+        .into_iter()
+        .filter(|(k, _)| k != "SESSIONIZER_LOG")
+        .collect();
+    assert!(env.len() >= 20, "environment not found: {env:?}");
+    let get = |k: &str| {
+        env.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("{k} missing"))
+    };
+    let check = |args: &[&str], env: &[(String, String)]| {
+        let out = bin()
+            .arg("check")
+            .args(args)
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        ok(&out);
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let from_compose = check(&[], &env);
+    let from_example = check(
+        &[
+            "--config",
+            "examples/sessionizer-kafka.toml",
+            "--brokers",
+            &get("SESSIONIZER_BROKERS"),
+            "--metrics-addr",
+            &get("SESSIONIZER_METRICS_ADDR"),
+            "--state-dir",
+            &get("SESSIONIZER_STATE_DIR"),
+        ],
+        &[],
+    );
+    assert_eq!(from_compose, from_example);
+
+    let dir = tempfile::tempdir().unwrap();
+    let block = configmap_toml();
+    let file = dir.path().join("sessionizer.toml");
+    std::fs::write(&file, block).unwrap();
+    let statefulset = std::fs::read_to_string("deploy/kubernetes/statefulset.yaml").unwrap();
+    assert!(
+        statefulset.contains(r#"args: ["run", "--config", "/etc/sessionizer/sessionizer.toml"]"#)
+    );
+    let mut env: Vec<(String, String)> = manifest_env_values(&statefulset)
+        .into_iter()
+        .filter(|(k, _)| k != "SESSIONIZER_LOG")
+        .collect();
+    assert!(env.len() >= 2, "environment not found: {env:?}");
+    // The downward API gives the pod's name.
+    env.push(("SESSIONIZER_INSTANCE_ID".into(), "sessionizer-0".into()));
+    let effective = check(&["--config", file.to_str().unwrap()], &env);
+    for line in [
+        r#"state_dir = "/var/lib/sessionizer""#,
+        r#"metrics_addr = "0.0.0.0:9464""#,
+        r#"instance_id = "sessionizer-0""#,
+    ] {
+        assert!(effective.lines().any(|l| l == line), "{line}:\n{effective}");
     }
 }
 
