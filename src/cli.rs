@@ -412,7 +412,7 @@ fn whole_number<T: std::str::FromStr>(
         .map(|v| {
             v.trim().parse().map_err(|_| config::ConfigError::Invalid {
                 key: key.to_owned(),
-                problem: format!("`{v}` is not a whole number (0, 1, 2...)"),
+                problem: format!("`{v}` is not a whole number (0, 1, 2...) or is too large"),
             })
         })
         .transpose()

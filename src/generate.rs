@@ -274,6 +274,9 @@ impl GeneratorConfig {
     }
 }
 
+/// The earliest `--start`: 10^11 ms, from where `auto` reads the times as milliseconds.
+const MIN_START: Millis = 100_000_000_000;
+
 /// Parses `--start`: RFC 3339 (any offset) or `now` (the wall clock).
 pub fn parse_start(text: &str) -> Result<Millis, String> {
     let t = text.trim();
@@ -283,10 +286,12 @@ pub fn parse_start(text: &str) -> Result<Millis, String> {
     let ms = chrono::DateTime::parse_from_rfc3339(t)
         .map(|d| d.timestamp_millis())
         .map_err(|e| format!("`{text}` is neither `now` nor an RFC 3339 time ({e})"))?;
-    // The events must be readable by the sessionizer, whose decoder accepts these times only.
-    if !(0..=MAX_TIME).contains(&ms) {
+    // The events' times are written in epoch milliseconds, which the sessionizer's default
+    // time format (`auto`) reads as such from 10^11 (1973-03-03T09:46:40Z) to its maximum.
+    if !(MIN_START..=MAX_TIME).contains(&ms) {
         return Err(format!(
-            "`{text}` is outside 1970-01-01 .. 9999-12-31, the event times the sessionizer reads"
+            "`{text}` is outside 1973-03-03T09:46:40Z .. 9999-12-31: the sessionizer's default \
+             time format reads earlier millisecond times as seconds, and none later"
         ));
     }
     Ok(ms)
@@ -822,9 +827,14 @@ mod tests {
 
     #[test]
     fn start_times_the_sessionizer_cannot_read_are_refused() {
-        assert_eq!(parse_start("1970-01-01T00:00:00Z"), Ok(0));
+        assert_eq!(parse_start("1973-03-03T09:46:40Z"), Ok(MIN_START));
         assert_eq!(parse_start("2024-01-01T00:00:00Z"), Ok(DEFAULT_START));
-        for bad in ["1969-12-31T23:59:59Z", "0001-01-01T00:00:00Z", "soon"] {
+        for bad in [
+            "1973-03-03T09:46:39.999Z",
+            "1970-01-01T00:00:00Z",
+            "0001-01-01T00:00:00Z",
+            "soon",
+        ] {
             assert!(parse_start(bad).is_err(), "{bad}");
         }
     }

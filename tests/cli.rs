@@ -203,6 +203,7 @@ fn bad_configuration_exits_2_naming_the_key() {
     let refused = |args: &[&str], env: &[(&str, &str)], key: &str| {
         let out = bin()
             .args(args)
+            .env_clear()
             .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .output()

@@ -451,61 +451,70 @@ fn rfc3339(s: &str) -> Result<Millis, DecodeError> {
         .map_err(|e| DecodeError::InvalidTime(format!("`{}` is not RFC 3339 ({e})", truncate(s))))
 }
 
-/// Numbers: integers exactly; decimals digit by digit (no float rounding); exponents via f64.
+/// Numbers, exactly: the digits and the exponent are read as a decimal, never through a float
+/// (`8.617317888196e9` seconds is exactly 8617317888196 ms); below a millisecond, the floor.
 fn number(s: &str, fmt: TimeFormat) -> Result<Millis, DecodeError> {
     let bad = || DecodeError::InvalidTime(format!("`{}` is not a valid number", truncate(s)));
     let (neg, body) = match s.strip_prefix('-') {
         Some(b) => (true, b),
         None => (false, s),
     };
-    let value_ms: i128 = if body.contains(['e', 'E']) {
-        let f: f64 = s.parse().map_err(|_| bad())?;
-        if !f.is_finite() {
-            return Err(bad());
-        }
-        let scale = match fmt {
-            TimeFormat::Millis => 1.0,
-            TimeFormat::Auto if f.abs() >= 1e11 => 1.0,
-            _ => 1000.0,
-        };
-        let v = (f * scale).floor();
-        if v.abs() > 1e30 {
-            return Err(DecodeError::TimeOutOfRange(i128::MAX));
-        }
-        v as i128
-    } else {
-        let (int, frac) = match body.split_once('.') {
-            Some((i, f)) => (i, Some(f)),
-            None => (body, None),
-        };
-        if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(bad());
-        }
-        if frac.is_some_and(|f| f.is_empty() || !f.bytes().all(|b| b.is_ascii_digit())) {
-            return Err(bad());
-        }
-        if int.len() > 30 {
-            return Err(DecodeError::TimeOutOfRange(i128::MAX));
-        }
-        let iv: i128 = int.parse().map_err(|_| bad())?;
-        let seconds = match (fmt, frac) {
-            (TimeFormat::Seconds, _) => true,
-            (TimeFormat::Millis, _) => false,
-            // Auto: below 10^11 it can only sensibly be seconds (10^11 ms is 1973), above it
-            // only milliseconds (10^11 s is the year 5138), with or without a fraction.
-            _ => iv < 100_000_000_000,
-        };
-        let signed = |v: i128| if neg { -v } else { v };
-        if seconds {
-            let mut ms = iv * 1000;
-            if let Some(f) = frac {
-                let digits: String = f.chars().chain("000".chars()).take(3).collect();
-                ms += digits.parse::<i128>().map_err(|_| bad())?;
+    let (mantissa, exp) = match body.split_once(['e', 'E']) {
+        Some((m, e)) => {
+            let digits = e.strip_prefix(['+', '-']).unwrap_or(e);
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
             }
-            signed(ms)
-        } else {
-            signed(iv)
+            // Beyond 10^6 in size the value is 0 or out of range, whatever the digits.
+            let e: i64 = e.parse().unwrap_or(if e.starts_with('-') {
+                -1_000_000
+            } else {
+                1_000_000
+            });
+            (m, e.clamp(-1_000_000, 1_000_000))
         }
+        None => (body, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    if mantissa.contains('.') && (frac.is_empty() || !frac.bytes().all(|b| b.is_ascii_digit())) {
+        return Err(bad());
+    }
+    // The value is `digits` x 10^`scale`, in the unit written.
+    let joined = format!("{int}{frac}");
+    let digits = joined.trim_start_matches('0');
+    let scale = exp - frac.len() as i64;
+    // floor(value x 10^shift), or None when that is 10^25 or more (out of range in any unit).
+    let whole = |shift: i64| -> Option<i128> {
+        let e = scale + shift;
+        if digits.is_empty() {
+            Some(0)
+        } else if digits.len() as i64 + e > 25 {
+            None
+        } else if e >= 0 {
+            Some(digits.parse::<i128>().ok()? * 10i128.pow(e as u32))
+        } else {
+            let keep = digits.len() as i64 + e;
+            if keep <= 0 {
+                Some(0)
+            } else {
+                digits[..keep as usize].parse().ok()
+            }
+        }
+    };
+    let seconds = match fmt {
+        TimeFormat::Seconds => true,
+        TimeFormat::Millis => false,
+        // Auto: below 10^11 it can only sensibly be seconds (10^11 ms is 1973), from there on
+        // only milliseconds (10^11 s is the year 5138), with or without a fraction.
+        _ => whole(0).is_some_and(|v| v < 100_000_000_000),
+    };
+    let value_ms = match whole(if seconds { 3 } else { 0 }) {
+        Some(v) if neg => -v,
+        Some(v) => v,
+        None => return Err(DecodeError::TimeOutOfRange(i128::MAX)),
     };
     if value_ms < 0 || value_ms > MAX_TIME as i128 {
         return Err(DecodeError::TimeOutOfRange(value_ms));
@@ -582,6 +591,38 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// Every millisecond time reads back exactly whichever way it is written: integer
+        /// milliseconds, seconds with a fraction, either unit with an exponent, as a number
+        /// or a string; `auto` takes the unit from the size, the others as told.
+        #[test]
+        fn every_spelling_of_a_time_reads_back_exactly(
+            v in 0i64..=MAX_TIME,
+            quoted in proptest::bool::ANY,
+        ) {
+            let digits = v.to_string();
+            let (first, rest) = digits.split_at(1);
+            let point = |e: usize| format!("{first}.{rest}0e{e}");
+            let spellings = [
+                (digits.clone(), TimeFormat::Millis),
+                (format!("{}.{:03}", v / 1000, v % 1000), TimeFormat::Seconds),
+                (point(digits.len() - 1), TimeFormat::Millis),
+                (format!("{}E-{}", digits, 3), TimeFormat::Seconds),
+                (point(digits.len() - 1).replace('e', "e+"), TimeFormat::Millis),
+            ];
+            for (text, fmt) in spellings {
+                let raw = if quoted { format!("\"{text}\"") } else { text.clone() };
+                proptest::prop_assert_eq!(parse_time(&raw, fmt).ok(), Some(v), "{} as {:?}", raw, fmt);
+                // Auto: a written value below 10^11 is seconds, from there on milliseconds.
+                let auto_reads_it = match fmt {
+                    TimeFormat::Millis => v >= 100_000_000_000,
+                    _ => v < 100_000_000_000_000,
+                };
+                if auto_reads_it {
+                    proptest::prop_assert_eq!(parse_time(&raw, TimeFormat::Auto).ok(), Some(v), "{} as auto", raw);
+                }
+            }
+        }
+
         /// The bracket count that spares the exact scan never changes the verdict: texts
         /// made mostly of brackets, quotes and escapes, often deeper than [`MAX_DEPTH`].
         #[test]
@@ -627,6 +668,16 @@ mod tests {
             t(r#"{"user_id":"u","timestamp":1.7e12}"#),
             1_700_000_000_000
         );
+        // Exponents are read as decimals too: through a float this was ...195.
+        assert_eq!(
+            t(r#"{"user_id":"u","timestamp":8.617317888196e9}"#),
+            8_617_317_888_196
+        );
+        assert_eq!(
+            t(r#"{"user_id":"u","timestamp":17000000001234E-4}"#),
+            1_700_000_000_123
+        );
+        assert_eq!(t(r#"{"user_id":"u","timestamp":"5e-400"}"#), 0);
         assert_eq!(
             t(r#"{"user_id":"u","timestamp":"1700000000123.7"}"#),
             1_700_000_000_123

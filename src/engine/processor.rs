@@ -452,10 +452,12 @@ fn plan_timers(st: &mut KeyState, w: Millis, quiet: Millis) -> Timers {
     t
 }
 
-/// Adds a concluded session to the user's stats. `last_interval_ms` is the start of the
-/// user's latest session (by start time) minus the latest end among the sessions that started
-/// before it. A session accepted late, older than the latest, can only move that end (it is
-/// kept implicitly: `last_session_start - last_interval_ms`, so the stored format stays).
+/// Adds a concluded session to the user's stats. `last_interval_ms` is the latest start of
+/// the user's sessions minus the latest end among the sessions that started strictly before
+/// it (`None` while there are none), whatever order the sessions conclude in. A session
+/// accepted late, older than the latest, can only move that end (it is kept implicitly:
+/// `last_session_start - last_interval_ms`, so the stored format stays); one starting at the
+/// latest start changes nothing of it.
 fn update_stats(s: &mut UserStats, start: Millis, end: Millis) {
     if s.session_count == 0 {
         s.first_session_start = start;
@@ -464,10 +466,10 @@ fn update_stats(s: &mut UserStats, start: Millis, end: Millis) {
         s.last_interval_ms = None;
     } else {
         s.first_session_start = s.first_session_start.min(start);
-        if start >= s.last_session_start {
+        if start > s.last_session_start {
             s.last_interval_ms = Some(start - s.last_session_end);
             s.last_session_start = start;
-        } else {
+        } else if start < s.last_session_start {
             let before = s
                 .last_interval_ms
                 .map_or(end, |i| end.max(s.last_session_start - i));

@@ -189,8 +189,8 @@ pub struct UserStats {
     pub session_count: u64,
     /// Sum of session lengths (ms), for the average.
     pub total_length_ms: i64,
-    /// Start of the latest session (by start time) minus the latest end among the sessions
-    /// that started before it (ms); `None` until the user has two sessions.
+    /// The latest start minus the latest end among the sessions that started strictly
+    /// before it (ms); `None` while there are none.
     pub last_interval_ms: Option<i64>,
 }
 
