@@ -459,6 +459,21 @@ fn number(s: &str, fmt: TimeFormat) -> Result<Millis, DecodeError> {
         Some(b) => (true, b),
         None => (false, s),
     };
+    // The common case first: a plain integer.
+    if !body.is_empty() && body.len() <= 25 && body.bytes().all(|b| b.is_ascii_digit()) {
+        let v: i128 = body.parse().map_err(|_| bad())?;
+        let seconds = match fmt {
+            TimeFormat::Seconds => true,
+            TimeFormat::Millis => false,
+            _ => v < 100_000_000_000,
+        };
+        let ms = if seconds { v * 1000 } else { v };
+        let ms = if neg { -ms } else { ms };
+        if ms < 0 || ms > MAX_TIME as i128 {
+            return Err(DecodeError::TimeOutOfRange(ms));
+        }
+        return Ok(ms as Millis);
+    }
     let (mantissa, exp) = match body.split_once(['e', 'E']) {
         Some((m, e)) => {
             let digits = e.strip_prefix(['+', '-']).unwrap_or(e);
