@@ -306,7 +306,7 @@ pub struct GenerateArgs {
     /// Smallest idle gap between two sessions of a user (keep it above the timeout).
     #[arg(long, default_value = "31m", value_parser = config::parse_duration)]
     pub session_gap_min: Millis,
-    /// Event time of the first events: RFC 3339, or `now`.
+    /// Event time of the first events: RFC 3339 (1973-03-03T09:46:40Z or later), or `now`.
     #[arg(long, default_value = "2024-01-01T00:00:00Z", value_parser = generate::parse_start)]
     pub start: Millis,
     /// Largest delay of an event after its event time (uniform jitter): bounded disorder.

@@ -291,7 +291,7 @@ pub fn parse_start(text: &str) -> Result<Millis, String> {
     if !(MIN_START..=MAX_TIME).contains(&ms) {
         return Err(format!(
             "`{text}` is outside 1973-03-03T09:46:40Z .. 9999-12-31: the sessionizer's default \
-             time format reads earlier millisecond times as seconds, and none later"
+             time format reads earlier millisecond times as seconds, and no time after 9999"
         ));
     }
     Ok(ms)

@@ -480,13 +480,13 @@ fn number(s: &str, fmt: TimeFormat) -> Result<Millis, DecodeError> {
             if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(bad());
             }
-            // Beyond 10^6 in size the value is 0 or out of range, whatever the digits.
-            let e: i64 = e.parse().unwrap_or(if e.starts_with('-') {
-                -1_000_000
-            } else {
-                1_000_000
-            });
-            (m, e.clamp(-1_000_000, 1_000_000))
+            // An exponent too large for an i64 is, whatever the mantissa (under 2^60 digits),
+            // 0 or out of range; the clamp keeps the sums below from overflowing.
+            const LIMIT: i64 = i64::MAX / 4;
+            let e: i64 = e
+                .parse()
+                .unwrap_or(if e.starts_with('-') { -LIMIT } else { LIMIT });
+            (m, e.clamp(-LIMIT, LIMIT))
         }
         None => (body, 0),
     };
@@ -519,6 +519,12 @@ fn number(s: &str, fmt: TimeFormat) -> Result<Millis, DecodeError> {
             }
         }
     };
+    // Any value below zero, however small, is before 1970 (the floor of -0.0001 is -1).
+    if neg && !digits.is_empty() {
+        return Err(DecodeError::TimeOutOfRange(
+            -whole(0).unwrap_or(i128::MAX).max(1),
+        ));
+    }
     let seconds = match fmt {
         TimeFormat::Seconds => true,
         TimeFormat::Millis => false,
@@ -527,11 +533,10 @@ fn number(s: &str, fmt: TimeFormat) -> Result<Millis, DecodeError> {
         _ => whole(0).is_some_and(|v| v < 100_000_000_000),
     };
     let value_ms = match whole(if seconds { 3 } else { 0 }) {
-        Some(v) if neg => -v,
         Some(v) => v,
         None => return Err(DecodeError::TimeOutOfRange(i128::MAX)),
     };
-    if value_ms < 0 || value_ms > MAX_TIME as i128 {
+    if value_ms > MAX_TIME as i128 {
         return Err(DecodeError::TimeOutOfRange(value_ms));
     }
     Ok(value_ms as Millis)
@@ -624,6 +629,14 @@ mod tests {
                 (format!("{}E-{}", digits, 3), TimeFormat::Seconds),
                 (point(digits.len() - 1).replace('e', "e+"), TimeFormat::Millis),
             ];
+            // Plain integers take a path of their own; padded with zeros (or with a zero
+            // fraction) they take the decimal reader, which must agree in every format.
+            for fmt in [TimeFormat::Auto, TimeFormat::Millis, TimeFormat::Seconds] {
+                let fast = parse_time(&digits, fmt).ok();
+                for slow in [format!("{}{digits}", "0".repeat(30)), format!("{digits}.0"), format!("{digits}e0")] {
+                    proptest::prop_assert_eq!(parse_time(&slow, fmt).ok(), fast, "{} as {:?}", slow, fmt);
+                }
+            }
             for (text, fmt) in spellings {
                 let raw = if quoted { format!("\"{text}\"") } else { text.clone() };
                 proptest::prop_assert_eq!(parse_time(&raw, fmt).ok(), Some(v), "{} as {:?}", raw, fmt);
@@ -693,6 +706,24 @@ mod tests {
             1_700_000_000_123
         );
         assert_eq!(t(r#"{"user_id":"u","timestamp":"5e-400"}"#), 0);
+        // The 10^11 threshold of auto, on both sides.
+        assert_eq!(
+            t(r#"{"user_id":"u","timestamp":99999999999}"#),
+            99_999_999_999_000
+        );
+        assert_eq!(
+            t(r#"{"user_id":"u","timestamp":100000000000}"#),
+            100_000_000_000
+        );
+        assert_eq!(
+            t(r#"{"user_id":"u","timestamp":99999999999.5}"#),
+            99_999_999_999_500
+        );
+        // Zero with a sign is zero; a long mantissa is not cancelled by a clamped exponent.
+        assert_eq!(t(r#"{"user_id":"u","timestamp":-0}"#), 0);
+        assert_eq!(t(r#"{"user_id":"u","timestamp":"-0.0"}"#), 0);
+        let long = format!("0.{}1e1000020", "0".repeat(1_000_009));
+        assert_eq!(parse_time(&long, TimeFormat::Auto), Ok(10_000_000_000_000));
         assert_eq!(
             t(r#"{"user_id":"u","timestamp":"1700000000123.7"}"#),
             1_700_000_000_123
@@ -765,6 +796,15 @@ mod tests {
             reason(&d, r#"{"user_id":"u","timestamp":"NaN"}"#),
             "invalid_time"
         );
+        for bad in ["1e", "1e+", "1.e5", ".5", "1e5e5", "1.5.5", "--1"] {
+            let rec = format!(r#"{{"user_id":"u","timestamp":"{bad}"}}"#);
+            assert_eq!(reason(&d, &rec), "invalid_time", "{bad}");
+        }
+        // Before 1970 however little: the floor of -0.0001 s is -1 ms.
+        for before in ["-1", "-0.0001", "-1e-4", "-5e-400"] {
+            let rec = format!(r#"{{"user_id":"u","timestamp":{before}}}"#);
+            assert_eq!(reason(&d, &rec), "time_out_of_range", "{before}");
+        }
         assert_eq!(
             reason(&d, r#"{"user_id":"u","timestamp":"yesterday"}"#),
             "invalid_time"
