@@ -169,26 +169,25 @@ enum Forward {
 }
 
 /// The session flags of every sessionizer run (`Run::start`), and of the annotating
-/// pass-through's decoder ([`bench_decoder`]).
-const SEMANTICS: [&str; 10] = [
-    "--start-events",
-    "app_open",
-    "--end-events",
-    "app_close",
-    "--excluded-events",
-    "push_sent,notification_shown,app_installed",
-    "--allowed-lateness",
-    "5s",
-    "--idle-after",
-    "2s",
-];
+/// pass-through's decoder ([`bench_decoder`]): the generator's event classes, and the
+/// benchmark's watermark settings.
+fn semantics() -> Vec<String> {
+    let watermark = ["--allowed-lateness", "5s", "--idle-after", "2s"];
+    let classes = sessionizer::generate::event_class_flags();
+    classes
+        .into_iter()
+        .chain(watermark.map(String::from))
+        .collect()
+}
 
-/// The decoder of the sessionizer runs: their [`SEMANTICS`], read by the binary's own flag
+/// The decoder of the sessionizer runs: their [`semantics`], read by the binary's own flag
 /// parser.
 fn bench_decoder() -> sessionizer::codec::Decoder {
     use clap::Parser;
     use sessionizer::cli::{Cli, Command};
-    let args = ["sessionizer", "sessionize"].into_iter().chain(SEMANTICS);
+    let args = ["sessionizer".to_owned(), "sessionize".to_owned()]
+        .into_iter()
+        .chain(semantics());
     let Command::Sessionize(a) = Cli::try_parse_from(args).expect("valid flags").command else {
         unreachable!("parsed as `sessionize`")
     };
@@ -504,7 +503,7 @@ impl Run {
                 &t("late"),
             ])
             .args(["--dlq-topic", &t("dlq"), "--stats-topic", &t("stats")])
-            .args(SEMANTICS)
+            .args(semantics())
             .arg("--state-dir")
             .arg(state)
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])

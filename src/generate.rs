@@ -50,7 +50,7 @@
 //! (exponential and geometric draws): a platform whose `ln` rounds differently in the last bit
 //! could in principle shift a time by one millisecond. A test pins the bytes of a stream.
 
-use crate::codec::decode::MAX_TIME;
+use crate::codec::decode::{AUTO_MILLIS_FROM, MAX_TIME};
 use crate::engine::Millis;
 use compact_str::{format_compact, CompactString};
 use rand_pcg::rand_core::Rng;
@@ -170,6 +170,19 @@ pub const START_EVENT: &str = "app_open";
 /// The mobile end event.
 pub const END_EVENT: &str = "app_close";
 
+/// The `sessionizer` flags that declare these event classes, as a run over generated events
+/// needs them: start and end events, and the non-engagement events excluded.
+pub fn event_class_flags() -> [String; 6] {
+    [
+        "--start-events".into(),
+        START_EVENT.into(),
+        "--end-events".into(),
+        END_EVENT.into(),
+        "--excluded-events".into(),
+        NON_ENGAGEMENT_EVENTS.join(","),
+    ]
+}
+
 /// What to generate. [`Default`] gives the command line's defaults.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GeneratorConfig {
@@ -274,9 +287,6 @@ impl GeneratorConfig {
     }
 }
 
-/// The earliest `--start`: 10^11 ms, from where `auto` reads the times as milliseconds.
-const MIN_START: Millis = 100_000_000_000;
-
 /// Parses `--start`: RFC 3339 (any offset) or `now` (the wall clock).
 pub fn parse_start(text: &str) -> Result<Millis, String> {
     let t = text.trim();
@@ -288,7 +298,7 @@ pub fn parse_start(text: &str) -> Result<Millis, String> {
         .map_err(|e| format!("`{text}` is neither `now` nor an RFC 3339 time ({e})"))?;
     // The events' times are written in epoch milliseconds, which the sessionizer's default
     // time format (`auto`) reads as such from 10^11 (1973-03-03T09:46:40Z) to its maximum.
-    if !(MIN_START..=MAX_TIME).contains(&ms) {
+    if !(AUTO_MILLIS_FROM..=MAX_TIME).contains(&ms) {
         return Err(format!(
             "`{text}` is outside 1973-03-03T09:46:40Z .. 9999-12-31: the sessionizer's default \
              time format reads earlier millisecond times as seconds, and no time after 9999"
@@ -827,7 +837,7 @@ mod tests {
 
     #[test]
     fn start_times_the_sessionizer_cannot_read_are_refused() {
-        assert_eq!(parse_start("1973-03-03T09:46:40Z"), Ok(MIN_START));
+        assert_eq!(parse_start("1973-03-03T09:46:40Z"), Ok(AUTO_MILLIS_FROM));
         assert_eq!(parse_start("2024-01-01T00:00:00Z"), Ok(DEFAULT_START));
         for bad in [
             "1973-03-03T09:46:39.999Z",

@@ -318,39 +318,40 @@ fn shipped_configuration_files_pass_check() {
 }
 
 /// `KEY: value` lines of the `environment:` map of a docker-compose service (comments and
-/// quotes dropped). A reader for this file's layout only: services indented by 2, their keys
-/// by 4, the map's entries by 6.
+/// quotes dropped), but for the log filter, which is no setting. A reader for this file's
+/// layout only: services indented by 2, their keys by 4, the map's entries by 6.
 fn compose_environment(compose: &str, service: &str) -> Vec<(String, String)> {
-    let mut lines = compose
+    let comment = |l: &&str| l.trim_start().starts_with('#');
+    let entries = compose
         .lines()
         .skip_while(|l| *l != format!("  {service}:"))
         .skip(1)
-        .take_while(|l| l.is_empty() || l.starts_with("   ") || l.trim_start().starts_with('#'))
+        .take_while(|l| l.is_empty() || l.starts_with("   ") || comment(l))
         .skip_while(|l| *l != "    environment:")
         .skip(1)
-        .take_while(|l| l.starts_with("      ") || l.trim_start().starts_with('#'));
-    let mut env = Vec::new();
-    for l in lines.by_ref() {
-        let l = l.trim();
-        if l.starts_with('#') {
-            continue;
-        }
-        let (k, v) = l.split_once(": ").expect("KEY: value");
-        env.push((k.to_owned(), v.trim_matches('"').to_owned()));
-    }
-    env
+        .take_while(|l| l.starts_with("      ") || comment(l))
+        .filter(|l| !comment(l))
+        .map(|l| l.trim().split_once(": ").expect("KEY: value"));
+    settings(entries)
 }
 
-/// `- name: K` followed by `value: V` in a Kubernetes container's `env` (literal values only).
+/// `- name: K` followed by `value: V` in a Kubernetes container's `env` (literal values only),
+/// but for the log filter.
 fn manifest_env_values(manifest: &str) -> Vec<(String, String)> {
     let lines: Vec<&str> = manifest.lines().map(str::trim).collect();
-    lines
-        .windows(2)
-        .filter_map(|w| {
-            let k = w[0].strip_prefix("- name: ")?;
-            let v = w[1].strip_prefix("value: ")?;
-            Some((k.to_owned(), v.trim_matches('"').to_owned()))
-        })
+    settings(lines.windows(2).filter_map(|w| {
+        Some((
+            w[0].strip_prefix("- name: ")?,
+            w[1].strip_prefix("value: ")?,
+        ))
+    }))
+}
+
+/// Environment entries as settings: quotes dropped, `SESSIONIZER_LOG` (a log filter) left out.
+fn settings<'a>(entries: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<(String, String)> {
+    entries
+        .filter(|(k, _)| *k != "SESSIONIZER_LOG")
+        .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
         .collect()
 }
 
@@ -361,10 +362,7 @@ fn manifest_env_values(manifest: &str) -> Vec<(String, String)> {
 #[test]
 fn deployment_files_give_the_configuration_they_claim() {
     let compose = std::fs::read_to_string("docker-compose.yml").unwrap();
-    let env: Vec<(String, String)> = compose_environment(&compose, "sessionizer")
-        .into_iter()
-        .filter(|(k, _)| k != "SESSIONIZER_LOG")
-        .collect();
+    let env = compose_environment(&compose, "sessionizer");
     assert!(env.len() >= 20, "environment not found: {env:?}");
     let get = |k: &str| {
         env.iter()
@@ -407,10 +405,7 @@ fn deployment_files_give_the_configuration_they_claim() {
     assert!(
         statefulset.contains(r#"args: ["run", "--config", "/etc/sessionizer/sessionizer.toml"]"#)
     );
-    let mut env: Vec<(String, String)> = manifest_env_values(&statefulset)
-        .into_iter()
-        .filter(|(k, _)| k != "SESSIONIZER_LOG")
-        .collect();
+    let mut env = manifest_env_values(&statefulset);
     assert!(env.len() >= 2, "environment not found: {env:?}");
     // The downward API gives the pod's name.
     env.push(("SESSIONIZER_INSTANCE_ID".into(), "sessionizer-0".into()));

@@ -4,11 +4,11 @@
 mod support;
 
 use sessionizer::engine::{
-    AnnotateMode, Disposition, EndReason, Engine, EngineConfig, EventClass, FuturePolicy,
-    InputEvent, LateReason, Millis, Output,
+    AnnotateMode, ConcludedSession, Disposition, EndReason, Engine, EngineConfig, EventClass,
+    FuturePolicy, InputEvent, LateReason, Millis, Output,
 };
 use sessionizer::store::MemStore;
-use support::{oracle, run_all, Ev, Sess};
+use support::{oracle, run_all, Ev, RunOut, Sess};
 
 const MIN: Millis = 60_000;
 /// 2024-01-15T00:00:00Z, an arbitrary base.
@@ -244,10 +244,10 @@ fn input(rows: &[(&str, Millis, &str)]) -> Vec<Ev> {
 fn scenario_table() {
     for s in SCENARIOS {
         for mode in [AnnotateMode::OnArrival, AnnotateMode::OnClose] {
-            let mut cfg = EngineConfig::default();
-            base_cfg(&mut cfg);
-            cfg.annotate = mode;
-            (s.cfg)(&mut cfg);
+            let cfg = config(|c| {
+                c.annotate = mode;
+                (s.cfg)(c)
+            });
             let evs = input(s.input);
             let run = run_all(&cfg, MemStore::new(), &evs);
             let mut want: Vec<Sess> = s
@@ -281,11 +281,24 @@ fn scenario_table() {
     }
 }
 
-fn engine(f: impl FnOnce(&mut EngineConfig)) -> Engine<MemStore> {
+/// The scenarios' base configuration, changed by `f`.
+fn config(f: impl FnOnce(&mut EngineConfig)) -> EngineConfig {
     let mut cfg = EngineConfig::default();
     base_cfg(&mut cfg);
     f(&mut cfg);
-    Engine::open(cfg, MemStore::new()).unwrap()
+    cfg
+}
+
+fn engine(f: impl FnOnce(&mut EngineConfig)) -> Engine<MemStore> {
+    Engine::open(config(f), MemStore::new()).unwrap()
+}
+
+/// The sessions a run concluded, in order.
+fn concluded(run: &RunOut) -> impl Iterator<Item = &ConcludedSession> {
+    run.outputs.iter().filter_map(|o| match o {
+        Output::Session(s) => Some(s),
+        _ => None,
+    })
 }
 
 fn ev(key: &str, t: Millis, class: EventClass) -> InputEvent<'_> {
@@ -494,9 +507,7 @@ fn late_reasons_are_reported() {
 fn day_boundary_splits_at_local_midnight_across_dst() {
     // 2024-03-31 in Berlin: summer time starts; local midnight after it is 22:00Z.
     let midnight = 1_711_922_400_000;
-    let mut cfg = EngineConfig::default();
-    base_cfg(&mut cfg);
-    cfg.day_boundary = Some("Europe/Berlin".parse().unwrap());
+    let cfg = config(|c| c.day_boundary = Some("Europe/Berlin".parse().unwrap()));
     let evs: Vec<Ev> = [
         midnight - 10 * MIN,
         midnight - 1,
@@ -578,11 +589,7 @@ fn on_close_releases_events_in_event_time_order_with_final_ids() {
 
 #[test]
 fn user_stats_follow_conclusions() {
-    let cfg = {
-        let mut c = EngineConfig::default();
-        base_cfg(&mut c);
-        c
-    };
+    let cfg = config(|_| {});
     let evs = input(&[
         ("u", 0, "e"),
         ("u", 10 * MIN, "e"),
@@ -590,14 +597,7 @@ fn user_stats_follow_conclusions() {
         ("u", 130 * MIN, "e"),
     ]);
     let run = run_all(&cfg, MemStore::new(), &evs);
-    let stats: Vec<_> = run
-        .outputs
-        .iter()
-        .filter_map(|o| match o {
-            Output::Session(s) => Some(s.stats.clone()),
-            _ => None,
-        })
-        .collect();
+    let stats: Vec<_> = concluded(&run).map(|s| s.stats.clone()).collect();
     assert_eq!(stats.len(), 2);
     let last = &stats[1];
     assert_eq!(last.session_count, 2);
@@ -605,24 +605,13 @@ fn user_stats_follow_conclusions() {
     assert_eq!(last.last_session_start, BASE + 100 * MIN);
     assert_eq!(last.last_interval_ms, Some(90 * MIN));
     assert_eq!(last.total_length_ms, 40 * MIN);
-    let numbers: Vec<u64> = run
-        .outputs
-        .iter()
-        .filter_map(|o| match o {
-            Output::Session(s) => Some(s.session_number),
-            _ => None,
-        })
-        .collect();
+    let numbers: Vec<u64> = concluded(&run).map(|s| s.session_number).collect();
     assert_eq!(numbers, vec![1, 2]);
 }
 
 #[test]
 fn a_session_accepted_late_gets_the_next_number_and_a_true_interval() {
-    let cfg = {
-        let mut c = EngineConfig::default();
-        base_cfg(&mut c);
-        c
-    };
+    let cfg = config(|_| {});
     // [200] concludes once 400 is seen; 0 is older, touches nothing concluded, so it is
     // accepted and concludes at once; then [100] the same; [400] concludes at the end.
     let evs = input(&[
@@ -632,17 +621,14 @@ fn a_session_accepted_late_gets_the_next_number_and_a_true_interval() {
         ("u", 100 * MIN, "e"),
     ]);
     let run = run_all(&cfg, MemStore::new(), &evs);
-    let got: Vec<(Millis, u64, Option<Millis>, Millis)> = run
-        .outputs
-        .iter()
-        .filter_map(|o| match o {
-            Output::Session(s) => Some((
+    let got: Vec<(Millis, u64, Option<Millis>, Millis)> = concluded(&run)
+        .map(|s| {
+            (
                 s.start - BASE,
                 s.session_number,
                 s.stats.last_interval_ms,
                 s.stats.last_session_start - BASE,
-            )),
-            _ => None,
+            )
         })
         .collect();
     assert_eq!(

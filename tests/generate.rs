@@ -5,7 +5,7 @@
 use clap::Parser;
 use serde_json::Value;
 use sessionizer::cli::{Cli, Command as Sub};
-use sessionizer::generate::{Generator, GeneratorConfig};
+use sessionizer::generate::{self, Generator, GeneratorConfig};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
@@ -278,16 +278,6 @@ fn flag_defaults_are_the_library_defaults() {
 // ---------------------------------------------------------------------------------------
 // Piped into the sessionizer.
 
-const SESSIONIZE: [&str; 7] = [
-    "sessionize",
-    "--start-events",
-    "app_open",
-    "--end-events",
-    "app_close",
-    "--excluded-events",
-    "push_sent,notification_shown,app_installed",
-];
-
 struct Run {
     summary: HashMap<String, u64>,
     sessions: Vec<Value>,
@@ -302,7 +292,8 @@ fn pipeline(gen: &[&str], lateness: &str) -> Run {
         .spawn()
         .unwrap();
     let s = bin()
-        .args(SESSIONIZE)
+        .arg("sessionize")
+        .args(generate::event_class_flags())
         .args(["--allowed-lateness", lateness])
         .stdin(Stdio::from(g.stdout.take().unwrap()))
         .output()

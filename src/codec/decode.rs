@@ -12,6 +12,9 @@ use std::fmt;
 
 /// Largest accepted event time: 9999-12-31T23:59:59.999Z.
 pub const MAX_TIME: Millis = 253_402_300_799_999;
+/// From this value on (10^11) a number in `auto` time format is epoch milliseconds, below it
+/// epoch seconds: 10^11 ms is 1973-03-03T09:46:40Z, 10^11 s the year 5138.
+pub const AUTO_MILLIS_FROM: Millis = 100_000_000_000;
 /// Longest accepted user id, in bytes.
 pub const MAX_USER_ID_BYTES: usize = 1024;
 /// Deepest accepted nesting of arrays and objects.
@@ -459,20 +462,10 @@ fn number(s: &str, fmt: TimeFormat) -> Result<Millis, DecodeError> {
         Some(b) => (true, b),
         None => (false, s),
     };
-    // The common case first: a plain integer.
+    // The common case first: a plain integer, read by the standard library's parser.
     if !body.is_empty() && body.len() <= 25 && body.bytes().all(|b| b.is_ascii_digit()) {
         let v: i128 = body.parse().map_err(|_| bad())?;
-        let seconds = match fmt {
-            TimeFormat::Seconds => true,
-            TimeFormat::Millis => false,
-            _ => v < 100_000_000_000,
-        };
-        let ms = if seconds { v * 1000 } else { v };
-        let ms = if neg { -ms } else { ms };
-        if ms < 0 || ms > MAX_TIME as i128 {
-            return Err(DecodeError::TimeOutOfRange(ms));
-        }
-        return Ok(ms as Millis);
+        return in_millis(fmt, neg, v != 0, |shift| Some(v * 10i128.pow(shift as u32)));
     }
     let (mantissa, exp) = match body.split_once(['e', 'E']) {
         Some((m, e)) => {
@@ -497,49 +490,53 @@ fn number(s: &str, fmt: TimeFormat) -> Result<Millis, DecodeError> {
     if mantissa.contains('.') && (frac.is_empty() || !frac.bytes().all(|b| b.is_ascii_digit())) {
         return Err(bad());
     }
-    // The value is `digits` x 10^`scale`, in the unit written.
-    let joined = format!("{int}{frac}");
-    let digits = joined.trim_start_matches('0');
+    // The value is the significant digits of `int` and `frac` times 10^`scale`.
+    let digits = || int.bytes().chain(frac.bytes());
+    let zeros = digits().take_while(|&b| b == b'0').count();
+    let significant = int.len() + frac.len() - zeros;
     let scale = exp - frac.len() as i64;
-    // floor(value x 10^shift), or None when that is 10^25 or more (out of range in any unit).
-    let whole = |shift: i64| -> Option<i128> {
+    in_millis(fmt, neg, significant > 0, |shift| {
         let e = scale + shift;
-        if digits.is_empty() {
+        if significant == 0 {
             Some(0)
-        } else if digits.len() as i64 + e > 25 {
+        } else if significant as i64 + e > 25 {
             None
-        } else if e >= 0 {
-            Some(digits.parse::<i128>().ok()? * 10i128.pow(e as u32))
         } else {
-            let keep = digits.len() as i64 + e;
-            if keep <= 0 {
-                Some(0)
-            } else {
-                digits[..keep as usize].parse().ok()
-            }
+            let keep = (significant as i64 + e.min(0)).max(0) as usize;
+            let v = digits()
+                .skip(zeros)
+                .take(keep)
+                .fold(0i128, |v, b| v * 10 + i128::from(b - b'0'));
+            Some(v * 10i128.pow(e.max(0) as u32))
         }
+    })
+}
+
+/// The event time of a number in the unit written, given by `whole(shift)` = floor(|value| x
+/// 10^shift), `None` when that is 10^25 or more (out of range in any unit); `shift` is 0 or 3.
+/// `neg` and `nonzero`: the value is below zero, however little (the floor of -0.0001 is -1).
+fn in_millis(
+    fmt: TimeFormat,
+    neg: bool,
+    nonzero: bool,
+    whole: impl Fn(i64) -> Option<i128>,
+) -> Result<Millis, DecodeError> {
+    let ms = match fmt {
+        TimeFormat::Seconds => whole(3),
+        TimeFormat::Millis => whole(0),
+        // Auto: seconds below AUTO_MILLIS_FROM, milliseconds from there on, with or without
+        // a fraction.
+        _ => match whole(0) {
+            Some(v) if v < AUTO_MILLIS_FROM as i128 => whole(3),
+            in_unit => in_unit,
+        },
     };
-    // Any value below zero, however small, is before 1970 (the floor of -0.0001 is -1).
-    if neg && !digits.is_empty() {
-        return Err(DecodeError::TimeOutOfRange(
-            -whole(0).unwrap_or(i128::MAX).max(1),
-        ));
+    match ms {
+        _ if neg && nonzero => Err(DecodeError::TimeOutOfRange(-ms.unwrap_or(i128::MAX).max(1))),
+        Some(v) if v <= MAX_TIME as i128 => Ok(v as Millis),
+        Some(v) => Err(DecodeError::TimeOutOfRange(v)),
+        None => Err(DecodeError::TimeOutOfRange(i128::MAX)),
     }
-    let seconds = match fmt {
-        TimeFormat::Seconds => true,
-        TimeFormat::Millis => false,
-        // Auto: below 10^11 it can only sensibly be seconds (10^11 ms is 1973), from there on
-        // only milliseconds (10^11 s is the year 5138), with or without a fraction.
-        _ => whole(0).is_some_and(|v| v < 100_000_000_000),
-    };
-    let value_ms = match whole(if seconds { 3 } else { 0 }) {
-        Some(v) => v,
-        None => return Err(DecodeError::TimeOutOfRange(i128::MAX)),
-    };
-    if value_ms > MAX_TIME as i128 {
-        return Err(DecodeError::TimeOutOfRange(value_ms));
-    }
-    Ok(value_ms as Millis)
 }
 
 /// Deserializes the top-level object, borrowing wanted fields and skipping the rest.
@@ -642,8 +639,8 @@ mod tests {
                 proptest::prop_assert_eq!(parse_time(&raw, fmt).ok(), Some(v), "{} as {:?}", raw, fmt);
                 // Auto: a written value below 10^11 is seconds, from there on milliseconds.
                 let auto_reads_it = match fmt {
-                    TimeFormat::Millis => v >= 100_000_000_000,
-                    _ => v < 100_000_000_000_000,
+                    TimeFormat::Millis => v >= AUTO_MILLIS_FROM,
+                    _ => v < AUTO_MILLIS_FROM * 1000,
                 };
                 if auto_reads_it {
                     proptest::prop_assert_eq!(parse_time(&raw, TimeFormat::Auto).ok(), Some(v), "{} as auto", raw);
@@ -668,87 +665,45 @@ mod tests {
     #[test]
     fn time_formats() {
         let d = decoder(|_| {});
-        let t = |s: &str| d.decode(s.as_bytes(), None, None).unwrap().time;
-        assert_eq!(
-            t(r#"{"user_id":"u","timestamp":1700000000123}"#),
-            1_700_000_000_123
-        );
-        assert_eq!(
-            t(r#"{"user_id":"u","timestamp":1700000000}"#),
-            1_700_000_000_000
-        );
-        assert_eq!(
-            t(r#"{"user_id":"u","timestamp":1700000000.123}"#),
-            1_700_000_000_123
-        );
-        assert_eq!(
-            t(r#"{"user_id":"u","timestamp":1700000000.1}"#),
-            1_700_000_000_100
-        );
-        assert_eq!(t(r#"{"user_id":"u","timestamp":1.7e9}"#), 1_700_000_000_000);
-        // Auto: from 10^11 on a number is milliseconds, fraction or not; the fraction below
-        // a millisecond is dropped, as it is for seconds.
-        assert_eq!(
-            t(r#"{"user_id":"u","timestamp":1700000000123.7}"#),
-            1_700_000_000_123
-        );
-        assert_eq!(
-            t(r#"{"user_id":"u","timestamp":1.7e12}"#),
-            1_700_000_000_000
-        );
-        // Exponents are read as decimals too: through a float this was ...195.
-        assert_eq!(
-            t(r#"{"user_id":"u","timestamp":8.617317888196e9}"#),
-            8_617_317_888_196
-        );
-        assert_eq!(
-            t(r#"{"user_id":"u","timestamp":17000000001234E-4}"#),
-            1_700_000_000_123
-        );
-        assert_eq!(t(r#"{"user_id":"u","timestamp":"5e-400"}"#), 0);
-        // The 10^11 threshold of auto, on both sides.
-        assert_eq!(
-            t(r#"{"user_id":"u","timestamp":99999999999}"#),
-            99_999_999_999_000
-        );
-        assert_eq!(
-            t(r#"{"user_id":"u","timestamp":100000000000}"#),
-            100_000_000_000
-        );
-        assert_eq!(
-            t(r#"{"user_id":"u","timestamp":99999999999.5}"#),
-            99_999_999_999_500
-        );
-        // Zero with a sign is zero; a long mantissa is not cancelled by a clamped exponent.
-        assert_eq!(t(r#"{"user_id":"u","timestamp":-0}"#), 0);
-        assert_eq!(t(r#"{"user_id":"u","timestamp":"-0.0"}"#), 0);
+        // (the timestamp field's JSON value, the time read in auto format)
+        let table: &[(&str, Millis)] = &[
+            ("1700000000123", 1_700_000_000_123),
+            ("1700000000", 1_700_000_000_000),
+            ("1700000000.123", 1_700_000_000_123),
+            ("1700000000.1", 1_700_000_000_100),
+            ("1.7e9", 1_700_000_000_000),
+            // From 10^11 on a number is milliseconds, fraction or not; the fraction below a
+            // millisecond is dropped, as it is for seconds.
+            ("1700000000123.7", 1_700_000_000_123),
+            ("1.7e12", 1_700_000_000_000),
+            // Exponents are read as decimals too: through a float this was ...195.
+            ("8.617317888196e9", 8_617_317_888_196),
+            ("17000000001234E-4", 1_700_000_000_123),
+            (r#""5e-400""#, 0),
+            // The 10^11 threshold, on both sides.
+            ("99999999999", 99_999_999_999_000),
+            ("100000000000", 100_000_000_000),
+            ("99999999999.5", 99_999_999_999_500),
+            // Zero with a sign is zero.
+            ("-0", 0),
+            (r#""-0.0""#, 0),
+            (r#""0e30""#, 0),
+            (r#""1700000000123.7""#, 1_700_000_000_123),
+            // RFC 3339 allows lower-case `t` and `z`, and chrono a space for `T`.
+            (r#""2023-11-14t22:13:20.123z""#, 1_700_000_000_123),
+            (r#""2023-11-14 22:13:20Z""#, 1_700_000_000_000),
+            (r#""2023-11-14T22:13:20.123Z""#, 1_700_000_000_123),
+            (r#""2023-11-14T23:13:20+01:00""#, 1_700_000_000_000),
+            (r#""1700000000123""#, 1_700_000_000_123),
+        ];
+        for &(value, want) in table {
+            let record = format!(r#"{{"user_id":"u","timestamp":{value}}}"#);
+            let got = d.decode(record.as_bytes(), None, None).unwrap().time;
+            assert_eq!(got, want, "{value}");
+        }
+        // A long mantissa is not cancelled by a clamped exponent.
         let long = format!("0.{}1e1000020", "0".repeat(1_000_009));
         assert_eq!(parse_time(&long, TimeFormat::Auto), Ok(10_000_000_000_000));
-        assert_eq!(
-            t(r#"{"user_id":"u","timestamp":"1700000000123.7"}"#),
-            1_700_000_000_123
-        );
-        // RFC 3339 allows lower-case `t` and `z`, and chrono a space for `T`.
-        assert_eq!(
-            t(r#"{"user_id":"u","timestamp":"2023-11-14t22:13:20.123z"}"#),
-            1_700_000_000_123
-        );
-        assert_eq!(
-            t(r#"{"user_id":"u","timestamp":"2023-11-14 22:13:20Z"}"#),
-            1_700_000_000_000
-        );
-        assert_eq!(
-            t(r#"{"user_id":"u","timestamp":"2023-11-14T22:13:20.123Z"}"#),
-            1_700_000_000_123
-        );
-        assert_eq!(
-            t(r#"{"user_id":"u","timestamp":"2023-11-14T23:13:20+01:00"}"#),
-            1_700_000_000_000
-        );
-        assert_eq!(
-            t(r#"{"user_id":"u","timestamp":"1700000000123"}"#),
-            1_700_000_000_123
-        );
         let s = decoder(|r| r.input.time_format = Some("seconds".into()));
         assert_eq!(
             s.decode(br#"{"user_id":"u","timestamp":1700000000123}"#, None, None)
