@@ -247,6 +247,41 @@ fn bad_configuration_exits_2_naming_the_key() {
 }
 
 #[test]
+fn a_refused_client_property_is_named_without_its_value() {
+    // librdkafka refuses these when the consumer is created, before any broker is asked.
+    for (property, key) in [
+        ("sasl.jaas.config=SECRET-1", "`sasl.jaas.config`"),
+        ("sasl.passwrd=SECRET-1", "`sasl.passwrd`"),
+        ("acks=SECRET-1", "`acks`"),
+    ] {
+        let state = tempfile::tempdir().unwrap();
+        let out = bin()
+            .args([
+                "run",
+                "--brokers",
+                "127.0.0.1:1",
+                "--input-topics",
+                "events",
+            ])
+            .args([
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--kafka-property",
+                property,
+            ])
+            .arg("--state-dir")
+            .arg(state.path())
+            .env_clear()
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{property}: {err}");
+        assert!(err.contains(key), "{property}: {err}");
+        assert!(!err.contains("SECRET"), "{property}: {err}");
+    }
+}
+
+#[test]
 fn check_prints_the_effective_configuration_with_env_and_flag_overrides() {
     let out = bin()
         .args([

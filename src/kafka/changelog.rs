@@ -58,10 +58,7 @@ pub fn ensure_topic(
     let admin: AdminClient<DefaultClientContext> = config
         .set("client.id", "sessionizer-admin")
         .create()
-        .map_err(|source| KafkaError::Client {
-            what: "admin client",
-            source,
-        })?;
+        .map_err(|e| KafkaError::client("admin client", e))?;
     let result = ensure_topic_with(&admin, rt, existing_partitions, partitions);
     // Dropping an `AdminClient` joins its polling thread, which polls with a 100 ms timeout:
     // done in line, that held the start-up for up to 100 ms. Nothing waits for the drop.
@@ -210,10 +207,7 @@ pub(crate) fn reader(
         brokers: BrokerLoss::default(),
         who,
     })
-    .map_err(|source| KafkaError::Client {
-        what: "changelog reader",
-        source,
-    })
+    .map_err(|e| KafkaError::client("changelog reader", e))
 }
 
 /// Gives a changelog reader its bootstrap servers again if it has lost every broker (see

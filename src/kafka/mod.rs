@@ -22,11 +22,9 @@ use std::time::{Duration, Instant};
 /// Start-up and client errors of the Kafka side.
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaError {
-    #[error("cannot create the Kafka {what}: {source}")]
-    Client {
-        what: &'static str,
-        source: rdkafka::error::KafkaError,
-    },
+    /// Made by [`KafkaError::client`], which keeps property values out of `detail`.
+    #[error("cannot create the Kafka {what}: {detail}")]
+    Client { what: &'static str, detail: String },
     /// `problem`: the failed metadata request, and what the client last reported
     /// (librdkafka's hints, e.g. a listener of another security protocol).
     #[error("cannot reach the Kafka brokers `{brokers}` ({problem})")]
@@ -46,6 +44,27 @@ pub enum KafkaError {
     Commit(rdkafka::error::KafkaError),
     #[error("changelog: {0}")]
     Changelog(String),
+}
+
+impl KafkaError {
+    /// A client (or its subscription) could not be created. librdkafka's refusal of a
+    /// property carries the property's value, which may be a secret (`sasl.jaas.config`,
+    /// a misspelt password key): only the key and the reason are kept, and the value is
+    /// masked wherever the reason repeats it.
+    pub(crate) fn client(what: &'static str, e: rdkafka::error::KafkaError) -> Self {
+        let detail = match &e {
+            rdkafka::error::KafkaError::ClientConfig(_, reason, key, value) => {
+                let reason = if value.is_empty() {
+                    reason.clone()
+                } else {
+                    reason.replace(value.as_str(), "***")
+                };
+                format!("kafka.properties `{key}`: {reason}")
+            }
+            e => e.to_string(),
+        };
+        KafkaError::Client { what, detail }
+    }
 }
 
 /// Logs a client error of a consumer that reads to partition ends: reaching the end of a

@@ -165,10 +165,7 @@ impl Outputs {
                 state: state.clone(),
                 brokers: BrokerLoss::default(),
             })
-            .map_err(|source| KafkaError::Client {
-                what: "producer",
-                source,
-            })?;
+            .map_err(|e| KafkaError::client("producer", e))?;
         Ok(Outputs {
             bootstrap: config
                 .get("bootstrap.servers")

@@ -278,13 +278,9 @@ pub fn run(
     if let Some(id) = &client_id {
         consumer_config.set("client.id", id);
     }
-    let consumer: BaseConsumer<Ctx> =
-        consumer_config
-            .create_with_context(ctx)
-            .map_err(|source| KafkaError::Client {
-                what: "consumer",
-                source,
-            })?;
+    let consumer: BaseConsumer<Ctx> = consumer_config
+        .create_with_context(ctx)
+        .map_err(|e| KafkaError::client("consumer", e))?;
     let found = kafka::check_topics(&consumer, &rt, Duration::from_secs(15), &errors)?;
     kafka::changelog::ensure_topic(&rt, found.changelog_partitions, found.partitions)?;
     tracing::info!(
@@ -350,10 +346,7 @@ pub fn run(
     let topics: Vec<&str> = rt.input_topics.iter().map(|s| s.as_str()).collect();
     consumer
         .subscribe(&topics)
-        .map_err(|source| KafkaError::Client {
-            what: "subscription",
-            source,
-        })?;
+        .map_err(|e| KafkaError::client("subscription", e))?;
     health.set_ready(true, "");
     let with_core =
         |f: &mut dyn FnMut(&mut Core) -> Result<(), PipelineError>| -> Result<(), PipelineError> {
