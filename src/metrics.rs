@@ -74,7 +74,7 @@ pub const METRIC_TABLE: &str = "\
 | `sessionizer_events_per_session` | histogram | | events in each concluded session; buckets 1, 2, 4, ..., 4096 |
 | `sessionizer_watermark_seconds` | gauge | `topic`, `partition` | event-time watermark, as Unix epoch seconds |
 | `sessionizer_watermark_lag_seconds` | gauge | `topic`, `partition` | wall clock minus watermark |
-| `sessionizer_consumer_lag_records` | gauge | `topic`, `partition` | records between the consumer position and the high watermark of the input partition |
+| `sessionizer_consumer_lag_records` | gauge | `topic`, `partition` | records of the input partition not yet taken: from the last one taken to its end (last stable offset), from the client's statistics (every 5 s) |
 | `sessionizer_processing_latency_seconds` | histogram | | end-to-end latency, input record timestamp to its annotated record being handed on: to the producer at-least-once; exactly-once, to its interval's transaction, which read_committed readers see when it commits (up to `kafka.commit_interval` later, not counted); not recorded in `on_close` mode |
 | `sessionizer_transaction_commit_seconds` | histogram | | time to produce and commit one Kafka transaction (exactly-once: outputs, changelog records and offsets; at-least-once: changelog records and offsets) |
 | `sessionizer_transaction_aborts_total` | counter | | Kafka transactions aborted |
@@ -497,7 +497,7 @@ impl Metrics {
         )?;
         let consumer_lag = b.int_gauge_vec(
             "sessionizer_consumer_lag_records",
-            "Records between the consumer position and the end of the input partition.",
+            "Records of the input partition not yet taken (to its last stable offset).",
             &["topic", "partition"],
         )?;
         let processing_latency = b.histogram(

@@ -93,6 +93,17 @@ fn streaming_equals_offline_and_metrics_agree(broker: &Broker) {
     assert!(cached > 0.0 && cached <= budget / 2.0, "{m}");
     // Commits have staged state records (the counter is wired to the commits).
     assert!(metric(&m, "sessionizer_changelog_bytes_total") > 0.0, "{m}");
+    // Every record taken: the input partition's consumer lag (from the client's next
+    // statistics report) is 0.
+    let topic = format!("topic=\"{}\"", t.input);
+    wait_metrics(port, |m| {
+        m.lines().any(|l| {
+            l.starts_with("sessionizer_consumer_lag_records{")
+                && l.contains("partition=\"0\"")
+                && l.contains(&topic)
+                && l.ends_with(" 0")
+        })
+    });
     let stats = broker.read_until(&t.stats, Duration::from_secs(30), |r| {
         r.len() >= want_sessions.len()
     });

@@ -5,7 +5,9 @@
 //!   broker failure, for instance); this reports what the client says about a partition when
 //!   it does not, so that a stall can be told apart from a stuck pipeline thread (which would
 //!   not serve the statistics at all);
-//! - [`lagging_partitions`]: the partition numbers that have records left to fetch.
+//! - [`lagging_partitions`]: the partition numbers that have records left to fetch;
+//! - [`consumer_lags`]: the records of each assigned partition not yet taken by the
+//!   application.
 
 use rdkafka::statistics::Statistics;
 use std::collections::{HashMap, HashSet};
@@ -111,6 +113,38 @@ pub fn lagging_partitions(s: &Statistics) -> HashSet<i32> {
         .collect()
 }
 
+/// The consumer lag of each assigned input partition, `(topic, partition, records)`: the
+/// records between the last one handed to the application and the partition's end (its last
+/// stable offset, which read_committed reads up to; the high watermark if the report has
+/// none). Before the application has taken a record of it, the fetch position stands for
+/// the application's. Not the client's own `consumer_lag`: that counts from the offset the
+/// consumer committed, which offsets committed in transactions never update, so it stays
+/// unknown (-1). A partition whose position or end is not known yet is left out.
+pub fn consumer_lags(s: &Statistics) -> Vec<(&str, i32, i64)> {
+    let mut out = Vec::new();
+    for (topic, t) in &s.topics {
+        for (&p, part) in &t.partitions {
+            if p < 0 || !part.desired {
+                continue;
+            }
+            let end = if part.ls_offset >= 0 {
+                part.ls_offset
+            } else {
+                part.hi_offset
+            };
+            let taken = if part.app_offset >= 0 {
+                part.app_offset
+            } else {
+                part.next_offset
+            };
+            if end >= 0 && taken >= 0 {
+                out.push((topic.as_str(), p, (end - taken).max(0)));
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +243,43 @@ mod tests {
             t.partitions.values_mut().for_each(|p| p.desired = false);
         });
         assert!(lagging_partitions(&s).is_empty(), "not assigned");
+    }
+
+    #[test]
+    fn consumer_lag_counts_from_the_last_record_taken_to_the_stable_end() {
+        let lag = |edit: &dyn Fn(&mut Partition)| {
+            let mut s = stats(10, 5, 0);
+            s.topics.values_mut().for_each(|t| {
+                t.partitions.values_mut().for_each(|p| {
+                    p.app_offset = -1001;
+                    p.hi_offset = p.ls_offset + 2; // an open transaction beyond the stable end
+                    p.consumer_lag = -1; // what the client reports with transactional commits
+                    edit(p);
+                })
+            });
+            consumer_lags(&s)
+                .into_iter()
+                .map(|(t, p, n)| (t.to_owned(), p, n))
+                .collect::<Vec<_>>()
+        };
+        let lags = |n| vec![("in".to_owned(), 0, n)];
+        // Nothing taken yet: from the fetch position (10) to the stable end (15).
+        assert_eq!(lag(&|_| {}), lags(5));
+        // Records fetched ahead of the application still count.
+        assert_eq!(lag(&|p| p.app_offset = 7), lags(8));
+        assert_eq!(lag(&|p| p.app_offset = 15), lags(0));
+        // No stable offset in the report: the high watermark.
+        assert_eq!(lag(&|p| p.ls_offset = -1001), lags(7));
+        // Unknown position, unknown end, or not assigned: left out.
+        assert_eq!(lag(&|p| p.next_offset = -1001), vec![]);
+        assert_eq!(
+            lag(&|p| {
+                p.ls_offset = -1001;
+                p.hi_offset = -1001;
+            }),
+            vec![]
+        );
+        assert_eq!(lag(&|p| p.desired = false), vec![]);
     }
 
     #[test]

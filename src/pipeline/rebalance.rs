@@ -367,12 +367,8 @@ impl ClientContext for Ctx {
                 c.lagging = kafka::watch::lagging_partitions(&s);
             }
         }
-        for (topic, t) in &s.topics {
-            for (p, part) in &t.partitions {
-                if *p >= 0 && part.consumer_lag >= 0 {
-                    self.metrics.set_consumer_lag(topic, *p, part.consumer_lag);
-                }
-            }
+        for (topic, p, records) in kafka::watch::consumer_lags(&s) {
+            self.metrics.set_consumer_lag(topic, p, records);
         }
         if let Ok(mut w) = self.watch.lock() {
             for st in w.observe(&s, Instant::now()) {
