@@ -188,6 +188,40 @@ fn bad_records_go_to_the_dead_letter_topic(broker: &Broker) {
     assert_eq!(p.terminate(), 0);
 }
 
+/// Records near the default input limit (1,000,000 bytes): one just under it is annotated
+/// (its output, a little larger, is taken by the producers), one over it is a dead letter, and
+/// the partition flows on. (With librdkafka's default `message.max.bytes` the first one's
+/// annotated output was refused and the instance stopped, or aborted its transaction again
+/// and again.)
+fn records_near_the_size_limit(broker: &Broker) {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Topics::new(broker, "large", 1);
+    let sized = |n: u32, size: usize| {
+        let head = format!(
+            r#"{{"user_id":"big","timestamp":{},"event":"view","pad":""#,
+            1_704_067_200_000u64 + n as u64 * 1000
+        );
+        let mut v = head.into_bytes();
+        v.resize(size - 2, b'p');
+        v.extend_from_slice(b"\"}");
+        (Some("big".to_string()), Some(v), None)
+    };
+    let recs = vec![sized(0, 999_990), sized(1, 1_010_000), sized(2, 200)];
+    broker.produce(&t.input, &recs);
+    let p = run(broker, &t, dir.path(), "large-group", free_port(), &[]);
+    let annotated = broker.read_until(&t.annotated, Duration::from_secs(60), |r| r.len() >= 2);
+    assert_eq!(annotated.len(), 2, "the records within the limit");
+    assert!(
+        annotated[0].value.len() > 1_000_000,
+        "the annotated output is over librdkafka's default message.max.bytes"
+    );
+    let dlq = broker.read_until(&t.dlq, Duration::from_secs(60), |r| !r.is_empty());
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].headers["sessionizer.reason"], "record_too_large");
+    assert_eq!(dlq[0].value.len(), 1_010_000, "the original bytes");
+    assert_eq!(p.terminate(), 0);
+}
+
 fn kill_9_and_restart_loses_nothing(broker: &Broker) {
     let dir = tempfile::tempdir().unwrap();
     let t = Topics::new(broker, "kill", 3);
@@ -1134,6 +1168,7 @@ fn kafka_end_to_end() {
             "",
             "equivalence",
             "dlq",
+            "large",
             "kill",
             "multi",
             "generate",
@@ -1156,6 +1191,9 @@ fn kafka_end_to_end() {
     }
     if want("dlq") {
         bad_records_go_to_the_dead_letter_topic(&broker);
+    }
+    if want("large") {
+        records_near_the_size_limit(&broker);
     }
     if want("kill") {
         kill_9_and_restart_loses_nothing(&broker);

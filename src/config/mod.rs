@@ -156,7 +156,21 @@ pub struct RuntimeSettings {
     /// Memory for the state of every partition of the instance, in bytes (see
     /// [`crate::store::StateMemory`]).
     pub memory_budget: usize,
+    /// The largest record the producers take (their `message.max.bytes`, unless
+    /// `kafka.properties` sets it): `input.max_record_bytes` plus [`OUTPUT_HEADROOM`], at least
+    /// librdkafka's default of 1,000,000, so that no output of an accepted record is refused.
+    pub max_output_bytes: usize,
 }
+
+/// Default of `input.max_record_bytes`: an accepted record's annotated output (the record
+/// plus [`OUTPUT_HEADROOM`] at most) then fits Kafka's default `max.message.bytes` of topics
+/// (1,048,588 bytes).
+pub const DEFAULT_MAX_RECORD_BYTES: u64 = 1_000_000;
+
+/// What an output record may add to the input record it comes from: the annotation, a dead
+/// letter's or late event's headers. The producers' `message.max.bytes` is at least
+/// `input.max_record_bytes` plus this (see [`RuntimeSettings::max_output_bytes`]).
+pub const OUTPUT_HEADROOM: usize = 64 << 10;
 
 /// Default of `service.memory_budget_mib`.
 pub const DEFAULT_MEMORY_BUDGET_MIB: u64 = 1024;
@@ -304,7 +318,7 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, ConfigError> {
             ));
         }
     }
-    let max_record_bytes = i.max_record_bytes.unwrap_or(1_048_576);
+    let max_record_bytes = i.max_record_bytes.unwrap_or(DEFAULT_MAX_RECORD_BYTES);
     if max_record_bytes == 0 {
         return Err(invalid(
             "input.max_record_bytes",
@@ -546,6 +560,21 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
             return Err(invalid(key, format!("`{t}` is also an input topic")));
         }
     }
+    let outputs = [
+        ("kafka.annotated_topic", &annotated_topic),
+        ("kafka.sessions_topic", &sessions_topic),
+        ("kafka.late_topic", &late_topic),
+        ("kafka.dlq_topic", &dlq_topic),
+        ("kafka.stats_topic", &stats_topic),
+    ];
+    for (i, (key, t)) in outputs.iter().enumerate() {
+        if let Some((other, _)) = outputs[..i].iter().find(|(_, o)| o == t) {
+            return Err(invalid(
+                key,
+                format!("`{t}` is also {other}: every output needs a topic of its own"),
+            ));
+        }
+    }
     let given = k.guarantee.as_deref().unwrap_or("exactly-once");
     let guarantee = Guarantee::parse(given).ok_or_else(|| {
         invalid(
@@ -626,6 +655,29 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
             ));
         }
     }
+    let max_record_bytes = raw
+        .input
+        .max_record_bytes
+        .unwrap_or(DEFAULT_MAX_RECORD_BYTES)
+        .try_into()
+        .unwrap_or(usize::MAX);
+    let max_output_bytes = max_record_bytes
+        .saturating_add(OUTPUT_HEADROOM)
+        .max(1_000_000);
+    if let Some(v) = properties.get("message.max.bytes") {
+        if v.trim()
+            .parse::<usize>()
+            .is_ok_and(|n| n < max_output_bytes)
+        {
+            return Err(invalid(
+                "kafka.properties.message.max.bytes",
+                format!(
+                    "`{v}` is less than input.max_record_bytes + {OUTPUT_HEADROOM} \
+                     ({max_output_bytes}): the outputs of an accepted record must fit"
+                ),
+            ));
+        }
+    }
     let s = &raw.service;
     let state_dir = PathBuf::from(s.state_dir.as_deref().unwrap_or("./sessionizer-state"));
     let addr = s.metrics_addr.as_deref().unwrap_or("127.0.0.1:9464");
@@ -679,6 +731,7 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
         json_logs,
         shutdown_timeout,
         memory_budget: usize::try_from(mib << 20).unwrap_or(usize::MAX),
+        max_output_bytes,
     })
 }
 
@@ -705,7 +758,9 @@ fn effective(raw: &RawConfig) -> RawConfig {
     d(&mut e.input.event_field, "event");
     d(&mut e.input.time_format, "auto");
     e.input.scope_fields.get_or_insert_with(Vec::new);
-    e.input.max_record_bytes.get_or_insert(1_048_576);
+    e.input
+        .max_record_bytes
+        .get_or_insert(DEFAULT_MAX_RECORD_BYTES);
     d(&mut e.session.timeout, "30m");
     e.session.timeout_rules.get_or_insert_with(Vec::new);
     e.session.start_events.get_or_insert_with(Vec::new);
@@ -887,6 +942,25 @@ mod tests {
     }
 
     #[test]
+    fn the_producers_take_every_output_of_an_accepted_record() {
+        let s = validate(&RawConfig::default()).unwrap();
+        assert_eq!(s.decode.max_record_bytes, 1_000_000);
+        assert_eq!(s.runtime.max_output_bytes, 1_000_000 + OUTPUT_HEADROOM);
+        let mut r = RawConfig::default();
+        r.input.max_record_bytes = Some(100);
+        assert_eq!(validate(&r).unwrap().runtime.max_output_bytes, 1_000_000);
+        let mut r = RawConfig::default();
+        r.input.max_record_bytes = Some(4 << 20);
+        let max = (4 << 20) + OUTPUT_HEADROOM;
+        assert_eq!(validate(&r).unwrap().runtime.max_output_bytes, max);
+        // A message.max.bytes given must be as large.
+        r.kafka.properties = Some([("message.max.bytes".into(), (max - 1).to_string())].into());
+        assert!(err(r.clone()).contains("`kafka.properties.message.max.bytes`"));
+        r.kafka.properties = Some([("message.max.bytes".into(), max.to_string())].into());
+        assert!(validate(&r).is_ok());
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let mut r = RawConfig::default();
         r.session.timeout = Some("soon".into());
@@ -944,6 +1018,13 @@ mod tests {
         let mut r = RawConfig::default();
         r.kafka.sessions_topic = Some("events".into());
         assert!(err(r).contains("`kafka.sessions_topic`"));
+        let mut r = RawConfig::default();
+        r.kafka.stats_topic = Some("sessions".into());
+        let e = err(r);
+        assert!(
+            e.contains("`kafka.stats_topic`") && e.contains("kafka.sessions_topic"),
+            "{e}"
+        );
         let mut r = RawConfig::default();
         r.service.metrics_addr = Some("nowhere".into());
         assert!(err(r).contains("`service.metrics_addr`"));

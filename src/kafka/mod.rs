@@ -208,10 +208,15 @@ pub fn idempotent_producer_config(rt: &RuntimeSettings) -> ClientConfig {
 }
 
 /// What every producer sets unless `kafka.properties` does: acks=all, lz4, 5 ms linger (a
-/// commit waits for its records, so a longer linger would hold it up).
+/// commit waits for its records, so a longer linger would hold it up), and a
+/// `message.max.bytes` that takes every output of an accepted record
+/// ([`RuntimeSettings::max_output_bytes`]; librdkafka's default, 1,000,000 bytes, refused the
+/// annotated output of a record just under the 1 MiB input limit, and the instance stopped).
 fn producer_defaults(rt: &RuntimeSettings) -> ClientConfig {
     let mut c = base_config(rt);
+    let max_output_bytes = rt.max_output_bytes.to_string();
     for (k, v) in [
+        ("message.max.bytes", max_output_bytes.as_str()),
         ("acks", "all"),
         ("linger.ms", "5"),
         ("compression.type", "lz4"),

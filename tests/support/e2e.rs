@@ -190,6 +190,8 @@ impl Broker {
         let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
             .set("linger.ms", "5")
+            // Records up to the topics' own limit (1,048,588 bytes by default).
+            .set("message.max.bytes", "1048588")
             .create()
             .unwrap();
         for (k, v, part) in records {
