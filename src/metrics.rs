@@ -61,7 +61,7 @@ pub const METRIC_TABLE: &str = "\
 | name | type | labels | meaning |
 |---|---|---|---|
 | `sessionizer_build_info` | gauge | `version` | always 1; the running version |
-| `sessionizer_events_total` | counter | `topic`, `outcome` | input events by fate: `accepted` (sessionized, or held in `on_close` mode), `excluded` (passed through out of session), `late`, `dead_letter` |
+| `sessionizer_events_total` | counter | `topic`, `outcome` | input events by fate: `accepted` (sessionized, or held in `on_close` mode), `excluded` (passed through out of session), `late`, `dead_letter`; counted when processed, so a rewind after a failed transaction counts the records it reads again |
 | `sessionizer_dead_letters_total` | counter | `reason` | dead-lettered input records by reason code (the dead-letter reason codes, plus `future_time`) |
 | `sessionizer_late_events_total` | counter | `reason` | late events by reason: `concluded_session`, `beyond_horizon` |
 | `sessionizer_records_out_total` | counter | `output` | records handed on to be written, by output: `annotated`, `sessions`, `late`, `dead_letters`, `stats` (exactly-once: also those of a transaction that then aborted, which are written again after the rewind) |
