@@ -158,7 +158,7 @@ pub struct RuntimeSettings {
     pub memory_budget: usize,
     /// The largest record the producers take (their `message.max.bytes`, unless
     /// `kafka.properties` sets it): `input.max_record_bytes` plus [`OUTPUT_HEADROOM`], at least
-    /// librdkafka's default of 1,000,000, so that no output of an accepted record is refused.
+    /// [`LIBRDKAFKA_MESSAGE_MAX_BYTES`], so that no output of an accepted record is refused.
     pub max_output_bytes: usize,
 }
 
@@ -166,6 +166,9 @@ pub struct RuntimeSettings {
 /// plus [`OUTPUT_HEADROOM`] at most) then fits Kafka's default `max.message.bytes` of topics
 /// (1,048,588 bytes).
 pub const DEFAULT_MAX_RECORD_BYTES: u64 = 1_000_000;
+
+/// librdkafka's default `message.max.bytes`: the producers never take less.
+pub const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
 
 /// What an output record may add to the input record it comes from: the annotation, a dead
 /// letter's or late event's headers. The producers' `message.max.bytes` is at least
@@ -500,7 +503,7 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, ConfigError> {
         excluded_events,
         annotation_field,
     };
-    let runtime = validate_runtime(raw)?;
+    let runtime = validate_runtime(raw, decode.max_record_bytes)?;
     Ok(Settings {
         engine,
         decode,
@@ -509,7 +512,11 @@ pub fn validate(raw: &RawConfig) -> Result<Settings, ConfigError> {
     })
 }
 
-fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
+/// The runtime settings; `max_record_bytes` is the validated `input.max_record_bytes`.
+fn validate_runtime(
+    raw: &RawConfig,
+    max_record_bytes: usize,
+) -> Result<RuntimeSettings, ConfigError> {
     let k = &raw.kafka;
     let name = |key: &str, v: &Option<String>, default: &str| -> Result<String, ConfigError> {
         let s = v.as_deref().unwrap_or(default).trim().to_owned();
@@ -549,17 +556,6 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
     let late_topic = name("kafka.late_topic", &k.late_topic, "events-late")?;
     let dlq_topic = name("kafka.dlq_topic", &k.dlq_topic, "events-dlq")?;
     let stats_topic = name("kafka.stats_topic", &k.stats_topic, "user-session-stats")?;
-    for (key, t) in [
-        ("kafka.annotated_topic", &annotated_topic),
-        ("kafka.sessions_topic", &sessions_topic),
-        ("kafka.late_topic", &late_topic),
-        ("kafka.dlq_topic", &dlq_topic),
-        ("kafka.stats_topic", &stats_topic),
-    ] {
-        if input_topics.contains(t) {
-            return Err(invalid(key, format!("`{t}` is also an input topic")));
-        }
-    }
     let outputs = [
         ("kafka.annotated_topic", &annotated_topic),
         ("kafka.sessions_topic", &sessions_topic),
@@ -568,6 +564,9 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
         ("kafka.stats_topic", &stats_topic),
     ];
     for (i, (key, t)) in outputs.iter().enumerate() {
+        if input_topics.contains(t) {
+            return Err(invalid(key, format!("`{t}` is also an input topic")));
+        }
         if let Some((other, _)) = outputs[..i].iter().find(|(_, o)| o == t) {
             return Err(invalid(
                 key,
@@ -606,14 +605,7 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
         &format!("{group}-changelog"),
     )?;
     if input_topics.contains(&changelog_topic)
-        || [
-            &annotated_topic,
-            &sessions_topic,
-            &late_topic,
-            &dlq_topic,
-            &stats_topic,
-        ]
-        .contains(&&changelog_topic)
+        || outputs.iter().any(|(_, t)| **t == changelog_topic)
     {
         return Err(invalid(
             "kafka.changelog_topic",
@@ -655,15 +647,9 @@ fn validate_runtime(raw: &RawConfig) -> Result<RuntimeSettings, ConfigError> {
             ));
         }
     }
-    let max_record_bytes = raw
-        .input
-        .max_record_bytes
-        .unwrap_or(DEFAULT_MAX_RECORD_BYTES)
-        .try_into()
-        .unwrap_or(usize::MAX);
     let max_output_bytes = max_record_bytes
         .saturating_add(OUTPUT_HEADROOM)
-        .max(1_000_000);
+        .max(LIBRDKAFKA_MESSAGE_MAX_BYTES);
     if let Some(v) = properties.get("message.max.bytes") {
         if v.trim()
             .parse::<usize>()

@@ -9,7 +9,7 @@
 //! - [`consumer_lags`]: the records of each assigned partition not yet taken by the
 //!   application.
 
-use rdkafka::statistics::Statistics;
+use rdkafka::statistics::{Partition, Statistics};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -59,38 +59,33 @@ impl FetchWatch {
     pub fn observe(&mut self, s: &Statistics, now: Instant) -> Vec<Stall> {
         let mut out = Vec::new();
         let mut seen = HashMap::with_capacity(self.seen.len());
-        for (topic, t) in &s.topics {
-            for (&p, part) in &t.partitions {
-                if p < 0 || !part.desired {
-                    continue;
-                }
-                let key = (topic.clone(), p);
-                // Not the client's consumer_lag: that counts from the committed offset, which
-                // offsets committed in transactions do not update.
-                let behind = part.ls_offset - part.next_offset;
-                let idle = part.next_offset >= 0 && behind > 0 && part.fetchq_cnt == 0;
-                let mut w = match self.seen.remove(&key) {
-                    Some(w) if idle && w.next_offset == part.next_offset => w,
-                    _ => Watched::new(part.next_offset, now),
-                };
-                let stalled = now.saturating_duration_since(w.since);
-                let due = w
-                    .reported
-                    .is_none_or(|r| now.saturating_duration_since(r) >= STALL_AFTER);
-                if idle && stalled >= STALL_AFTER && due {
-                    w.reported = Some(now);
-                    out.push(Stall {
-                        topic: topic.clone(),
-                        partition: p,
-                        fetch_state: part.fetch_state.clone(),
-                        leader: part.leader,
-                        next_offset: part.next_offset,
-                        behind,
-                        stalled,
-                    });
-                }
-                seen.insert(key, w);
+        for (topic, p, part) in assigned(s) {
+            let key = (topic.to_owned(), p);
+            // Not the client's consumer_lag: that counts from the committed offset, which
+            // offsets committed in transactions do not update.
+            let behind = part.ls_offset - part.next_offset;
+            let idle = part.next_offset >= 0 && behind > 0 && part.fetchq_cnt == 0;
+            let mut w = match self.seen.remove(&key) {
+                Some(w) if idle && w.next_offset == part.next_offset => w,
+                _ => Watched::new(part.next_offset, now),
+            };
+            let stalled = now.saturating_duration_since(w.since);
+            let due = w
+                .reported
+                .is_none_or(|r| now.saturating_duration_since(r) >= STALL_AFTER);
+            if idle && stalled >= STALL_AFTER && due {
+                w.reported = Some(now);
+                out.push(Stall {
+                    topic: topic.to_owned(),
+                    partition: p,
+                    fetch_state: part.fetch_state.clone(),
+                    leader: part.leader,
+                    next_offset: part.next_offset,
+                    behind,
+                    stalled,
+                });
             }
+            seen.insert(key, w);
         }
         self.seen = seen;
         out
@@ -103,13 +98,9 @@ impl FetchWatch {
 /// topic), so a task counts as caught up only if its partition number is not among these as
 /// of the last report (at most `statistics.interval.ms` old).
 pub fn lagging_partitions(s: &Statistics) -> HashSet<i32> {
-    s.topics
-        .values()
-        .flat_map(|t| t.partitions.iter())
-        .filter(|(&p, part)| {
-            p >= 0 && part.desired && part.next_offset >= 0 && part.ls_offset > part.next_offset
-        })
-        .map(|(&p, _)| p)
+    assigned(s)
+        .filter(|(_, _, part)| part.next_offset >= 0 && part.ls_offset > part.next_offset)
+        .map(|(_, p, _)| p)
         .collect()
 }
 
@@ -121,12 +112,8 @@ pub fn lagging_partitions(s: &Statistics) -> HashSet<i32> {
 /// consumer committed, which offsets committed in transactions never update, so it stays
 /// unknown (-1). A partition whose position or end is not known yet is left out.
 pub fn consumer_lags(s: &Statistics) -> Vec<(&str, i32, i64)> {
-    let mut out = Vec::new();
-    for (topic, t) in &s.topics {
-        for (&p, part) in &t.partitions {
-            if p < 0 || !part.desired {
-                continue;
-            }
+    assigned(s)
+        .filter_map(|(topic, p, part)| {
             let end = if part.ls_offset >= 0 {
                 part.ls_offset
             } else {
@@ -137,18 +124,26 @@ pub fn consumer_lags(s: &Statistics) -> Vec<(&str, i32, i64)> {
             } else {
                 part.next_offset
             };
-            if end >= 0 && taken >= 0 {
-                out.push((topic.as_str(), p, (end - taken).max(0)));
-            }
-        }
-    }
-    out
+            (end >= 0 && taken >= 0).then(|| (topic, p, (end - taken).max(0)))
+        })
+        .collect()
+}
+
+/// The partitions of a report assigned to this consumer, `(topic, partition, statistics)`
+/// (the report also lists partitions it only knows of, and the internal partition -1).
+fn assigned(s: &Statistics) -> impl Iterator<Item = (&str, i32, &Partition)> {
+    s.topics.iter().flat_map(|(topic, t)| {
+        t.partitions
+            .iter()
+            .filter(|(&p, part)| p >= 0 && part.desired)
+            .map(move |(&p, part)| (topic.as_str(), p, part))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rdkafka::statistics::{Partition, Topic};
+    use rdkafka::statistics::Topic;
 
     /// Fetch position `next_offset`, `behind` stable records beyond it, `queued` fetched.
     fn stats(next_offset: i64, behind: i64, queued: i64) -> Statistics {
