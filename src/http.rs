@@ -4,7 +4,8 @@
 //!
 //! Readiness is a [`Health`] value shared with the runtime, which flips it with
 //! [`Health::set_ready`] (e.g. not ready while partitions restore their state, or while
-//! shutting down). [`bind`] then [`serve_on`] lets a caller bind port 0 and learn the port;
+//! shutting down) and [`Health::set_failing`] (not ready while state transactions fail,
+//! whatever else holds). [`bind`] then [`serve_on`] lets a caller bind port 0 and learn the port;
 //! [`serve`] does both. The server stops gracefully when the `shutdown` future completes:
 //! it stops accepting, finishes in-flight requests, then returns.
 
@@ -42,6 +43,8 @@ pub enum HttpError {
 struct Readiness {
     ready: bool,
     reason: String,
+    /// Set while the outputs fail (see [`Health::set_failing`]).
+    failing: Option<String>,
 }
 
 /// Liveness and readiness, shared between the runtime (which sets it) and the HTTP server
@@ -64,6 +67,7 @@ impl Health {
             inner: Arc::new(Mutex::new(Readiness {
                 ready: false,
                 reason: "starting".to_owned(),
+                failing: None,
             })),
         }
     }
@@ -76,19 +80,25 @@ impl Health {
         r.reason = reason.into();
     }
 
+    /// Marks the outputs as failing: not ready, with `reason`, whatever [`Self::set_ready`]
+    /// says, until this is called again with `None`.
+    pub fn set_failing(&self, reason: Option<String>) {
+        self.lock().failing = reason;
+    }
+
     /// `Ok(())` when ready, otherwise the reason.
     pub fn readiness(&self) -> Result<(), String> {
         let r = self.lock();
-        if r.ready {
-            Ok(())
-        } else {
-            Err(r.reason.clone())
+        match &r.failing {
+            Some(f) => Err(f.clone()),
+            None if r.ready => Ok(()),
+            None => Err(r.reason.clone()),
         }
     }
 
     /// True when ready.
     pub fn is_ready(&self) -> bool {
-        self.lock().ready
+        self.readiness().is_ok()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Readiness> {
@@ -201,6 +211,20 @@ mod tests {
         assert!(h.is_ready());
         h.set_ready(false, "shutting down");
         assert_eq!(h2.readiness(), Err("shutting down".to_owned()));
+    }
+
+    #[test]
+    fn failing_outputs_make_it_unready_until_they_flow_again() {
+        let h = Health::new();
+        h.set_ready(true, "");
+        h.set_failing(Some("state transactions failing".into()));
+        assert_eq!(h.readiness(), Err("state transactions failing".to_owned()));
+        h.set_ready(true, ""); // a restore ends meanwhile: still failing
+        assert!(!h.is_ready());
+        h.set_failing(None);
+        assert!(h.is_ready());
+        h.set_ready(false, "restoring");
+        assert_eq!(h.readiness(), Err("restoring".to_owned()));
     }
 
     #[tokio::test]

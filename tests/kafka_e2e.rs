@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 mod support;
 
 use support::e2e::*;
-use support::kafka::{free_port, kafka_sh, metric, scrape};
+use support::kafka::{free_port, get, kafka_sh, metric, scrape};
 
 fn streaming_equals_offline_and_metrics_agree(broker: &Broker) {
     let dir = tempfile::tempdir().unwrap();
@@ -701,6 +701,77 @@ fn shutdown_while_the_broker_is_away(broker: &Broker, guarantee: &str) {
     }
 }
 
+/// Output topics deleted while the instance runs: their outputs cannot be delivered however
+/// often they are sent again. Exactly-once says so on `/readyz` while it retries, then stops
+/// with an error naming a deleted topic (it used to abort and rewind several times a second
+/// for ever, ready all along); at-least-once stops at once. Either way nothing is committed
+/// past the failure, and a restart refuses to start while the topic is missing.
+fn a_deleted_output_topic_stops_the_instance(broker: &Broker, guarantee: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("gone-{guarantee}");
+    let t = Topics::new(broker, &name, 1);
+    let input = events(20, 10, 41);
+    let (first, second) = input.split_at(input.len() / 2);
+    broker.produce(&t.input, &to_user_partitions(first, 1));
+    let group = format!("{name}-group");
+    let flags = ["--guarantee", guarantee];
+    let port = free_port();
+    let mut p = run(broker, &t, dir.path(), &group, port, &flags);
+    broker.read_until(&t.annotated, Duration::from_secs(60), |r| {
+        r.len() >= first.len()
+    });
+    // Every record of the second half is annotated or late (once the partition is idle, the
+    // watermark follows the wall clock): both topics go.
+    let gone = [&t.annotated, &t.late];
+    for topic in gone {
+        broker.delete_topic(topic);
+    }
+    let names_one = |text: &str| gone.iter().any(|g| text.contains(&format!("topic `{g}`")));
+    broker.produce(&t.input, &to_user_partitions(second, 1));
+    if guarantee == "exactly-once" {
+        let started = Instant::now();
+        loop {
+            let r = get(port, "/readyz");
+            // (The first failures may be timeouts, of other topics' records too.)
+            if r.starts_with("HTTP/1.1 503")
+                && r.contains("state transactions failing")
+                && names_one(&r)
+            {
+                break;
+            }
+            assert!(
+                p.child.try_wait().unwrap().is_none()
+                    && started.elapsed() < Duration::from_secs(90),
+                "/readyz never said the transactions fail for a deleted topic (last answer: {r}):\n{}",
+                p.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let status = p.wait_exit(
+        Duration::from_secs(90),
+        "no exit with output topics deleted",
+    );
+    let log = p.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    let error = log
+        .lines()
+        .find(|l| l.starts_with("sessionizer: error:"))
+        .unwrap_or_else(|| panic!("no error line:\n{log}"));
+    assert!(names_one(error), "{error}");
+    if guarantee != "exactly-once" {
+        return; // the start-up check is the same in both modes
+    }
+    let mut again = run(broker, &t, dir.path(), &group, free_port(), &flags);
+    let status = again.wait_exit(
+        Duration::from_secs(60),
+        "a start with output topics missing",
+    );
+    let log = again.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("does not exist") && names_one(&log), "{log}");
+}
+
 /// Waits until the /metrics text on `port` satisfies `done`, for at most 120 s.
 fn wait_metrics(port: u16, done: impl Fn(&str) -> bool) {
     let started = Instant::now();
@@ -1180,7 +1251,8 @@ fn kafka_end_to_end() {
             "compact",
             "away",
             "backfill",
-            "drained"
+            "drained",
+            "gone"
         ]
         .contains(&only.as_str()),
         "E2E_ONLY=`{only}` names no scenario"
@@ -1227,6 +1299,10 @@ fn kafka_end_to_end() {
     }
     if want("drained") {
         a_drained_backlog_is_committed_at_once(&broker);
+    }
+    if want("gone") {
+        a_deleted_output_topic_stops_the_instance(&broker, "exactly-once");
+        a_deleted_output_topic_stops_the_instance(&broker, "at-least-once");
     }
     if want("away") {
         shutdown_while_the_broker_is_away(&broker, "exactly-once");

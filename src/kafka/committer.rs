@@ -299,9 +299,15 @@ fn serve(
                 }
                 Err(e) => {
                     failed = true;
+                    // Read before the abort, which forgets it.
+                    let undeliverable = outputs.undeliverable();
                     let (e, usable) = abort_after(&outputs, e);
                     unusable |= !usable;
-                    JobOutcome::Failed(e)
+                    JobOutcome::Failed(match (e, undeliverable) {
+                        (TxnError::Fenced(e), _) => TxnError::Fenced(e),
+                        (_, Some(u)) => TxnError::Undeliverable(u),
+                        (e, None) => e,
+                    })
                 }
             },
         };
@@ -339,7 +345,9 @@ fn abort_after(outputs: &Outputs, e: TxnError) -> (TxnError, bool) {
             tracing::warn!(error = ?a, "aborting the state transaction failed");
             let reported = match a {
                 TxnError::Fenced(a) => TxnError::Fenced(format!("{e}; {a}")),
-                TxnError::Fatal(a) | TxnError::Abortable(a) => TxnError::Fatal(format!("{e}; {a}")),
+                TxnError::Fatal(a) | TxnError::Abortable(a) | TxnError::Undeliverable(a) => {
+                    TxnError::Fatal(format!("{e}; {a}"))
+                }
             };
             (reported, false)
         }

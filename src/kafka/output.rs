@@ -39,6 +39,8 @@ const EPOCH_SLOTS: usize = 64;
 struct DeliveryState {
     failed: AtomicU64,
     first_error: Mutex<Option<String>>,
+    /// The first failure that retrying will not mend ([`undeliverable`]), until an abort.
+    undeliverable: Mutex<Option<String>>,
     /// Records sent and not acknowledged (or failed) yet, by epoch modulo [`EPOCH_SLOTS`].
     unacked: [AtomicI64; EPOCH_SLOTS],
     /// Per (epoch, changelog partition): the offset after its last acknowledged changelog
@@ -51,6 +53,7 @@ impl Default for DeliveryState {
         Self {
             failed: AtomicU64::new(0),
             first_error: Mutex::new(None),
+            undeliverable: Mutex::new(None),
             unacked: std::array::from_fn(|_| AtomicI64::new(0)),
             changelog_acked: Mutex::default(),
         }
@@ -58,13 +61,48 @@ impl Default for DeliveryState {
 }
 
 impl DeliveryState {
-    /// Counts a record that will never be delivered, keeping the first error.
-    fn fail(&self, e: &dyn std::fmt::Display) {
+    /// Counts a record for `topic` that will never be delivered, keeping the first error.
+    fn fail(&self, topic: &str, e: &RdError) {
         self.failed.fetch_add(1, Ordering::Relaxed);
+        let what = self.note(topic, e);
         if let Ok(mut first) = self.first_error.lock() {
-            first.get_or_insert_with(|| e.to_string());
+            first.get_or_insert(what);
         }
     }
+
+    /// Describes a failure for `topic`, and keeps it if it is the first [`undeliverable`] one.
+    fn note(&self, topic: &str, e: &RdError) -> String {
+        let what = format!("topic `{topic}`: {e}");
+        if undeliverable(e) {
+            if let Ok(mut u) = self.undeliverable.lock() {
+                u.get_or_insert_with(|| what.clone());
+            }
+        }
+        what
+    }
+}
+
+/// Whether a record failed for a reason that sending it again will not mend: its topic or
+/// partition does not exist (deleted while running), writing to it is not authorised, or the
+/// broker refuses the record itself (too large for the topic, invalid, against a policy).
+/// Unreachable brokers, timeouts and leader changes are not: librdkafka retries those.
+pub fn undeliverable(e: &RdError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownPartition
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+                | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+                | RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::PolicyViolation
+        )
+    )
 }
 
 fn slot(epoch: u64) -> usize {
@@ -91,7 +129,7 @@ impl ProducerContext for DeliveryContext {
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
         let epoch = (opaque >> 1) as u64;
         match result {
-            Err((e, _)) => self.state.fail(e),
+            Err((e, m)) => self.state.fail(m.topic(), e),
             Ok(m) if opaque & CHANGELOG != 0 => {
                 if let Ok(mut acked) = self.state.changelog_acked.lock() {
                     let n = acked.entry((epoch, m.partition())).or_insert(0);
@@ -106,15 +144,23 @@ impl ProducerContext for DeliveryContext {
 }
 
 /// A failed transaction operation.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum TxnError {
     /// The transaction must be aborted; the producer stays usable.
+    #[error("{0}")]
     Abortable(String),
     /// The producer is unusable, but nothing says another instance took over: a new
     /// producer with the same transactional id can carry on.
+    #[error("{0}")]
     Fatal(String),
     /// Another producer with the same transactional id took over: this instance must stop.
+    #[error("fenced: {0}")]
     Fenced(String),
+    /// Aborted because a record could not be delivered for a reason that retrying will not
+    /// mend ([`undeliverable`]; the record's topic and error). The producer's state is
+    /// reported apart (see the state committer).
+    #[error("{0}")]
+    Undeliverable(String),
 }
 
 fn txn_error(what: &str, e: RdError) -> TxnError {
@@ -399,26 +445,36 @@ impl Outputs {
     }
 
     /// Aborts the open transaction (queued records are purged, not waited for); the
-    /// failed-delivery count starts again from zero.
+    /// failed-delivery count starts again from zero, and the [undeliverable](undeliverable)
+    /// failure is forgotten.
     pub fn abort(&self) -> Result<(), TxnError> {
         let r = self
             .producer
             .abort_transaction(TXN_TIMEOUT)
             .map_err(|e| txn_error("aborting the transaction", e));
         self.state.failed.store(0, Ordering::Relaxed);
-        if let Ok(mut f) = self.state.first_error.lock() {
-            *f = None;
+        for kept in [&self.state.first_error, &self.state.undeliverable] {
+            if let Ok(mut f) = kept.lock() {
+                *f = None;
+            }
         }
         r
+    }
+
+    /// The first record that failed, since the last abort, for a reason that sending it
+    /// again will not mend (see [`undeliverable`]), with its topic.
+    pub fn undeliverable(&self) -> Option<String> {
+        self.state.undeliverable.lock().ok().and_then(|u| u.clone())
     }
 
     fn enqueue(&self, rec: BaseRecord<'_, [u8], [u8], usize>) -> Result<(), KafkaError> {
         // Counted before it is handed over: its report may come before `send` returns.
         let unacked = &self.state.unacked[slot((rec.delivery_opaque >> 1) as u64)];
+        let topic = rec.topic;
         unacked.fetch_add(1, Ordering::AcqRel);
         queue(&self.producer, rec).map_err(|e| {
             unacked.fetch_sub(1, Ordering::AcqRel);
-            KafkaError::Produce(e.to_string())
+            KafkaError::Produce(self.state.note(topic, &e))
         })
     }
 
@@ -473,8 +529,9 @@ impl ReservedSender {
     /// is full. A record that cannot be queued counts as a failed delivery
     /// ([`Outputs::check_failures`] reports it).
     pub fn send(&self, r: OutputRecord<'_>, opaque: usize) {
+        let topic = r.topic;
         if let Err(e) = queue(&self.producer, r.into_base(opaque)) {
-            self.state.fail(&e);
+            self.state.fail(topic, &e);
             self.state.unacked[slot((opaque >> 1) as u64)].fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -550,5 +607,49 @@ fn wait_for(limit: Option<Duration>, done: impl Fn() -> bool) {
             waited_s = started.elapsed().as_secs(),
             "outputs acknowledged"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_failures_that_retrying_cannot_mend_are_undeliverable() {
+        let produce = |c| RdError::MessageProduction(c);
+        for c in [
+            RDKafkaErrorCode::UnknownTopic,
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::MessageSizeTooLarge,
+        ] {
+            assert!(undeliverable(&produce(c)), "{c:?}");
+        }
+        for c in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::NotLeaderForPartition,
+            RDKafkaErrorCode::QueueFull,
+        ] {
+            assert!(!undeliverable(&produce(c)), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn a_failure_names_its_topic_and_the_first_undeliverable_one_is_kept() {
+        let state = DeliveryState::default();
+        state.fail(
+            "t1",
+            &RdError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
+        );
+        state.fail(
+            "t2",
+            &RdError::MessageProduction(RDKafkaErrorCode::UnknownTopic),
+        );
+        let first = state.first_error.lock().unwrap().clone().unwrap();
+        assert!(first.starts_with("topic `t1`: "), "{first}");
+        let kept = state.undeliverable.lock().unwrap().clone().unwrap();
+        assert!(kept.starts_with("topic `t2`: "), "{kept}");
+        assert_eq!(state.failed.load(Ordering::Relaxed), 2);
     }
 }

@@ -17,6 +17,14 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
 
+/// How long state transactions may go on failing, none committed, after the first that
+/// failed with an undeliverable output ([`TxnError::Undeliverable`]: an output topic deleted,
+/// writes to it not authorised, a record the broker refuses), before the instance stops with
+/// an error at the next such failure. Shorter blips (a topic deleted
+/// and created again at once) are retried like any failed transaction. Retrying for longer
+/// would only repeat the failure: exactly-once aborts and rewinds several times a second.
+pub const UNDELIVERABLE_FOR: Duration = Duration::from_secs(10);
+
 /// Whether the commit interval that began `since` ago ends now: after `interval` (the
 /// settings' two: `commit_interval`, `catch_up_commit_interval`) when no partition reads a
 /// backlog, otherwise after the catch-up one, or once `buffered` output bytes reach
@@ -396,6 +404,11 @@ impl Core {
         match outcome {
             JobOutcome::Committed { took, .. } => {
                 self.metrics.observe_transaction_commit(took);
+                self.undeliverable_since = None;
+                if std::mem::take(&mut self.failing) {
+                    tracing::info!("state transactions commit again");
+                    self.health.set_failing(None);
+                }
                 self.written(&c.partitions)?;
                 self.metrics.observe_commit(c.started.elapsed());
             }
@@ -441,7 +454,21 @@ impl Core {
             }
             return Ok(());
         }
+        self.failing = true;
+        self.health
+            .set_failing(Some(format!("state transactions failing: {e}")));
         let new_producer = match e {
+            TxnError::Undeliverable(e) => {
+                let since = *self.undeliverable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= UNDELIVERABLE_FOR {
+                    return Err(PipelineError::Undeliverable {
+                        error: e,
+                        for_: since.elapsed(),
+                    });
+                }
+                tracing::warn!(error = %e, "state transaction failed, an output cannot be delivered: rewinding to the last commit");
+                false
+            }
             TxnError::Abortable(e) => {
                 tracing::warn!(error = %e, "state transaction failed: rewinding to the last commit");
                 false

@@ -33,7 +33,10 @@
 //! another process with the same instance id; otherwise it replaces the producer and rewinds
 //! once (after a broker failure the transaction coordinator can bump the epoch of a
 //! transaction that timed out, and librdkafka reports that as fencing too), and a second one
-//! within [`FENCE_WINDOW`] stops the process.
+//! within [`FENCE_WINDOW`] stops the process. A transaction that failed because an output
+//! can never be delivered (its topic deleted, writes refused) is retried the same way, but
+//! once such failures have gone on for [`UNDELIVERABLE_FOR`] with nothing committed,
+//! the process stops. `/readyz` is not ready from a failed transaction to the next commit.
 //! A rewind reads the changelog only once the failed transaction has ended: a transaction
 //! whose commit failed on the client may still commit on the brokers (a broker died with the
 //! reply), and a restore that stopped before it would leave the task behind its changelog.
@@ -55,7 +58,7 @@ mod rebalance;
 mod records;
 
 use commits::{commit_is_due, PendingCommit};
-pub use commits::{FENCE_WINDOW, KEYS_PER_RECORD, PACE_SHARE};
+pub use commits::{FENCE_WINDOW, KEYS_PER_RECORD, PACE_SHARE, UNDELIVERABLE_FOR};
 use rebalance::Ctx;
 
 use crate::codec::Decoder;
@@ -93,6 +96,12 @@ pub enum PipelineError {
     Fenced(String),
     #[error("the transactional producer failed: {0}")]
     Transaction(String),
+    #[error(
+        "outputs cannot be delivered: {error} (the first such failure was {} s ago, and no state transaction has committed since; \
+         check that the output topics exist and that this instance may write to them)",
+        .for_.as_secs()
+    )]
+    Undeliverable { error: String, for_: Duration },
 }
 
 /// How many staged commits may wait for their transaction (at-least-once, also for their
@@ -177,6 +186,12 @@ struct Core {
     state: StateCommitter,
     /// The first failed transaction, until the commits after it are all skipped.
     commit_error: Option<TxnError>,
+    /// When a state transaction first failed with an undeliverable output
+    /// (`TxnError::Undeliverable`) since the last one committed (see
+    /// [`UNDELIVERABLE_FOR`]).
+    undeliverable_since: Option<Instant>,
+    /// Whether a state transaction failed since the last one committed (`/readyz` says so).
+    failing: bool,
     out: Vec<Output>,
     buf: Vec<u8>,
     held: Vec<u8>,
@@ -330,6 +345,8 @@ pub fn run(
         pending: VecDeque::new(),
         state,
         commit_error: None,
+        undeliverable_since: None,
+        failing: false,
         out: Vec::new(),
         buf: Vec::new(),
         held: Vec::new(),

@@ -186,6 +186,24 @@ impl Broker {
         }
     }
 
+    /// Deletes `topic` (and waits for the brokers' answer).
+    pub fn delete_topic(&self, topic: &str) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let res = rt
+            .block_on(admin.delete_topics(&[topic], &AdminOptions::new()))
+            .unwrap();
+        for r in res {
+            r.unwrap();
+        }
+    }
+
     pub fn produce(&self, topic: &str, records: &[Input]) {
         let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)

@@ -49,16 +49,22 @@ pub fn free_port_pair() -> u16 {
 
 /// The body of `GET /metrics` on 127.0.0.1:`port` (empty while nothing listens yet).
 pub fn scrape(port: u16) -> String {
+    get(port, "/metrics")
+}
+
+/// The response to `GET path` on 127.0.0.1:`port`, status line and headers included (empty
+/// while nothing listens).
+pub fn get(port: u16, path: &str) -> String {
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return String::new();
     };
     let _ = write!(
         s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     );
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body
+    let mut response = String::new();
+    let _ = s.read_to_string(&mut response);
+    response
 }
 
 /// Sum of the samples whose line starts with `prefix` (a name, optionally with labels).
