@@ -47,8 +47,9 @@ pub enum DecodeError {
     MissingTime(String),
     #[error("invalid event time: {0}")]
     InvalidTime(String),
-    #[error("event time {0} ms is outside 1970-01-01 .. 9999-12-31")]
-    TimeOutOfRange(i128),
+    /// The time as written (or, from the record timestamp, in milliseconds).
+    #[error("event time {0} is outside 1970-01-01 .. 9999-12-31")]
+    TimeOutOfRange(String),
     #[error("invalid event name: {0}")]
     InvalidEventName(String),
     #[error("the record already has a field `{0}`, the configured annotation field")]
@@ -248,17 +249,21 @@ impl Decoder {
                 "longer than {MAX_USER_ID_BYTES} bytes"
             )));
         }
-        let time = match self.cfg.time_format {
-            TimeFormat::RecordTimestamp => {
-                record_time.ok_or_else(|| DecodeError::MissingTime("(record timestamp)".into()))?
-            }
+        let (time, raw) = match self.cfg.time_format {
+            TimeFormat::RecordTimestamp => (
+                record_time.ok_or_else(|| DecodeError::MissingTime("(record timestamp)".into()))?,
+                None,
+            ),
             fmt => match slots[self.slot_time].filter(|r| r.get() != "null") {
-                Some(raw) => parse_time(raw.get(), fmt)?,
+                Some(raw) => (parse_time(raw.get(), fmt)?, Some(raw.get())),
                 None => return Err(DecodeError::MissingTime(self.cfg.time_field.clone())),
             },
         };
         if !(0..=MAX_TIME).contains(&time) {
-            return Err(DecodeError::TimeOutOfRange(time as i128));
+            return Err(DecodeError::TimeOutOfRange(match raw {
+                Some(raw) => format!("{} ({time} ms)", truncate(raw)),
+                None => format!("{time} ms (the record timestamp)"),
+            }));
         }
         let class = match slots[self.slot_event].filter(|r| r.get() != "null") {
             None => EventClass::Engagement,
@@ -465,7 +470,9 @@ fn number(s: &str, fmt: TimeFormat) -> Result<Millis, DecodeError> {
     // The common case first: a plain integer, read by the standard library's parser.
     if !body.is_empty() && body.len() <= 25 && body.bytes().all(|b| b.is_ascii_digit()) {
         let v: i128 = body.parse().map_err(|_| bad())?;
-        return in_millis(fmt, neg, v != 0, |shift| Some(v * 10i128.pow(shift as u32)));
+        return in_millis(s, fmt, neg, v != 0, |shift| {
+            Some(v * 10i128.pow(shift as u32))
+        });
     }
     let (mantissa, exp) = match body.split_once(['e', 'E']) {
         Some((m, e)) => {
@@ -495,7 +502,7 @@ fn number(s: &str, fmt: TimeFormat) -> Result<Millis, DecodeError> {
     let zeros = digits().take_while(|&b| b == b'0').count();
     let significant = int.len() + frac.len() - zeros;
     let scale = exp - frac.len() as i64;
-    in_millis(fmt, neg, significant > 0, |shift| {
+    in_millis(s, fmt, neg, significant > 0, |shift| {
         let e = scale + shift;
         if significant == 0 {
             Some(0)
@@ -515,7 +522,9 @@ fn number(s: &str, fmt: TimeFormat) -> Result<Millis, DecodeError> {
 /// The event time of a number in the unit written, given by `whole(shift)` = floor(|value| x
 /// 10^shift), `None` when that is 10^25 or more (out of range in any unit); `shift` is 0 or 3.
 /// `neg` and `nonzero`: the value is below zero, however little (the floor of -0.0001 is -1).
+/// `written`: the number as written, for the error.
 fn in_millis(
+    written: &str,
     fmt: TimeFormat,
     neg: bool,
     nonzero: bool,
@@ -532,10 +541,11 @@ fn in_millis(
         },
     };
     match ms {
-        _ if neg && nonzero => Err(DecodeError::TimeOutOfRange(-ms.unwrap_or(i128::MAX).max(1))),
-        Some(v) if v <= MAX_TIME as i128 => Ok(v as Millis),
-        Some(v) => Err(DecodeError::TimeOutOfRange(v)),
-        None => Err(DecodeError::TimeOutOfRange(i128::MAX)),
+        Some(v) if !(neg && nonzero) && v <= MAX_TIME as i128 => Ok(v as Millis),
+        _ => Err(DecodeError::TimeOutOfRange(format!(
+            "`{}`",
+            truncate(written)
+        ))),
     }
 }
 
@@ -760,6 +770,31 @@ mod tests {
             let rec = format!(r#"{{"user_id":"u","timestamp":{before}}}"#);
             assert_eq!(reason(&d, &rec), "time_out_of_range", "{before}");
         }
+        // The message shows the time as written (i128::MAX was shown for 1e30).
+        let message = |d: &Decoder, rec: &str, at: Option<i64>| {
+            d.decode(rec.as_bytes(), None, at).unwrap_err().to_string()
+        };
+        assert_eq!(
+            message(&d, r#"{"user_id":"u","timestamp":1e30}"#, None),
+            "event time `1e30` is outside 1970-01-01 .. 9999-12-31"
+        );
+        assert_eq!(
+            message(&d, r#"{"user_id":"u","timestamp":"-0.5"}"#, None),
+            "event time `-0.5` is outside 1970-01-01 .. 9999-12-31"
+        );
+        assert_eq!(
+            message(
+                &d,
+                r#"{"user_id":"u","timestamp":"1969-12-31T23:59:59Z"}"#,
+                None
+            ),
+            "event time \"1969-12-31T23:59:59Z\" (-1000 ms) is outside 1970-01-01 .. 9999-12-31"
+        );
+        let k = decoder(|r| r.input.time_format = Some("record_timestamp".into()));
+        assert_eq!(
+            message(&k, r#"{"user_id":"u"}"#, Some(-7)),
+            "event time -7 ms (the record timestamp) is outside 1970-01-01 .. 9999-12-31"
+        );
         assert_eq!(
             reason(&d, r#"{"user_id":"u","timestamp":"yesterday"}"#),
             "invalid_time"
