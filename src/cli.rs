@@ -15,6 +15,7 @@ use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -328,6 +329,11 @@ pub struct GenerateArgs {
     /// as possible).
     #[arg(long)]
     pub rate: Option<f64>,
+    /// Write each event when its arrival time comes on the wall clock (counted from
+    /// --start): event time passes at the clock's speed, so with `--start now` the events
+    /// are live. The rate then follows from --users and the session model.
+    #[arg(long, conflicts_with = "rate")]
+    pub real_time: bool,
     /// Random seed: the same seed and options give the same bytes.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -346,6 +352,14 @@ pub struct GenerateArgs {
 }
 
 impl GenerateArgs {
+    fn pace(&self) -> generate::Pace {
+        match (self.real_time, self.rate) {
+            (true, _) => generate::Pace::RealTime { from: self.start },
+            (false, Some(r)) => generate::Pace::Rate(r),
+            (false, None) => generate::Pace::Unpaced,
+        }
+    }
+
     /// The generator configuration these options describe.
     pub fn config(&self) -> GeneratorConfig {
         GeneratorConfig {
@@ -516,12 +530,24 @@ fn generate(a: GenerateArgs) -> Result<(), CliError> {
     // Logs on stderr: `--topic` reports brokers that do not acknowledge through tracing.
     init_logging(false);
     let generator = Generator::new(a.config()).map_err(generate_error)?;
+    let hour_ago = chrono::Utc::now().timestamp_millis() - 3_600_000;
+    if !a.real_time && a.start > hour_ago {
+        tracing::warn!(
+            "--start is about now, but event time will run ahead of the wall clock (it passes \
+             as fast as the events are written); a sessionizer dead-letters events further \
+             ahead than time.max_future_skew as future_time. Add --real-time for live events"
+        );
+    }
     if let Some(topic) = &a.topic {
         return generate_to_kafka(&a, generator, topic);
     }
     let result = match &a.output {
-        Some(p) => generate::write_jsonl(generator, &mut create(p)?, a.rate),
-        None => generate::write_jsonl(generator, &mut BufWriter::new(io::stdout().lock()), a.rate),
+        Some(p) => generate::write_jsonl(generator, &mut create(p)?, a.pace()),
+        None => generate::write_jsonl(
+            generator,
+            &mut BufWriter::new(io::stdout().lock()),
+            a.pace(),
+        ),
     };
     match result {
         Ok(_) => Ok(()),
@@ -530,6 +556,9 @@ fn generate(a: GenerateArgs) -> Result<(), CliError> {
         Err(e) => Err(generate_error(e)),
     }
 }
+
+/// How long `generate --topic` waits for its topic to appear in the brokers' metadata.
+const GENERATE_TOPIC_WAIT: Duration = Duration::from_secs(5);
 
 /// `generate --topic`: the events as JSON values keyed by user id, with the same idempotent
 /// producer settings as the streaming mode; waits until every record is acknowledged.
@@ -546,9 +575,12 @@ fn generate_to_kafka(a: &GenerateArgs, generator: Generator, topic: &str) -> Res
         &crate::kafka::idempotent_producer_config(&settings.runtime),
     )
     .map_err(|e| CliError::Runtime(e.to_string()))?;
+    outputs
+        .check_topic(topic, GENERATE_TOPIC_WAIT)
+        .map_err(|e| CliError::Runtime(e.to_string()))?;
     let mut value = Vec::with_capacity(256);
     let mut failure = None;
-    let n = generate::for_each_paced(generator, a.rate, |ev| {
+    let n = generate::for_each_paced(generator, a.pace(), |ev| {
         value.clear();
         serde_json::to_writer(&mut value, ev).map_err(|e| GenerateError::Write(e.into()))?;
         if let Err(e) = outputs.send(topic, Some(ev.user_id.as_bytes()), &value, None, None) {

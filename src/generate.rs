@@ -1,6 +1,7 @@
 //! Synthetic app and web events for demos, tests and benchmarks: a pure, deterministic
 //! [`Generator`] (an iterator of [`Event`]s, fully determined by its [`GeneratorConfig`] and
-//! seed) and a thin JSON-lines writer ([`write_jsonl`]) that can pace its output in real time.
+//! seed) and a thin JSON-lines writer ([`write_jsonl`]) that can pace its output on the wall
+//! clock ([`Pace`]: a rate, or event time at the clock's speed).
 //!
 //! # Model
 //!
@@ -777,21 +778,48 @@ impl Iterator for Generator {
     }
 }
 
-/// Writes `events` as JSON lines. With `rate` (events per second) the output is paced by the
-/// wall clock: event i is written no earlier than i / rate seconds after the start, and the
-/// output is flushed before each pause. Returns the number of events written.
+/// How the output is paced on the wall clock.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Pace {
+    /// As fast as possible.
+    Unpaced,
+    /// This many events per second (an absolute schedule: after an oversleep the next events
+    /// go out at once).
+    Rate(f64),
+    /// Each event once as much wall-clock time has passed since the start as its arrival
+    /// time is past `from` (the generator's start): event time passes at the wall clock's
+    /// speed, so with a start of `now` the events are live.
+    RealTime { from: Millis },
+}
+
+impl Pace {
+    /// How long after the start event number `written` (0-based), arriving at `arrival`, is
+    /// due; `None` when unpaced.
+    fn due(self, written: u64, arrival: Millis) -> Option<Duration> {
+        match self {
+            Pace::Unpaced => None,
+            Pace::Rate(r) => Some(Duration::from_secs_f64(written as f64 / r)),
+            Pace::RealTime { from } => Some(Duration::from_millis(
+                u64::try_from(arrival.saturating_sub(from)).unwrap_or(0),
+            )),
+        }
+    }
+}
+
+/// Writes `events` as JSON lines, paced by `pace`; paced output is flushed after each event.
+/// Returns the number of events written.
 pub fn write_jsonl<W: Write>(
     events: impl Iterator<Item = Event>,
     out: &mut W,
-    rate: Option<f64>,
+    pace: Pace,
 ) -> Result<u64, GenerateError> {
     let mut line = Vec::with_capacity(256);
-    let written = for_each_paced(events, rate, |ev| {
+    let written = for_each_paced(events, pace, |ev| {
         line.clear();
         serde_json::to_writer(&mut line, ev).map_err(|e| GenerateError::Write(e.into()))?;
         line.push(b'\n');
         out.write_all(&line).map_err(GenerateError::Write)?;
-        if rate.is_some() {
+        if pace != Pace::Unpaced {
             // Paced output is read live: don't let it sit in a buffer.
             out.flush().map_err(GenerateError::Write)?;
         }
@@ -801,15 +829,14 @@ pub fn write_jsonl<W: Write>(
     Ok(written)
 }
 
-/// Calls `emit` for every event, pacing to `rate` events per second of wall-clock time when
-/// given (an absolute schedule: after an oversleep the next events go out at once). Returns
-/// the number of events emitted.
+/// Calls `emit` for every event, each no earlier than `pace` says. Returns the number of
+/// events emitted.
 pub fn for_each_paced(
     events: impl Iterator<Item = Event>,
-    rate: Option<f64>,
+    pace: Pace,
     mut emit: impl FnMut(&Event) -> Result<(), GenerateError>,
 ) -> Result<u64, GenerateError> {
-    if let Some(r) = rate {
+    if let Pace::Rate(r) = pace {
         if !(r > 0.0 && r.is_finite()) {
             return Err(invalid("--rate", format!("{r} is not a positive rate")));
         }
@@ -817,8 +844,7 @@ pub fn for_each_paced(
     let started = Instant::now();
     let mut written = 0u64;
     for ev in events {
-        if let Some(r) = rate {
-            let due = Duration::from_secs_f64(written as f64 / r);
+        if let Some(due) = pace.due(written, ev.arrival) {
             let elapsed = started.elapsed();
             if due > elapsed {
                 std::thread::sleep(due - elapsed);
@@ -890,7 +916,7 @@ mod tests {
             "raw PCG outputs"
         );
         let mut out = Vec::new();
-        write_jsonl(Generator::new(cfg(1000)).unwrap(), &mut out, None).unwrap();
+        write_jsonl(Generator::new(cfg(1000)).unwrap(), &mut out, Pace::Unpaced).unwrap();
         assert_eq!(
             xxhash_rust::xxh3::xxh3_64(&out),
             221_669_537_257_074_991,
@@ -1115,13 +1141,27 @@ mod tests {
     #[test]
     fn writer_writes_one_line_per_event() {
         let mut out = Vec::new();
-        let n = write_jsonl(Generator::new(cfg(100)).unwrap(), &mut out, None).unwrap();
+        let n = write_jsonl(Generator::new(cfg(100)).unwrap(), &mut out, Pace::Unpaced).unwrap();
         assert_eq!(n, 100);
         assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 100);
         let mut paced = Vec::new();
         let t = Instant::now();
-        write_jsonl(Generator::new(cfg(21)).unwrap(), &mut paced, Some(1000.0)).unwrap();
+        write_jsonl(
+            Generator::new(cfg(21)).unwrap(),
+            &mut paced,
+            Pace::Rate(1000.0),
+        )
+        .unwrap();
         assert!(t.elapsed() >= Duration::from_millis(20));
         assert_eq!(paced, out[..paced.len()]);
+    }
+
+    #[test]
+    fn real_time_events_are_due_at_their_arrival_on_the_wall_clock() {
+        let pace = Pace::RealTime { from: 10_000 };
+        assert_eq!(pace.due(7, 10_250), Some(Duration::from_millis(250)));
+        assert_eq!(pace.due(0, 9_000), Some(Duration::ZERO));
+        assert_eq!(Pace::Rate(4.0).due(2, 0), Some(Duration::from_millis(500)));
+        assert_eq!(Pace::Unpaced.due(2, 99), None);
     }
 }

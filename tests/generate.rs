@@ -222,6 +222,57 @@ fn rate_paces_the_output() {
     assert_eq!(out, generate(&["--count", "51"]));
 }
 
+/// `--start now --real-time`: each event is written once its time has come on the wall
+/// clock, so a sessionizer reading them live never sees one from the future (without
+/// `--real-time` they run hours ahead). The same bytes as unpaced.
+#[test]
+fn real_time_events_are_never_ahead_of_the_clock() {
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    let args = [
+        "--start",
+        "2030-01-01T00:00:00Z",
+        "--users",
+        "100000",
+        "--count",
+        "20",
+    ];
+    let mut child = bin()
+        .arg("generate")
+        .args([
+            "--users",
+            "100000",
+            "--count",
+            "20",
+            "--start",
+            "now",
+            "--real-time",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reader = BufReader::new(child.stdout.take().unwrap());
+    let mut times = Vec::new();
+    for line in reader.lines() {
+        let t = serde_json::from_str::<Value>(&line.unwrap()).unwrap()["timestamp"]
+            .as_i64()
+            .unwrap();
+        let read_at = now_ms();
+        assert!(t <= read_at, "event time {t} read at {read_at}");
+        times.push(t);
+    }
+    assert!(child.wait().unwrap().success());
+    assert_eq!(times.len(), 20);
+    // The same stream as without pacing, shifted to its start.
+    let unpaced = self::times(&parse(&generate(&args)));
+    let shift = |ts: &[i64]| ts.iter().map(|t| t - ts[0]).collect::<Vec<_>>();
+    assert_eq!(shift(&times[..]), shift(&unpaced[..]));
+}
+
 #[test]
 fn an_unbounded_stream_stops_quietly_when_the_reader_goes() {
     let mut child = bin()
@@ -251,6 +302,7 @@ fn bad_flags_exit_2_naming_the_flag() {
         (vec!["--rate", "0"], "--rate"),
         (vec!["--disorder", "soon"], "--disorder"),
         (vec!["--start", "yesterday"], "--start"),
+        (vec!["--real-time", "--rate", "5"], "--real-time"),
     ] {
         let o = bin()
             .arg("generate")

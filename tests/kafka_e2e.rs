@@ -1077,6 +1077,16 @@ fn generate_produces_keyed_events_to_a_topic(broker: &Broker) {
         let v: Value = serde_json::from_str(&r.value).unwrap();
         assert_eq!(r.key.as_deref(), v["user_id"].as_str(), "keyed by user id");
     }
+    // A topic the brokers do not have: an error naming it, after a 5 s wait for it to
+    // appear (librdkafka alone waited 30 s, then failed record by record).
+    let out = Command::new(BIN)
+        .args(["generate", "--count", "5", "--topic", "gen-missing"])
+        .args(["--brokers", &broker.bootstrap])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("topic `gen-missing` does not exist"), "{err}");
 }
 
 /// A changelog as log compaction leaves it: the records of a first commit without its last

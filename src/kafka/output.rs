@@ -225,6 +225,44 @@ impl Outputs {
         })
     }
 
+    /// Fails unless the brokers list `topic` within `wait` (asked again every 200 ms, for a
+    /// topic created just before): a record for a topic the brokers do not have waits
+    /// `topic.metadata.propagation.max.ms` (30 s) before it fails.
+    pub fn check_topic(&self, topic: &str, wait: Duration) -> Result<(), KafkaError> {
+        let deadline = Instant::now() + wait;
+        let mut answered = false;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            // Every topic's: asked for one topic the brokers do not have, librdkafka waits
+            // for the whole timeout.
+            match self
+                .producer
+                .client()
+                .fetch_metadata(None, left.max(wait / 4))
+            {
+                Ok(md) => {
+                    answered = true;
+                    if md.topics().iter().any(|t| {
+                        t.name() == topic && t.error().is_none() && !t.partitions().is_empty()
+                    }) {
+                        return Ok(());
+                    }
+                }
+                Err(e) if !answered => {
+                    return Err(KafkaError::Unreachable {
+                        brokers: self.bootstrap.clone(),
+                        problem: format!("metadata request failed: {e}"),
+                    })
+                }
+                Err(_) => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(KafkaError::MissingTopic(topic.to_owned()));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Gives the producer its bootstrap servers again if it has lost every broker (see
     /// [`BrokerLoss`]).
     pub fn keep_brokers(&self) {
