@@ -570,6 +570,14 @@ impl<'de, 's> Visitor<'de> for TopLevel<'s, 'de> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(slot) = map.next_key_seed(FieldSlot { names: self.names })? {
             match slot {
+                // Which of two values a reader takes is up to it (RFC 8259, 4): a record
+                // that gives a field the sessionizer reads twice is refused, not guessed at.
+                Some(i) if self.slots[i].is_some() => {
+                    return Err(de::Error::custom(format_args!(
+                        "duplicate field `{}`",
+                        self.names[i]
+                    )));
+                }
                 Some(i) => self.slots[i] = Some(map.next_value::<&'de RawValue>()?),
                 None => {
                     map.next_value::<IgnoredAny>()?;
@@ -799,6 +807,20 @@ mod tests {
             reason(&d, r#"{"user_id":"u","timestamp":"yesterday"}"#),
             "invalid_time"
         );
+        // A field the sessionizer reads, given twice (escaped the second time): refused, not
+        // the last one taken. Other fields are passed through as they are.
+        let twice = r#"{"user_id":"u","timestamp":1,"user\u005fid":"v"}"#;
+        assert_eq!(reason(&d, twice), "invalid_json");
+        assert!(message(&d, twice, None).contains("duplicate field `user_id`"));
+        for plain in [
+            r#"{"user_id":"u","timestamp":1,"timestamp":2}"#,
+            r#"{"user_id":"u","timestamp":1,"user_id":"v"}"#,
+            r#"{"user_id":"u","timestamp":1,"event":"a","event":"b"}"#,
+        ] {
+            assert_eq!(reason(&d, plain), "invalid_json", "{plain}");
+        }
+        let other = r#"{"user_id":"u","timestamp":1,"x":1,"x":2}"#;
+        assert_eq!(d.decode(other.as_bytes(), None, None).unwrap().time, 1000);
         assert_eq!(
             reason(&d, r#"{"user_id":"u","timestamp":true}"#),
             "invalid_time"
