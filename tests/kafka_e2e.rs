@@ -222,6 +222,61 @@ fn records_near_the_size_limit(broker: &Broker) {
     assert_eq!(p.terminate(), 0);
 }
 
+/// A dead letter that would not fit in the dead-letter topic (a record refused for its size,
+/// incompressible, whose headers take it over the topic's `max.message.bytes`) goes out
+/// truncated, with the original size in a header, and the partition flows on. (The broker
+/// refused it whole, and the instance stopped, again at every restart.)
+fn a_dead_letter_too_large_for_its_topic_is_truncated(broker: &Broker) {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Topics::named("dlqfit");
+    broker.create_topics(&[&t.input, &t.annotated, &t.sessions, &t.late, &t.stats], 1);
+    broker.create_topics_with(&[&t.dlq], 1, &[("max.message.bytes", "20000")]);
+    // Letters drawn at random: lz4 finds nothing to compress.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let pad: String = (0..19_900)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (b'a' + (x % 26) as u8) as char
+        })
+        .collect();
+    let big = format!(r#"{{"user_id":"big","timestamp":1704067200000,"pad":"{pad}"}}"#);
+    let small = r#"{"user_id":"big","timestamp":1704067201000}"#.to_string();
+    broker.produce(
+        &t.input,
+        &[
+            (Some("big".into()), Some(big.clone().into_bytes()), None),
+            (Some("big".into()), Some(small.into_bytes()), None),
+        ],
+    );
+    let p = run(
+        broker,
+        &t,
+        dir.path(),
+        "dlqfit-group",
+        free_port(),
+        &["--max-record-bytes", "10000"],
+    );
+    let annotated = broker.read_until(&t.annotated, Duration::from_secs(60), |r| !r.is_empty());
+    assert_eq!(annotated.len(), 1, "the partition flowed on");
+    let dlq = broker.read_until(&t.dlq, Duration::from_secs(60), |r| !r.is_empty());
+    assert_eq!(dlq.len(), 1);
+    let d = &dlq[0];
+    assert_eq!(d.headers["sessionizer.reason"], "record_too_large");
+    assert_eq!(
+        d.headers["sessionizer.truncated_from"],
+        big.len().to_string()
+    );
+    assert!(big.starts_with(&d.value), "a prefix of the original bytes");
+    assert!(
+        (15_000..big.len()).contains(&d.value.len()),
+        "{}",
+        d.value.len()
+    );
+    assert_eq!(p.terminate(), 0);
+}
+
 fn kill_9_and_restart_loses_nothing(broker: &Broker) {
     let dir = tempfile::tempdir().unwrap();
     let t = Topics::new(broker, "kill", 3);
@@ -1262,7 +1317,8 @@ fn kafka_end_to_end() {
             "away",
             "backfill",
             "drained",
-            "gone"
+            "gone",
+            "dlqfit"
         ]
         .contains(&only.as_str()),
         "E2E_ONLY=`{only}` names no scenario"
@@ -1276,6 +1332,9 @@ fn kafka_end_to_end() {
     }
     if want("large") {
         records_near_the_size_limit(&broker);
+    }
+    if want("dlqfit") {
+        a_dead_letter_too_large_for_its_topic_is_truncated(&broker);
     }
     if want("kill") {
         kill_9_and_restart_loses_nothing(&broker);

@@ -48,40 +48,15 @@ const APPLY_BATCH: usize = 50_000;
 
 /// Creates the changelog topic if it is missing (compacted, `partitions` partitions, the
 /// brokers' default replication), or checks that the existing one is compacted and has
-/// `partitions` partitions.
+/// `partitions` partitions. `runtime` runs the admin requests (see [`super::with_admin`]).
 pub fn ensure_topic(
-    rt: &RuntimeSettings,
-    existing_partitions: Option<i32>,
-    partitions: i32,
-) -> Result<(), KafkaError> {
-    let mut config = super::base_config(rt);
-    let admin: AdminClient<DefaultClientContext> = config
-        .set("client.id", "sessionizer-admin")
-        .create()
-        .map_err(|e| KafkaError::client("admin client", e))?;
-    let result = ensure_topic_with(&admin, rt, existing_partitions, partitions);
-    // Dropping an `AdminClient` joins its polling thread, which polls with a 100 ms timeout:
-    // done in line, that held the start-up for up to 100 ms. Nothing waits for the drop.
-    let dropped = std::thread::Builder::new()
-        .name("admin client drop".into())
-        .spawn(move || drop(admin));
-    if let Err(e) = dropped {
-        tracing::debug!(error = %e, "admin client dropped in line");
-    }
-    result
-}
-
-fn ensure_topic_with(
     admin: &AdminClient<DefaultClientContext>,
+    runtime: &tokio::runtime::Runtime,
     rt: &RuntimeSettings,
     existing_partitions: Option<i32>,
     partitions: i32,
 ) -> Result<(), KafkaError> {
     let topic = rt.changelog_topic.as_str();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| KafkaError::Changelog(format!("cannot start the admin runtime: {e}")))?;
     let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
     match existing_partitions {
         None => {

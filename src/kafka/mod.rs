@@ -12,6 +12,8 @@ pub mod standby;
 pub mod watch;
 
 use crate::config::RuntimeSettings;
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::metadata::Metadata;
@@ -282,6 +284,69 @@ pub fn other_member_with_our_id<C: rdkafka::consumer::ConsumerContext>(
 /// The transactional id of this instance.
 pub fn transactional_id(rt: &RuntimeSettings) -> String {
     format!("{}-{}", rt.group, rt.instance_id)
+}
+
+/// Runs `f` with an admin client of `rt`'s brokers and a runtime to block on its requests.
+pub fn with_admin<T>(
+    rt: &RuntimeSettings,
+    f: impl FnOnce(
+        &AdminClient<DefaultClientContext>,
+        &tokio::runtime::Runtime,
+    ) -> Result<T, KafkaError>,
+) -> Result<T, KafkaError> {
+    let mut config = base_config(rt);
+    let admin: AdminClient<DefaultClientContext> = config
+        .set("client.id", "sessionizer-admin")
+        .create()
+        .map_err(|e| KafkaError::client("admin client", e))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| KafkaError::Changelog(format!("cannot start the admin runtime: {e}")))?;
+    let result = f(&admin, &runtime);
+    // Dropping an `AdminClient` joins its polling thread, which polls with a 100 ms timeout:
+    // done in line, that held the start-up for up to 100 ms. Nothing waits for the drop.
+    let dropped = std::thread::Builder::new()
+        .name("admin client drop".into())
+        .spawn(move || drop(admin));
+    if let Err(e) = dropped {
+        tracing::debug!(error = %e, "admin client dropped in line");
+    }
+    result
+}
+
+/// Kafka's default `max.message.bytes` of a topic (the brokers' `message.max.bytes`).
+pub const KAFKA_MAX_MESSAGE_BYTES: usize = 1_048_588;
+
+/// The largest record batch `topic` takes (its `max.message.bytes`); Kafka's default, with a
+/// warning, if the brokers do not say (no DescribeConfigs permission, an old broker).
+pub fn max_message_bytes(
+    admin: &AdminClient<DefaultClientContext>,
+    runtime: &tokio::runtime::Runtime,
+    topic: &str,
+) -> usize {
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let described = runtime
+        .block_on(admin.describe_configs([&ResourceSpecifier::Topic(topic)], &opts))
+        .map_err(|e| e.to_string())
+        .and_then(|rs| {
+            rs.into_iter()
+                .find_map(|r| match r {
+                    Ok(c) => c.get("max.message.bytes").and_then(|e| e.value.clone()),
+                    Err(_) => None,
+                })
+                .and_then(|v| v.parse::<usize>().ok())
+                .ok_or_else(|| "no max.message.bytes in its description".to_owned())
+        });
+    described.unwrap_or_else(|problem| {
+        tracing::warn!(
+            topic,
+            problem,
+            assumed = KAFKA_MAX_MESSAGE_BYTES,
+            "cannot read the topic's max.message.bytes: assuming Kafka's default"
+        );
+        KAFKA_MAX_MESSAGE_BYTES
+    })
 }
 
 /// How long a topic created just before the start (by a script, or by another instance) may

@@ -192,6 +192,8 @@ struct Core {
     undeliverable_since: Option<Instant>,
     /// Whether a state transaction failed since the last one committed (`/readyz` says so).
     failing: bool,
+    /// The dead-letter topic's `max.message.bytes` (see [`kafka::max_message_bytes`]).
+    dead_letter_limit: usize,
     out: Vec<Output>,
     buf: Vec<u8>,
     held: Vec<u8>,
@@ -297,7 +299,16 @@ pub fn run(
         .create_with_context(ctx)
         .map_err(|e| KafkaError::client("consumer", e))?;
     let found = kafka::check_topics(&consumer, &rt, Duration::from_secs(15), &errors)?;
-    kafka::changelog::ensure_topic(&rt, found.changelog_partitions, found.partitions)?;
+    let dead_letter_limit = kafka::with_admin(&rt, |admin, runtime| {
+        kafka::changelog::ensure_topic(
+            admin,
+            runtime,
+            &rt,
+            found.changelog_partitions,
+            found.partitions,
+        )?;
+        Ok(kafka::max_message_bytes(admin, runtime, &rt.dlq_topic))
+    })?;
     tracing::info!(
         brokers = %rt.brokers,
         group = %rt.group,
@@ -347,6 +358,7 @@ pub fn run(
         commit_error: None,
         undeliverable_since: None,
         failing: false,
+        dead_letter_limit,
         out: Vec::new(),
         buf: Vec::new(),
         held: Vec::new(),
