@@ -43,7 +43,7 @@ pub enum HttpError {
 struct Readiness {
     ready: bool,
     reason: String,
-    /// Set while the outputs fail (see [`Health::set_failing`]).
+    /// Set while state transactions fail (see [`Health::set_failing`]).
     failing: Option<String>,
 }
 
@@ -80,8 +80,8 @@ impl Health {
         r.reason = reason.into();
     }
 
-    /// Marks the outputs as failing: not ready, with `reason`, whatever [`Self::set_ready`]
-    /// says, until this is called again with `None`.
+    /// Marks the state transactions as failing: not ready, with `reason`, whatever
+    /// [`Self::set_ready`] says, until this is called again with `None`.
     pub fn set_failing(&self, reason: Option<String>) {
         self.lock().failing = reason;
     }

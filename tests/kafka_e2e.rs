@@ -762,6 +762,11 @@ fn shutdown_while_the_broker_is_away(broker: &Broker, guarantee: &str) {
 /// for ever, ready all along); at-least-once stops at once. Either way nothing is committed
 /// past the failure, and a restart refuses to start while the topic is missing.
 fn a_deleted_output_topic_stops_the_instance(broker: &Broker, guarantee: &str) {
+    if broker.dir().is_none() {
+        // Kafka's default broker (auto.create.topics.enable) would create them again.
+        eprintln!("external broker: skipping the deleted-output-topic scenario");
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let name = format!("gone-{guarantee}");
     let t = Topics::new(broker, &name, 1);

@@ -163,8 +163,9 @@ pub struct RuntimeSettings {
 }
 
 /// Default of `input.max_record_bytes`: an accepted record's annotated output (the record
-/// plus [`OUTPUT_HEADROOM`] at most) then fits Kafka's default `max.message.bytes` of topics
-/// (1,048,588 bytes).
+/// plus its annotation, a few hundred bytes, and at worst 1/255 more once lz4 frames it) then
+/// fits Kafka's default `max.message.bytes` of topics (1,048,588 bytes). The producers allow
+/// [`OUTPUT_HEADROOM`] more than the input limit.
 pub const DEFAULT_MAX_RECORD_BYTES: u64 = 1_000_000;
 
 /// librdkafka's default `message.max.bytes`: the producers never take less.

@@ -305,7 +305,10 @@ fn serve(
                     unusable |= !usable;
                     JobOutcome::Failed(match (e, undeliverable) {
                         (TxnError::Fenced(e), _) => TxnError::Fenced(e),
-                        (_, Some(u)) => TxnError::Undeliverable(u),
+                        (_, Some(u)) => TxnError::Undeliverable {
+                            message: u.message,
+                            unknown_topic: u.unknown_topic,
+                        },
                         (e, None) => e,
                     })
                 }
@@ -345,7 +348,9 @@ fn abort_after(outputs: &Outputs, e: TxnError) -> (TxnError, bool) {
             tracing::warn!(error = ?a, "aborting the state transaction failed");
             let reported = match a {
                 TxnError::Fenced(a) => TxnError::Fenced(format!("{e}; {a}")),
-                TxnError::Fatal(a) | TxnError::Abortable(a) | TxnError::Undeliverable(a) => {
+                TxnError::Fatal(a)
+                | TxnError::Abortable(a)
+                | TxnError::Undeliverable { message: a, .. } => {
                     TxnError::Fatal(format!("{e}; {a}"))
                 }
             };

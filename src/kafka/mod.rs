@@ -302,7 +302,10 @@ pub fn with_admin<T>(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| KafkaError::Changelog(format!("cannot start the admin runtime: {e}")))?;
+        .map_err(|e| KafkaError::Client {
+            what: "admin client's runtime",
+            detail: e.to_string(),
+        })?;
     let result = f(&admin, &runtime);
     // Dropping an `AdminClient` joins its polling thread, which polls with a 100 ms timeout:
     // done in line, that held the start-up for up to 100 ms. Nothing waits for the drop.
@@ -313,6 +316,26 @@ pub fn with_admin<T>(
         tracing::debug!(error = %e, "admin client dropped in line");
     }
     result
+}
+
+/// Whether the brokers, asked now, list `topic` with partitions; `None` if they do not answer
+/// within `wait`.
+pub fn topic_listed<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    wait: Duration,
+) -> Option<bool> {
+    consumer
+        .fetch_metadata(None, wait)
+        .ok()
+        .map(|md| lists(&md, topic))
+}
+
+/// Whether `md` lists `topic`, without error and with partitions.
+pub(crate) fn lists(md: &Metadata, topic: &str) -> bool {
+    md.topics()
+        .iter()
+        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
 }
 
 /// Kafka's default `max.message.bytes` of a topic (the brokers' `message.max.bytes`).

@@ -40,7 +40,7 @@ struct DeliveryState {
     failed: AtomicU64,
     first_error: Mutex<Option<String>>,
     /// The first failure that retrying will not mend ([`undeliverable`]), until an abort.
-    undeliverable: Mutex<Option<String>>,
+    undeliverable: Mutex<Option<Undeliverable>>,
     /// Records sent and not acknowledged (or failed) yet, by epoch modulo [`EPOCH_SLOTS`].
     unacked: [AtomicI64; EPOCH_SLOTS],
     /// Per (epoch, changelog partition): the offset after its last acknowledged changelog
@@ -75,11 +75,31 @@ impl DeliveryState {
         let what = format!("topic `{topic}`: {e}");
         if undeliverable(e) {
             if let Ok(mut u) = self.undeliverable.lock() {
-                u.get_or_insert_with(|| what.clone());
+                u.get_or_insert_with(|| Undeliverable {
+                    message: what.clone(),
+                    unknown_topic: matches!(
+                        e.rdkafka_error_code(),
+                        Some(
+                            RDKafkaErrorCode::UnknownTopic
+                                | RDKafkaErrorCode::UnknownPartition
+                                | RDKafkaErrorCode::UnknownTopicOrPartition
+                        )
+                    )
+                    .then(|| topic.to_owned()),
+                });
             }
         }
         what
     }
+}
+
+/// A record that failed for a reason that sending it again will not mend ([`undeliverable`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Undeliverable {
+    /// The record's topic and error.
+    pub message: String,
+    /// The topic, when the client did not know it: the brokers can say whether that is so.
+    pub unknown_topic: Option<String>,
 }
 
 /// Whether a record failed for a reason that sending it again will not mend: its topic or
@@ -98,7 +118,6 @@ pub fn undeliverable(e: &RdError) -> bool {
                 | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
                 | RDKafkaErrorCode::MessageSizeTooLarge
                 | RDKafkaErrorCode::InvalidMessageSize
-                | RDKafkaErrorCode::InvalidMessage
                 | RDKafkaErrorCode::InvalidRecord
                 | RDKafkaErrorCode::PolicyViolation
         )
@@ -157,10 +176,13 @@ pub enum TxnError {
     #[error("fenced: {0}")]
     Fenced(String),
     /// Aborted because a record could not be delivered for a reason that retrying will not
-    /// mend ([`undeliverable`]; the record's topic and error). The producer's state is
-    /// reported apart (see the state committer).
-    #[error("{0}")]
-    Undeliverable(String),
+    /// mend ([`undeliverable`]). The producer's state is reported apart (see the state
+    /// committer).
+    #[error("{message}")]
+    Undeliverable {
+        message: String,
+        unknown_topic: Option<String>,
+    },
 }
 
 fn txn_error(what: &str, e: RdError) -> TxnError {
@@ -242,9 +264,7 @@ impl Outputs {
             {
                 Ok(md) => {
                     answered = true;
-                    if md.topics().iter().any(|t| {
-                        t.name() == topic && t.error().is_none() && !t.partitions().is_empty()
-                    }) {
+                    if super::lists(&md, topic) {
                         return Ok(());
                     }
                 }
@@ -491,17 +511,18 @@ impl Outputs {
             .abort_transaction(TXN_TIMEOUT)
             .map_err(|e| txn_error("aborting the transaction", e));
         self.state.failed.store(0, Ordering::Relaxed);
-        for kept in [&self.state.first_error, &self.state.undeliverable] {
-            if let Ok(mut f) = kept.lock() {
-                *f = None;
-            }
+        if let Ok(mut f) = self.state.first_error.lock() {
+            *f = None;
+        }
+        if let Ok(mut u) = self.state.undeliverable.lock() {
+            *u = None;
         }
         r
     }
 
     /// The first record that failed, since the last abort, for a reason that sending it
     /// again will not mend (see [`undeliverable`]), with its topic.
-    pub fn undeliverable(&self) -> Option<String> {
+    pub fn undeliverable(&self) -> Option<Undeliverable> {
         self.state.undeliverable.lock().ok().and_then(|u| u.clone())
     }
 
@@ -687,7 +708,8 @@ mod tests {
         let first = state.first_error.lock().unwrap().clone().unwrap();
         assert!(first.starts_with("topic `t1`: "), "{first}");
         let kept = state.undeliverable.lock().unwrap().clone().unwrap();
-        assert!(kept.starts_with("topic `t2`: "), "{kept}");
+        assert!(kept.message.starts_with("topic `t2`: "), "{kept:?}");
+        assert_eq!(kept.unknown_topic.as_deref(), Some("t2"));
         assert_eq!(state.failed.load(Ordering::Relaxed), 2);
     }
 }

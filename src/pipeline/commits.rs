@@ -17,12 +17,15 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
 
-/// How long state transactions may go on failing, none committed, after the first that
-/// failed with an undeliverable output ([`TxnError::Undeliverable`]: an output topic deleted,
-/// writes to it not authorised, a record the broker refuses), before the instance stops with
-/// an error at the next such failure. Shorter blips (a topic deleted
-/// and created again at once) are retried like any failed transaction. Retrying for longer
-/// would only repeat the failure: exactly-once aborts and rewinds several times a second.
+/// How long state transactions may go on failing with an undeliverable output
+/// ([`TxnError::Undeliverable`]: an output topic deleted, as the brokers confirm when asked
+/// afresh; writes to it not authorised; a record the broker refuses), with none committed,
+/// before the instance stops with an error at the next such failure. Each is retried like
+/// any failed transaction (abort and rewind); a commit starts the count again, and so does a
+/// topic the client took for deleted that the brokers still list (its producer is replaced:
+/// librdkafka can take a topic for deleted after one metadata answer during a broker's
+/// failover, and keeps refusing it for a while). Retrying for longer would only repeat the
+/// failure: exactly-once aborts and rewinds several times a second.
 pub const UNDELIVERABLE_FOR: Duration = Duration::from_secs(10);
 
 /// Whether the commit interval that began `since` ago ends now: after `interval` (the
@@ -126,9 +129,31 @@ impl Core {
             // transaction marker each time, only to move a wall-clock watermark on).
             self.refresh_watermarks(now);
             self.backlog_at_commit = self.catching_up();
-            return self.settle_commits(consumer, drain);
+            self.settle_commits(consumer, drain)?;
+            let settled = self.pending.is_empty() && self.commit_error.is_none();
+            if settled
+                && self
+                    .failing
+                    .is_some_and(|f| f.elapsed() >= self.quiet_after_failure())
+            {
+                // Rewound after a failed transaction, and nothing to commit since (the failed
+                // commit may have completed on the brokers after all): no commit will come to
+                // say the transactions work, and nothing is failing.
+                tracing::info!("no state transaction to retry: ready again");
+                self.failing = None;
+                self.undeliverable_since = None;
+                self.health.set_failing(None);
+            }
+            return Ok(());
         }
         self.commit(consumer, drain)
+    }
+
+    /// How long an instance must have had nothing to commit since a failed transaction to be
+    /// ready again without a commit: longer than a rewind takes to read the records again and
+    /// commit them (which fails again if the failure lasts).
+    fn quiet_after_failure(&self) -> Duration {
+        (self.rt.commit_interval * 2).max(Duration::from_secs(1))
     }
 
     /// Sets every task's watermark gauges (committed or not).
@@ -405,7 +430,7 @@ impl Core {
             JobOutcome::Committed { took, .. } => {
                 self.metrics.observe_transaction_commit(took);
                 self.undeliverable_since = None;
-                if std::mem::take(&mut self.failing) {
+                if self.failing.take().is_some() {
                     tracing::info!("state transactions commit again");
                     self.health.set_failing(None);
                 }
@@ -454,20 +479,38 @@ impl Core {
             }
             return Ok(());
         }
-        self.failing = true;
+        self.failing = Some(Instant::now());
         self.health
             .set_failing(Some(format!("state transactions failing: {e}")));
+        let undeliverable = match &e {
+            TxnError::Undeliverable { unknown_topic, .. } => match unknown_topic {
+                // librdkafka can take a topic for deleted after one metadata answer during a
+                // broker's failover, and refuses it for a while: asked afresh, the brokers
+                // say whether it is gone.
+                Some(t) => kafka::topic_listed(consumer, t, Duration::from_secs(5)) == Some(false),
+                None => true,
+            },
+            _ => false,
+        };
+        if matches!(e, TxnError::Undeliverable { .. }) && !undeliverable {
+            self.undeliverable_since = None;
+        }
         let new_producer = match e {
-            TxnError::Undeliverable(e) => {
+            TxnError::Undeliverable { message, .. } if undeliverable => {
                 let since = *self.undeliverable_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= UNDELIVERABLE_FOR {
                     return Err(PipelineError::Undeliverable {
-                        error: e,
+                        error: message,
                         for_: since.elapsed(),
                     });
                 }
-                tracing::warn!(error = %e, "state transaction failed, an output cannot be delivered: rewinding to the last commit");
+                tracing::warn!(error = %message, "state transaction failed, an output cannot be delivered: rewinding to the last commit");
                 false
+            }
+            TxnError::Undeliverable { message, .. } => {
+                // A new producer forgets what the old one decided about the topic.
+                tracing::warn!(error = %message, "state transaction failed for a topic the brokers still list (stale metadata): replacing the producer and rewinding to the last commit");
+                true
             }
             TxnError::Abortable(e) => {
                 tracing::warn!(error = %e, "state transaction failed: rewinding to the last commit");

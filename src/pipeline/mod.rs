@@ -36,7 +36,8 @@
 //! within [`FENCE_WINDOW`] stops the process. A transaction that failed because an output
 //! can never be delivered (its topic deleted, writes refused) is retried the same way, but
 //! once such failures have gone on for [`UNDELIVERABLE_FOR`] with nothing committed,
-//! the process stops. `/readyz` is not ready from a failed transaction to the next commit.
+//! the process stops. `/readyz` is not ready from a failed transaction to the next commit
+//! (or until the instance is idle with nothing left to commit).
 //! A rewind reads the changelog only once the failed transaction has ended: a transaction
 //! whose commit failed on the client may still commit on the brokers (a broker died with the
 //! reply), and a restore that stopped before it would leave the task behind its changelog.
@@ -190,9 +191,11 @@ struct Core {
     /// (`TxnError::Undeliverable`) since the last one committed (see
     /// [`UNDELIVERABLE_FOR`]).
     undeliverable_since: Option<Instant>,
-    /// Whether a state transaction failed since the last one committed (`/readyz` says so).
-    failing: bool,
-    /// The dead-letter topic's `max.message.bytes` (see [`kafka::max_message_bytes`]).
+    /// When the last state transaction failed, if none has committed since (`/readyz` says
+    /// so).
+    failing: Option<Instant>,
+    /// The largest dead letter that goes out: the dead-letter topic's `max.message.bytes`
+    /// (see [`kafka::max_message_bytes`]), at most the producers' `message.max.bytes`.
     dead_letter_limit: usize,
     out: Vec<Output>,
     buf: Vec<u8>,
@@ -357,8 +360,9 @@ pub fn run(
         state,
         commit_error: None,
         undeliverable_since: None,
-        failing: false,
-        dead_letter_limit,
+        failing: None,
+        // The producers refuse larger records themselves.
+        dead_letter_limit: dead_letter_limit.min(rt.max_output_bytes),
         out: Vec::new(),
         buf: Vec::new(),
         held: Vec::new(),
