@@ -241,7 +241,7 @@ fn pass_through(
                 value = &annotated;
             }
             outputs
-                .send(out, m.key(), value, m.timestamp().to_millis(), None)
+                .send(out, m.key(), Some(value), m.timestamp().to_millis(), None)
                 .unwrap();
             next[m.partition() as usize] = m.offset() + 1;
             seen += 1;

@@ -583,7 +583,7 @@ fn generate_to_kafka(a: &GenerateArgs, generator: Generator, topic: &str) -> Res
     let n = generate::for_each_paced(generator, a.pace(), |ev| {
         value.clear();
         serde_json::to_writer(&mut value, ev).map_err(|e| GenerateError::Write(e.into()))?;
-        if let Err(e) = outputs.send(topic, Some(ev.user_id.as_bytes()), &value, None, None) {
+        if let Err(e) = outputs.send(topic, Some(ev.user_id.as_bytes()), Some(&value), None, None) {
             failure = Some(e.to_string());
             return Err(GenerateError::Write(io::Error::other("produce failed")));
         }

@@ -176,6 +176,11 @@ fn bad_records_go_to_the_dead_letter_topic(broker: &Broker) {
         dlq.iter().any(|r| r.value == "not json"),
         "original bytes kept"
     );
+    // The tombstone's dead letter is a tombstone (null value, not empty), and the only one.
+    let nulls: Vec<&Rec> = dlq.iter().filter(|r| r.null).collect();
+    assert_eq!(nulls.len(), 1, "{dlq:?}");
+    assert_eq!(nulls[0].headers["sessionizer.reason"], "empty_record");
+    assert_eq!(nulls[0].key.as_deref(), Some("x"));
     assert!(dlq
         .iter()
         .all(|r| r.headers.contains_key("sessionizer.source.offset")));

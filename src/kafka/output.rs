@@ -297,7 +297,7 @@ impl Outputs {
         &self,
         topic: &str,
         key: Option<&[u8]>,
-        payload: &[u8],
+        payload: Option<&[u8]>,
         timestamp: Option<i64>,
         headers: Option<OwnedHeaders>,
     ) -> Result<(), KafkaError> {
@@ -600,14 +600,18 @@ impl ReservedSender {
 pub struct OutputRecord<'a> {
     pub topic: &'a str,
     pub key: Option<&'a [u8]>,
-    pub payload: &'a [u8],
+    /// `None`: a null value.
+    pub payload: Option<&'a [u8]>,
     pub timestamp: Option<i64>,
     pub headers: Option<OwnedHeaders>,
 }
 
 impl<'a> OutputRecord<'a> {
     fn into_base(self, opaque: usize) -> BaseRecord<'a, [u8], [u8], usize> {
-        let mut rec = BaseRecord::with_opaque_to(self.topic, opaque).payload(self.payload);
+        let mut rec = BaseRecord::with_opaque_to(self.topic, opaque);
+        if let Some(p) = self.payload {
+            rec = rec.payload(p);
+        }
         if let Some(k) = self.key {
             rec = rec.key(k);
         }

@@ -58,7 +58,8 @@ struct Held {
     /// At-least-once: its delivery opaque (see [`Outputs::reserve`]).
     opaque: usize,
     key: Option<Range<usize>>,
-    payload: Range<usize>,
+    /// `None`: a null value (a tombstone's dead letter).
+    payload: Option<Range<usize>>,
     timestamp: Option<i64>,
     headers: Option<OwnedHeaders>,
 }
@@ -131,7 +132,7 @@ impl Batch {
         &mut self,
         kind: OutputKind,
         key: Option<&[u8]>,
-        payload: &[u8],
+        payload: Option<&[u8]>,
         timestamp: Option<i64>,
         headers: Option<OwnedHeaders>,
         opaque: usize,
@@ -142,7 +143,7 @@ impl Batch {
             start..self.bytes.len()
         };
         let key = key.map(&mut put);
-        let payload = put(payload);
+        let payload = payload.map(&mut put);
         self.records.push(Held {
             kind,
             opaque,
@@ -193,7 +194,7 @@ impl Batch {
             let out = OutputRecord {
                 topic: &topics[r.kind.index()],
                 key: r.key.map(|k| &bytes[k]),
-                payload: &bytes[r.payload],
+                payload: r.payload.map(|p| &bytes[p]),
                 timestamp: r.timestamp,
                 headers: r.headers,
             };
@@ -286,7 +287,7 @@ impl Sink {
         &mut self,
         kind: OutputKind,
         key: Option<&[u8]>,
-        payload: &[u8],
+        payload: Option<&[u8]>,
         timestamp: Option<i64>,
         headers: Option<OwnedHeaders>,
     ) -> Result<(), KafkaError> {
@@ -410,7 +411,7 @@ mod tests {
                 sink.send(
                     OutputKind::Annotated,
                     Some(b"u"),
-                    b"{}",
+                    Some(b"{}"),
                     Some(i as i64),
                     None,
                 )
@@ -451,7 +452,7 @@ mod tests {
             b.push(
                 OutputKind::Annotated,
                 Some(b"user"),
-                &i.to_le_bytes().repeat(64),
+                Some(&i.to_le_bytes().repeat(64)),
                 Some(1),
                 None,
                 0,
@@ -474,7 +475,7 @@ mod tests {
         big.push(
             OutputKind::Annotated,
             None,
-            &vec![0; 3 * KEEP_BYTES],
+            Some(&vec![0; 3 * KEEP_BYTES]),
             None,
             None,
             0,

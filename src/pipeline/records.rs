@@ -80,7 +80,7 @@ impl Core {
                 self.sink.send(
                     OutputKind::Annotated,
                     Some(d.user.as_bytes()),
-                    &self.buf,
+                    Some(&self.buf),
                     Some(d.time),
                     None,
                 )?;
@@ -98,7 +98,7 @@ impl Core {
                 let h = header(h, "sessionizer.watermark", &watermark.to_string());
                 let h = source_headers(h, m);
                 self.sink
-                    .send(OutputKind::Late, key, payload, record_ts, Some(h))?;
+                    .send(OutputKind::Late, key, Some(payload), record_ts, Some(h))?;
             }
             Disposition::FutureTime => {
                 self.topic_metrics[ti].event(Outcome::DeadLetter(DeadLetterReason::FUTURE_TIME));
@@ -140,7 +140,8 @@ impl Core {
         self.sink.send(
             OutputKind::DeadLetters,
             m.key(),
-            &value[..fits],
+            // A tombstone's dead letter is a tombstone too.
+            m.payload().map(|_| &value[..fits]),
             m.timestamp().to_millis(),
             Some(h),
         )?;
@@ -171,7 +172,7 @@ impl Core {
                     self.sink.send(
                         OutputKind::Annotated,
                         Some(user),
-                        &self.buf,
+                        Some(&self.buf),
                         Some(*time),
                         None,
                     )?;
@@ -181,7 +182,7 @@ impl Core {
                         self.sink.send(
                             OutputKind::Sessions,
                             Some(s.user.as_bytes()),
-                            &j,
+                            Some(&j),
                             Some(s.end),
                             None,
                         )?;
@@ -190,7 +191,7 @@ impl Core {
                     self.sink.send(
                         OutputKind::Stats,
                         Some(s.user.as_bytes()),
-                        &j,
+                        Some(&j),
                         Some(s.end),
                         None,
                     )?;
@@ -201,7 +202,7 @@ impl Core {
                         self.sink.send(
                             OutputKind::Sessions,
                             Some(user.as_bytes()),
-                            &j,
+                            Some(&j),
                             Some(*at),
                             None,
                         )?;

@@ -384,7 +384,10 @@ impl Drop for Broker {
 #[derive(Debug, Clone)]
 pub struct Rec {
     pub key: Option<String>,
+    /// Empty for a null value, see `null`.
     pub value: String,
+    /// The value is null (a tombstone).
+    pub null: bool,
     pub headers: BTreeMap<String, String>,
 }
 
@@ -461,6 +464,7 @@ fn rec(m: &rdkafka::message::BorrowedMessage<'_>) -> Rec {
             .payload()
             .map(|v| String::from_utf8_lossy(v).into_owned())
             .unwrap_or_default(),
+        null: m.payload().is_none(),
         headers,
     }
 }
