@@ -214,7 +214,7 @@ mod tests {
     }
 
     #[test]
-    fn failing_outputs_make_it_unready_until_they_flow_again() {
+    fn failing_transactions_make_it_unready_until_they_work_again() {
         let h = Health::new();
         h.set_ready(true, "");
         h.set_failing(Some("state transactions failing".into()));

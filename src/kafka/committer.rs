@@ -305,10 +305,7 @@ fn serve(
                     unusable |= !usable;
                     JobOutcome::Failed(match (e, undeliverable) {
                         (TxnError::Fenced(e), _) => TxnError::Fenced(e),
-                        (_, Some(u)) => TxnError::Undeliverable {
-                            message: u.message,
-                            unknown_topic: u.unknown_topic,
-                        },
+                        (_, Some(u)) => TxnError::Undeliverable(u),
                         (e, None) => e,
                     })
                 }
@@ -350,7 +347,7 @@ fn abort_after(outputs: &Outputs, e: TxnError) -> (TxnError, bool) {
                 TxnError::Fenced(a) => TxnError::Fenced(format!("{e}; {a}")),
                 TxnError::Fatal(a)
                 | TxnError::Abortable(a)
-                | TxnError::Undeliverable { message: a, .. } => {
+                | TxnError::Undeliverable(super::output::Undeliverable { message: a, .. }) => {
                     TxnError::Fatal(format!("{e}; {a}"))
                 }
             };

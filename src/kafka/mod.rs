@@ -328,14 +328,17 @@ pub fn topic_listed<C: rdkafka::consumer::ConsumerContext>(
     consumer
         .fetch_metadata(None, wait)
         .ok()
-        .map(|md| lists(&md, topic))
+        .map(|md| partition_count(&md, topic).is_some())
 }
 
-/// Whether `md` lists `topic`, without error and with partitions.
-pub(crate) fn lists(md: &Metadata, topic: &str) -> bool {
+/// How many partitions `md` lists for `topic`; `None` if it lists none, or the topic with an
+/// error (the brokers do not have it).
+pub(crate) fn partition_count(md: &Metadata, topic: &str) -> Option<i32> {
     md.topics()
         .iter()
-        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().len() as i32)
+        .filter(|n| *n > 0)
 }
 
 /// Kafka's default `max.message.bytes` of a topic (the brokers' `message.max.bytes`).
@@ -484,13 +487,7 @@ fn check_topics_once<C: rdkafka::consumer::ConsumerContext>(
     errors: &ClientErrors,
 ) -> Result<TopicCheck, KafkaError> {
     let md = fetch_metadata(consumer, rt, timeout, errors)?;
-    let partitions = |name: &str| -> Option<i32> {
-        md.topics()
-            .iter()
-            .find(|t| t.name() == name && t.error().is_none())
-            .map(|t| t.partitions().len() as i32)
-            .filter(|n| *n > 0)
-    };
+    let partitions = |name: &str| partition_count(&md, name);
     let mut counts = Vec::new();
     for t in &rt.input_topics {
         counts.push((

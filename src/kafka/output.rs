@@ -77,15 +77,7 @@ impl DeliveryState {
             if let Ok(mut u) = self.undeliverable.lock() {
                 u.get_or_insert_with(|| Undeliverable {
                     message: what.clone(),
-                    unknown_topic: matches!(
-                        e.rdkafka_error_code(),
-                        Some(
-                            RDKafkaErrorCode::UnknownTopic
-                                | RDKafkaErrorCode::UnknownPartition
-                                | RDKafkaErrorCode::UnknownTopicOrPartition
-                        )
-                    )
-                    .then(|| topic.to_owned()),
+                    unknown_topic: unknown_topic(e).then(|| topic.to_owned()),
                 });
             }
         }
@@ -107,19 +99,29 @@ pub struct Undeliverable {
 /// broker refuses the record itself (too large for the topic, invalid, against a policy).
 /// Unreachable brokers, timeouts and leader changes are not: librdkafka retries those.
 pub fn undeliverable(e: &RdError) -> bool {
+    unknown_topic(e)
+        || matches!(
+            e.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::TopicAuthorizationFailed
+                    | RDKafkaErrorCode::ClusterAuthorizationFailed
+                    | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+                    | RDKafkaErrorCode::MessageSizeTooLarge
+                    | RDKafkaErrorCode::InvalidMessageSize
+                    | RDKafkaErrorCode::InvalidRecord
+                    | RDKafkaErrorCode::PolicyViolation
+            )
+        )
+}
+
+/// Whether the client failed a record because it does not know its topic or partition.
+fn unknown_topic(e: &RdError) -> bool {
     matches!(
         e.rdkafka_error_code(),
         Some(
             RDKafkaErrorCode::UnknownTopic
                 | RDKafkaErrorCode::UnknownPartition
                 | RDKafkaErrorCode::UnknownTopicOrPartition
-                | RDKafkaErrorCode::TopicAuthorizationFailed
-                | RDKafkaErrorCode::ClusterAuthorizationFailed
-                | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
-                | RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::InvalidMessageSize
-                | RDKafkaErrorCode::InvalidRecord
-                | RDKafkaErrorCode::PolicyViolation
         )
     )
 }
@@ -178,11 +180,8 @@ pub enum TxnError {
     /// Aborted because a record could not be delivered for a reason that retrying will not
     /// mend ([`undeliverable`]). The producer's state is reported apart (see the state
     /// committer).
-    #[error("{message}")]
-    Undeliverable {
-        message: String,
-        unknown_topic: Option<String>,
-    },
+    #[error("{}", .0.message)]
+    Undeliverable(Undeliverable),
 }
 
 fn txn_error(what: &str, e: RdError) -> TxnError {
@@ -247,8 +246,8 @@ impl Outputs {
         })
     }
 
-    /// Fails unless the brokers list `topic` within `wait` (asked again every 200 ms, for a
-    /// topic created just before): a record for a topic the brokers do not have waits
+    /// Fails unless the brokers list `topic` within `wait` (asked again every
+    /// [`super::PROPAGATION_POLL`], for a topic created just before): a record for a topic the brokers do not have waits
     /// `topic.metadata.propagation.max.ms` (30 s) before it fails.
     pub fn check_topic(&self, topic: &str, wait: Duration) -> Result<(), KafkaError> {
         let deadline = Instant::now() + wait;
@@ -264,7 +263,7 @@ impl Outputs {
             {
                 Ok(md) => {
                     answered = true;
-                    if super::lists(&md, topic) {
+                    if super::partition_count(&md, topic).is_some() {
                         return Ok(());
                     }
                 }
@@ -279,7 +278,7 @@ impl Outputs {
             if Instant::now() >= deadline {
                 return Err(KafkaError::MissingTopic(topic.to_owned()));
             }
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(super::PROPAGATION_POLL);
         }
     }
 

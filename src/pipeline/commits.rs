@@ -139,14 +139,22 @@ impl Core {
                 // Rewound after a failed transaction, and nothing to commit since (the failed
                 // commit may have completed on the brokers after all): no commit will come to
                 // say the transactions work, and nothing is failing.
-                tracing::info!("no state transaction to retry: ready again");
-                self.failing = None;
-                self.undeliverable_since = None;
-                self.health.set_failing(None);
+                self.transactions_work("no state transaction to retry: ready again");
             }
             return Ok(());
         }
         self.commit(consumer, drain)
+    }
+
+    /// Ends the failing state a failed transaction began (see [`Self::commit_failed`]), if
+    /// any: `/readyz` is ready again, and the count towards [`UNDELIVERABLE_FOR`] starts
+    /// over.
+    fn transactions_work(&mut self, why: &str) {
+        self.undeliverable_since = None;
+        if self.failing.take().is_some() {
+            tracing::info!("{why}");
+            self.health.set_failing(None);
+        }
     }
 
     /// How long an instance must have had nothing to commit since a failed transaction to be
@@ -429,11 +437,7 @@ impl Core {
         match outcome {
             JobOutcome::Committed { took, .. } => {
                 self.metrics.observe_transaction_commit(took);
-                self.undeliverable_since = None;
-                if self.failing.take().is_some() {
-                    tracing::info!("state transactions commit again");
-                    self.health.set_failing(None);
-                }
+                self.transactions_work("state transactions commit again");
                 self.written(&c.partitions)?;
                 self.metrics.observe_commit(c.started.elapsed());
             }
@@ -482,35 +486,29 @@ impl Core {
         self.failing = Some(Instant::now());
         self.health
             .set_failing(Some(format!("state transactions failing: {e}")));
-        let undeliverable = match &e {
-            TxnError::Undeliverable { unknown_topic, .. } => match unknown_topic {
-                // librdkafka can take a topic for deleted after one metadata answer during a
-                // broker's failover, and refuses it for a while: asked afresh, the brokers
-                // say whether it is gone.
-                Some(t) => kafka::topic_listed(consumer, t, Duration::from_secs(5)) == Some(false),
-                None => true,
-            },
-            _ => false,
-        };
-        if matches!(e, TxnError::Undeliverable { .. }) && !undeliverable {
-            self.undeliverable_since = None;
-        }
         let new_producer = match e {
-            TxnError::Undeliverable { message, .. } if undeliverable => {
+            // librdkafka can take a topic for deleted after one metadata answer during a
+            // broker's failover, and refuses it for a while: asked afresh, the brokers say
+            // whether it is gone. A new producer forgets what the old one decided.
+            TxnError::Undeliverable(u)
+                if u.unknown_topic.as_deref().is_some_and(|t| {
+                    kafka::topic_listed(consumer, t, Duration::from_secs(5)) != Some(false)
+                }) =>
+            {
+                self.undeliverable_since = None;
+                tracing::warn!(error = %u.message, "state transaction failed for a topic the brokers still list (stale metadata): replacing the producer and rewinding to the last commit");
+                true
+            }
+            TxnError::Undeliverable(u) => {
                 let since = *self.undeliverable_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= UNDELIVERABLE_FOR {
                     return Err(PipelineError::Undeliverable {
-                        error: message,
+                        error: u.message,
                         for_: since.elapsed(),
                     });
                 }
-                tracing::warn!(error = %message, "state transaction failed, an output cannot be delivered: rewinding to the last commit");
+                tracing::warn!(error = %u.message, "state transaction failed, an output cannot be delivered: rewinding to the last commit");
                 false
-            }
-            TxnError::Undeliverable { message, .. } => {
-                // A new producer forgets what the old one decided about the topic.
-                tracing::warn!(error = %message, "state transaction failed for a topic the brokers still list (stale metadata): replacing the producer and rewinding to the last commit");
-                true
             }
             TxnError::Abortable(e) => {
                 tracing::warn!(error = %e, "state transaction failed: rewinding to the last commit");

@@ -188,8 +188,7 @@ struct Core {
     /// The first failed transaction, until the commits after it are all skipped.
     commit_error: Option<TxnError>,
     /// When a state transaction first failed with an undeliverable output
-    /// (`TxnError::Undeliverable`) since the last one committed (see
-    /// [`UNDELIVERABLE_FOR`]).
+    /// (`TxnError::Undeliverable`) since the failing state began (see [`UNDELIVERABLE_FOR`]).
     undeliverable_since: Option<Instant>,
     /// When the last state transaction failed, if none has committed since (`/readyz` says
     /// so).

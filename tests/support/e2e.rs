@@ -155,12 +155,22 @@ impl Broker {
         self.create_topics_with(names, partitions, &[]);
     }
 
-    /// [`Self::create_topics`] with topic configurations.
-    pub fn create_topics_with(&self, names: &[&str], partitions: i32, configs: &[(&str, &str)]) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+    /// An admin client of the broker, and a runtime to wait for its answers on.
+    fn admin(&self) -> (AdminClient<DefaultClientContext>, tokio::runtime::Runtime) {
+        let admin = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
             .create()
             .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        (admin, rt)
+    }
+
+    /// [`Self::create_topics`] with topic configurations.
+    pub fn create_topics_with(&self, names: &[&str], partitions: i32, configs: &[(&str, &str)]) {
+        let (admin, rt) = self.admin();
         let topics: Vec<NewTopic<'_>> = names
             .iter()
             // Records carry event times from 2024: without retention.ms=-1 the brokers' time
@@ -174,10 +184,6 @@ impl Broker {
                 t
             })
             .collect();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
         let res = rt
             .block_on(admin.create_topics(&topics, &AdminOptions::new()))
             .unwrap();
@@ -188,14 +194,7 @@ impl Broker {
 
     /// Deletes `topic` (and waits for the brokers' answer).
     pub fn delete_topic(&self, topic: &str) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .create()
-            .unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let (admin, rt) = self.admin();
         let res = rt
             .block_on(admin.delete_topics(&[topic], &AdminOptions::new()))
             .unwrap();
