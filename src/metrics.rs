@@ -147,6 +147,9 @@ pub struct DeadLetterReason(u8);
 
 impl DeadLetterReason {
     const DECODE_COUNT: usize = DecodeError::REASONS.len();
+    /// The record is larger than `input.max_record_bytes`, or its outputs than their topics
+    /// take (see [`crate::kafka::limits`]).
+    pub const RECORD_TOO_LARGE: DeadLetterReason = DeadLetterReason(1);
     /// The event time is beyond the allowed clock skew (`time.future_events = dead_letter`).
     pub const FUTURE_TIME: DeadLetterReason = DeadLetterReason(Self::DECODE_COUNT as u8);
     /// Number of reason codes.
@@ -891,6 +894,10 @@ mod tests {
         assert_eq!(DeadLetterReason::FUTURE_TIME.as_str(), "future_time");
         let e = DecodeError::TooLarge { size: 9, max: 1 };
         assert_eq!(DeadLetterReason::from(&e).as_str(), "record_too_large");
+        assert_eq!(
+            DeadLetterReason::RECORD_TOO_LARGE.as_str(),
+            "record_too_large"
+        );
         let e = DecodeError::AnnotationFieldPresent("session".into());
         assert_eq!(
             DeadLetterReason::from(&e).as_str(),

@@ -282,6 +282,90 @@ fn a_dead_letter_too_large_for_its_topic_is_truncated(broker: &Broker) {
     assert_eq!(p.terminate(), 0);
 }
 
+/// An annotated topic that takes record batches of at most 20,000 bytes. A `batch.size` set
+/// larger is refused at start-up, naming the key and the topic. Left to the default, the
+/// producers' batches stay under the topic's limit (a backlog of small records filled batches
+/// of librdkafka's default 1,000,000 bytes, which the broker refused: the instance never got
+/// past them), and a record whose annotated output would not fit is a `record_too_large`
+/// dead letter, kept whole.
+fn small_output_topics_take_every_output(broker: &Broker) {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Topics::named("outlimit");
+    broker.create_topics(&[&t.input, &t.sessions, &t.late, &t.dlq, &t.stats], 1);
+    broker.create_topics_with(&[&t.annotated], 1, &[("max.message.bytes", "20000")]);
+    let mut p = run(
+        broker,
+        &t,
+        dir.path(),
+        "outlimit-group",
+        free_port(),
+        &["--kafka-property", "batch.size=100000"],
+    );
+    let status = p.wait_exit(
+        Duration::from_secs(60),
+        "no exit with a batch.size too large",
+    );
+    let log = p.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("`kafka.properties.batch.size`")
+            && log.contains(&format!("`{}`", t.annotated)),
+        "{log}"
+    );
+    // In time order: none is late.
+    let input: Vec<(String, String)> = (0..10_000i64)
+        .map(|i| {
+            let u = format!("u{}", i % 100);
+            let ts = 1_704_067_200_000 + i * 1000;
+            let v = format!(r#"{{"user_id":"{u}","timestamp":{ts},"event":"view","n":{i}}}"#);
+            (u, v)
+        })
+        .collect();
+    let mut records = to_user_partitions(&input, 1);
+    // Letters drawn at random: lz4 finds nothing to compress.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let pad: String = (0..25_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (b'a' + (x % 26) as u8) as char
+        })
+        .collect();
+    let big = format!(r#"{{"user_id":"big","timestamp":1704067200000,"pad":"{pad}"}}"#);
+    records.insert(
+        records.len() / 2,
+        (Some("big".into()), Some(big.clone().into_bytes()), None),
+    );
+    broker.produce(&t.input, &records);
+    let p = run(broker, &t, dir.path(), "outlimit-group", free_port(), &[]);
+    let annotated = broker
+        .try_read_until(&t.annotated, Duration::from_secs(90), |r| {
+            r.len() >= input.len()
+        })
+        .unwrap_or_else(|r| {
+            panic!(
+                "{} of {} annotated; log:\n{}",
+                r.len(),
+                input.len(),
+                p.log()
+            )
+        });
+    assert_eq!(annotated.len(), input.len());
+    let dlq = broker.read_until(&t.dlq, Duration::from_secs(30), |r| !r.is_empty());
+    assert_eq!(dlq.len(), 1);
+    let d = &dlq[0];
+    assert_eq!(d.headers["sessionizer.reason"], "record_too_large");
+    assert!(
+        d.headers["sessionizer.error"].contains(&format!("`{}`", t.annotated)),
+        "{:?}",
+        d.headers
+    );
+    assert!(!d.headers.contains_key("sessionizer.truncated_from"));
+    assert_eq!(d.value, big);
+    assert_eq!(p.terminate(), 0);
+}
+
 fn kill_9_and_restart_loses_nothing(broker: &Broker) {
     let dir = tempfile::tempdir().unwrap();
     let t = Topics::new(broker, "kill", 3);
@@ -1328,7 +1412,8 @@ fn kafka_end_to_end() {
             "backfill",
             "drained",
             "gone",
-            "dlqfit"
+            "dlqfit",
+            "outlimit"
         ]
         .contains(&only.as_str()),
         "E2E_ONLY=`{only}` names no scenario"
@@ -1345,6 +1430,9 @@ fn kafka_end_to_end() {
     }
     if want("dlqfit") {
         a_dead_letter_too_large_for_its_topic_is_truncated(&broker);
+    }
+    if want("outlimit") {
+        small_output_topics_take_every_output(&broker);
     }
     if want("kill") {
         kill_9_and_restart_loses_nothing(&broker);

@@ -5,6 +5,7 @@
 
 pub mod changelog;
 pub mod committer;
+pub mod limits;
 pub mod output;
 pub mod rebootstrap;
 pub mod sink;
@@ -12,7 +13,7 @@ pub mod standby;
 pub mod watch;
 
 use crate::config::RuntimeSettings;
-use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -46,6 +47,9 @@ pub enum KafkaError {
     Commit(rdkafka::error::KafkaError),
     #[error("changelog: {0}")]
     Changelog(String),
+    /// A setting the output topics' `max.message.bytes` cannot take ([`limits`]).
+    #[error("invalid configuration for the output topics: `{key}`: {problem}")]
+    OutputLimit { key: &'static str, problem: String },
 }
 
 impl KafkaError {
@@ -343,37 +347,6 @@ pub(crate) fn partition_count(md: &Metadata, topic: &str) -> Option<i32> {
 
 /// Kafka's default `max.message.bytes` of a topic (the brokers' `message.max.bytes`).
 pub const KAFKA_MAX_MESSAGE_BYTES: usize = 1_048_588;
-
-/// The largest record batch `topic` takes (its `max.message.bytes`); Kafka's default, with a
-/// warning, if the brokers do not say (no DescribeConfigs permission, an old broker).
-pub fn max_message_bytes(
-    admin: &AdminClient<DefaultClientContext>,
-    runtime: &tokio::runtime::Runtime,
-    topic: &str,
-) -> usize {
-    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
-    let described = runtime
-        .block_on(admin.describe_configs([&ResourceSpecifier::Topic(topic)], &opts))
-        .map_err(|e| e.to_string())
-        .and_then(|rs| {
-            rs.into_iter()
-                .find_map(|r| match r {
-                    Ok(c) => c.get("max.message.bytes").and_then(|e| e.value.clone()),
-                    Err(_) => None,
-                })
-                .and_then(|v| v.parse::<usize>().ok())
-                .ok_or_else(|| "no max.message.bytes in its description".to_owned())
-        });
-    described.unwrap_or_else(|problem| {
-        tracing::warn!(
-            topic,
-            problem,
-            assumed = KAFKA_MAX_MESSAGE_BYTES,
-            "cannot read the topic's max.message.bytes: assuming Kafka's default"
-        );
-        KAFKA_MAX_MESSAGE_BYTES
-    })
-}
 
 /// How long a topic created just before the start (by a script, or by another instance) may
 /// take to appear in the metadata and configuration every broker serves: start-up asks again,

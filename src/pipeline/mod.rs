@@ -67,12 +67,14 @@ use crate::config::{Guarantee, RuntimeSettings, Settings};
 use crate::engine::{Counters, Engine, EngineConfig, Output, StoreError};
 use crate::kafka::changelog::Restorer;
 use crate::kafka::committer::StateCommitter;
+use crate::kafka::limits::{OutputLimits, RecordRoom};
 use crate::kafka::output::{Outputs, TxnError};
 use crate::kafka::sink::{output_topics, Sink, HAND_OVER_AFTER};
 use crate::kafka::standby::Standbys;
 use crate::kafka::{self, KafkaError};
 use crate::metrics::{Metrics, TopicMetrics};
 use crate::store::{RocksStore, StateMemory};
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -194,8 +196,10 @@ struct Core {
     /// so).
     failing: Option<Instant>,
     /// The largest dead letter that goes out: the dead-letter topic's `max.message.bytes`
-    /// (see [`kafka::max_message_bytes`]), at most the producers' `message.max.bytes`.
+    /// (see [`kafka::limits`]), at most the producers' `message.max.bytes`.
     dead_letter_limit: usize,
+    /// Room for an input record's annotated and late outputs in their topics.
+    room: RecordRoom,
     out: Vec<Output>,
     buf: Vec<u8>,
     held: Vec<u8>,
@@ -301,7 +305,7 @@ pub fn run(
         .create_with_context(ctx)
         .map_err(|e| KafkaError::client("consumer", e))?;
     let found = kafka::check_topics(&consumer, &rt, Duration::from_secs(15), &errors)?;
-    let dead_letter_limit = kafka::with_admin(&rt, |admin, runtime| {
+    let limits = kafka::with_admin(&rt, |admin, runtime| {
         kafka::changelog::ensure_topic(
             admin,
             runtime,
@@ -309,8 +313,40 @@ pub fn run(
             found.changelog_partitions,
             found.partitions,
         )?;
-        Ok(kafka::max_message_bytes(admin, runtime, &rt.dlq_topic))
+        Ok(OutputLimits::read(
+            admin,
+            runtime,
+            &rt,
+            found.changelog_partitions.is_some(),
+        ))
     })?;
+    let batch_size = limits.batch_size(&rt)?;
+    let producer = |mut c: ClientConfig| {
+        if let Some(b) = batch_size {
+            c.set("batch.size", b.to_string());
+        }
+        c
+    };
+    let room = limits.record_room(&rt, &settings.decode.annotation_field, rt.max_output_bytes);
+    // A user id of this length or less leaves the room the warning states.
+    const TYPICAL_USER_ID: usize = 64;
+    if let Some((topic, limit)) = room.refuses(settings.decode.max_record_bytes, TYPICAL_USER_ID) {
+        tracing::warn!(
+            topic,
+            max_message_bytes = limit,
+            max_record_bytes = settings.decode.max_record_bytes,
+            fits = room.largest(TYPICAL_USER_ID),
+            "an output topic takes less than input.max_record_bytes allows: larger records \
+             will be dead letters (record_too_large); raise the topic's max.message.bytes to \
+             keep them"
+        );
+    }
+    if let Some(b) = batch_size {
+        tracing::info!(
+            batch_size = b,
+            "producers' batch.size lowered to what every output topic takes"
+        );
+    }
     tracing::info!(
         brokers = %rt.brokers,
         group = %rt.group,
@@ -324,12 +360,12 @@ pub fn run(
         Guarantee::AtLeastOnce => Sink::direct(
             &rt,
             metrics.clone(),
-            Outputs::new(&kafka::idempotent_producer_config(&rt))?,
+            Outputs::new(&producer(kafka::idempotent_producer_config(&rt)))?,
         )?,
         Guarantee::ExactlyOnce => Sink::buffered(metrics.clone()),
     };
     let state = StateCommitter::start(
-        kafka::transactional_producer_config(&rt),
+        producer(kafka::transactional_producer_config(&rt)),
         rt.changelog_topic.clone(),
         output_topics(&rt),
     )?;
@@ -361,7 +397,8 @@ pub fn run(
         undeliverable_since: None,
         failing: None,
         // The producers refuse larger records themselves.
-        dead_letter_limit: dead_letter_limit.min(rt.max_output_bytes),
+        dead_letter_limit: limits.of(&rt.dlq_topic).min(rt.max_output_bytes),
+        room,
         out: Vec::new(),
         buf: Vec::new(),
         held: Vec::new(),

@@ -5,6 +5,7 @@
 use super::{wall_ms, Core, PipelineError};
 use crate::codec::records::{annotate, record_json, stats_json};
 use crate::engine::{AnnotateMode, Disposition, Output};
+use crate::kafka::limits::{dead_letter_fit, HEADER_ALLOWANCE};
 use crate::metrics::{DeadLetterReason, Outcome, OutputKind};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use std::time::Duration;
@@ -47,6 +48,15 @@ impl Core {
                 return self.dead_letter(m, e.reason(), &e.to_string());
             }
         };
+        if let Some((topic, limit)) = self.room.refuses(payload.len(), d.user.len()) {
+            self.topic_metrics[ti].event(Outcome::DeadLetter(DeadLetterReason::RECORD_TOO_LARGE));
+            let msg = format!(
+                "record of {} bytes: its output would exceed the {limit} bytes topic `{topic}` \
+                 takes (its max.message.bytes)",
+                payload.len()
+            );
+            return self.dead_letter(m, "record_too_large", &msg);
+        }
         let on_close = self.engine.annotate == AnnotateMode::OnClose;
         if on_close {
             // Held payload: user id length, user id, original value.
@@ -248,29 +258,6 @@ impl Core {
     }
 }
 
-/// Bytes a dead letter's headers take besides the error message and the source topic (their
-/// keys, the reason, the numbers), with room to spare.
-const HEADER_ALLOWANCE: usize = 256;
-
-/// Bytes a record batch adds to one record's key, value and headers, at most: the batch header
-/// (61), the record's and its headers' length fields, lz4's frame, with room to spare.
-const RECORD_OVERHEAD: usize = 512;
-
-/// How much of a dead letter's `value` (its length) goes out to a topic that takes record
-/// batches of up to `limit` bytes, when its key and headers take `rest`: all of it if the
-/// record fits even if lz4 cannot compress it (lz4 then adds up to 1/255 of it), otherwise
-/// as much as fits. (A record just under the input topic's own limit, incompressible, refused
-/// for its size, came back with headers over the dead-letter topic's same limit: the broker
-/// refused it and the instance stopped, again at every restart.)
-fn dead_letter_fit(value: usize, rest: usize, limit: usize) -> usize {
-    let room = limit.saturating_sub(rest + RECORD_OVERHEAD);
-    if value + value / 255 <= room {
-        value
-    } else {
-        (room / 256 * 255).min(value)
-    }
-}
-
 fn header(h: OwnedHeaders, key: &str, value: &str) -> OwnedHeaders {
     h.insert(Header {
         key,
@@ -286,24 +273,4 @@ fn source_headers(h: OwnedHeaders, m: &BorrowedMessage<'_>) -> OwnedHeaders {
         &m.partition().to_string(),
     );
     header(h, "sessionizer.source.offset", &m.offset().to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_dead_letter_is_kept_whole_when_it_fits_even_uncompressed() {
-        let limit = crate::kafka::KAFKA_MAX_MESSAGE_BYTES;
-        assert_eq!(dead_letter_fit(1_000_000, 400, limit), 1_000_000);
-        assert_eq!(dead_letter_fit(0, 400, limit), 0);
-        // Just under the topic's own limit: over it once headers and lz4's frame are added.
-        let near = limit - 100;
-        let kept = dead_letter_fit(near, 400, limit);
-        assert!(kept < near);
-        assert!(kept + kept / 255 + 400 + RECORD_OVERHEAD <= limit, "{kept}");
-        assert!(kept > limit - 10_000, "{kept}: no more is cut than needed");
-        // Headers alone over the limit: nothing of the value goes.
-        assert_eq!(dead_letter_fit(10, 2_000, 1_000), 0);
-    }
 }
