@@ -4,8 +4,9 @@
 //! ([`OutputLimits::read`]), and from them:
 //! - the producers' `batch.size` stays under the smallest ([`OutputLimits::batch_size`]): a
 //!   fast stream of small records fills batches of librdkafka's default 1,000,000 bytes;
-//! - an input record whose annotated or late output would not fit its topic is a
-//!   `record_too_large` dead letter ([`RecordRoom`]);
+//! - an input record whose annotated or late output (or with `annotate = on_close`, its payload
+//!   held in the changelog) would not fit its topic is a `record_too_large` dead letter
+//!   ([`RecordRoom`]);
 //! - a dead letter too large for its topic goes out truncated ([`dead_letter_fit`]).
 
 use super::{KafkaError, KAFKA_MAX_MESSAGE_BYTES};
@@ -170,54 +171,85 @@ impl OutputLimits {
         }
     }
 
-    /// Room for an input record's annotated and late outputs; at most `max_output_bytes`,
-    /// the producers' `message.max.bytes`.
+    /// Room for an input record's outputs: its annotated and late events and, if
+    /// `holds_payloads` (`annotate = on_close`), its payload's changelog record; at most
+    /// `max_output_bytes`, the producers' `message.max.bytes`.
     pub fn record_room(
         &self,
         rt: &RuntimeSettings,
         annotation_field: &str,
         max_output_bytes: usize,
+        holds_payloads: bool,
     ) -> RecordRoom {
         let longest_input = rt.input_topics.iter().map(String::len).max().unwrap_or(0);
-        RecordRoom {
-            annotated: (
-                rt.annotated_topic.clone(),
-                self.of(&rt.annotated_topic).min(max_output_bytes),
+        let room = |topic: &String, adds: usize, user_copies: usize| Room {
+            topic: topic.clone(),
+            limit: self.of(topic).min(max_output_bytes),
+            adds,
+            user_copies,
+        };
+        let mut rooms = vec![
+            room(
+                &rt.annotated_topic,
                 annotation_field.len() + ANNOTATION_BYTES,
+                1,
             ),
-            late: (
-                rt.late_topic.clone(),
-                self.of(&rt.late_topic).min(max_output_bytes),
-                longest_input + HEADER_ALLOWANCE,
-            ),
+            room(&rt.late_topic, longest_input + HEADER_ALLOWANCE, 1),
+        ];
+        if holds_payloads {
+            // Keyed by the scope key (the user id, and the scope's values, which are in the
+            // record) with the partition and an event's number; the value holds the user id,
+            // then the record.
+            rooms.push(room(&rt.changelog_topic, CHANGELOG_PAYLOAD_BYTES, 2));
         }
+        RecordRoom { rooms }
+    }
+}
+
+/// Bytes a held payload's changelog record adds to the record and two copies of its user id
+/// (its key's prefix, partition and event number; the value's length of the user id), with
+/// room to spare.
+pub const CHANGELOG_PAYLOAD_BYTES: usize = 128;
+
+/// Where one output of an input record goes: its topic, that topic's limit, and what the
+/// output adds to the record besides `user_copies` copies of its user id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Room {
+    topic: String,
+    limit: usize,
+    adds: usize,
+    user_copies: usize,
+}
+
+impl Room {
+    fn rest(&self, user: usize) -> usize {
+        self.adds + user * self.user_copies
     }
 }
 
 /// Room for the outputs of one input record: its annotated event (the record plus its
-/// annotation) and its late event (the record plus headers), either of which it may become.
-/// Each is a topic, its limit and what the output adds to the record besides its key.
+/// annotation) and its late event (the record plus headers), either of which it may become,
+/// and with `annotate = on_close` its payload held in the changelog.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordRoom {
-    annotated: (String, usize, usize),
-    late: (String, usize, usize),
+    rooms: Vec<Room>,
 }
 
 impl RecordRoom {
     /// `None` if the outputs of a record of `value` bytes, keyed by a user id of `user`
     /// bytes, fit their topics; otherwise the topic that refuses them and its limit.
     pub fn refuses(&self, value: usize, user: usize) -> Option<(&str, usize)> {
-        [&self.annotated, &self.late]
-            .into_iter()
-            .find(|(_, limit, adds)| !fits(value, user + adds, *limit))
-            .map(|(topic, limit, _)| (topic.as_str(), *limit))
+        self.rooms
+            .iter()
+            .find(|r| !fits(value, r.rest(user), r.limit))
+            .map(|r| (r.topic.as_str(), r.limit))
     }
 
     /// The largest record whose outputs fit, keyed by a user id of `user` bytes.
     pub fn largest(&self, user: usize) -> usize {
-        [&self.annotated, &self.late]
-            .into_iter()
-            .map(|(_, limit, adds)| largest_value(user + adds, *limit))
+        self.rooms
+            .iter()
+            .map(|r| largest_value(r.rest(user), r.limit))
             .min()
             .unwrap_or(0)
     }
@@ -301,7 +333,7 @@ mod tests {
     #[test]
     fn a_record_has_room_if_its_annotated_and_late_outputs_fit() {
         let r = rt(&[]);
-        let room = limits(&r, 20_000).record_room(&r, "session", usize::MAX);
+        let room = limits(&r, 20_000).record_room(&r, "session", usize::MAX, false);
         let largest = room.largest(10);
         assert!(largest > 18_000, "{largest}");
         assert_eq!(room.refuses(largest, 10), None);
@@ -312,8 +344,26 @@ mod tests {
         // A longer user id leaves less room.
         assert!(room.refuses(largest, 1_000).is_some());
         // The producers' own limit counts too.
-        let room = limits(&r, KAFKA_MAX_MESSAGE_BYTES).record_room(&r, "session", 30_000);
+        let room = limits(&r, KAFKA_MAX_MESSAGE_BYTES).record_room(&r, "session", 30_000, false);
         assert!(room.refuses(40_000, 10).is_some());
         assert_eq!(room.refuses(20_000, 10), None);
+    }
+
+    #[test]
+    fn payloads_held_in_the_changelog_must_fit_it_too() {
+        let r = rt(&[]);
+        let mut l = limits(&r, KAFKA_MAX_MESSAGE_BYTES);
+        l.topics.push((r.changelog_topic.clone(), 50_000));
+        assert_eq!(
+            l.record_room(&r, "session", usize::MAX, false)
+                .refuses(60_000, 10),
+            None
+        );
+        let held = l.record_room(&r, "session", usize::MAX, true);
+        assert_eq!(
+            held.refuses(60_000, 10),
+            Some((r.changelog_topic.as_str(), 50_000))
+        );
+        assert!(held.largest(10) < 50_000);
     }
 }

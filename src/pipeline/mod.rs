@@ -327,7 +327,12 @@ pub fn run(
         }
         c
     };
-    let room = limits.record_room(&rt, &settings.decode.annotation_field, rt.max_output_bytes);
+    let room = limits.record_room(
+        &rt,
+        &settings.decode.annotation_field,
+        rt.max_output_bytes,
+        settings.engine.annotate == crate::engine::AnnotateMode::OnClose,
+    );
     // A user id of this length or less leaves the room the warning states.
     const TYPICAL_USER_ID: usize = 64;
     if let Some((topic, limit)) = room.refuses(settings.decode.max_record_bytes, TYPICAL_USER_ID) {
