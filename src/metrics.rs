@@ -149,7 +149,14 @@ impl DeadLetterReason {
     const DECODE_COUNT: usize = DecodeError::REASONS.len();
     /// The record is larger than `input.max_record_bytes`, or its outputs than their topics
     /// take (see [`crate::kafka::limits`]).
-    pub const RECORD_TOO_LARGE: DeadLetterReason = DeadLetterReason(1);
+    pub const RECORD_TOO_LARGE: DeadLetterReason = {
+        let mut i = 0;
+        // `position` is not const.
+        while !matches!(DecodeError::REASONS[i].as_bytes(), b"record_too_large") {
+            i += 1;
+        }
+        DeadLetterReason(i as u8)
+    };
     /// The event time is beyond the allowed clock skew (`time.future_events = dead_letter`).
     pub const FUTURE_TIME: DeadLetterReason = DeadLetterReason(Self::DECODE_COUNT as u8);
     /// Number of reason codes.

@@ -283,19 +283,20 @@ fn a_dead_letter_too_large_for_its_topic_is_truncated(broker: &Broker) {
 }
 
 /// An annotated topic that takes record batches of at most 20,000 bytes. A `batch.size` set
-/// larger is refused at start-up, naming the key and the topic. Left to the default, the
-/// producers' batches stay under the topic's limit (a backlog of small records filled batches
-/// of librdkafka's default 1,000,000 bytes, which the broker refused: the instance never got
-/// past them), and a record whose annotated output would not fit is a `record_too_large`
-/// dead letter, kept whole.
+/// larger is refused at start-up, naming the key and the topic. Left to the default, in both
+/// modes, the producers' batches stay under the topic's limit (a backlog of small records
+/// filled batches of librdkafka's default 1,000,000 bytes, which the broker refused: the
+/// instance never got past them), and a record whose annotated output would not fit is a
+/// `record_too_large` dead letter, kept whole.
 fn small_output_topics_take_every_output(broker: &Broker) {
+    let refused = Topics::named("outlimit");
+    broker.create_topics(&[&refused.input], 1);
+    broker.create_topics_with(&[&refused.annotated], 1, &[("max.message.bytes", "20000")]);
+    refused.create_outputs_but_annotated(broker);
     let dir = tempfile::tempdir().unwrap();
-    let t = Topics::named("outlimit");
-    broker.create_topics(&[&t.input, &t.sessions, &t.late, &t.dlq, &t.stats], 1);
-    broker.create_topics_with(&[&t.annotated], 1, &[("max.message.bytes", "20000")]);
     let mut p = run(
         broker,
-        &t,
+        &refused,
         dir.path(),
         "outlimit-group",
         free_port(),
@@ -309,7 +310,7 @@ fn small_output_topics_take_every_output(broker: &Broker) {
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(
         log.contains("`kafka.properties.batch.size`")
-            && log.contains(&format!("`{}`", t.annotated)),
+            && log.contains(&format!("`{}`", refused.annotated)),
         "{log}"
     );
     // In time order: none is late.
@@ -337,33 +338,43 @@ fn small_output_topics_take_every_output(broker: &Broker) {
         records.len() / 2,
         (Some("big".into()), Some(big.clone().into_bytes()), None),
     );
-    broker.produce(&t.input, &records);
-    let p = run(broker, &t, dir.path(), "outlimit-group", free_port(), &[]);
-    let annotated = broker
-        .try_read_until(&t.annotated, Duration::from_secs(90), |r| {
-            r.len() >= input.len()
-        })
-        .unwrap_or_else(|r| {
-            panic!(
-                "{} of {} annotated; log:\n{}",
-                r.len(),
-                input.len(),
-                p.log()
-            )
-        });
-    assert_eq!(annotated.len(), input.len());
-    let dlq = broker.read_until(&t.dlq, Duration::from_secs(30), |r| !r.is_empty());
-    assert_eq!(dlq.len(), 1);
-    let d = &dlq[0];
-    assert_eq!(d.headers["sessionizer.reason"], "record_too_large");
-    assert!(
-        d.headers["sessionizer.error"].contains(&format!("`{}`", t.annotated)),
-        "{:?}",
-        d.headers
-    );
-    assert!(!d.headers.contains_key("sessionizer.truncated_from"));
-    assert_eq!(d.value, big);
-    assert_eq!(p.terminate(), 0);
+    for guarantee in ["exactly-once", "at-least-once"] {
+        let t = Topics::named(&format!("outlimit-{guarantee}"));
+        broker.create_topics(&[&t.input], 1);
+        broker.create_topics_with(&[&t.annotated], 1, &[("max.message.bytes", "20000")]);
+        t.create_outputs_but_annotated(broker);
+        broker.produce(&t.input, &records);
+        let dir = tempfile::tempdir().unwrap();
+        let group = format!("outlimit-{guarantee}-group");
+        let flags = ["--guarantee", guarantee];
+        let p = run(broker, &t, dir.path(), &group, free_port(), &flags);
+        let annotated = broker
+            .try_read_until(&t.annotated, Duration::from_secs(90), |r| {
+                r.len() >= input.len()
+            })
+            .unwrap_or_else(|r| {
+                panic!(
+                    "{guarantee}: {} of {} annotated; log:\n{}",
+                    r.len(),
+                    input.len(),
+                    p.log()
+                )
+            });
+        assert_eq!(annotated.len(), input.len(), "{guarantee}");
+        broker.read_until(&t.dlq, Duration::from_secs(30), |r| !r.is_empty());
+        assert_eq!(p.terminate(), 0, "{guarantee}");
+        let dlq = broker.read_all(&t.dlq);
+        assert_eq!(dlq.len(), 1, "{guarantee}");
+        let d = &dlq[0];
+        assert_eq!(d.headers["sessionizer.reason"], "record_too_large");
+        assert!(
+            d.headers["sessionizer.error"].contains(&format!("`{}`", t.annotated)),
+            "{:?}",
+            d.headers
+        );
+        assert!(!d.headers.contains_key("sessionizer.truncated_from"));
+        assert_eq!(d.value, big);
+    }
 }
 
 fn kill_9_and_restart_loses_nothing(broker: &Broker) {

@@ -179,6 +179,49 @@ fn produce_paced(broker: &Broker, t: &Topics, input: &[(String, String)], rate: 
     }
 }
 
+/// When each phase of a scenario ended, on stderr and, with `E2E_KEEP_LOGS=DIR`, appended to
+/// `DIR/failover-phases.log`: this test took 210 to 340 s from one CI run to the next, on the
+/// same code, and this says where the time goes.
+struct Phases {
+    name: String,
+    start: Instant,
+    last: Instant,
+}
+
+impl Phases {
+    fn new(name: &str) -> Phases {
+        let now = Instant::now();
+        Phases {
+            name: name.to_owned(),
+            start: now,
+            last: now,
+        }
+    }
+
+    fn end(&mut self, what: &str) {
+        let now = Instant::now();
+        let line = format!(
+            "{}: {what} at {:.1} s (+{:.1} s)\n",
+            self.name,
+            (now - self.start).as_secs_f64(),
+            (now - self.last).as_secs_f64()
+        );
+        self.last = now;
+        eprint!("{line}");
+        if let Some(dir) = std::env::var_os("E2E_KEEP_LOGS") {
+            let _ = std::fs::create_dir_all(&dir);
+            let appended = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(Path::new(&dir).join("failover-phases.log"))
+                .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+            if let Err(e) = appended {
+                eprintln!("failover-phases.log: {e}");
+            }
+        }
+    }
+}
+
 /// Three instances, SIGKILL of one, a fourth joins, one leaves, a broker dies, while the
 /// input keeps arriving.
 fn failover(broker: &Broker, guarantee: &str) {
@@ -190,6 +233,7 @@ fn failover(broker: &Broker, guarantee: &str) {
     let input = with_flush_events(PARTITIONS, events(240, 60, 41));
     let (want_sessions, want_annotated) = offline(&input, root.path());
     let n = input.len();
+    let mut phases = Phases::new(guarantee);
 
     let a = start(broker, &t, root.path(), &group, "a", guarantee);
     let b = start(broker, &t, root.path(), &group, "b", guarantee);
@@ -197,13 +241,17 @@ fn failover(broker: &Broker, guarantee: &str) {
     let (a, d) = std::thread::scope(|scope| {
         scope.spawn(|| produce_paced(broker, &t, &input, 400));
         wait_annotated(broker, &t, n / 6, &[&a, &b, &c]);
+        phases.end("a sixth annotated by three instances");
         drop(b); // SIGKILL mid-stream
                  // A new instance without local state: whatever it gets, it restores from the changelog.
         let d = start(broker, &t, root.path(), &group, "d", guarantee);
         wait_annotated(broker, &t, n / 2, &[&a, &c, &d]);
+        phases.end("half annotated after a kill -9 and a new instance");
         // Scale down: c leaves gracefully; its partitions move with their state.
         assert_eq!(c.terminate(), 0, "graceful exit of a leaving instance");
+        phases.end("an instance stopped");
         wait_annotated(broker, &t, 2 * n / 3, &[&a, &d]);
+        phases.end("two thirds annotated");
         // A broker of the cluster dies mid-run.
         if let Some(dir) = broker.dir() {
             let out = kafka_sh(&["kill-node", "3", "--dir", dir]);
@@ -213,9 +261,12 @@ fn failover(broker: &Broker, guarantee: &str) {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        phases.end("a broker killed");
         (a, d)
     });
+    phases.end("all input produced");
     wait_annotated(broker, &t, n, &[&a, &d]);
+    phases.end("all annotated");
     // Every session concludes (the flush events move every watermark on); then stop cleanly.
     wait_sessions(
         broker,
@@ -224,9 +275,11 @@ fn failover(broker: &Broker, guarantee: &str) {
         session_set,
         &[&a, &d],
     );
+    phases.end("every session concluded");
     let (la, ld) = (a.log(), d.log());
     assert_eq!(a.terminate(), 0, "a exits cleanly:\n{la}");
     assert_eq!(d.terminate(), 0, "d exits cleanly:\n{ld}");
+    phases.end("both stopped");
     assert!(
         ld.contains("state restored") || la.contains("state restored"),
         "partitions moved with their state: a restore from the changelog happened"
@@ -239,6 +292,7 @@ fn failover(broker: &Broker, guarantee: &str) {
         &want_annotated,
         exactly_once,
     );
+    phases.end("outputs checked");
     if let Some(dir) = broker.dir() {
         let out = kafka_sh(&["start-node", "3", "--dir", dir]);
         assert!(
@@ -247,6 +301,7 @@ fn failover(broker: &Broker, guarantee: &str) {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    phases.end("the broker restarted");
 }
 
 fn signal(p: &Proc, sig: &str) {
@@ -267,6 +322,7 @@ fn zombie_is_fenced(broker: &Broker) {
     let input = with_flush_events(PARTITIONS, events(60, 50, 7));
     let (want_sessions, want_annotated) = offline(&input, root.path());
     let n = input.len();
+    let mut phases = Phases::new("zombie");
     let mut old = {
         let dir = root.path().join("old");
         std::fs::create_dir_all(&dir).unwrap();
@@ -285,14 +341,18 @@ fn zombie_is_fenced(broker: &Broker) {
     let new = std::thread::scope(|scope| {
         scope.spawn(|| produce_paced(broker, &t, &input, 200));
         wait_annotated(broker, &t, n / 4, &[&old]);
+        phases.end("a quarter annotated");
         signal(&old, "-STOP");
         // The replacement, on another machine (state dir), with the same instance id.
         start(broker, &t, root.path(), &group, "same", "exactly-once")
     });
+    phases.end("all input produced, the replacement started");
     wait_annotated(broker, &t, n, &[&new]);
+    phases.end("all annotated");
     signal(&old, "-CONT");
     // The zombie must notice it was fenced and stop, without publishing anything.
     let status = old.wait_exit(Duration::from_secs(90), "the zombie did not stop");
+    phases.end("the zombie stopped");
     assert!(!status.success(), "a fenced instance exits non-zero");
     assert!(
         old.log().contains("fenced") || old.log().contains("Fenced"),
@@ -307,7 +367,9 @@ fn zombie_is_fenced(broker: &Broker) {
         &[&new],
     );
     assert_eq!(new.terminate(), 0);
+    phases.end("every session concluded, the replacement stopped");
     check_outputs(broker, &t, &input, &want_sessions, &want_annotated, true);
+    phases.end("outputs checked");
 }
 
 #[test]
@@ -315,7 +377,9 @@ fn failover_on_a_three_node_cluster() {
     if std::env::var("KAFKA_BOOTSTRAP_SERVERS").is_ok() {
         eprintln!("KAFKA_BOOTSTRAP_SERVERS is set: this test needs its own three-node cluster");
     }
+    let mut phases = Phases::new("cluster");
     let broker = Broker::start_nodes(3);
+    phases.end("three nodes started");
     let only = std::env::var("FAILOVER_ONLY").unwrap_or_default();
     assert!(
         ["", "zombie", "exactly-once", "at-least-once"].contains(&only.as_str()),
@@ -333,4 +397,6 @@ fn failover_on_a_three_node_cluster() {
     if want("at-least-once") {
         failover(&broker, "at-least-once");
     }
+    drop(broker);
+    phases.end("scenarios done, the cluster stopped");
 }

@@ -4,24 +4,24 @@
 //! ([`OutputLimits::read`]), and from them:
 //! - the producers' `batch.size` stays under the smallest ([`OutputLimits::batch_size`]): a
 //!   fast stream of small records fills batches of librdkafka's default 1,000,000 bytes;
-//! - an input record whose annotated or late output (or with `annotate = on_close`, its payload
-//!   held in the changelog) would not fit its topic is a `record_too_large` dead letter
-//!   ([`RecordRoom`]);
+//! - an input record whose outputs would not fit their topics (its annotated or late event,
+//!   the session and stats records and changelog records it leads to) is a
+//!   `record_too_large` dead letter ([`RecordRoom`]);
 //! - a dead letter too large for its topic goes out truncated ([`dead_letter_fit`]).
 
-use super::{KafkaError, KAFKA_MAX_MESSAGE_BYTES};
-use crate::config::RuntimeSettings;
+use super::{KafkaError, KAFKA_MAX_MESSAGE_BYTES, PROPAGATION_POLL, PROPAGATION_WAIT};
+use crate::config::{DecodeSettings, RuntimeSettings};
 use rdkafka::admin::{AdminClient, AdminOptions, OwnedResourceSpecifier, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Bytes a record batch adds to one record's key, value and headers, at most: the batch header
 /// (61), the record's and its headers' length fields, lz4's frame, with room to spare.
 pub const RECORD_OVERHEAD: usize = 512;
 
 /// Bytes an annotation adds to an input record, besides the annotation field's name:
-/// `,"<field>":{"id":"<16 hex digits>-<number>","seq":<number>,"start":false}` with two
-/// 20-digit numbers is 82, and `null` less.
+/// `,"<field>":{"id":"<16 hex digits>-<number>","seq":<number>,"start":false}` is 91 with
+/// two 20-digit numbers, and `null` less.
 pub const ANNOTATION_BYTES: usize = 96;
 
 /// Bytes the headers of a late event or a dead letter take besides the source topic's name
@@ -39,7 +39,8 @@ pub fn fits(value: usize, rest: usize, limit: usize) -> bool {
     value + value / 255 + rest + RECORD_OVERHEAD <= limit
 }
 
-/// The largest value that [`fits`] with `rest` bytes of key and headers in `limit`.
+/// The largest multiple of 255 that [`fits`] as a value with `rest` bytes of key and headers
+/// in `limit` (up to 254 bytes short of the largest value that does).
 pub fn largest_value(rest: usize, limit: usize) -> usize {
     limit.saturating_sub(rest + RECORD_OVERHEAD) / 256 * 255
 }
@@ -64,50 +65,63 @@ pub struct OutputLimits {
 }
 
 impl OutputLimits {
-    /// Reads the `max.message.bytes` of the five output topics and, if `changelog_exists`, of
-    /// the changelog, in one request. A topic the brokers do not describe (no
-    /// DescribeConfigs permission, an old broker), and a changelog start-up has just created,
-    /// count as Kafka's default ([`KAFKA_MAX_MESSAGE_BYTES`]); the first with a warning.
+    /// Reads the `max.message.bytes` of the five output topics and of the changelog (which
+    /// start-up has created if it was missing), in one request, asked again every
+    /// [`PROPAGATION_POLL`] for up to [`PROPAGATION_WAIT`] while a topic is not known yet to
+    /// the broker that answers (one just created). A topic the brokers do not describe (no
+    /// DescribeConfigs permission, an old broker) counts as Kafka's default
+    /// ([`KAFKA_MAX_MESSAGE_BYTES`]), with a warning.
     pub fn read(
         admin: &AdminClient<DefaultClientContext>,
         runtime: &tokio::runtime::Runtime,
         rt: &RuntimeSettings,
-        changelog_exists: bool,
     ) -> OutputLimits {
-        let mut names: Vec<&str> = vec![
+        let names: [&str; 6] = [
             &rt.annotated_topic,
             &rt.sessions_topic,
             &rt.late_topic,
             &rt.dlq_topic,
             &rt.stats_topic,
+            &rt.changelog_topic,
         ];
-        if changelog_exists {
-            names.push(&rt.changelog_topic);
-        }
         let specs: Vec<ResourceSpecifier<'_>> =
             names.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
         let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
-        let answer = runtime.block_on(admin.describe_configs(&specs, &opts));
-        let described = |topic: &str| -> Result<usize, String> {
-            let results = answer.as_ref().map_err(|e| e.to_string())?;
-            results
+        let deadline = Instant::now() + PROPAGATION_WAIT;
+        let described = loop {
+            let described = match runtime.block_on(admin.describe_configs(&specs, &opts)) {
+                // librdkafka answers in the order asked.
+                Ok(results) => names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &topic)| match results.get(i) {
+                        Some(Ok(c))
+                            if c.specifier == OwnedResourceSpecifier::Topic(topic.into()) =>
+                        {
+                            c.get("max.message.bytes")
+                                .and_then(|e| e.value.as_deref())
+                                .and_then(|v| v.parse::<usize>().ok())
+                                .ok_or_else(|| "no max.message.bytes in its description".to_owned())
+                        }
+                        Some(Err(code)) => Err(format!("{code}")),
+                        _ => Err("the brokers did not describe it".to_owned()),
+                    })
+                    .collect::<Vec<_>>(),
+                Err(e) => vec![Err(e.to_string()); names.len()],
+            };
+            let unknown = described
                 .iter()
-                .find_map(|r| match r {
-                    Ok(c) if c.specifier == OwnedResourceSpecifier::Topic(topic.to_owned()) => {
-                        Some(c)
-                    }
-                    _ => None,
-                })
-                .ok_or_else(|| "the brokers did not describe it".to_owned())?
-                .get("max.message.bytes")
-                .and_then(|e| e.value.as_deref())
-                .and_then(|v| v.parse::<usize>().ok())
-                .ok_or_else(|| "no max.message.bytes in its description".to_owned())
+                .any(|d| d.as_ref().is_err_and(|e| e.contains("Unknown topic")));
+            if !unknown || Instant::now() >= deadline {
+                break described;
+            }
+            std::thread::sleep(PROPAGATION_POLL);
         };
-        let mut topics: Vec<(String, usize)> = names
+        let topics = names
             .iter()
-            .map(|&topic| {
-                let limit = described(topic).unwrap_or_else(|problem| {
+            .zip(described)
+            .map(|(&topic, d)| {
+                let limit = d.unwrap_or_else(|problem| {
                     tracing::warn!(
                         topic,
                         problem,
@@ -119,14 +133,6 @@ impl OutputLimits {
                 (topic.to_owned(), limit)
             })
             .collect();
-        if !changelog_exists {
-            topics.push((rt.changelog_topic.clone(), KAFKA_MAX_MESSAGE_BYTES));
-        }
-        OutputLimits { topics }
-    }
-
-    /// Limits as given, for tests.
-    pub fn new(topics: Vec<(String, usize)>) -> OutputLimits {
         OutputLimits { topics }
     }
 
@@ -150,18 +156,22 @@ impl OutputLimits {
     /// output topic (every producer may write to every topic: the exactly-once one writes all
     /// of them). `None` when the default fits, or `kafka.properties` sets a `batch.size` that
     /// does; one it sets too large is an error naming the key and the topic.
+    ///
+    /// librdkafka counts a batch's uncompressed size against `batch.size` and sends a batch
+    /// uncompressed when compressing would make it larger, so a batch never exceeds it; the
+    /// margin ([`largest_value`]) is for a topic whose own `compression.type` makes the broker
+    /// compress again.
     pub fn batch_size(&self, rt: &RuntimeSettings) -> Result<Option<usize>, KafkaError> {
         let (topic, limit) = self.smallest();
-        let most = largest_value(0, limit);
+        let most = largest_value(0, limit).max(1);
         match rt.properties.get("batch.size") {
             Some(v) => match v.trim().parse::<usize>() {
                 Ok(n) if n > most => Err(KafkaError::OutputLimit {
                     key: "kafka.properties.batch.size",
                     problem: format!(
                         "`{v}` is larger than the record batches topic `{topic}` takes \
-                         ({limit} bytes, its max.message.bytes, less lz4's worst case and \
-                         framing: at most {most}); lower it or raise the topic's \
-                         max.message.bytes"
+                         ({limit} bytes, its max.message.bytes, less a margin: at most \
+                         {most}); lower it or raise the topic's max.message.bytes"
                     ),
                 }),
                 _ => Ok(None), // librdkafka refuses what is not a number
@@ -171,87 +181,175 @@ impl OutputLimits {
         }
     }
 
-    /// Room for an input record's outputs: its annotated and late events and, if
-    /// `holds_payloads` (`annotate = on_close`), its payload's changelog record; at most
-    /// `max_output_bytes`, the producers' `message.max.bytes`.
+    /// Room for the outputs of an input record (see [`RecordRoom`]); every limit at most
+    /// `max_output_bytes`, the producers' `message.max.bytes`. `holds_payloads`: `annotate =
+    /// on_close`, the record is held in the changelog until its session concludes.
     pub fn record_room(
         &self,
         rt: &RuntimeSettings,
-        annotation_field: &str,
+        decode: &DecodeSettings,
         max_output_bytes: usize,
         holds_payloads: bool,
     ) -> RecordRoom {
-        let longest_input = rt.input_topics.iter().map(String::len).max().unwrap_or(0);
-        let room = |topic: &String, adds: usize, user_copies: usize| Room {
+        let room = |topic: &String, adds: usize| Room {
             topic: topic.clone(),
             limit: self.of(topic).min(max_output_bytes),
             adds,
-            user_copies,
+            value: false,
+            user: 0,
+            scope_key: 0,
+            input_key: 0,
         };
-        let mut rooms = vec![
-            room(
-                &rt.annotated_topic,
-                annotation_field.len() + ANNOTATION_BYTES,
-                1,
-            ),
-            room(&rt.late_topic, longest_input + HEADER_ALLOWANCE, 1),
+        let scope_names: usize = decode.scope_fields.iter().map(|f| f.len() + 8).sum();
+        let longest_input = rt.input_topics.iter().map(String::len).max().unwrap_or(0);
+        let mut accepted = vec![
+            Room {
+                value: true,
+                user: 1,
+                ..room(
+                    &rt.annotated_topic,
+                    decode.annotation_field.len() + ANNOTATION_BYTES,
+                )
+            },
+            Room {
+                user: 1 + JSON_ESCAPE,
+                scope_key: JSON_ESCAPE,
+                ..room(&rt.sessions_topic, SESSION_RECORD_BYTES + scope_names)
+            },
+            Room {
+                user: 1 + JSON_ESCAPE,
+                ..room(&rt.stats_topic, STATS_RECORD_BYTES)
+            },
+            Room {
+                user: 1,
+                scope_key: 1,
+                ..room(&rt.changelog_topic, CHANGELOG_STATE_BYTES)
+            },
         ];
         if holds_payloads {
-            // Keyed by the scope key (the user id, and the scope's values, which are in the
-            // record) with the partition and an event's number; the value holds the user id,
-            // then the record.
-            rooms.push(room(&rt.changelog_topic, CHANGELOG_PAYLOAD_BYTES, 2));
+            accepted.push(Room {
+                value: true,
+                user: 1,
+                scope_key: 1,
+                ..room(&rt.changelog_topic, CHANGELOG_PAYLOAD_BYTES)
+            });
         }
-        RecordRoom { rooms }
+        let late = Room {
+            value: true,
+            input_key: 1,
+            ..room(&rt.late_topic, longest_input + HEADER_ALLOWANCE)
+        };
+        RecordRoom { accepted, late }
     }
 }
 
-/// Bytes a held payload's changelog record adds to the record and two copies of its user id
-/// (its key's prefix, partition and event number; the value's length of the user id), with
-/// room to spare.
-pub const CHANGELOG_PAYLOAD_BYTES: usize = 128;
+/// At most how many bytes JSON writes for one byte of a string (`\u001f`).
+const JSON_ESCAPE: usize = 6;
 
-/// Where one output of an input record goes: its topic, that topic's limit, and what the
-/// output adds to the record besides `user_copies` copies of its user id.
+/// Bytes a concluded session's record (or a merge's, a split's) takes besides its user id and
+/// scope, with room to spare: its fields, times and numbers, and a few merged session ids.
+/// A session that absorbed dozens of others is not bounded by this.
+pub const SESSION_RECORD_BYTES: usize = 1024;
+
+/// Bytes a user stats record takes besides its user id, with room to spare.
+pub const STATS_RECORD_BYTES: usize = 512;
+
+/// Bytes a key state's changelog record takes besides its scope key and user id, with room to
+/// spare: the state, and the unsealed tails of its open sessions (fewer than 32 events each,
+/// a few bytes per event). A key with dozens of open sessions at once is not bounded by this.
+pub const CHANGELOG_STATE_BYTES: usize = 4096;
+
+/// Bytes a held payload's changelog record adds to the record, its scope key (in the record's
+/// key) and its user id (in the value): the key's kind, length and event number, the value's
+/// length of the user id, with room to spare.
+pub const CHANGELOG_PAYLOAD_BYTES: usize = 64;
+
+/// The sizes of an input record that bound its outputs' sizes, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sizes {
+    /// The record's value.
+    pub value: usize,
+    /// Its user id.
+    pub user: usize,
+    /// Its scope key (the user id and the scope's values).
+    pub scope_key: usize,
+    /// Its Kafka key, which its late event keeps.
+    pub input_key: usize,
+}
+
+/// Where one output of an input record goes, and a bound of its size: `adds`, plus the record
+/// (with lz4's worst case) if `value`, plus so many copies of the user id, the scope key and
+/// the input's key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Room {
     topic: String,
     limit: usize,
     adds: usize,
-    user_copies: usize,
+    value: bool,
+    user: usize,
+    scope_key: usize,
+    input_key: usize,
 }
 
 impl Room {
-    fn rest(&self, user: usize) -> usize {
-        self.adds + user * self.user_copies
+    fn rest(&self, s: &Sizes) -> usize {
+        self.adds + self.user * s.user + self.scope_key * s.scope_key + self.input_key * s.input_key
+    }
+
+    fn fits(&self, s: &Sizes) -> bool {
+        fits(
+            if self.value { s.value } else { 0 },
+            self.rest(s),
+            self.limit,
+        )
+    }
+
+    /// The largest record value that fits, with the other sizes of `s`.
+    fn largest(&self, s: &Sizes) -> usize {
+        match self.value {
+            true => largest_value(self.rest(s), self.limit),
+            false if self.fits(s) => usize::MAX,
+            false => 0,
+        }
     }
 }
 
-/// Room for the outputs of one input record: its annotated event (the record plus its
-/// annotation) and its late event (the record plus headers), either of which it may become,
-/// and with `annotate = on_close` its payload held in the changelog.
+/// Room for the outputs of one input record. One the engine takes (annotated, or held) must
+/// fit: its annotated event (the record plus its annotation, keyed by the user id), the
+/// concluded session and user stats records it may lead to, its key state's changelog record
+/// and, with `annotate = on_close`, the changelog record holding it. A late one must fit the
+/// late topic (the record, keyed by its Kafka key, plus headers); the engine keeps nothing of
+/// it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordRoom {
-    rooms: Vec<Room>,
+    accepted: Vec<Room>,
+    late: Room,
 }
 
 impl RecordRoom {
-    /// `None` if the outputs of a record of `value` bytes, keyed by a user id of `user`
-    /// bytes, fit their topics; otherwise the topic that refuses them and its limit.
-    pub fn refuses(&self, value: usize, user: usize) -> Option<(&str, usize)> {
-        self.rooms
+    /// `None` if the outputs of a record the engine takes, of sizes `s`, fit their topics;
+    /// otherwise the first topic that refuses them, and its limit.
+    pub fn refuses(&self, s: &Sizes) -> Option<(&str, usize)> {
+        self.accepted
             .iter()
-            .find(|r| !fits(value, r.rest(user), r.limit))
+            .find(|r| !r.fits(s))
             .map(|r| (r.topic.as_str(), r.limit))
     }
 
-    /// The largest record whose outputs fit, keyed by a user id of `user` bytes.
-    pub fn largest(&self, user: usize) -> usize {
-        self.rooms
+    /// [`Self::refuses`] for a late record's late event.
+    pub fn refuses_late(&self, s: &Sizes) -> Option<(&str, usize)> {
+        Some((self.late.topic.as_str(), self.late.limit)).filter(|_| !self.late.fits(s))
+    }
+
+    /// The largest record value whose outputs fit, taken or late, with the other sizes of
+    /// `s`; and the topic that bounds it.
+    pub fn largest(&self, s: &Sizes) -> (usize, &str) {
+        self.accepted
             .iter()
-            .map(|r| largest_value(r.rest(user), r.limit))
-            .min()
-            .unwrap_or(0)
+            .chain([&self.late])
+            .map(|r| (r.largest(s), r.topic.as_str()))
+            .min_by_key(|(l, _)| *l)
+            .unwrap_or((usize::MAX, ""))
     }
 }
 
@@ -286,84 +384,132 @@ mod tests {
         }
     }
 
-    fn rt(properties: &[(&str, &str)]) -> RuntimeSettings {
+    fn settings(properties: &[(&str, &str)]) -> (RuntimeSettings, DecodeSettings) {
         let raw = crate::config::raw::RawConfig::default();
-        let mut rt = crate::config::validate(&raw).expect("valid").runtime;
+        let s = crate::config::validate(&raw).expect("valid");
+        let mut rt = s.runtime;
         for (k, v) in properties {
             rt.properties.insert((*k).into(), (*v).into());
         }
-        rt
+        (rt, s.decode)
     }
 
-    fn limits(rt: &RuntimeSettings, annotated: usize) -> OutputLimits {
-        let mut topics = vec![(rt.annotated_topic.clone(), annotated)];
-        for t in [
+    fn rt(properties: &[(&str, &str)]) -> RuntimeSettings {
+        settings(properties).0
+    }
+
+    /// Kafka's default for every topic, but `topic` at `limit`.
+    fn limits(rt: &RuntimeSettings, topic: &str, limit: usize) -> OutputLimits {
+        let topics = [
+            &rt.annotated_topic,
             &rt.sessions_topic,
             &rt.late_topic,
             &rt.dlq_topic,
             &rt.stats_topic,
-        ] {
-            topics.push((t.clone(), KAFKA_MAX_MESSAGE_BYTES));
+            &rt.changelog_topic,
+        ]
+        .map(|t| {
+            let l = if t == topic {
+                limit
+            } else {
+                KAFKA_MAX_MESSAGE_BYTES
+            };
+            (t.clone(), l)
+        });
+        OutputLimits {
+            topics: topics.into(),
         }
-        OutputLimits::new(topics)
     }
 
     #[test]
     fn batch_size_stays_under_the_smallest_topic() {
         let r = rt(&[]);
+        let t = r.annotated_topic.clone();
         // Kafka's default takes librdkafka's default batches.
-        assert_eq!(
-            limits(&r, KAFKA_MAX_MESSAGE_BYTES).batch_size(&r).unwrap(),
-            None
-        );
-        let b = limits(&r, 20_000).batch_size(&r).unwrap().unwrap();
+        let default = limits(&r, &t, KAFKA_MAX_MESSAGE_BYTES);
+        assert_eq!(default.batch_size(&r).unwrap(), None);
+        let b = limits(&r, &t, 20_000).batch_size(&r).unwrap().unwrap();
         assert!(fits(b, 0, 20_000) && b > 19_000, "{b}");
+        // The changelog counts too.
+        let c = r.changelog_topic.clone();
+        assert_eq!(limits(&r, &c, 20_000).batch_size(&r).unwrap(), Some(b));
         // One set small enough is kept; one too large names the key and the topic.
         let small = rt(&[("batch.size", "16384")]);
-        assert_eq!(limits(&small, 20_000).batch_size(&small).unwrap(), None);
+        assert_eq!(limits(&small, &t, 20_000).batch_size(&small).unwrap(), None);
         let large = rt(&[("batch.size", "100000")]);
-        let e = limits(&large, 20_000)
+        let e = limits(&large, &t, 20_000)
             .batch_size(&large)
             .unwrap_err()
             .to_string();
         assert!(e.contains("`kafka.properties.batch.size`"), "{e}");
-        assert!(e.contains(&format!("`{}`", large.annotated_topic)), "{e}");
+        assert!(e.contains(&format!("`{t}`")), "{e}");
+    }
+
+    fn sizes(value: usize, user: usize) -> Sizes {
+        Sizes {
+            value,
+            user,
+            scope_key: user,
+            input_key: user,
+        }
     }
 
     #[test]
-    fn a_record_has_room_if_its_annotated_and_late_outputs_fit() {
-        let r = rt(&[]);
-        let room = limits(&r, 20_000).record_room(&r, "session", usize::MAX, false);
-        let largest = room.largest(10);
+    fn a_record_the_engine_takes_needs_room_for_its_annotated_event() {
+        let (r, d) = settings(&[]);
+        let t = r.annotated_topic.as_str();
+        let room = limits(&r, t, 20_000).record_room(&r, &d, usize::MAX, false);
+        let (largest, bound) = room.largest(&sizes(0, 10));
+        assert_eq!(bound, t);
         assert!(largest > 18_000, "{largest}");
-        assert_eq!(room.refuses(largest, 10), None);
-        assert_eq!(
-            room.refuses(largest + 256, 10),
-            Some((r.annotated_topic.as_str(), 20_000))
-        );
+        assert_eq!(room.refuses(&sizes(largest, 10)), None);
+        assert_eq!(room.refuses(&sizes(largest + 256, 10)), Some((t, 20_000)));
         // A longer user id leaves less room.
-        assert!(room.refuses(largest, 1_000).is_some());
+        assert!(room.refuses(&sizes(largest, 1_000)).is_some());
+        // A late record goes to the late topic, which takes it.
+        assert_eq!(room.refuses_late(&sizes(largest + 256, 10)), None);
         // The producers' own limit counts too.
-        let room = limits(&r, KAFKA_MAX_MESSAGE_BYTES).record_room(&r, "session", 30_000, false);
-        assert!(room.refuses(40_000, 10).is_some());
-        assert_eq!(room.refuses(20_000, 10), None);
+        let room = limits(&r, t, KAFKA_MAX_MESSAGE_BYTES).record_room(&r, &d, 30_000, false);
+        assert!(room.refuses(&sizes(40_000, 10)).is_some());
+        assert_eq!(room.refuses(&sizes(20_000, 10)), None);
+    }
+
+    #[test]
+    fn a_late_record_needs_room_for_its_value_and_its_kafka_key() {
+        let (r, d) = settings(&[]);
+        let t = r.late_topic.as_str();
+        let room = limits(&r, t, 20_000).record_room(&r, &d, usize::MAX, false);
+        let short_key = sizes(19_000, 10);
+        assert_eq!(room.refuses(&short_key), None, "the engine may take it");
+        assert_eq!(room.refuses_late(&short_key), None);
+        let long_key = Sizes {
+            input_key: 5_000,
+            ..short_key
+        };
+        assert_eq!(room.refuses_late(&long_key), Some((t, 20_000)));
+    }
+
+    #[test]
+    fn sessions_stats_and_key_states_bound_the_user_id_and_scope() {
+        let (r, d) = settings(&[]);
+        for t in [&r.sessions_topic, &r.stats_topic, &r.changelog_topic] {
+            let room = limits(&r, t, 6_000).record_room(&r, &d, usize::MAX, false);
+            // Their records do not hold the input record: any value fits.
+            assert_eq!(room.refuses(&sizes(500_000, 10)), None, "{t}");
+            assert!(room.refuses(&sizes(10, 1_000)).is_some(), "{t}");
+        }
     }
 
     #[test]
     fn payloads_held_in_the_changelog_must_fit_it_too() {
-        let r = rt(&[]);
-        let mut l = limits(&r, KAFKA_MAX_MESSAGE_BYTES);
-        l.topics.push((r.changelog_topic.clone(), 50_000));
-        assert_eq!(
-            l.record_room(&r, "session", usize::MAX, false)
-                .refuses(60_000, 10),
-            None
-        );
-        let held = l.record_room(&r, "session", usize::MAX, true);
-        assert_eq!(
-            held.refuses(60_000, 10),
-            Some((r.changelog_topic.as_str(), 50_000))
-        );
-        assert!(held.largest(10) < 50_000);
+        let (r, d) = settings(&[]);
+        let c = r.changelog_topic.as_str();
+        let l = limits(&r, c, 50_000);
+        let free = l.record_room(&r, &d, usize::MAX, false);
+        assert_eq!(free.refuses(&sizes(60_000, 10)), None);
+        let held = l.record_room(&r, &d, usize::MAX, true);
+        assert_eq!(held.refuses(&sizes(60_000, 10)), Some((c, 50_000)));
+        let (largest, bound) = held.largest(&sizes(0, 10));
+        assert!(largest < 50_000 && bound == c, "{largest} {bound}");
     }
 }

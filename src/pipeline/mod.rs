@@ -67,7 +67,7 @@ use crate::config::{Guarantee, RuntimeSettings, Settings};
 use crate::engine::{Counters, Engine, EngineConfig, Output, StoreError};
 use crate::kafka::changelog::Restorer;
 use crate::kafka::committer::StateCommitter;
-use crate::kafka::limits::{OutputLimits, RecordRoom};
+use crate::kafka::limits::{OutputLimits, RecordRoom, Sizes};
 use crate::kafka::output::{Outputs, TxnError};
 use crate::kafka::sink::{output_topics, Sink, HAND_OVER_AFTER};
 use crate::kafka::standby::Standbys;
@@ -313,12 +313,7 @@ pub fn run(
             found.changelog_partitions,
             found.partitions,
         )?;
-        Ok(OutputLimits::read(
-            admin,
-            runtime,
-            &rt,
-            found.changelog_partitions.is_some(),
-        ))
+        Ok(OutputLimits::read(admin, runtime, &rt))
     })?;
     let batch_size = limits.batch_size(&rt)?;
     let producer = |mut c: ClientConfig| {
@@ -329,18 +324,24 @@ pub fn run(
     };
     let room = limits.record_room(
         &rt,
-        &settings.decode.annotation_field,
+        &settings.decode,
         rt.max_output_bytes,
         settings.engine.annotate == crate::engine::AnnotateMode::OnClose,
     );
-    // A user id of this length or less leaves the room the warning states.
-    const TYPICAL_USER_ID: usize = 64;
-    if let Some((topic, limit)) = room.refuses(settings.decode.max_record_bytes, TYPICAL_USER_ID) {
+    // Ids and keys of this length leave the room the warning states.
+    let typical = Sizes {
+        value: 0,
+        user: 64,
+        scope_key: 128,
+        input_key: 64,
+    };
+    let (fits, topic) = room.largest(&typical);
+    if fits < settings.decode.max_record_bytes {
         tracing::warn!(
             topic,
-            max_message_bytes = limit,
+            max_message_bytes = limits.of(topic),
             max_record_bytes = settings.decode.max_record_bytes,
-            fits = room.largest(TYPICAL_USER_ID),
+            fits,
             "an output topic takes less than input.max_record_bytes allows: larger records \
              will be dead letters (record_too_large); raise the topic's max.message.bytes to \
              keep them"

@@ -5,7 +5,7 @@
 use super::{wall_ms, Core, PipelineError};
 use crate::codec::records::{annotate, record_json, stats_json};
 use crate::engine::{AnnotateMode, Disposition, Output};
-use crate::kafka::limits::{dead_letter_fit, HEADER_ALLOWANCE};
+use crate::kafka::limits::{dead_letter_fit, Sizes, HEADER_ALLOWANCE};
 use crate::metrics::{DeadLetterReason, Outcome, OutputKind};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use std::time::Duration;
@@ -48,14 +48,15 @@ impl Core {
                 return self.dead_letter(m, e.reason(), &e.to_string());
             }
         };
-        if let Some((topic, limit)) = self.room.refuses(payload.len(), d.user.len()) {
-            self.topic_metrics[ti].event(Outcome::DeadLetter(DeadLetterReason::RECORD_TOO_LARGE));
-            let msg = format!(
-                "record of {} bytes: its output would exceed the {limit} bytes topic `{topic}` \
-                 takes (its max.message.bytes)",
-                payload.len()
-            );
-            return self.dead_letter(m, "record_too_large", &msg);
+        let sizes = Sizes {
+            value: payload.len(),
+            user: d.user.len(),
+            scope_key: d.key.len(),
+            input_key: key.map_or(0, <[u8]>::len),
+        };
+        if let Some((topic, limit)) = self.room.refuses(&sizes) {
+            let topic = topic.to_owned();
+            return self.too_large_for(m, ti, &topic, limit);
         }
         let on_close = self.engine.annotate == AnnotateMode::OnClose;
         if on_close {
@@ -103,6 +104,11 @@ impl Core {
             }
             Disposition::Held => self.topic_metrics[ti].event(Outcome::Accepted),
             Disposition::Late(reason) => {
+                // The engine keeps nothing of a late record: it may still be refused.
+                if let Some((topic, limit)) = self.room.refuses_late(&sizes) {
+                    let topic = topic.to_owned();
+                    return self.too_large_for(m, ti, &topic, limit);
+                }
                 self.topic_metrics[ti].event(Outcome::Late(reason));
                 let h = header(OwnedHeaders::new(), "sessionizer.reason", reason.as_str());
                 let h = header(h, "sessionizer.watermark", &watermark.to_string());
@@ -120,6 +126,25 @@ impl Core {
         let r = self.emit(&out);
         self.out = out;
         r
+    }
+
+    /// A record whose output would not fit `topic`, which takes record batches of up to
+    /// `limit` bytes: a dead letter instead (see [`crate::kafka::limits`]).
+    fn too_large_for(
+        &mut self,
+        m: &BorrowedMessage<'_>,
+        ti: usize,
+        topic: &str,
+        limit: usize,
+    ) -> Result<(), PipelineError> {
+        let reason = DeadLetterReason::RECORD_TOO_LARGE;
+        self.topic_metrics[ti].event(Outcome::DeadLetter(reason));
+        let msg = format!(
+            "record of {} bytes: its output would exceed the {limit} bytes topic `{topic}` takes \
+             (its max.message.bytes)",
+            m.payload().map_or(0, <[u8]>::len)
+        );
+        self.dead_letter(m, reason.as_str(), &msg)
     }
 
     pub(super) fn dead_letter(

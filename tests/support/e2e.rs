@@ -693,6 +693,11 @@ impl Topics {
         broker.create_topics(&self.outputs(), partitions);
     }
 
+    /// Creates the output topics but the annotated one (one partition each).
+    pub fn create_outputs_but_annotated(&self, broker: &Broker) {
+        broker.create_topics(&self.outputs()[1..], 1);
+    }
+
     fn outputs(&self) -> [&str; 5] {
         [
             &self.annotated,
