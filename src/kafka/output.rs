@@ -224,6 +224,16 @@ pub struct Outputs {
 /// How long transaction operations may take before they count as failed.
 const TXN_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long adding the input offsets to a transaction may take before it counts as failed,
+/// and how much longer the pipeline waits for librdkafka to say so before it gives up on the
+/// producer (see [`Outputs::send_offsets`]). It takes milliseconds, and after a broker's
+/// death as long as the brokers take to move its partitions' leadership (their
+/// `broker.session.timeout.ms`, 9 s by default) plus a few retries. The full
+/// [`TXN_TIMEOUT`] here held a failed-over partition still for 65 s whenever librdkafka's
+/// call hung (kafka_failover, after a broker kill).
+const OFFSETS_TIMEOUT: Duration = Duration::from_secs(15);
+const OFFSETS_GRACE: Duration = Duration::from_secs(5);
+
 impl Outputs {
     pub fn new(config: &ClientConfig) -> Result<Self, KafkaError> {
         let state = Arc::new(DeliveryState::default());
@@ -469,8 +479,8 @@ impl Outputs {
 
     /// `send_offsets_to_transaction`, on a thread of its own: librdkafka 2.12 can block in it
     /// forever, past its timeout, when the group coordinator's broker has died (librdkafka
-    /// issues 5456 and 5511, seen here after a broker kill). If it has not returned a little
-    /// after [`TXN_TIMEOUT`], the producer counts as lost (a fatal error: the pipeline
+    /// issues 5456 and 5511, seen here after a broker kill). If it has not returned
+    /// [`OFFSETS_GRACE`] after [`OFFSETS_TIMEOUT`], the producer counts as lost (a fatal error: the pipeline
     /// replaces it, which fences this one) and the thread is left to finish whenever it does.
     fn send_offsets(
         &self,
@@ -482,15 +492,15 @@ impl Outputs {
         std::thread::Builder::new()
             .name("txn offsets".into())
             .spawn(move || {
-                let r = producer.send_offsets_to_transaction(&offsets, &group, TXN_TIMEOUT);
+                let r = producer.send_offsets_to_transaction(&offsets, &group, OFFSETS_TIMEOUT);
                 let _ = tx.send(r);
             })
             .map_err(|e| TxnError::Fatal(format!("cannot start a thread: {e}")))?;
-        match rx.recv_timeout(TXN_TIMEOUT + Duration::from_secs(5)) {
+        match rx.recv_timeout(OFFSETS_TIMEOUT + OFFSETS_GRACE) {
             Ok(r) => r.map_err(|e| txn_error("adding the input offsets to the transaction", e)),
             Err(_) => {
                 tracing::error!(
-                    timeout_s = TXN_TIMEOUT.as_secs(),
+                    timeout_s = OFFSETS_TIMEOUT.as_secs(),
                     "adding the input offsets to the transaction never returned (librdkafka \
                      issue 5511); the producer will be replaced"
                 );
