@@ -287,7 +287,8 @@ fn a_dead_letter_too_large_for_its_topic_is_truncated(broker: &Broker) {
 /// modes, the producers' batches stay under the topic's limit (a backlog of small records
 /// filled batches of librdkafka's default 1,000,000 bytes, which the broker refused: the
 /// instance never got past them), and a record whose annotated output would not fit is a
-/// `record_too_large` dead letter, kept whole.
+/// `record_too_large` dead letter, kept whole. So is a late record too large for a small late
+/// topic.
 fn small_output_topics_take_every_output(broker: &Broker) {
     let refused = Topics::named("outlimit");
     broker.create_topics(&[&refused.input], 1);
@@ -375,6 +376,39 @@ fn small_output_topics_take_every_output(broker: &Broker) {
         assert!(!d.headers.contains_key("sessionizer.truncated_from"));
         assert_eq!(d.value, big);
     }
+    // A late record too large for a small late topic: a dead letter too, and the partition
+    // flows on. (Records the engine takes are not checked against the late topic.)
+    let t = Topics::named("outlimit-late");
+    broker.create_topics(&[&t.input, &t.annotated, &t.sessions, &t.dlq, &t.stats], 1);
+    broker.create_topics_with(&[&t.late], 1, &[("max.message.bytes", "20000")]);
+    let old = big.replace("1704067200000", "1703000000000"); // 296 h earlier: beyond the horizon
+    let record = |v: &str| (Some("big".to_string()), Some(v.as_bytes().to_vec()), None);
+    let first = r#"{"user_id":"big","timestamp":1704067200000}"#;
+    let last = r#"{"user_id":"big","timestamp":1704067201000}"#;
+    broker.produce(&t.input, &[record(first), record(&old), record(last)]);
+    let dir = tempfile::tempdir().unwrap();
+    let p = run(
+        broker,
+        &t,
+        dir.path(),
+        "outlimit-late-group",
+        free_port(),
+        &[],
+    );
+    let annotated = broker.read_until(&t.annotated, Duration::from_secs(60), |r| r.len() >= 2);
+    assert_eq!(annotated.len(), 2, "the partition flowed on");
+    broker.read_until(&t.dlq, Duration::from_secs(30), |r| !r.is_empty());
+    assert_eq!(p.terminate(), 0);
+    let dlq = broker.read_all(&t.dlq);
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].headers["sessionizer.reason"], "record_too_large");
+    assert!(
+        dlq[0].headers["sessionizer.error"].contains(&format!("`{}`", t.late)),
+        "{:?}",
+        dlq[0].headers
+    );
+    assert_eq!(dlq[0].value, old);
+    assert!(broker.read_all(&t.late).is_empty());
 }
 
 fn kill_9_and_restart_loses_nothing(broker: &Broker) {

@@ -104,17 +104,19 @@ impl Core {
             }
             Disposition::Held => self.topic_metrics[ti].event(Outcome::Accepted),
             Disposition::Late(reason) => {
-                // The engine keeps nothing of a late record: it may still be refused.
+                // The engine keeps nothing of a late record: it may still be refused (and
+                // what the engine appended to `out` still goes out, below).
                 if let Some((topic, limit)) = self.room.refuses_late(&sizes) {
                     let topic = topic.to_owned();
-                    return self.too_large_for(m, ti, &topic, limit);
+                    self.too_large_for(m, ti, &topic, limit)?;
+                } else {
+                    self.topic_metrics[ti].event(Outcome::Late(reason));
+                    let h = header(OwnedHeaders::new(), "sessionizer.reason", reason.as_str());
+                    let h = header(h, "sessionizer.watermark", &watermark.to_string());
+                    let h = source_headers(h, m);
+                    self.sink
+                        .send(OutputKind::Late, key, Some(payload), record_ts, Some(h))?;
                 }
-                self.topic_metrics[ti].event(Outcome::Late(reason));
-                let h = header(OwnedHeaders::new(), "sessionizer.reason", reason.as_str());
-                let h = header(h, "sessionizer.watermark", &watermark.to_string());
-                let h = source_headers(h, m);
-                self.sink
-                    .send(OutputKind::Late, key, Some(payload), record_ts, Some(h))?;
             }
             Disposition::FutureTime => {
                 self.topic_metrics[ti].event(Outcome::DeadLetter(DeadLetterReason::FUTURE_TIME));
