@@ -541,13 +541,10 @@ fn generate(a: GenerateArgs) -> Result<(), CliError> {
     if let Some(topic) = &a.topic {
         return generate_to_kafka(&a, generator, topic);
     }
+    let pace = a.pace();
     let result = match &a.output {
-        Some(p) => generate::write_jsonl(generator, &mut create(p)?, a.pace()),
-        None => generate::write_jsonl(
-            generator,
-            &mut BufWriter::new(io::stdout().lock()),
-            a.pace(),
-        ),
+        Some(p) => generate::write_jsonl(generator, &mut create(p)?, pace),
+        None => generate::write_jsonl(generator, &mut BufWriter::new(io::stdout().lock()), pace),
     };
     match result {
         Ok(_) => Ok(()),

@@ -236,16 +236,7 @@ fn a_dead_letter_too_large_for_its_topic_is_truncated(broker: &Broker) {
     let t = Topics::named("dlqfit");
     broker.create_topics(&[&t.input, &t.annotated, &t.sessions, &t.late, &t.stats], 1);
     broker.create_topics_with(&[&t.dlq], 1, &[("max.message.bytes", "20000")]);
-    // Letters drawn at random: lz4 finds nothing to compress.
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let pad: String = (0..19_900)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (b'a' + (x % 26) as u8) as char
-        })
-        .collect();
+    let pad = incompressible(19_900, 0x9e37_79b9_7f4a_7c15);
     let big = format!(r#"{{"user_id":"big","timestamp":1704067200000,"pad":"{pad}"}}"#);
     let small = r#"{"user_id":"big","timestamp":1704067201000}"#.to_string();
     broker.produce(
@@ -324,16 +315,7 @@ fn small_output_topics_take_every_output(broker: &Broker) {
         })
         .collect();
     let mut records = to_user_partitions(&input, 1);
-    // Letters drawn at random: lz4 finds nothing to compress.
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let pad: String = (0..25_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (b'a' + (x % 26) as u8) as char
-        })
-        .collect();
+    let pad = incompressible(25_000, 0x2545_f491_4f6c_dd1d);
     let big = format!(r#"{{"user_id":"big","timestamp":1704067200000,"pad":"{pad}"}}"#);
     records.insert(
         records.len() / 2,

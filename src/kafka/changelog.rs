@@ -11,10 +11,10 @@
 //! their other records wherever no later commit rewrote the key.
 
 use super::rebootstrap::BrokerLoss;
-use super::KafkaError;
+use super::{KafkaError, TopicConfig};
 use crate::config::RuntimeSettings;
 use crate::store::{Change, RocksStore};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -47,15 +47,17 @@ pub fn distrust(
 const APPLY_BATCH: usize = 50_000;
 
 /// Creates the changelog topic if it is missing (compacted, `partitions` partitions, the
-/// brokers' default replication), or checks that the existing one is compacted and has
-/// `partitions` partitions. `runtime` runs the admin requests (see [`super::with_admin`]).
+/// brokers' default replication), or checks that the existing one has `partitions`
+/// partitions. `runtime` runs the admin requests (see [`super::with_admin`]). Returns whether
+/// it created the topic: one it did not create must be checked to be compacted
+/// ([`check_policy`]).
 pub fn ensure_topic(
     admin: &AdminClient<DefaultClientContext>,
     runtime: &tokio::runtime::Runtime,
     rt: &RuntimeSettings,
     existing_partitions: Option<i32>,
     partitions: i32,
-) -> Result<(), KafkaError> {
+) -> Result<bool, KafkaError> {
     let topic = rt.changelog_topic.as_str();
     let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
     match existing_partitions {
@@ -65,10 +67,13 @@ pub fn ensure_topic(
             let results = runtime
                 .block_on(admin.create_topics([&new], &opts))
                 .map_err(|e| KafkaError::Changelog(format!("cannot create `{topic}`: {e}")))?;
+            let mut created = true;
             for r in results {
                 match r {
                     Ok(_) => tracing::info!(topic, partitions, "changelog topic created"),
-                    Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
+                        created = false;
+                    }
                     Err((_, code)) => {
                         return Err(KafkaError::Changelog(format!(
                             "cannot create `{topic}`: {code}"
@@ -76,58 +81,35 @@ pub fn ensure_topic(
                     }
                 }
             }
-            Ok(())
+            Ok(created)
         }
         Some(n) if n != partitions => Err(KafkaError::Changelog(format!(
             "changelog topic `{topic}` has {n} partitions but the input topics have \
              {partitions}; delete it (the state is rebuilt from the input only if you \
              replay it) or point kafka.changelog_topic elsewhere"
         ))),
-        Some(_) => {
-            // Just created by another instance, the topic may not be known yet to the broker
-            // that answers (the describe then fails for it, or lists no policy): asked again
-            // for a while; only a policy that is there and not compacting is an error.
-            let started = Instant::now();
-            let policy = loop {
-                let described = runtime
-                    .block_on(admin.describe_configs([&ResourceSpecifier::Topic(topic)], &opts))
-                    .map_err(|e| {
-                        KafkaError::Changelog(format!("cannot describe `{topic}`: {e}"))
-                    })?;
-                let found = described.into_iter().find_map(|r| match r {
-                    Ok(c) => c
-                        .get("cleanup.policy")
-                        .and_then(|e| e.value.clone())
-                        .filter(|v| !v.is_empty())
-                        .map(Ok),
-                    Err(e) => Some(Err(e)),
-                });
-                match found {
-                    Some(Ok(policy)) => break policy,
-                    _ if started.elapsed() < super::PROPAGATION_WAIT => {
-                        std::thread::sleep(super::PROPAGATION_POLL);
-                    }
-                    Some(Err(e)) => {
-                        return Err(KafkaError::Changelog(format!(
-                            "cannot describe `{topic}`: {e}"
-                        )))
-                    }
-                    None => {
-                        return Err(KafkaError::Changelog(format!(
-                            "changelog topic `{topic}`: its description has no cleanup.policy"
-                        )))
-                    }
-                }
-            };
-            if !policy.split(',').any(|p| p.trim() == "compact") {
-                return Err(KafkaError::Changelog(format!(
-                    "changelog topic `{topic}` has cleanup.policy `{policy}`; it must be \
-                     compacted (cleanup.policy=compact)"
-                )));
-            }
-            Ok(())
-        }
+        Some(_) => Ok(false),
     }
+}
+
+/// Checks that the changelog topic `topic`, as `described` (see [`super::describe_topics`],
+/// which waits for a topic just created by another instance), is compacted.
+pub fn check_policy(topic: &str, described: &TopicConfig) -> Result<(), KafkaError> {
+    let entries = described
+        .as_ref()
+        .map_err(|e| KafkaError::Changelog(format!("cannot describe `{topic}`: {e}")))?;
+    let policy = entries.get("cleanup.policy").ok_or_else(|| {
+        KafkaError::Changelog(format!(
+            "changelog topic `{topic}`: its description has no cleanup.policy"
+        ))
+    })?;
+    if !policy.split(',').any(|p| p.trim() == "compact") {
+        return Err(KafkaError::Changelog(format!(
+            "changelog topic `{topic}` has cleanup.policy `{policy}`; it must be \
+             compacted (cleanup.policy=compact)"
+        )));
+    }
+    Ok(())
 }
 
 /// What a restore did.

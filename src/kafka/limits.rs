@@ -1,7 +1,7 @@
 //! What the output topics take. A broker refuses a record batch larger than its topic's
 //! `max.message.bytes`, and a refused output stops the instance (README, "Crashes"),
-//! again at every restart. Start-up reads every output topic's limit in one request
-//! ([`OutputLimits::read`]), and from them:
+//! again at every restart. Start-up reads every output topic's limit, and the changelog's
+//! ([`OutputLimits::from_described`]), and from them ([`OutputLimits::fit`]):
 //! - the producers' `batch.size` stays under the smallest ([`OutputLimits::batch_size`]): a
 //!   fast stream of small records fills batches of librdkafka's default 1,000,000 bytes;
 //! - an input record whose outputs would not fit their topics (its annotated or late event,
@@ -9,11 +9,9 @@
 //!   `record_too_large` dead letter ([`RecordRoom`]);
 //! - a dead letter too large for its topic goes out truncated ([`dead_letter_fit`]).
 
-use super::{KafkaError, KAFKA_MAX_MESSAGE_BYTES, PROPAGATION_POLL, PROPAGATION_WAIT};
+use super::{KafkaError, TopicConfig, KAFKA_MAX_MESSAGE_BYTES};
 use crate::config::{DecodeSettings, RuntimeSettings};
-use rdkafka::admin::{AdminClient, AdminOptions, OwnedResourceSpecifier, ResourceSpecifier};
-use rdkafka::client::DefaultClientContext;
-use std::time::{Duration, Instant};
+use rdkafka::config::ClientConfig;
 
 /// Bytes a record batch adds to one record's key, value and headers, at most: the batch header
 /// (61), the record's and its headers' length fields, lz4's frame, with room to spare.
@@ -65,75 +63,86 @@ pub struct OutputLimits {
 }
 
 impl OutputLimits {
-    /// Reads the `max.message.bytes` of the five output topics and of the changelog (which
-    /// start-up has created if it was missing), in one request, asked again every
-    /// [`PROPAGATION_POLL`] for up to [`PROPAGATION_WAIT`] while a topic is not known yet to
-    /// the broker that answers (one just created). A topic the brokers do not describe (no
-    /// DescribeConfigs permission, an old broker) counts as Kafka's default
-    /// ([`KAFKA_MAX_MESSAGE_BYTES`]), with a warning.
-    pub fn read(
-        admin: &AdminClient<DefaultClientContext>,
-        runtime: &tokio::runtime::Runtime,
-        rt: &RuntimeSettings,
-    ) -> OutputLimits {
-        let names: [&str; 6] = [
+    /// The topics whose limits start-up reads: the five outputs and the changelog.
+    pub fn topics(rt: &RuntimeSettings) -> [&str; 6] {
+        [
             &rt.annotated_topic,
             &rt.sessions_topic,
             &rt.late_topic,
             &rt.dlq_topic,
             &rt.stats_topic,
             &rt.changelog_topic,
-        ];
-        let specs: Vec<ResourceSpecifier<'_>> =
-            names.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
-        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
-        let deadline = Instant::now() + PROPAGATION_WAIT;
-        let described = loop {
-            let described = match runtime.block_on(admin.describe_configs(&specs, &opts)) {
-                // librdkafka answers in the order asked.
-                Ok(results) => names
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &topic)| match results.get(i) {
-                        Some(Ok(c))
-                            if c.specifier == OwnedResourceSpecifier::Topic(topic.into()) =>
-                        {
-                            c.get("max.message.bytes")
-                                .and_then(|e| e.value.as_deref())
-                                .and_then(|v| v.parse::<usize>().ok())
-                                .ok_or_else(|| "no max.message.bytes in its description".to_owned())
-                        }
-                        Some(Err(code)) => Err(format!("{code}")),
-                        _ => Err("the brokers did not describe it".to_owned()),
-                    })
-                    .collect::<Vec<_>>(),
-                Err(e) => vec![Err(e.to_string()); names.len()],
-            };
-            let unknown = described
-                .iter()
-                .any(|d| d.as_ref().is_err_and(|e| e.contains("Unknown topic")));
-            if !unknown || Instant::now() >= deadline {
-                break described;
-            }
-            std::thread::sleep(PROPAGATION_POLL);
-        };
-        let topics = names
+        ]
+    }
+
+    /// The limits of the topics `described` (see [`super::describe_topics`]): each one's
+    /// `max.message.bytes`. A topic the brokers did not describe (no DescribeConfigs
+    /// permission, an old broker) counts as Kafka's default ([`KAFKA_MAX_MESSAGE_BYTES`]), with
+    /// a warning.
+    pub fn from_described(described: &[(String, TopicConfig)]) -> OutputLimits {
+        let topics = described
             .iter()
-            .zip(described)
-            .map(|(&topic, d)| {
-                let limit = d.unwrap_or_else(|problem| {
-                    tracing::warn!(
-                        topic,
-                        problem,
-                        assumed = KAFKA_MAX_MESSAGE_BYTES,
-                        "cannot read the topic's max.message.bytes: assuming Kafka's default"
-                    );
-                    KAFKA_MAX_MESSAGE_BYTES
-                });
-                (topic.to_owned(), limit)
+            .map(|(topic, d)| {
+                let limit = d
+                    .as_ref()
+                    .map_err(String::clone)
+                    .and_then(|entries| {
+                        entries
+                            .get("max.message.bytes")
+                            .and_then(|v| v.parse::<usize>().ok())
+                            .ok_or_else(|| "no max.message.bytes in its description".to_owned())
+                    })
+                    .unwrap_or_else(|problem| {
+                        tracing::warn!(
+                            topic,
+                            problem,
+                            assumed = KAFKA_MAX_MESSAGE_BYTES,
+                            "cannot read the topic's max.message.bytes: assuming Kafka's default"
+                        );
+                        KAFKA_MAX_MESSAGE_BYTES
+                    });
+                (topic.clone(), limit)
             })
             .collect();
         OutputLimits { topics }
+    }
+
+    /// What the pipeline takes from the limits (see [`Fitted`]), logging what start-up should
+    /// say: a lowered `batch.size`, and topics that take less than `input.max_record_bytes`
+    /// allows. A `batch.size` in `kafka.properties` too large is an error
+    /// ([`Self::batch_size`]).
+    pub fn fit(
+        &self,
+        rt: &RuntimeSettings,
+        decode: &DecodeSettings,
+        holds_payloads: bool,
+    ) -> Result<Fitted, KafkaError> {
+        let batch_size = self.batch_size(rt)?;
+        if let Some(b) = batch_size {
+            tracing::info!(
+                batch_size = b,
+                "producers' batch.size lowered to what every output topic takes"
+            );
+        }
+        let room = self.record_room(rt, decode, rt.max_output_bytes, holds_payloads);
+        let (fits, topic) = room.largest(&TYPICAL);
+        if fits < decode.max_record_bytes {
+            tracing::warn!(
+                topic,
+                max_message_bytes = self.of(topic),
+                max_record_bytes = decode.max_record_bytes,
+                fits,
+                "an output topic takes less than input.max_record_bytes allows: larger records \
+                 will be dead letters (record_too_large); raise the topic's max.message.bytes \
+                 to keep them"
+            );
+        }
+        Ok(Fitted {
+            batch_size,
+            room,
+            // The producers refuse larger records themselves.
+            dead_letter_limit: self.of(&rt.dlq_topic).min(rt.max_output_bytes),
+        })
     }
 
     /// `topic`'s `max.message.bytes` (Kafka's default for a topic not read).
@@ -184,7 +193,7 @@ impl OutputLimits {
     /// Room for the outputs of an input record (see [`RecordRoom`]); every limit at most
     /// `max_output_bytes`, the producers' `message.max.bytes`. `holds_payloads`: `annotate =
     /// on_close`, the record is held in the changelog until its session concludes.
-    pub fn record_room(
+    fn record_room(
         &self,
         rt: &RuntimeSettings,
         decode: &DecodeSettings,
@@ -242,6 +251,35 @@ impl OutputLimits {
         RecordRoom { accepted, late }
     }
 }
+
+/// What the pipeline takes from the output topics' limits ([`OutputLimits::fit`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fitted {
+    /// The producers' `batch.size`, when librdkafka's default is too large.
+    pub batch_size: Option<usize>,
+    /// Room for an input record's outputs.
+    pub room: RecordRoom,
+    /// The largest dead letter that goes out (see [`dead_letter_fit`]).
+    pub dead_letter_limit: usize,
+}
+
+impl Fitted {
+    /// `config` (a producer's) with the [`Self::batch_size`], if any.
+    pub fn producer(&self, mut config: ClientConfig) -> ClientConfig {
+        if let Some(b) = self.batch_size {
+            config.set("batch.size", b.to_string());
+        }
+        config
+    }
+}
+
+/// Ids and keys of this length leave the room start-up's warning states.
+const TYPICAL: Sizes = Sizes {
+    value: 0,
+    user: 64,
+    scope_key: 128,
+    input_key: 64,
+};
 
 /// At most how many bytes JSON writes for one byte of a string (`\u001f`).
 const JSON_ESCAPE: usize = 6;
@@ -400,21 +438,13 @@ mod tests {
 
     /// Kafka's default for every topic, but `topic` at `limit`.
     fn limits(rt: &RuntimeSettings, topic: &str, limit: usize) -> OutputLimits {
-        let topics = [
-            &rt.annotated_topic,
-            &rt.sessions_topic,
-            &rt.late_topic,
-            &rt.dlq_topic,
-            &rt.stats_topic,
-            &rt.changelog_topic,
-        ]
-        .map(|t| {
+        let topics = OutputLimits::topics(rt).map(|t| {
             let l = if t == topic {
                 limit
             } else {
                 KAFKA_MAX_MESSAGE_BYTES
             };
-            (t.clone(), l)
+            (t.to_owned(), l)
         });
         OutputLimits {
             topics: topics.into(),

@@ -13,12 +13,15 @@ pub mod standby;
 pub mod watch;
 
 use crate::config::RuntimeSettings;
-use rdkafka::admin::AdminClient;
+use rdkafka::admin::{
+    AdminClient, AdminOptions, ConfigResourceResult, OwnedResourceSpecifier, ResourceSpecifier,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::metadata::Metadata;
 use rdkafka::types::RDKafkaErrorCode;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -322,6 +325,69 @@ pub fn with_admin<T>(
     result
 }
 
+/// A topic's configuration as the brokers described it: its entries with a value, by name;
+/// or why it was not described.
+pub type TopicConfig = Result<HashMap<String, String>, String>;
+
+/// The configuration of each of `topics`, in one DescribeConfigs request, by topic name. A
+/// topic created just before (by start-up, a script or another instance) may not be known yet
+/// to the broker that answers, or be described without all its entries: while one is, or
+/// lacks one of `needs`, the request is made again every [`PROPAGATION_POLL`] for up to
+/// [`PROPAGATION_WAIT`].
+pub fn describe_topics(
+    admin: &AdminClient<DefaultClientContext>,
+    runtime: &tokio::runtime::Runtime,
+    topics: &[&str],
+    needs: &[&str],
+) -> Vec<(String, TopicConfig)> {
+    let specs: Vec<ResourceSpecifier<'_>> =
+        topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let deadline = Instant::now() + PROPAGATION_WAIT;
+    loop {
+        let mut propagating = false;
+        let mut describe = |i: usize, topic: &str, results: &[ConfigResourceResult]| {
+            match results.get(i) {
+                // librdkafka answers in the order asked.
+                Some(Ok(c)) if c.specifier == OwnedResourceSpecifier::Topic(topic.into()) => {
+                    let entries: HashMap<String, String> = c
+                        .entries
+                        .iter()
+                        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+                        .filter(|(_, v)| !v.is_empty())
+                        .collect();
+                    propagating |= needs.iter().any(|k| !entries.contains_key(*k));
+                    Ok(entries)
+                }
+                Some(Err(code)) => {
+                    propagating |= output::unknown_topic_code(*code);
+                    Err(code.to_string())
+                }
+                _ => Err("the brokers did not describe it".to_owned()),
+            }
+        };
+        let described: Vec<(String, TopicConfig)> =
+            match runtime.block_on(admin.describe_configs(&specs, &opts)) {
+                Ok(results) => topics
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &t)| (t.to_owned(), describe(i, t, &results)))
+                    .collect(),
+                Err(e) => {
+                    let e = e.to_string();
+                    return topics
+                        .iter()
+                        .map(|&t| (t.to_owned(), Err(e.clone())))
+                        .collect();
+                }
+            };
+        if !propagating || Instant::now() >= deadline {
+            return described;
+        }
+        std::thread::sleep(PROPAGATION_POLL);
+    }
+}
+
 /// Whether the brokers, asked now, list `topic` with partitions; `None` if they do not answer
 /// within `wait`.
 pub fn topic_listed<C: rdkafka::consumer::ConsumerContext>(
@@ -351,7 +417,7 @@ pub const KAFKA_MAX_MESSAGE_BYTES: usize = 1_048_588;
 /// How long a topic created just before the start (by a script, or by another instance) may
 /// take to appear in the metadata and configuration every broker serves: start-up asks again,
 /// every [`PROPAGATION_POLL`], for this long before it reports the topic missing
-/// ([`check_topics`]) or not described ([`changelog::ensure_topic`]).
+/// ([`check_topics`]) or not described ([`describe_topics`]).
 pub const PROPAGATION_WAIT: Duration = Duration::from_secs(15);
 
 /// How often start-up asks again while it waits for [`PROPAGATION_WAIT`].

@@ -116,13 +116,17 @@ pub fn undeliverable(e: &RdError) -> bool {
 
 /// Whether the client failed a record because it does not know its topic or partition.
 fn unknown_topic(e: &RdError) -> bool {
+    e.rdkafka_error_code().is_some_and(unknown_topic_code)
+}
+
+/// Whether `code` says a topic or partition is not known (to the client, or to the broker
+/// that answered).
+pub(crate) fn unknown_topic_code(code: RDKafkaErrorCode) -> bool {
     matches!(
-        e.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::UnknownTopic
-                | RDKafkaErrorCode::UnknownPartition
-                | RDKafkaErrorCode::UnknownTopicOrPartition
-        )
+        code,
+        RDKafkaErrorCode::UnknownTopic
+            | RDKafkaErrorCode::UnknownPartition
+            | RDKafkaErrorCode::UnknownTopicOrPartition
     )
 }
 

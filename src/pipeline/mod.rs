@@ -67,14 +67,13 @@ use crate::config::{Guarantee, RuntimeSettings, Settings};
 use crate::engine::{Counters, Engine, EngineConfig, Output, StoreError};
 use crate::kafka::changelog::Restorer;
 use crate::kafka::committer::StateCommitter;
-use crate::kafka::limits::{OutputLimits, RecordRoom, Sizes};
+use crate::kafka::limits::{OutputLimits, RecordRoom};
 use crate::kafka::output::{Outputs, TxnError};
 use crate::kafka::sink::{output_topics, Sink, HAND_OVER_AFTER};
 use crate::kafka::standby::Standbys;
 use crate::kafka::{self, KafkaError};
 use crate::metrics::{Metrics, TopicMetrics};
 use crate::store::{RocksStore, StateMemory};
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -195,10 +194,9 @@ struct Core {
     /// When the last state transaction failed, if none has committed since (`/readyz` says
     /// so).
     failing: Option<Instant>,
-    /// The largest dead letter that goes out: the dead-letter topic's `max.message.bytes`
-    /// (see [`kafka::limits`]), at most the producers' `message.max.bytes`.
+    /// The largest dead letter that goes out (see [`kafka::limits::Fitted`]).
     dead_letter_limit: usize,
-    /// Room for an input record's annotated and late outputs in their topics.
+    /// Room for an input record's outputs in their topics.
     room: RecordRoom,
     out: Vec<Output>,
     buf: Vec<u8>,
@@ -305,54 +303,34 @@ pub fn run(
         .create_with_context(ctx)
         .map_err(|e| KafkaError::client("consumer", e))?;
     let found = kafka::check_topics(&consumer, &rt, Duration::from_secs(15), &errors)?;
-    let limits = kafka::with_admin(&rt, |admin, runtime| {
-        kafka::changelog::ensure_topic(
+    let fitted = kafka::with_admin(&rt, |admin, runtime| {
+        let created = kafka::changelog::ensure_topic(
             admin,
             runtime,
             &rt,
             found.changelog_partitions,
             found.partitions,
         )?;
-        Ok(OutputLimits::read(admin, runtime, &rt))
-    })?;
-    let batch_size = limits.batch_size(&rt)?;
-    let producer = |mut c: ClientConfig| {
-        if let Some(b) = batch_size {
-            c.set("batch.size", b.to_string());
+        // One request for every topic start-up needs to know about.
+        let topics = OutputLimits::topics(&rt);
+        let described = kafka::describe_topics(
+            admin,
+            runtime,
+            &topics,
+            &["max.message.bytes", "cleanup.policy"],
+        );
+        if !created {
+            let changelog = described.iter().find(|(t, _)| *t == rt.changelog_topic);
+            if let Some((t, d)) = changelog {
+                kafka::changelog::check_policy(t, d)?;
+            }
         }
-        c
-    };
-    let room = limits.record_room(
-        &rt,
-        &settings.decode,
-        rt.max_output_bytes,
-        settings.engine.annotate == crate::engine::AnnotateMode::OnClose,
-    );
-    // Ids and keys of this length leave the room the warning states.
-    let typical = Sizes {
-        value: 0,
-        user: 64,
-        scope_key: 128,
-        input_key: 64,
-    };
-    let (fits, topic) = room.largest(&typical);
-    if fits < settings.decode.max_record_bytes {
-        tracing::warn!(
-            topic,
-            max_message_bytes = limits.of(topic),
-            max_record_bytes = settings.decode.max_record_bytes,
-            fits,
-            "an output topic takes less than input.max_record_bytes allows: larger records \
-             will be dead letters (record_too_large); raise the topic's max.message.bytes to \
-             keep them"
-        );
-    }
-    if let Some(b) = batch_size {
-        tracing::info!(
-            batch_size = b,
-            "producers' batch.size lowered to what every output topic takes"
-        );
-    }
+        OutputLimits::from_described(&described).fit(
+            &rt,
+            &settings.decode,
+            settings.engine.annotate == crate::engine::AnnotateMode::OnClose,
+        )
+    })?;
     tracing::info!(
         brokers = %rt.brokers,
         group = %rt.group,
@@ -366,12 +344,12 @@ pub fn run(
         Guarantee::AtLeastOnce => Sink::direct(
             &rt,
             metrics.clone(),
-            Outputs::new(&producer(kafka::idempotent_producer_config(&rt)))?,
+            Outputs::new(&fitted.producer(kafka::idempotent_producer_config(&rt)))?,
         )?,
         Guarantee::ExactlyOnce => Sink::buffered(metrics.clone()),
     };
     let state = StateCommitter::start(
-        producer(kafka::transactional_producer_config(&rt)),
+        fitted.producer(kafka::transactional_producer_config(&rt)),
         rt.changelog_topic.clone(),
         output_topics(&rt),
     )?;
@@ -402,9 +380,8 @@ pub fn run(
         commit_error: None,
         undeliverable_since: None,
         failing: None,
-        // The producers refuse larger records themselves.
-        dead_letter_limit: limits.of(&rt.dlq_topic).min(rt.max_output_bytes),
-        room,
+        dead_letter_limit: fitted.dead_letter_limit,
+        room: fitted.room,
         out: Vec::new(),
         buf: Vec::new(),
         held: Vec::new(),

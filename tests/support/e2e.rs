@@ -469,6 +469,19 @@ fn rec(m: &rdkafka::message::BorrowedMessage<'_>) -> Rec {
 }
 
 /// The partition the tests give user `u<n>`: n modulo `partitions`.
+/// `len` letters drawn at random from `seed` (not zero): lz4 finds nothing to compress.
+pub fn incompressible(len: usize, seed: u64) -> String {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (b'a' + (x % 26) as u8) as char
+        })
+        .collect()
+}
+
 pub fn user_partition(user: &str, partitions: i32) -> i32 {
     user.trim_start_matches('u').parse::<i32>().unwrap() % partitions
 }
